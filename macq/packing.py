@@ -1,0 +1,47 @@
+"""Little-endian bit-stream packing of integer codes into uint32 words.
+
+This is exactly MLX's layout (PLATFORM.md): each row's codes form one little-endian bit stream, code j
+at bits ``[j*b, (j+1)*b)``, word k = bits ``[32k, 32k+32)``; 3/5/6-bit codes cross word boundaries.
+macq stores its own records this way too, so one implementation serves storage and the MLX export.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_ROW_CHUNK = 2048  # bounds the temporary bit array to chunk * n * bits bytes
+
+
+def packed_words(n: int, bits: int) -> int:
+    return (n * bits + 31) // 32
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[rows, n]`` unsigned codes < 2**bits -> ``[rows, ceil(n*bits/32)]`` uint32 (as torch.uint32)."""
+    c = codes.detach().cpu().numpy().astype(np.uint8 if bits <= 8 else np.uint16)
+    rows, n = c.shape
+    words = packed_words(n, bits)
+    out = np.empty((rows, words), dtype="<u4")
+    shifts = np.arange(bits, dtype=c.dtype)
+    for r0 in range(0, rows, _ROW_CHUNK):
+        chunk = c[r0:r0 + _ROW_CHUNK]
+        stream = ((chunk[..., None] >> shifts) & 1).astype(np.uint8).reshape(chunk.shape[0], n * bits)
+        pad = words * 32 - n * bits
+        if pad:
+            stream = np.pad(stream, ((0, 0), (0, pad)))
+        out[r0:r0 + _ROW_CHUNK] = np.packbits(stream, axis=-1, bitorder="little").view("<u4")
+    return torch.from_numpy(out.view(np.uint32))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``[rows, words]`` uint32 -> ``[rows, n]`` uint8 codes."""
+    p = np.ascontiguousarray(packed.detach().cpu().numpy()).astype("<u4")
+    rows = p.shape[0]
+    out = np.empty((rows, n), dtype=np.uint8)
+    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
+    for r0 in range(0, rows, _ROW_CHUNK):
+        chunk = p[r0:r0 + _ROW_CHUNK]
+        stream = np.unpackbits(chunk.view(np.uint8), axis=-1, bitorder="little")[:, : n * bits]
+        out[r0:r0 + _ROW_CHUNK] = (stream.reshape(chunk.shape[0], n, bits).astype(np.uint16) * weights).sum(-1)
+    return torch.from_numpy(out)

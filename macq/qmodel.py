@@ -1,0 +1,171 @@
+"""A quantized model: records per module + the float tensors of everything else + the HF config.
+
+This is what ``macq quantize -o DIR`` writes and what both exporters read. It is self-contained:
+transforms that change float weights (AWQ / SmoothQuant scale folding into norms) are captured in the
+float tensors, so an exporter needs nothing but this object.
+
+On disk (``DIR``): ``config.json`` + tokenizer files (HF), ``manifest.json`` (method, per-record meta,
+activation quantization, tied weights), ``records.safetensors`` (``{module}.{field}``), and
+``float.safetensors`` (all other parameters and persistent buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from macq.errors import MacqError
+from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
+from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, record_from_tensors
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class QuantizedModel:
+    records: dict[str, Record]
+    float_tensors: dict[str, torch.Tensor]
+    config: Any                                   # transformers PretrainedConfig
+    method: dict[str, Any] = field(default_factory=dict)
+    act_quant: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> {"bits":8,"mode":"per_token"}
+    tied: dict[str, str] = field(default_factory=dict)                  # lm_head -> embed (shares the record)
+    source: str = ""
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: nn.Module, records: dict[str, Record], method: dict[str, Any] | None = None,
+                   act_quant: dict[str, dict[str, Any]] | None = None, source: str = "") -> "QuantizedModel":
+        """Capture ``model``'s current float state (after any folding) minus the quantized weights."""
+        from macq.arch import arch_spec
+
+        spec = arch_spec(model)
+        tied: dict[str, str] = {}
+        if tied_embeddings(model) and spec.embed in records:
+            tied[spec.lm_head] = spec.embed
+        skip = {f"{name}.weight" for name in records} | {f"{k}.weight" for k in tied}
+        floats = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in skip}
+        for name, rec in records.items():
+            mod = model.get_submodule(name)
+            if rec.transposed != is_conv1d(mod):
+                raise MacqError(f"record {name}: transposed={rec.transposed} but module is "
+                                f"{'Conv1D' if is_conv1d(mod) else type(mod).__name__}")
+        return cls(records=dict(records), float_tensors=floats, config=model.config, method=dict(method or {}),
+                   act_quant=dict(act_quant or {}), tied=tied, source=source)
+
+    # ------------------------------------------------------------------ metrics
+    def n_quantized_weights(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.records.values())
+
+    def bits_per_weight(self) -> float:
+        """Average over quantized weights, all metadata charged."""
+        n = self.n_quantized_weights()
+        return sum(r.storage_bits() for r in self.records.values()) / n if n else 16.0
+
+    def layer_bits(self) -> dict[str, float]:
+        return {k: bits_per_weight(r) for k, r in self.records.items()}
+
+    def nbytes(self, float_bytes: int = 2) -> int:
+        """Deployed size: records at their storage rate + every float tensor at ``float_bytes`` each."""
+        rec = sum((r.storage_bits() + 7) // 8 for r in self.records.values())
+        flt = sum(t.numel() * float_bytes for t in self.float_tensors.values() if t.is_floating_point())
+        return rec + flt
+
+    # ------------------------------------------------------------------ back to torch
+    def to_torch(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+        """An HF model carrying the dequantized weights (and activation fake-quant hooks, if any)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(self.float_tensors, strict=False)
+        if unexpected:
+            raise MacqError(f"float tensors not in the model: {unexpected[:3]}")
+        self.apply_to(model)
+        if tied_embeddings(model):
+            model.tie_weights()
+        model.to(dtype=dtype, device=device).eval()
+        if self.act_quant:
+            from macq.quantizers.actquant import install_act_quant
+            install_act_quant(model, self.act_quant)
+        return model
+
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        """Write every record's dequantized weight into ``model`` (in place)."""
+        for name, rec in self.records.items():
+            set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
+        return model
+
+    # ------------------------------------------------------------------ disk
+    def manifest(self) -> dict[str, Any]:
+        return {"format": "macq", "version": FORMAT_VERSION, "source": self.source, "method": self.method,
+                "bits_per_weight": self.bits_per_weight(), "tied": self.tied, "act_quant": self.act_quant,
+                "records": {k: r.meta() for k, r in self.records.items()}}
+
+    def save(self, path: str | Path, tokenizer=None, force: bool = False) -> Path:
+        """Write atomically: everything goes into a temp dir beside ``path``, renamed at the end."""
+        path = Path(path)
+        if path.exists() and not force:
+            raise MacqError(f"output: {path} exists (pass --force to overwrite)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            tensors = {f"{k}.{f}": t.contiguous() for k, r in self.records.items() for f, t in r.to_tensors().items()}
+            save_file(tensors, tmp / "records.safetensors")
+            save_file({k: v.contiguous() for k, v in self.float_tensors.items()}, tmp / "float.safetensors")
+            (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantizedModel":
+        from transformers import AutoConfig
+
+        path = Path(path)
+        mf = path / "manifest.json"
+        if not mf.is_file():
+            raise MacqError(f"{path} is not a macq quantization directory (no manifest.json)")
+        manifest = json.loads(mf.read_text())
+        if manifest.get("format") != "macq" or manifest.get("version") != FORMAT_VERSION:
+            raise MacqError(f"{path}/manifest.json: unsupported format {manifest.get('format')} v{manifest.get('version')}")
+        flat = load_file(path / "records.safetensors")
+        records: dict[str, Record] = {}
+        for name, meta in manifest["records"].items():
+            prefix = name + "."
+            tensors = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            records[name] = record_from_tensors(meta, tensors)
+        return cls(records=records, float_tensors=load_file(path / "float.safetensors"),
+                   config=AutoConfig.from_pretrained(path), method=manifest.get("method", {}),
+                   act_quant=manifest.get("act_quant", {}), tied=manifest.get("tied", {}),
+                   source=manifest.get("source", ""))
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def record_kinds(qm: QuantizedModel) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in qm.records.values():
+        k = "affine" if isinstance(r, AffineRecord) else "lut" if isinstance(r, LUTRecord) else "?"
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    return get_weight(model.get_submodule(name)).detach()

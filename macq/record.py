@@ -1,0 +1,285 @@
+"""The quantized-weight record: the one seam between quantizers and exporters.
+
+Every quantizer returns one record per weight; every exporter reads records and never re-quantizes.
+Two kinds cover the whole product:
+
+* :class:`AffineRecord`: integer codes on a uniform grid, ``w = s * (q - z)`` (zero-point form,
+  GPTQ / Core ML ``constexpr_blockwise_shift_scale``) or ``w = s * q + b`` (bias form, exactly what
+  MLX stores). Symmetric records carry neither: their zero is the implicit ``2**(bits-1)``.
+* :class:`LUTRecord`: indices into a look-up table shared by a group of output channels
+  (k-means / uniform palettization, Core ML ``constexpr_lut_to_dense``), optionally times a scale per
+  block of the input dim (NF4 / FP4 absmax), whose scales may themselves be quantized (double quant).
+
+Weights are always held in ``nn.Linear`` orientation ``[out, in]``; ``transposed`` remembers that the
+source module (GPT-2's ``Conv1D``) stores ``[in, out]``. Groups and blocks run along the input dim.
+``bits_per_weight`` charges every stored constant at the dtype it is stored in, so rates compare
+honestly across methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from macq.errors import MacqError
+
+FLOAT_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
+
+
+def _dtype_bits(t: torch.Tensor) -> int:
+    return FLOAT_BITS.get(t.dtype, t.element_size() * 8)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+@dataclass
+class AffineRecord:
+    """Uniform integer grid. ``codes`` are unsigned in ``[0, 2**bits)``.
+
+    ``scales`` / ``zeros`` / ``biases`` have shape ``[out, in // group_size]`` (``[1, 1]`` when
+    ``per_tensor``). ``zeros`` hold integer values in code space.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group_size: int
+    zeros: torch.Tensor | None = None
+    biases: torch.Tensor | None = None
+    per_tensor: bool = False
+    transposed: bool = False
+    kind: str = field(default="affine", init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise MacqError(f"bits={self.bits}: affine records hold 1..8 bits")
+        if self.codes.dim() != 2:
+            raise MacqError("codes must be 2-D [out, in]")
+        out, inp = self.codes.shape
+        if inp % self.group_size:
+            raise MacqError(f"group_size={self.group_size} does not divide the input dim {inp}")
+        want = (1, 1) if self.per_tensor else (out, inp // self.group_size)
+        for name in ("scales", "zeros", "biases"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != want:
+                raise MacqError(f"{name} has shape {tuple(t.shape)}, expected {want}")
+        if self.zeros is not None and self.biases is not None:
+            raise MacqError("an affine record holds zeros or biases, not both")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None and self.biases is None
+
+    @property
+    def granularity(self) -> str:
+        if self.per_tensor:
+            return "per_tensor"
+        return "per_channel" if self.group_size == self.codes.shape[1] else "per_group"
+
+    def effective_zeros(self) -> torch.Tensor:
+        """Zero-points in code space, as float32 (derived from biases for the bias form)."""
+        if self.zeros is not None:
+            return self.zeros.float()
+        if self.biases is not None:
+            return -self.biases.float() / self.scales.float()
+        return torch.full(self.scales.shape, float(2 ** (self.bits - 1)))
+
+    def effective_biases(self) -> torch.Tensor:
+        """``b`` in ``w = s*q + b`` as float32 (MLX's form)."""
+        if self.biases is not None:
+            return self.biases.float()
+        return -self.scales.float() * self.effective_zeros()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, inp = self.shape
+        g = inp if self.per_tensor else self.group_size
+        q = self.codes.to(torch.float32).view(out, inp // g, g)
+        s = self.scales.float().unsqueeze(-1)
+        if self.biases is not None:
+            w = s * q + self.biases.float().unsqueeze(-1)
+        else:
+            w = s * (q - self.effective_zeros().unsqueeze(-1))
+        return w.reshape(out, inp).to(dtype)
+
+    def storage_bits(self) -> int:
+        bits = self.codes.numel() * self.bits + self.scales.numel() * _dtype_bits(self.scales)
+        if self.zeros is not None:
+            bits += self.zeros.numel() * self.bits  # integer zero-points pack at the code width
+        if self.biases is not None:
+            bits += self.biases.numel() * _dtype_bits(self.biases)
+        return bits
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        from macq.packing import pack_bits
+
+        out = {"codes": pack_bits(self.codes, self.bits), "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        if self.biases is not None:
+            out["biases"] = self.biases
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": "affine", "bits": self.bits, "group_size": self.group_size, "shape": list(self.shape),
+                "per_tensor": self.per_tensor, "transposed": self.transposed}
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> "AffineRecord":
+        from macq.packing import unpack_bits
+
+        out, inp = meta["shape"]
+        return cls(codes=unpack_bits(t["codes"], meta["bits"], inp), scales=t["scales"], bits=meta["bits"],
+                   group_size=meta["group_size"], zeros=t.get("zeros"), biases=t.get("biases"),
+                   per_tensor=meta["per_tensor"], transposed=meta["transposed"])
+
+
+@dataclass
+class DoubleQuant:
+    """Second-level quantization of per-block scales (bitsandbytes' ``compress_statistics``).
+
+    ``scale = code_lut[codes] * absmax[i // block_size] + offset`` over the flattened scales.
+    """
+
+    codes: torch.Tensor       # uint8 [n_scales]
+    code_lut: torch.Tensor    # float32 [256]
+    absmax: torch.Tensor      # float32 [ceil(n_scales / block_size)]
+    offset: float
+    block_size: int = 256
+
+    def dequantize(self) -> torch.Tensor:
+        n = self.codes.numel()
+        vals = self.code_lut.float()[self.codes.long()]
+        blk = torch.arange(n) // self.block_size
+        return vals * self.absmax.float()[blk] + self.offset
+
+    def storage_bits(self) -> int:
+        return (self.codes.numel() * 8 + self.absmax.numel() * _dtype_bits(self.absmax)
+                + self.code_lut.numel() * _dtype_bits(self.code_lut) + 32)
+
+
+@dataclass
+class LUTRecord:
+    """Indices into per-output-group look-up tables, optionally scaled per input block.
+
+    ``lut`` is ``[n_lut_groups, 2**bits]``; output channel ``i`` uses row ``i // (out // n_lut_groups)``.
+    ``scales`` (if any) is ``[out, in // block_size]``; with ``double_quant`` it is derived from it.
+    """
+
+    indices: torch.Tensor
+    lut: torch.Tensor
+    bits: int
+    scales: torch.Tensor | None = None
+    block_size: int | None = None
+    double_quant: DoubleQuant | None = None
+    transposed: bool = False
+    kind: str = field(default="lut", init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise MacqError(f"bits={self.bits}: LUT records hold 1..8 bits")
+        out, inp = self.indices.shape
+        if self.lut.dim() != 2 or self.lut.shape[1] != 2 ** self.bits or out % self.lut.shape[0]:
+            raise MacqError(f"lut has shape {tuple(self.lut.shape)}, expected [groups dividing {out}, {2 ** self.bits}]")
+        has_scale = self.scales is not None or self.double_quant is not None
+        if has_scale and (self.block_size is None or inp % self.block_size):
+            raise MacqError(f"block_size={self.block_size} does not divide the input dim {inp}")
+        if self.scales is not None and tuple(self.scales.shape) != (out, inp // self.block_size):
+            raise MacqError(f"scales has shape {tuple(self.scales.shape)}, expected {(out, inp // self.block_size)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.indices.shape)  # type: ignore[return-value]
+
+    @property
+    def n_lut_groups(self) -> int:
+        return self.lut.shape[0]
+
+    def block_scales(self) -> torch.Tensor | None:
+        """Per-block scales ``[out, in // block_size]`` as float32, double quant undone."""
+        if self.double_quant is not None:
+            out, inp = self.shape
+            return self.double_quant.dequantize().view(out, inp // self.block_size)
+        return None if self.scales is None else self.scales.float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, inp = self.shape
+        rows_per_group = out // self.n_lut_groups
+        lut_rows = self.lut.float().repeat_interleave(rows_per_group, dim=0)  # [out, K]
+        w = torch.gather(lut_rows, 1, self.indices.long())
+        s = self.block_scales()
+        if s is not None:
+            w = (w.view(out, -1, self.block_size) * s.unsqueeze(-1)).view(out, inp)
+        return w.to(dtype)
+
+    def storage_bits(self) -> int:
+        bits = self.indices.numel() * self.bits + self.lut.numel() * _dtype_bits(self.lut)
+        if self.double_quant is not None:
+            bits += self.double_quant.storage_bits()
+        elif self.scales is not None:
+            bits += self.scales.numel() * _dtype_bits(self.scales)
+        return bits
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        from macq.packing import pack_bits
+
+        out = {"indices": pack_bits(self.indices, self.bits), "lut": self.lut}
+        if self.scales is not None:
+            out["scales"] = self.scales
+        if self.double_quant is not None:
+            dq = self.double_quant
+            out.update({"dq_codes": dq.codes, "dq_code_lut": dq.code_lut, "dq_absmax": dq.absmax})
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"kind": "lut", "bits": self.bits, "shape": list(self.shape),
+                             "block_size": self.block_size, "transposed": self.transposed}
+        if self.double_quant is not None:
+            m["dq_offset"] = self.double_quant.offset
+            m["dq_block_size"] = self.double_quant.block_size
+        return m
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> "LUTRecord":
+        from macq.packing import unpack_bits
+
+        out, inp = meta["shape"]
+        dq = None
+        if "dq_codes" in t:
+            dq = DoubleQuant(codes=t["dq_codes"], code_lut=t["dq_code_lut"], absmax=t["dq_absmax"],
+                             offset=meta["dq_offset"], block_size=meta["dq_block_size"])
+        return cls(indices=unpack_bits(t["indices"], meta["bits"], inp), lut=t["lut"], bits=meta["bits"],
+                   scales=t.get("scales"), block_size=meta["block_size"], double_quant=dq,
+                   transposed=meta["transposed"])
+
+
+Record = Union[AffineRecord, LUTRecord]
+
+
+def bits_per_weight(record: Record) -> float:
+    """Stored bits per weight, every scale, zero, LUT entry and second-level constant charged."""
+    return record.storage_bits() / record.indices.numel() if isinstance(record, LUTRecord) \
+        else record.storage_bits() / record.codes.numel()
+
+
+def nbytes(record: Record) -> int:
+    return (record.storage_bits() + 7) // 8
+
+
+def record_from_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Record:
+    if meta["kind"] == "affine":
+        return AffineRecord.from_tensors(meta, tensors)
+    if meta["kind"] == "lut":
+        return LUTRecord.from_tensors(meta, tensors)
+    raise MacqError(f"unknown record kind {meta['kind']!r}")
