@@ -1,0 +1,78 @@
+"""Uniform integer grids shared by RTN, GPTQ and AWQ: parameters from a group's range, codes, dequant.
+
+All functions work on groups in the last dim (``[..., g]``) and return per-group parameters ``[...]``,
+vectorised over every group at once. Scales are rounded to the storage dtype *before* codes are
+computed, so a record's dequantized weight is exactly what an exporter will reproduce from it.
+
+Conventions (the ones GPTQ, llm-compressor and MLX use, so comparisons are like for like):
+
+* symmetric: ``s = 2·absmax / (2^b − 1)``, implicit zero ``2^(b−1)``, codes ``[0, 2^b)``
+  (all ``2^b`` levels used, i.e. signed ``[−2^(b−1), 2^(b−1) − 1]``);
+* asymmetric, integer zero-point: the range is widened to include 0, ``s = (max − min)/(2^b − 1)``,
+  ``z = round(−min/s)`` clamped to the code range;
+* asymmetric, float zero (``zero_point="float"``, MLX's affine form): ``w = s·q + b`` with ``b = min``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TINY = 2.0 ** -24  # smallest positive fp16 subnormal: scales never collapse to zero
+
+
+def _round_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    s = s.clamp_min(_TINY).to(dtype)
+    return torch.where(s.float() > 0, s, torch.full_like(s, _TINY)).float()
+
+
+def affine_params(w: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "int",
+                  scale_dtype: torch.dtype = torch.float16, clip: torch.Tensor | float = 1.0,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(scale, zero, bias)`` per group of ``w [..., g]``; exactly one of zero/bias is set unless symmetric.
+
+    ``clip`` (scalar or ``[...]``) shrinks the group's range, for MSE / AWQ clipping searches.
+    Returned tensors are float32 holding values representable in ``scale_dtype``.
+    """
+    maxq = 2 ** bits - 1
+    clip_t = torch.as_tensor(clip, dtype=torch.float32, device=w.device)
+    wmin, wmax = w.amin(-1).float() * clip_t, w.amax(-1).float() * clip_t
+    if symmetric:
+        absmax = torch.maximum(wmin.abs(), wmax.abs())
+        return _round_scale(2 * absmax / maxq, scale_dtype), None, None
+    if zero_point == "float":
+        scale = _round_scale((wmax - wmin) / maxq, scale_dtype)
+        bias = wmin.to(scale_dtype).float()
+        return scale, None, bias
+    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
+    scale = _round_scale((wmax - wmin) / maxq, scale_dtype)
+    zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale, zero, None
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
+                   bits: int) -> torch.Tensor:
+    """Nearest codes on the grid for ``w [..., g]`` (uint8, clamped to ``[0, 2^b)``)."""
+    maxq = 2 ** bits - 1
+    s = scale.unsqueeze(-1)
+    if bias is not None:
+        q = torch.round((w.float() - bias.unsqueeze(-1)) / s)
+    else:
+        z = zero.unsqueeze(-1) if zero is not None else torch.tensor(float(2 ** (bits - 1)))
+        q = torch.round(w.float() / s) + z
+    return q.clamp(0, maxq).to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+    s = scale.unsqueeze(-1)
+    if bias is not None:
+        return s * codes.float() + bias.unsqueeze(-1)
+    z = zero.unsqueeze(-1) if zero is not None else torch.tensor(float(2 ** (bits - 1)))
+    return s * (codes.float() - z)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "int",
+                  scale_dtype: torch.dtype = torch.float16, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Round ``w [..., g]`` to its own group grid and return the dequantized values (same shape)."""
+    scale, zero, bias = affine_params(w, bits, symmetric, zero_point, scale_dtype, clip)
+    return dequantize_codes(quantize_codes(w, scale, zero, bias, bits), scale, zero, bias, bits)
