@@ -1,0 +1,156 @@
+"""Layer-by-layer calibration engine shared by GPTQ, AWQ and SmoothQuant.
+
+1. Run the calibration batches through the embeddings only, catching what the first decoder layer
+   receives (hidden states + the keyword arguments the model passes it: rotary embeddings, masks).
+2. For each decoder layer in turn: the method collects statistics on that layer's inputs with hooks,
+   quantizes the layer in place, then the *quantized* layer is run to produce the next layer's inputs,
+   so errors propagate as they will at inference.
+
+Peak memory is one layer plus the calibration activations (``offload=True`` keeps those on the CPU
+while the layer runs on an accelerator). Everything is deterministic given the calibration ids.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from macq.arch import arch_spec, decoder_layers
+from macq.progress import track
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """What one decoder layer receives for every calibration batch."""
+
+    hidden: list[torch.Tensor]                      # [b, seq, hidden] per batch
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    storage: torch.device = torch.device("cpu")
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+@torch.inference_mode()
+def capture_first_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
+                               device: torch.device | str = "cpu", offload: bool = False) -> LayerInputs:
+    """Run the model up to its first decoder layer for each batch of ``calib_ids [N, L]``.
+
+    Only the modules before the first layer (embeddings, rotary) need to be on ``device``.
+    """
+    device = torch.device(device)
+    storage = torch.device("cpu") if offload else device
+    layers = decoder_layers(model)
+    captured = LayerInputs(hidden=[], storage=storage)
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        kw["use_cache"] = False
+        captured.hidden.append(hs.detach().to(storage))
+        captured.kwargs.append(_to(kw, storage))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calib_ids.shape[0], batch_size):
+            try:
+                model(input_ids=calib_ids[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.inference_mode()
+def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """The layer's outputs for every batch, stored where the inputs are."""
+    device = torch.device(device) if device is not None else inputs.storage
+    outs = []
+    for hs, kw in zip(inputs.hidden, inputs.kwargs):
+        out = layer(hs.to(device), **_to(kw, device))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        outs.append(out.detach().to(inputs.storage))
+    return outs
+
+
+@contextmanager
+def module_inputs(layer: nn.Module, names: list[str] | tuple[str, ...],
+                  callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, ``callback(name, x)`` receives the input of each named submodule of ``layer``
+    on every forward, as a 2-D ``[tokens, in_features]`` tensor."""
+    handles = []
+    for name in names:
+        def hook(_m: nn.Module, args: tuple, _name: str = name) -> None:
+            x = args[0]
+            callback(_name, x.detach().reshape(-1, x.shape[-1]))
+        handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+LayerFn = Callable[[int, str, nn.Module, LayerInputs], None]
+
+
+def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size: int = 8,
+              device: torch.device | str = "cpu", offload: bool = False, progress: bool = False,
+              description: str = "calibrating") -> None:
+    """Drive ``fn(index, layer_path, layer, inputs)`` over every decoder layer in order.
+
+    ``fn`` quantizes the layer in place (writing dequantized weights, folding scales); the engine then
+    runs the quantized layer to feed the next one. With ``offload`` each layer is moved to ``device``
+    only while it is processed, so an accelerator holds one layer at a time.
+    """
+    device = torch.device(device)
+    spec = arch_spec(model)
+    layers = decoder_layers(model)
+    if offload:
+        _move_outside_layers(model, spec.layers, device)
+    inputs = capture_first_layer_inputs(model, calib_ids, batch_size, device, offload)
+    for i in track(range(len(layers)), description, enabled=progress, total=len(layers)):
+        layer = layers[i]
+        if offload:
+            layer.to(device)
+        fn(i, f"{spec.layers}.{i}", layer, inputs)
+        inputs.hidden = run_layer(layer, inputs, device)
+        if offload:
+            layer.to("cpu")
+    if offload:
+        _move_outside_layers(model, spec.layers, torch.device("cpu"))
+
+
+def _move_outside_layers(model: nn.Module, layers_path: str, device: torch.device) -> None:
+    """Move every parameter/buffer except the decoder layers' (embeddings, rotary, norms)."""
+    prefix = layers_path + "."
+    for name, mod in model.named_modules():
+        if name == layers_path or name.startswith(prefix):
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            p.data = p.data.to(device)
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            mod._buffers[bname] = b.to(device)
