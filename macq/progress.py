@@ -9,7 +9,7 @@ T = TypeVar("T")
 
 
 def track(items: Iterable[T], description: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # no bars in logs, pipes and CI
         yield from items
         return
     from tqdm import tqdm

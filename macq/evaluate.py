@@ -1,0 +1,163 @@
+"""What ``macq eval | bench | analyze`` run: dispatch on what the path is, call the shared evaluator,
+and format a Markdown table. The numbers come from macq.eval; this module only wires and formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from macq.errors import MacqError
+
+
+def artifact_kind(path: str | None) -> str:
+    """``mlpackage`` | ``mlx`` | ``macq`` | ``model`` (HF dir, hub id, gguf, or the default)."""
+    if path is None:
+        return "model"
+    p = Path(path)
+    if p.suffix == ".mlpackage":
+        if not p.exists():
+            raise MacqError(f"model: {path} does not exist")
+        return "mlpackage"
+    if (p / "manifest.json").is_file():
+        return "macq"
+    cfg = p / "config.json"
+    if cfg.is_file() and "quantization" in json.loads(cfg.read_text()):
+        return "mlx"
+    return "model"
+
+
+def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def evaluate_torch(model, tokenizer, dataset: str, context: int, stride: int | None, max_tokens: int | None,
+                   reference=None, device: str = "auto", latency: bool = False, progress: bool = False,
+                   ref_logprobs=None) -> dict[str, Any]:
+    """Perplexity (+ KL / top-1 vs ``reference``) of a torch model on the eval split of ``dataset``."""
+    from macq.data import eval_tokens
+    from macq.device import resolve_device
+    from macq.eval import agreement, perplexity
+
+    dev = resolve_device(device)
+    ids = eval_tokens(tokenizer, dataset, max_tokens)
+    model.to(dev)
+    ppl = perplexity(model, ids, context=context, stride=stride, device=dev, progress=progress)
+    out: dict[str, Any] = {"dataset": dataset, "n_tokens": ppl.n_tokens, "context": context,
+                           "ppl": ppl.ppl, "ppl_stderr": ppl.stderr, "device": str(dev)}
+    if reference is not None:
+        reference.to(dev)
+        ag = agreement(reference, model, ids, context=context, stride=stride, device=dev, progress=progress)
+        out.update({"kl": ag.kl, "top1": ag.top1, "logits_mse": ag.logits_mse})
+    if latency:
+        from macq.eval import latency as measure_latency
+
+        lat = measure_latency(model, device=dev)
+        out.update({"prefill_ms": lat.prefill_ms, "decode_ms_per_token": lat.decode_ms_per_token,
+                    "tokens_per_s": lat.tokens_per_s})
+    return out
+
+
+def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, stride: int | None = None,
+                 max_tokens: int | None = 4096, reference: str | None = None, device: str = "auto",
+                 latency: bool = False, compute_units: str = "ALL", progress: bool = False):
+    kind = artifact_kind(path)
+    if kind == "mlx":
+        from mlx_backend.runner import eval_mlx
+
+        res = eval_mlx(path, dataset=dataset, context=context, max_tokens=max_tokens)
+        res = dict(res, artifact="mlx", path=path)
+        return res, md_table([res], [c for c in ("artifact", "ppl", "n_tokens", "tokens_per_s",
+                                                  "prefill_tokens_per_s") if c in res])
+    if kind == "mlpackage":
+        from converters.evaluate import evaluate_mlpackage
+
+        res = evaluate_mlpackage(path, dataset=dataset, context=context, max_tokens=max_tokens,
+                                 compute_units=compute_units, latency=latency)
+        return res, md_table([res], [k for k in res if not isinstance(res[k], (dict, list))])
+
+    from macq.pipeline import load_quantized_or_model, reference_model_for
+
+    qm, model, tok = load_quantized_or_model(path)
+    ref = None
+    if qm is not None:
+        ref = reference_model_for(qm, reference)
+    elif reference is not None:
+        from macq.models import load_model
+
+        ref, _ = load_model(reference, with_tokenizer=False)
+    res = evaluate_torch(model, tok, dataset, context, stride, max_tokens, ref, device, latency, progress)
+    res["model"] = path or "default"
+    if qm is not None:
+        res.update({"method": qm.method.get("method"), "bits_per_weight": qm.bits_per_weight(),
+                    "bytes": qm.nbytes()})
+    cols = [c for c in ("model", "method", "bits_per_weight", "ppl", "ppl_stderr", "kl", "top1", "n_tokens",
+                        "prefill_ms", "decode_ms_per_token") if c in res]
+    return res, md_table([res], cols)
+
+
+def bench_latency(path: str | None, device: str = "auto", dtype: str = "float32", prompt_len: int = 128,
+                  new_tokens: int = 32, repeats: int = 5):
+    from macq.device import resolve_device
+    from macq.eval import latency
+    from macq.eval.memory import peak_rss_bytes
+    from macq.pipeline import load_quantized_or_model, torch_dtype
+
+    dev = resolve_device(device)
+    _, model, _ = load_quantized_or_model(path)
+    model.to(device=dev, dtype=torch_dtype(dtype))
+    lat = latency(model, prompt_len=prompt_len, new_tokens=new_tokens, device=dev, repeats=repeats)
+    res = {"model": path or "default", "device": str(dev), "dtype": dtype, "prompt_len": prompt_len,
+           "new_tokens": new_tokens, "prefill_ms": lat.prefill_ms, "decode_ms_per_token": lat.decode_ms_per_token,
+           "tokens_per_s": lat.tokens_per_s, "peak_rss_mib": peak_rss_bytes() / 2**20}
+    return res, md_table([res], list(res))
+
+
+def analyze_distortion(path: str, reference: str | None = None, plot: Path | None = None):
+    from macq.eval.distortion import distortion_table
+    from macq.pipeline import reference_model_for
+    from macq.qmodel import QuantizedModel
+
+    if artifact_kind(path) != "macq":
+        raise MacqError(f"analyze: {path} is not a macq quantization directory")
+    qm = QuantizedModel.load(path)
+    ref = reference_model_for(qm, reference)
+    if ref is None:
+        raise MacqError("analyze: the unquantized source model is unknown; pass --reference")
+    rows, summary = distortion_table(qm, ref)
+    if plot is not None:
+        _plot_distortion(rows, plot)
+    md = md_table(rows, [c for c in ("name", "bpw", "mse", "sqnr_db", "rd_bound_mse", "gap_bits") if c in rows[0]])
+    md += "\n\n" + md_table([summary], list(summary))
+    return {"layers": rows, "summary": summary}, md
+
+
+def _plot_distortion(rows: list[dict[str, Any]], out: Path) -> None:
+    """SQNR per layer next to the Gaussian rate–distortion bound at each layer's effective rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(rows))
+    sqnr = [r["sqnr_db"] for r in rows]
+    bound = [10 * np.log10(2.0 ** (2 * r["bpw"])) for r in rows]  # σ²/D(R) in dB
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.12), 4))
+    ax.plot(x, bound, label="rate–distortion bound (Gaussian, effective rate)", color="gray", ls="--")
+    ax.plot(x, sqnr, label="measured SQNR", marker=".", lw=0.8)
+    ax.set_xlabel("layer (quantization order)")
+    ax.set_ylabel("SQNR (dB)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)

@@ -1,0 +1,89 @@
+"""The CLI end to end on a tiny model: results, one-line errors with exit code 2, no half-written output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from macq.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny-llama", "llama")
+
+
+def run_main(monkeypatch, capsys, *args):
+    """The console entry point in-process (fast): returns (exit code, stdout, stderr)."""
+    from macq.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["macq", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def macq(*args, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "macq.cli", *map(str, args)], capture_output=True, text=True, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"macq {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def test_quantize_info_eval(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+
+    def ok(*args):
+        code, stdout, err = run_main(monkeypatch, capsys, *args)
+        assert code == 0, err
+        return json.loads(stdout)
+
+    summary = ok("quantize", tiny_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "-o", out, "--json")
+    assert summary["layers"] == 14
+    assert summary["bits_per_weight"] == pytest.approx(4 + 16 / 32, abs=1e-6)  # symmetric: fp16 scale per 32
+    info = ok("info", out, "--json")
+    assert len(info["layers"]) == 14 and info["source"] == str(tiny_dir)
+    ev = ok("eval", out, "--dataset", "tinystories", "--max-tokens", "256", "--context", "64", "--device", "cpu",
+            "--json")
+    assert ev["ppl"] > 1 and 0 <= ev["top1"] <= 1 and ev["kl"] >= 0
+    assert ev["n_tokens"] == 256 - 4  # 4 windows of 64, first token of each unscored
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "rtn", "--bits", "9"], "--bits 9"),
+    (["--method", "rtn", "--bits", "4", "--group-size", "48"], "48"),
+    (["--method", "nosuch"], "--method 'nosuch'"),
+    (["--method", "rtn", "--granularity", "per_tensor"], "does not apply"),
+])
+def test_bad_quantize_options(tiny_dir, tmp_path, monkeypatch, capsys, args, msg):
+    out = tmp_path / "q"
+    code, _, err = run_main(monkeypatch, capsys, "quantize", tiny_dir, *args, "-o", out)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_model_and_dataset(tiny_dir, tmp_path, monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "quantize", tmp_path / "nope", "-o", tmp_path / "q")
+    assert code == 2 and "does not exist" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    code, _, err = run_main(monkeypatch, capsys, "eval", tiny_dir, "--dataset", empty)
+    assert code == 2 and "no text" in err
+    (tmp_path / "exists").mkdir()
+    code, _, err = run_main(monkeypatch, capsys, "quantize", tiny_dir, "-o", tmp_path / "exists")
+    assert code == 2 and "--force" in err
+    code, _, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "onnx", "-o", tmp_path / "x")
+    assert code == 2 and "--target 'onnx'" in err
+
+
+def test_subprocess_exit_code(tmp_path):
+    r = macq("quantize", tmp_path / "nope", "-o", tmp_path / "q", check=False)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: model:")
