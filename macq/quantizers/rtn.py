@@ -1,0 +1,119 @@
+"""Round-to-nearest (RTN) onto a uniform grid per group of input elements: the calibration-free baseline.
+
+Three grid forms, all stored as an :class:`~macq.record.AffineRecord`:
+
+* ``symmetric=True``: ``w = s·(q − 2^(b−1))``, grid maths from :mod:`macq.quantizers.grid`;
+* ``symmetric=False, zero_point="int"``: integer zero-point (GPTQ / Core ML form), also from ``grid``;
+* ``symmetric=False, zero_point="float"``: MLX's affine bias form ``w = s·q + b``, computed with MLX's own
+  algorithm (:func:`mlx_affine_params`) so that an RTN MLX export is bit-identical to ``mlx_lm.convert -q``.
+
+MLX's algorithm is not grid's "bias = min" float mode: it anchors the grid at the group extreme of larger
+magnitude (``edge``), makes the scale negative when that extreme is the max, and then snaps the scale so
+that 0 falls exactly on a grid point (``scale = edge / rint(edge / scale)``). Codes are computed with the
+*unrounded* fp32 scale/bias and only the stored scale/bias are rounded to the weight dtype — again as MLX
+does, because bit-identity with ``mx.quantize`` is the point of this mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from macq.quantizers.base import QuantConfig, check, check_bits
+from macq.quantizers.grid import affine_params, dequantize_codes, quantize_codes
+from macq.record import AffineRecord
+
+RTN_BITS = (2, 3, 4, 5, 6, 8)
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MSE_CLIP_GRID = torch.linspace(1.0, 0.5, 51)  # shrink factors tried per group (1.0 first: never worse)
+_MLX_EPS = 1e-7
+
+
+@dataclass
+class RTNConfig(QuantConfig):
+    method = "rtn"
+    bits: int = 4
+    group_size: int = 128          # >0: input elements per group; 0: per output channel; -1: per tensor
+    symmetric: bool = True
+    zero_point: str = "int"        # "int" | "float" (MLX's affine bias form, MLX's exact algorithm)
+    mse_clip: bool = False
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, RTN_BITS, "rtn")
+        check(self.group_size >= -1, f"--group-size {self.group_size}: expected >0, 0 (per channel) or -1 (per tensor)")
+        check(self.zero_point in ("int", "float"), f"--zero-point {self.zero_point}: expected int or float")
+        check(self.scale_dtype in SCALE_DTYPES,
+              f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+
+def mlx_affine_params(wg: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLX's affine ``(scale, bias)`` per group of ``wg [..., g]``, unrounded float32 (see module doc)."""
+    n_bins = float(2 ** bits - 1)
+    clip_t = torch.as_tensor(clip, dtype=torch.float32)
+    w_min, w_max = wg.amin(-1).float() * clip_t, wg.amax(-1).float() * clip_t
+    mask = w_min.abs() > w_max.abs()
+    scale = torch.clamp((w_max - w_min) / n_bins, min=_MLX_EPS)
+    scale = torch.where(mask, scale, -scale)
+    edge = torch.where(mask, w_min, w_max)
+    q0 = torch.round(edge / scale)  # round-half-even, like std::rint
+    nz = q0 != 0
+    scale = torch.where(nz, edge / torch.where(nz, q0, torch.ones_like(q0)), scale)
+    bias = torch.where(nz, edge, torch.zeros_like(edge))
+    return scale, bias
+
+
+def _mlx_quantize(wg: torch.Tensor, bits: int, sdtype: torch.dtype, clip: torch.Tensor | float = 1.0):
+    scale, bias = mlx_affine_params(wg, bits, clip)
+    q = torch.round((wg.float() - bias.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 2 ** bits - 1)
+    return q.to(torch.uint8), scale.to(sdtype).float(), None, bias.to(sdtype).float()
+
+
+def _grid_quantize(wg: torch.Tensor, bits: int, cfg: RTNConfig, clip: torch.Tensor | float = 1.0):
+    scale, zero, bias = affine_params(wg, bits, cfg.symmetric, "int", cfg.torch_scale_dtype, clip)
+    return quantize_codes(wg, scale, zero, bias, bits), scale, zero, bias
+
+
+def _quantize_groups(wg: torch.Tensor, cfg: RTNConfig, clip: torch.Tensor | float = 1.0):
+    if not cfg.symmetric and cfg.zero_point == "float":
+        return _mlx_quantize(wg, cfg.bits, cfg.torch_scale_dtype, clip)
+    return _grid_quantize(wg, cfg.bits, cfg, clip)
+
+
+def _best_clip(wg: torch.Tensor, cfg: RTNConfig) -> torch.Tensor:
+    """Per-group shrink factor minimising that group's reconstruction MSE (all groups at once).
+
+    The loop runs over the ~50 candidate factors, never over groups; 1.0 is tried first and only a strictly
+    smaller error replaces it, so the result is never worse than plain RTN.
+    """
+    best_err = torch.full(wg.shape[:-1], float("inf"))
+    best_clip = torch.ones(wg.shape[:-1])
+    for c in MSE_CLIP_GRID.tolist():
+        q, s, z, b = _quantize_groups(wg, cfg, c)
+        err = (dequantize_codes(q, s, z, b, cfg.bits) - wg).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_clip = torch.where(better, torch.full_like(best_clip, c), best_clip)
+    return best_clip
+
+
+def quantize_weight(w: torch.Tensor, cfg: RTNConfig) -> AffineRecord:
+    """``w [out, in]`` float32 -> AffineRecord (groups along the input dim)."""
+    out, inp = w.shape
+    w = w.float()
+    per_tensor = cfg.group_size == -1
+    g = inp if cfg.group_size in (0, -1) else cfg.group_size
+    check(inp % g == 0, f"--group-size {cfg.group_size} does not divide the input dim {inp}")
+    wg = w.reshape(1, 1, out * inp) if per_tensor else w.view(out, inp // g, g)
+    clip = _best_clip(wg, cfg) if cfg.mse_clip else 1.0
+    q, s, z, b = _quantize_groups(wg, cfg, clip)
+    sd = cfg.torch_scale_dtype
+    return AffineRecord(codes=q.reshape(out, inp), scales=s.to(sd), bits=cfg.bits, group_size=g,
+                        zeros=None if z is None else z.to(torch.uint8),
+                        biases=None if b is None else b.to(sd), per_tensor=per_tensor)
