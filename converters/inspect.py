@@ -1,0 +1,102 @@
+"""Read a saved ``.mlpackage`` back: its MIL program, op histogram, weight formats, size, bits/weight.
+
+Everything is derived from the file, not from what the exporter meant to write, so a test or a size
+table built on it checks the artefact. Bits/weight charges every constexpr input (indices, LUT, data,
+scale, offset) at its stored dtype width, over the weights the constexpr chains produce.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+CONSTEXPR = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "constexpr_sparse_to_dense",
+             "constexpr_affine_dequantize", "constexpr_cast")
+
+
+def load_program(path: str | Path):
+    """The pymil Program of a saved ML Program package (no Core ML runtime needed)."""
+    from converters.convert import _quiet_ct
+
+    ct = _quiet_ct()
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    path = Path(path)
+    spec = ct.utils.load_spec(str(path))
+    weights = path / "Data" / "com.apple.CoreML" / "weights"
+    return load(spec, spec.specificationVersion, str(weights)), spec
+
+
+def dtype_name(var) -> str:
+    from coremltools.converters.mil.mil import types
+
+    return types.builtin_to_string(var.dtype)
+
+
+def _var_bits(var) -> int:
+    from coremltools.converters.mil.mil import types
+
+    name = types.builtin_to_string(var.dtype)
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits else 8  # fp16 -> 16, uint4 -> 4, int8 -> 8, bool -> 8
+
+
+def weight_chains(prog) -> list[dict]:
+    """One entry per final constexpr output (the weight a compute op consumes)."""
+    chains = []
+    for op in prog.functions["main"].operations:
+        if op.op_type not in CONSTEXPR:
+            continue
+        out = op.outputs[0]
+        if any(c.op_type in CONSTEXPR for c in out.child_ops):
+            continue  # an intermediate step (e.g. LUT feeding a block scale)
+        ops, bits, stack = [], 0, [op]
+        while stack:
+            cur = stack.pop()
+            ops.append(cur)
+            for inp in cur.inputs.values():
+                if inp.op is not None and inp.op.op_type in CONSTEXPR:
+                    stack.append(inp.op)
+                elif inp.op is not None and inp.op.op_type == "const" and inp.val is not None and inp.rank > 0:
+                    bits += int(np.prod(inp.shape)) * _var_bits(inp)
+        kinds = "+".join(o.op_type.removeprefix("constexpr_") for o in reversed(ops))
+        first = ops[-1]
+        code_var = first.inputs.get("indices", first.inputs.get("data"))
+        chains.append({"name": op.name, "kind": kinds, "shape": tuple(out.shape), "numel": int(np.prod(out.shape)),
+                       "code_dtype": dtype_name(code_var), "bits": bits, "op": op,
+                       "bits_per_weight": bits / int(np.prod(out.shape))})
+    return chains
+
+
+def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
+    """Ops histogram, weight formats (per constexpr kind + code dtype, with bits/weight), size on disk.
+
+    ``loaded``: an already loaded ``(program, spec)`` of ``path``."""
+    from converters.ane_report import ane_report
+    from converters.convert import dir_bytes
+
+    prog, spec = loaded if loaded is not None else load_program(path)
+    ops = Counter(op.op_type for op in prog.functions["main"].operations)
+    chains = weight_chains(prog)
+    formats: dict[str, dict] = {}
+    for c in chains:
+        f = formats.setdefault(f"{c['kind']}[{c['code_dtype']}]", {"count": 0, "weights": 0, "bits": 0})
+        f["count"] += 1
+        f["weights"] += c["numel"]
+        f["bits"] += c["bits"]
+    for f in formats.values():
+        f["bits_per_weight"] = f["bits"] / f["weights"]
+    n = sum(c["numel"] for c in chains)
+    float_consts = [op for op in prog.functions["main"].operations
+                    if op.op_type == "const" and op.outputs[0].rank >= 2 and op.outputs[0].val is not None]
+    return {"ops": dict(ops.most_common()), "formats": formats, "n_compressed": len(chains),
+            "bits_per_weight": sum(c["bits"] for c in chains) / n if n else 16.0,
+            "bytes_on_disk": dir_bytes(Path(path)),
+            "float_const_params": int(sum(np.prod(o.outputs[0].shape) for o in float_consts)),
+            "float_const_dtypes": dict(Counter(dtype_name(o.outputs[0]) for o in float_consts)),
+            "inputs": {i.name: str(i.type.WhichOneof("Type")) for i in spec.description.input},
+            "states": [s.name for s in spec.description.state],
+            "spec_version": spec.specificationVersion,
+            "ane_report": ane_report(path, (prog, spec))}

@@ -1,0 +1,99 @@
+"""Numerical execution of a saved ``.mlpackage`` on Linux by MIL value inference — a GRAPH CHECK.
+
+Core ML prediction exists only on macOS. This runner loads the package's MIL program and steps through
+its ops with coremltools' own numpy value inference (constexpr ops via ``materialized_val_inference``,
+``read_state`` / ``coreml_update_state`` emulated with a dict). It proves the saved graph and weights
+compute the right logits; it says nothing about the Neural Engine, its fp16 accumulation or its speed.
+Two ops need local evaluators (see shared/PLATFORM.md): ``silu`` has no value inference, and
+``reduce_*`` passes ``keepdims`` as ``np.bool_``, which numpy 2 rejects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+_REDUCE = {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min,
+           "reduce_prod": np.prod}
+
+
+def _reduce(op, fn):
+    x = op.x.val
+    axes = None if op.axes is None else tuple(int(a) for a in np.atleast_1d(op.axes.val))
+    keep = bool(op.keep_dims.val) if op.keep_dims is not None else False
+    return np.asarray(fn(x, axis=axes, keepdims=keep)).astype(x.dtype)
+
+
+def _silu(op):
+    x = op.x.val
+    xf = x.astype(np.float32)
+    return (xf / (1.0 + np.exp(-xf))).astype(x.dtype)
+
+
+_LOCAL: dict[str, Callable] = {"silu": _silu, **{k: (lambda op, f=f: _reduce(op, f)) for k, f in _REDUCE.items()}}
+
+
+def _set(var, arr) -> None:
+    """Give ``var`` a concrete value (and the matching concrete type, for flexible shapes)."""
+    from coremltools.converters.mil.mil import types
+
+    arr = np.asarray(arr)
+    dtype = types.numpy_type_to_builtin_type(arr.dtype)
+    sym_type = types.tensor(dtype, arr.shape) if arr.ndim else dtype
+    val = sym_type()
+    val.val = arr
+    var._sym_type, var._sym_val = sym_type, val
+
+
+def run_program(prog, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None,
+                function: str = "main") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run ``prog`` (mutated: it holds the last values). Returns ``(outputs, new state)``."""
+    func = prog.functions[function]
+    state = {} if state is None else {k: np.array(v, copy=True) for k, v in state.items()}
+    for name, var in func.inputs.items():
+        from coremltools.converters.mil.mil import types
+
+        if types.is_state(var.sym_type):
+            if name not in state:
+                shape = var.sym_type.wrapped_type().get_shape()
+                state[name] = np.zeros(shape, dtype=np.float16)
+            continue
+        if name not in inputs:
+            raise KeyError(f"missing input {name!r}; the program takes {list(func.inputs)}")
+        want = types.nptype_from_builtin(var.dtype)
+        _set(var, np.asarray(inputs[name]).astype(want))
+    for op in func.operations:
+        kind = op.op_type
+        if kind == "const":
+            continue
+        if kind.startswith("constexpr_"):
+            _set(op.outputs[0], op.materialized_val_inference())
+        elif kind == "read_state":
+            _set(op.outputs[0], state[op.input.name])
+        elif kind == "coreml_update_state":
+            state[op.state.name] = np.array(op.value.val, copy=True)
+            _set(op.outputs[0], state[op.state.name])
+        elif kind in _LOCAL:
+            _set(op.outputs[0], _LOCAL[kind](op))
+        else:
+            op.type_value_inference(overwrite_output=True)
+            if any(v.val is None for v in op.outputs):
+                raise RuntimeError(f"op {op.name} ({kind}) has no value inference")
+    outputs = {v.name: np.array(v.val) for v in func.outputs}
+    return outputs, state
+
+
+def run_mil(path: str | Path, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None,
+            program=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run a saved ``.mlpackage`` on ``inputs``; ``state`` (name → array) in, new state out.
+
+    Pass ``program`` (from :func:`converters.inspect.load_program`) to skip re-loading for each step.
+    Output names are the model's declared outputs (``logits`` [, ``key_cache_out``, ``value_cache_out``]).
+    """
+    if program is None:
+        from converters.inspect import load_program
+
+        program, _ = load_program(path)
+    return run_program(program, inputs, state)

@@ -1,0 +1,221 @@
+"""The MIL pass that puts each record into the program as a constexpr op, built from the record itself.
+
+Matching: after fp16 conversion, a quantized linear's weight is a ``const`` whose value is exactly
+``record.dequantize().half()`` (the torch model carries those weights; fp32→fp16 is round-to-nearest-even
+in both numpy and torch). So consts are matched to records by a hash of their fp16 bytes, in both
+orientations (GPT-2's Conv1D / a folded transpose). Every record must be placed at least once (a tied
+embedding may be used twice); anything else raises.
+
+Layouts (iOS18 opset, ``coremltools/converters/mil/mil/ops/defs/iOS18/compression.py``):
+
+* LUT record → ``constexpr_lut_to_dense(indices uint{b}, lut fp16 [groups, 1, 2^b, 1])``: bit-exact,
+  since ``dequantize().half()`` is ``fp16(lut)[indices]``.
+* LUT record with per-block scales (NF4/FP4) → a per-block LUT ``[out, in/block, 2^b, 1]`` of
+  ``fp16(lut·scale)``: exact, but 2^b fp16 entries per block (8 bits/weight for NF4 with blocks of 64).
+  Why not the 4.25-bit chain ``lut_to_dense → blockwise_shift_scale(scale [out, in/block])``: for
+  targets below iOS26 coremltools' ``canonicalize_quantized_lut_pattern`` pass rewrites that chain into
+  ``shift_scale(tiled LUT) → lut_to_dense`` (the reverse order "was fixed in iOS26"), which tiles the
+  LUT per block anyway (8.25 bits/weight) — measured here, so the plain per-block LUT is the honest
+  smallest exact iOS18 form.
+* Affine record → ``constexpr_blockwise_shift_scale(data, scale fp16 [out, in/g], offset)``: zero-point
+  records use unsigned data + unsigned integer offset; symmetric ones signed data (``q − 2^(b−1)``) and no
+  offset. Data types exist only for 4 and 8 bits: 1–3 bit codes go in a 4-bit container, 5–7 in 8 bits
+  (reported by :func:`converters.inspect.inspect_mlpackage` at the stored width). ``s·(q−z)`` with ``s``
+  fp16 and a small integer is exact in fp32, so the fp16 result equals the record's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from macq.errors import MacqError
+from macq.record import AffineRecord, LUTRecord
+
+
+def _hash(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+def _fp16_exact(t: torch.Tensor | np.ndarray) -> bool:
+    a = np.asarray(t.detach().float().numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float32)
+    return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _sub_byte(a: np.ndarray, name: str) -> np.ndarray:
+    from coremltools.converters.mil.mil import types
+
+    return a.astype(types.nptype_from_builtin(types.string_to_builtin(name)))
+
+
+# ------------------------------------------------------------------------------------------- layouts
+# Each builder returns a list of ("lut" | "shift_scale", kwargs) steps in [out, in] orientation; the
+# second step, if any, takes the first one's output as ``data``.
+
+def lut_layout(rec: LUTRecord, name: str, notes: list[str]) -> list[tuple[str, dict]]:
+    out, inp = rec.shape
+    b, k = rec.bits, 2 ** rec.bits
+    if b not in (1, 2, 3, 4, 6, 8):
+        raise MacqError(f"{name}: LUT indices of {b} bits have no Core ML type (uint1/2/3/4/6/8)")
+    idx = _sub_byte(_np(rec.indices).astype(np.uint8), f"uint{b}")
+    lut = _np(rec.lut.float())
+    scales = rec.block_scales()
+    if scales is None:
+        return [("lut", dict(indices=idx, lut=lut.astype(np.float16).reshape(rec.n_lut_groups, 1, k, 1)))]
+    # per-block LUT: entry [o, j, c] = fp16(lut[group(o), c] * scale[o, j]), computed in fp32 like dequantize
+    rows = rec.lut.float().repeat_interleave(out // rec.n_lut_groups, dim=0)           # [out, K]
+    table = (rows.unsqueeze(1) * scales.unsqueeze(-1)).half()                           # [out, in/blk, K]
+    notes.append(f"{name}: LUT × per-block scale stored as an exact per-block LUT ({k} fp16 entries per "
+                 f"{rec.block_size} weights, {b + 16 * k / rec.block_size:.2f} bits/weight); iOS18 has no "
+                 "compact exact form")
+    return [("lut", dict(indices=idx, lut=_np(table).reshape(out, inp // rec.block_size, k, 1)))]
+
+
+def affine_layout(rec: AffineRecord, allow_fallback: bool, name: str, notes: list[str]) -> list[tuple[str, dict]]:
+    b = rec.bits
+    width = 4 if b <= 4 else 8
+    scale = rec.scales.float()
+    if not _fp16_exact(scale):
+        if not allow_fallback:
+            raise MacqError(f"{name}: affine scales are not fp16 values (Core ML stores fp16 scales); "
+                            "pass allow_fallback=True to round them")
+        notes.append(f"{name}: scales rounded to fp16 (not exact)")
+    codes = _np(rec.codes).astype(np.int16)
+    s16 = _np(scale).astype(np.float16)
+    if rec.symmetric:
+        data = _sub_byte(codes - 2 ** (b - 1), f"int{width}")
+        return [("shift_scale", dict(data=data, scale=s16))]
+    if rec.zeros is not None:
+        z = _np(rec.zeros.double())
+        if not np.array_equal(z, np.round(z)):
+            raise MacqError(f"{name}: zero-points must be integers in code space (found fractional values)")
+    else:  # bias form w = s·q + b: exact iff −b/s is an integer
+        z64 = -_np(rec.biases.double()) / _np(scale.double())
+        z = np.round(z64)
+        exact = np.array_equal(-z * _np(scale.double()), _np(rec.biases.double()))
+        if not exact:
+            if not allow_fallback:
+                bad = int((np.abs(z64 - z) > 0).sum())
+                raise MacqError(f"{name}: bias-form affine record (w = s·q + b) with −b/s not an integer in "
+                                f"{bad} of {z.size} groups; Core ML stores integer offsets. Pass "
+                                "allow_fallback=True to store a rounded fp16 offset")
+            z = z64.astype(np.float16)
+            approx = (scale.unsqueeze(-1) * (rec.codes.float().view(*z.shape, -1) - torch.from_numpy(z.astype(np.float32)).unsqueeze(-1)))
+            err = (approx.view(rec.shape).half().float() - rec.dequantize().half().float()).abs().max()
+            notes.append(f"{name}: bias form stored as fp16 offset −b/s (max |Δw| {float(err):.3g})")
+            return [("shift_scale", dict(data=_sub_byte(codes, f"uint{width}"), scale=s16, offset=z))]
+    if z.min() >= 0 and z.max() < 2 ** width:
+        offset = _sub_byte(z.astype(np.int16), f"uint{width}")
+    elif np.abs(z).max() <= 2048:  # integer zero outside the code range (all-positive group): exact in fp16
+        offset = z.astype(np.float16)
+    else:
+        raise MacqError(f"{name}: integer zero-point {np.abs(z).max():.0f} beyond fp16's exact integers (2048)")
+    return [("shift_scale", dict(data=_sub_byte(codes, f"uint{width}"), scale=s16, offset=offset))]
+
+
+def record_layout(rec, name: str, allow_fallback: bool, notes: list[str]):
+    if isinstance(rec, LUTRecord):
+        return lut_layout(rec, name, notes)
+    if isinstance(rec, AffineRecord):  # per-tensor scale [1, 1] is one block over the whole tensor: valid
+        return affine_layout(rec, allow_fallback, name, notes)
+    raise MacqError(f"{name}: unknown record type {type(rec).__name__}")
+
+
+def _transpose_step(kw: dict) -> dict:
+    """Same layout for a const stored ``[in, out]``: swap the first two axes of every array."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, np.ndarray) and v.ndim >= 2:
+            v = np.swapaxes(v, 0, 1).copy() if v.dtype.metadata is None else \
+                np.swapaxes(v, 0, 1).copy().astype(v.dtype)
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the pass
+
+def _build(steps, before_op, name: str, transposed: bool):
+    from coremltools.converters.mil import Builder as mb
+
+    var = None
+    for i, (kind, kw) in enumerate(steps):
+        kw = _transpose_step(kw) if transposed else dict(kw)
+        if kind == "lut":
+            var = mb.constexpr_lut_to_dense(**kw, before_op=before_op, name=f"{name}_lut")
+        else:
+            if var is not None:
+                kw["data"] = var
+            var = mb.constexpr_blockwise_shift_scale(**kw, before_op=before_op, name=f"{name}_{'scale' if i else 'q'}")
+    return var
+
+
+def plan_layouts(records: dict, allow_fallback: bool = False) -> tuple[dict[str, list], list[str]]:
+    """Every record's constexpr layout, computed before conversion so bad input fails in a second."""
+    notes: list[str] = []
+    return {name: record_layout(rec, name, allow_fallback, notes) for name, rec in records.items()}, notes
+
+
+def apply_records_to_program(prog, records: dict, layouts: dict[str, list]) -> dict[str, list[str]]:
+    """Replace matched weight consts in ``prog`` (in place). Returns ``{record: [replaced const names]}``."""
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+
+    index: dict[tuple, list[tuple[str, bool]]] = {}
+    for name, rec in records.items():
+        w = _np(rec.dequantize(torch.float32).half())
+        index.setdefault((w.shape, _hash(w)), []).append((name, False))
+        if w.shape != w.T.shape or not np.array_equal(w, w.T):
+            index.setdefault((w.T.shape, _hash(w.T)), []).append((name, True))
+    placed: dict[str, list[str]] = {n: [] for n in records}
+
+    @block_context_manager
+    def _visit(block):
+        for op in list(block.operations):
+            for b in op.blocks:
+                _visit(b)
+            if op.op_type != "const" or op.outputs[0].val is None:
+                continue
+            val = op.outputs[0].val
+            if not isinstance(val, np.ndarray) or val.ndim != 2 or val.dtype != np.float16:
+                continue
+            hit = index.get((val.shape, _hash(val)))
+            if hit is None:
+                continue
+            name, transposed = hit[0]  # records with identical weights are interchangeable
+            new = _build(layouts[name], op, op.name, transposed)
+            block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
+                                               no_check_var_types=True)
+            block.remove_ops([op])
+            for other, _ in hit:
+                placed[other].append(op.name)
+
+    for func in prog.functions.values():
+        _visit(func)
+    missing = [n for n, v in placed.items() if not v]
+    if missing:
+        raise MacqError(f"records not found in the converted program (weights changed during conversion?): "
+                        f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    return placed
+
+
+def apply_records(mlmodel, records: dict, allow_fallback: bool = False, layouts: dict | None = None):
+    """MLModel → ``(MLModel with every record placed, notes)`` via coremltools' graph-pass round trip."""
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.models.utils import _apply_graph_pass
+
+    notes: list[str] = []
+    if layouts is None:
+        layouts, notes = plan_layouts(records, allow_fallback)
+
+    class _RecordPass(AbstractGraphPass):
+        def apply(self, prog):
+            apply_records_to_program(prog, records, layouts)
+
+    spec_version = mlmodel.get_spec().specificationVersion
+    new = _apply_graph_pass(mlmodel, _RecordPass(), spec_version=spec_version, skip_model_load=True)
+    return new, notes
