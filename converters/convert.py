@@ -152,7 +152,20 @@ def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful:
     model = qm.to_torch(torch.float32)
     mlmodel = convert_torch(model, context, stateful, fixed_shapes, compute_units)
     mlmodel, _ = apply_records(mlmodel, qm.records, layouts=layouts)
+    _stamp_metadata(mlmodel, qm)
     atomic_save(mlmodel, out_path, force)
     info = inspect_mlpackage(out_path)
     return ExportResult(path=out_path, bytes_on_disk=info["bytes_on_disk"], bits_per_weight=info["bits_per_weight"],
                         ops=info["ops"], ane_report=info["ane_report"], notes=notes)
+
+
+def _stamp_metadata(mlmodel, qm) -> None:
+    """Provenance in the package itself: where the weights came from and how they were quantized, so
+    ``macq eval FILE.mlpackage`` can find the tokenizer and a reader can tell what the file holds."""
+    import json
+
+    meta = mlmodel.user_defined_metadata
+    meta["macq.source"] = str(qm.source or "")
+    meta["macq.method"] = json.dumps(qm.method, default=str)
+    meta["macq.bits_per_weight"] = f"{qm.bits_per_weight():.4f}"
+    mlmodel.short_description = f"macq export ({qm.method.get('method', '?')}) of {qm.source or 'a causal LM'}"

@@ -63,6 +63,6 @@ def compare(model, tokenizer, rows: list[Row], dataset: str = "wiki", max_tokens
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["method", "bpw", "ppl", "ppl_stderr", "kl", "top1", "size_mib", "seconds"]
+def table(rows: list[dict[str, Any]], with_time: bool = True) -> str:
+    cols = ["method", "bpw", "ppl", "ppl_stderr", "kl", "top1", "size_mib"] + (["seconds"] if with_time else [])
     return md_table(rows, [c for c in cols if any(c in r for r in rows)])

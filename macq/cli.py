@@ -59,7 +59,7 @@ def _quant_options(**kw: Any) -> dict[str, Any]:
 
 # Options shared by quantize and export (typer needs them spelled out per command).
 def _method_opt():
-    return typer.Option("rtn", "--method", "-m", help="rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed")
+    return typer.Option("rtn", "--method", "-m", help="rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm")
 
 
 @app.command("prepare-model")
@@ -155,14 +155,18 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
     latency: bool = typer.Option(False, help="also measure prefill/decode latency"),
     compute_units: str = typer.Option("ALL", help=".mlpackage on macOS: ALL|CPU_AND_NE|CPU_ONLY|CPU_AND_GPU"),
+    tokenizer: Optional[str] = typer.Option(None, help=".mlpackage: tokenizer dir (default: the recorded source)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Perplexity, KL / top-1 vs the unquantized model, size, and optionally latency."""
+    """Perplexity, KL / top-1 vs the unquantized model, size, and optionally latency.
+
+    A .mlpackage runs through Core ML on macOS; on Linux its saved program is executed by MIL value
+    inference (a graph check, labelled so, not a speed figure)."""
     from macq.evaluate import evaluate_any
 
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
-                              progress=not as_json)
+                              progress=not as_json, tokenizer=tokenizer)
     _emit(result, as_json, md)
 
 
@@ -182,6 +186,8 @@ def export(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order"),
     target_bpw: Optional[float] = typer.Option(None),
     recipe: Optional[str] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None, help="dkm: fine-tuning steps"),
+    lr: Optional[float] = typer.Option(None, help="dkm: learning rate"),
     include_embeddings: bool = typer.Option(False),
     include_lm_head: bool = typer.Option(False),
     calib_dataset: str = typer.Option("c4"),
@@ -207,7 +213,7 @@ def export(
         raise MacqError(f"--output {output} exists (pass --force to overwrite)")
     opts = _quant_options(bits=bits, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
                           granularity=granularity, block_size=block_size, double_quant=double_quant,
-                          act_order=act_order, target_bpw=target_bpw, recipe=recipe,
+                          act_order=act_order, target_bpw=target_bpw, recipe=recipe, steps=steps, lr=lr,
                           include_embeddings=include_embeddings, include_lm_head=include_lm_head)
     if method == "mixed":
         opts.setdefault("target", target)

@@ -67,7 +67,8 @@ def evaluate_torch(model, tokenizer, dataset: str, context: int, stride: int | N
 
 def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, stride: int | None = None,
                  max_tokens: int | None = 4096, reference: str | None = None, device: str = "auto",
-                 latency: bool = False, compute_units: str = "ALL", progress: bool = False):
+                 latency: bool = False, compute_units: str = "ALL", progress: bool = False,
+                 tokenizer: str | None = None):
     kind = artifact_kind(path)
     if kind == "mlx":
         from mlx_backend.runner import eval_mlx
@@ -77,11 +78,11 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, st
         return res, md_table([res], [c for c in ("artifact", "ppl", "n_tokens", "tokens_per_s",
                                                   "prefill_tokens_per_s") if c in res])
     if kind == "mlpackage":
-        from converters.evaluate import evaluate_mlpackage
-
-        res = evaluate_mlpackage(path, dataset=dataset, context=context, max_tokens=max_tokens,
-                                 compute_units=compute_units, latency=latency)
-        return res, md_table([res], [k for k in res if not isinstance(res[k], (dict, list))])
+        res = evaluate_mlpackage(path, dataset=dataset, max_tokens=max_tokens, compute_units=compute_units,
+                                 tokenizer=tokenizer)
+        md = md_table([res], ["artifact", "backend", "compute_units", "ppl", "n_tokens", "prefill_ms_per_token",
+                              "decode_ms_per_token"])
+        return res, md + "".join(f"\nnote: {n}" for n in res["notes"])
 
     from macq.pipeline import load_quantized_or_model, reference_model_for
 
@@ -101,6 +102,31 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, st
     cols = [c for c in ("model", "method", "bits_per_weight", "ppl", "ppl_stderr", "kl", "top1", "n_tokens",
                         "prefill_ms", "decode_ms_per_token") if c in res]
     return res, md_table([res], cols)
+
+
+def evaluate_mlpackage(path: str, dataset: str = "wiki", max_tokens: int | None = 512, compute_units: str = "ALL",
+                       tokenizer: str | None = None) -> dict[str, Any]:
+    """Perplexity and per-token latency of a Core ML package: Core ML prediction on macOS; elsewhere the
+    saved program run by MIL value inference, which checks the graph and is *not* a speed figure.
+    Windows are the package's own context length."""
+    import coremltools as ct
+    from transformers import AutoTokenizer
+
+    from converters.predict import predict_coreml
+    from macq.data import eval_tokens
+    from macq.models import resolve_model_path
+
+    meta = ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata
+    src = tokenizer or meta.get("macq.source") or None
+    if not src:
+        raise MacqError(f"{path} does not record its source model: pass --tokenizer DIR")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None if src == "default" else src))
+    ids = eval_tokens(tok, dataset, max_tokens)
+    r = predict_coreml(path, ids.numpy(), compute_units=compute_units)
+    return {"artifact": "coreml", "path": str(path), "backend": r.backend, "compute_units": r.compute_units,
+            "dataset": dataset, "ppl": r.perplexity, "n_tokens": r.n_tokens,
+            "prefill_ms_per_token": r.prefill_ms_per_token, "decode_ms_per_token": r.decode_ms_per_token,
+            "notes": r.notes}
 
 
 def bench_latency(path: str | None, device: str = "auto", dtype: str = "float32", prompt_len: int = 128,

@@ -87,3 +87,40 @@ def test_bad_model_and_dataset(tiny_dir, tmp_path, monkeypatch, capsys):
 def test_subprocess_exit_code(tmp_path):
     r = macq("quantize", tmp_path / "nope", "-o", tmp_path / "q", check=False)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: model:")
+
+
+def test_export_mlx_then_generate_and_eval(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "mlx"
+    code, stdout, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "mlx", "--method", "rtn",
+                                 "--bits", "4", "--group-size", "32", "--asymmetric", "--zero-point", "float",
+                                 "-o", out, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["bits_per_weight"] == pytest.approx(4 + 32 / 32)  # fp16 scale + fp16 bias per 32
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 32
+    code, stdout, err = run_main(monkeypatch, capsys, "eval", out, "--dataset", "tinystories", "--max-tokens", "128",
+                                 "--context", "64", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["ppl"] > 1
+    code, stdout, err = run_main(monkeypatch, capsys, "generate", out, "--prompt", "Once upon a time",
+                                 "--max-tokens", "8", "--raw")
+    assert code == 0 and stdout.strip(), err
+    # LUT records cannot be held by MLX: refused without the explicit flag, nothing written.
+    code, _, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "mlx", "--method", "kmeans",
+                            "--bits", "4", "-o", tmp_path / "lut")
+    assert code == 2 and "error:" in err and not (tmp_path / "lut").exists()
+
+
+def test_export_coreml_then_inspect(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "m.mlpackage"
+    code, stdout, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "coreml", "--method", "kmeans",
+                                 "--bits", "4", "--granularity", "per_grouped_channel", "--group-size", "16",
+                                 "--context", "64", "-o", out, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["bits_per_weight"] == pytest.approx(res["record_bits_per_weight"], rel=1e-6)
+    code, stdout, err = run_main(monkeypatch, capsys, "inspect", out, "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["ops"].get("constexpr_lut_to_dense") == 14

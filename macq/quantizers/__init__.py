@@ -42,6 +42,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True),
     MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True),
+    MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True),
 )}
 
 
