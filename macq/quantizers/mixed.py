@@ -1,0 +1,226 @@
+"""Mixed precision under a bits-per-weight budget: sensitivities → allocation → per-layer rounding.
+
+1. Candidate formats come from the target runtime (:mod:`macq.quantizers.formats`): only what its
+   exporter can write, each costed with the exact record storage rule.
+2. Each allocation unit (a linear, an attention/MLP block, or a decoder layer) gets an error per format:
+   the Fisher-weighted error (default; one backward per calibration sequence), the Hessian proxy (one
+   calibration pass; it sums layer-output errors as if equally harmful at every depth, and on SmolLM2 its
+   allocations lost to uniform formats: see scripts/bench_mixed.py) or the KL of the next-token distribution with that unit
+   alone quantized (one forward per unit per format) (:mod:`macq.quantizers.sensitivity`).
+3. :func:`macq.quantizers.allocate.allocate` picks one format per unit minimising the summed error with
+   the average bpw at most the target (met to 0.01 bpw from below when reachable; a target below the
+   cheapest allocation is refused). Or a fixed llama.cpp-style recipe (:mod:`macq.quantizers.recipes`)
+   replaces steps 2–3.
+4. Every module is rounded in its format: RTN, or GPTQ through the layerwise engine (affine formats;
+   palettes use k-means, modules outside the decoder stack use RTN). Bias-form formats store GPTQ's
+   zero-points as fp16 biases (MLX's form), the form their cost was computed for.
+
+The returned model's ``method`` records the per-module format, the achieved and target bpw, and notes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from macq.arch import arch_spec, decoder_layers
+from macq.errors import MacqError
+from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+from macq.quantizers.allocate import Allocation, allocate
+from macq.quantizers.base import QuantConfig, check
+from macq.quantizers.formats import TARGET_FORMATS, Format, candidate_formats, to_bias_form
+from macq.quantizers.sensitivity import (GRANULARITIES, SensitivityTable, fisher_sensitivity, kl_sensitivity,
+                                         make_units, proxy_sensitivity)
+from macq.record import Record
+
+
+@dataclass
+class MixedConfig(QuantConfig):
+    method = "mixed"
+    target_bpw: float = 4.0
+    target: str = "mlx"                 # mlx | coreml | any: which formats are candidates
+    base_method: str = "rtn"            # rounding once formats are chosen: rtn | gptq
+    # fisher (default: measured best, see scripts/bench_mixed.py) | proxy (Hessian-weighted layer-output error,
+    # which ranks layers poorly across depth) | kl (one forward per unit x format)
+    sensitivity: str = "fisher"
+    recipe: str | None = None           # a fixed recipe name instead of the allocator (target_bpw unused)
+    formats: tuple[str, ...] = ()       # override: subset of the target's formats by name (e.g. a4g64b)
+    granularity: str = "module"         # allocation unit: module | sublayer | layer
+    resolution: float = 0.005           # most bpw the allocator's cost rounding may leave unspent
+    kl_samples: int = 4                 # calibration sequences used by KL sensitivity (first N)
+    batch_size: int = 8
+    damp_percent: float = 0.01          # GPTQ damping
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check(self.target in TARGET_FORMATS, f"--target {self.target!r}: expected one of {', '.join(TARGET_FORMATS)}")
+        check(self.base_method in ("rtn", "gptq"), f"--base-method {self.base_method!r}: expected rtn or gptq")
+        check(self.sensitivity in ("proxy", "fisher", "kl"),
+              f"--sensitivity {self.sensitivity!r}: expected proxy, fisher or kl")
+        check(self.granularity in GRANULARITIES, f"--granularity {self.granularity!r}: expected one of "
+              f"{', '.join(GRANULARITIES)}")
+        check(self.target_bpw > 0, f"--target-bpw {self.target_bpw}: expected > 0")
+        check(self.kl_samples >= 1 and self.batch_size >= 1, "--kl-samples and --batch-size must be >= 1")
+        self.formats = tuple(f.name if isinstance(f, Format) else str(f) for f in self.formats)
+        if self.recipe is not None:
+            from macq.quantizers.recipes import get_recipe
+            get_recipe(self.recipe)
+        candidate_formats(self.target, self.formats)  # validates names against the target
+
+    def candidate_formats(self) -> list[Format]:
+        return candidate_formats(self.target, self.formats)
+
+
+def _modules(model: nn.Module, cfg: MixedConfig) -> dict[str, nn.Module]:
+    mods = quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head, tuple(cfg.skip))
+    if not mods:
+        raise MacqError("mixed: no modules selected to quantize")
+    return mods
+
+
+def sensitivity_table(model: nn.Module, cfg: MixedConfig, calib_ids: torch.Tensor,
+                      progress: bool = False) -> SensitivityTable:
+    """Per-unit, per-format errors and costs for ``cfg`` (reusable across targets: see :func:`plan`)."""
+    mods = _modules(model, cfg)
+    fmts = cfg.candidate_formats()
+    units = make_units(list(mods), cfg.granularity, arch_spec(model).layers)
+    if cfg.sensitivity == "kl":
+        return kl_sensitivity(model, calib_ids[: cfg.kl_samples], fmts, mods, units,
+                              batch_size=min(cfg.batch_size, cfg.kl_samples), device=cfg.device, progress=progress)
+    if cfg.sensitivity == "fisher":
+        table = fisher_sensitivity(model, calib_ids, fmts, mods, cfg.device, progress)
+    else:
+        table = proxy_sensitivity(model, calib_ids, fmts, mods, cfg.batch_size, cfg.device, progress)
+    return table if cfg.granularity == "module" else table.grouped(units)
+
+
+def plan(table: SensitivityTable, target_bpw: float, resolution: float = 0.005
+         ) -> tuple[dict[str, Format], Allocation]:
+    """Allocate on a sensitivity table: the format of every module path, and the allocation itself."""
+    alloc = allocate(table.errors, table.bpw, table.sizes, target_bpw, resolution)
+    assignment = {m: table.formats[j] for u, j in zip(table.units, alloc.choice) for m in table.members[u]}
+    return assignment, alloc
+
+
+def recipe_plan(model: nn.Module, cfg: MixedConfig) -> dict[str, Format]:
+    from macq.quantizers.recipes import recipe_assignment
+
+    spec = arch_spec(model)
+    mods = _modules(model, cfg)
+    assignment = recipe_assignment(cfg.recipe, list(mods), spec.layers, len(decoder_layers(model)))
+    allowed = set(TARGET_FORMATS[cfg.target])
+    bad = sorted({f.name for f in assignment.values() if f not in allowed})
+    if bad:
+        raise MacqError(f"--recipe {cfg.recipe}: formats {', '.join(bad)} are not supported by target {cfg.target!r}")
+    for m, f in assignment.items():
+        if not f.fits(tuple(get_weight(mods[m]).shape)):
+            raise MacqError(f"--recipe {cfg.recipe}: {f.name} does not fit {m} {tuple(get_weight(mods[m]).shape)}")
+    return assignment
+
+
+def _gptq_records(model: nn.Module, assignment: dict[str, Format], mods: dict[str, nn.Module],
+                  calib_ids: torch.Tensor, cfg: MixedConfig, progress: bool) -> dict[str, Record]:
+    """GPTQ each decoder linear at its own format, true-sequentially (the model is modified in place)."""
+    from macq.quantizers.calibration import layerwise
+    from macq.quantizers.gptq import GPTQConfig, collect_hessians, gptq_quantize
+
+    device = torch.device(cfg.device)
+    spec = arch_spec(model)
+    records: dict[str, Record] = {}
+
+    def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
+        for grp in spec.sequence:
+            grp = [n for n in grp if f"{path}.{n}" in assignment]
+            if not grp:
+                continue
+            H = None
+            for n in grp:
+                fmt, mod = assignment[f"{path}.{n}"], layer.get_submodule(n)
+                w = get_weight(mod).detach().float()
+                if fmt.kind == "affine":
+                    if H is None:
+                        H = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)[grp[0]]
+                    gcfg = GPTQConfig(bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric,
+                                      damp_percent=cfg.damp_percent)
+                    rec = gptq_quantize(w, H, gcfg)[0]
+                    rec = to_bias_form(rec) if fmt.zero == "bias" else rec
+                else:
+                    rec = fmt.quantize(w)
+                rec.transposed = is_conv1d(mod)
+                set_weight(mod, rec.dequantize())
+                records[f"{path}.{n}"] = rec
+
+    layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, device=device, progress=progress,
+              description="mixed gptq")
+    for m in assignment:
+        if m not in records:            # embeddings / lm_head: outside the layerwise engine
+            records[m] = _rtn_record(mods[m], assignment[m])
+    missing = set(assignment) - set(records)
+    if missing:
+        raise MacqError(f"mixed gptq: {sorted(missing)[0]} is not in the architecture's linear sequence")
+    return records
+
+
+def _rtn_record(mod: nn.Module, fmt: Format) -> Record:
+    rec = fmt.quantize(get_weight(mod).detach().float())
+    rec.transposed = is_conv1d(mod)
+    return rec
+
+
+def quantize_assignment(model: nn.Module, assignment: dict[str, Format], cfg: MixedConfig,
+                        calib_ids: torch.Tensor | None, progress: bool = False) -> dict[str, Record]:
+    """Round every module in its assigned format with ``cfg.base_method``."""
+    mods = _modules(model, cfg)
+    if cfg.base_method == "gptq":
+        if calib_ids is None:
+            raise MacqError("mixed: --base-method gptq needs calibration data")
+        return _gptq_records(model, assignment, mods, calib_ids, cfg, progress)
+    return {m: _rtn_record(mods[m], f) for m, f in assignment.items()}
+
+
+def quantize_model(model: nn.Module, cfg: MixedConfig, calib_ids: torch.Tensor | None, progress: bool = False,
+                   source: str = "", table: SensitivityTable | None = None):
+    """Mixed-precision quantization of ``model`` (modified in place by GPTQ) → QuantizedModel.
+
+    ``table`` reuses a sensitivity table computed earlier with the same model, formats and granularity.
+    """
+    from macq.qmodel import QuantizedModel
+
+    notes: list[str] = []
+    info: dict[str, Any] = {}
+    if cfg.recipe is not None:
+        assignment = recipe_plan(model, cfg)
+        notes.append(f"fixed recipe {cfg.recipe}: target_bpw not used")
+    else:
+        if table is None:
+            if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+                raise MacqError("mixed: calibration ids must be a non-empty [n_samples, seq_len] tensor")
+            table = sensitivity_table(model, cfg, calib_ids, progress)
+        assignment, alloc = plan(table, cfg.target_bpw, cfg.resolution)
+        notes += table.notes + alloc.notes
+        info = {"allocated_bpw": alloc.bpw, "floor_bpw": alloc.floor_bpw, "ceiling_bpw": alloc.ceiling_bpw,
+                "total_error": alloc.error}
+    if cfg.base_method == "gptq" and any(f.kind == "lut" for f in assignment.values()):
+        notes.append("palettized (lut) modules use k-means, not GPTQ")
+    records = quantize_assignment(model, assignment, cfg, calib_ids, progress)
+    method = cfg.to_dict()
+    qm = QuantizedModel.from_model(model, records, method=method, source=source)
+    achieved = qm.bits_per_weight()
+    if "allocated_bpw" in info and abs(achieved - info["allocated_bpw"]) > 1e-9:
+        raise MacqError(f"mixed: records store {achieved:.6f} bpw but the allocation costed "
+                        f"{info['allocated_bpw']:.6f} (format cost rule out of step with the records)")
+    method.update(info, achieved_bpw=achieved, notes=notes, allocation={m: f.name for m, f in assignment.items()})
+    qm.method = method
+    return qm
+
+
+def allocation_summary(assignment: dict[str, str] | dict[str, Format]) -> dict[str, int]:
+    """How many modules got each format (for tables and logs)."""
+    out: dict[str, int] = {}
+    for f in assignment.values():
+        name = f.name if isinstance(f, Format) else f
+        out[name] = out.get(name, 0) + 1
+    return dict(sorted(out.items()))
