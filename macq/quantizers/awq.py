@@ -1,0 +1,210 @@
+"""AWQ (activation-aware weight quantization) and AWQ→GPTQ chaining, layer by layer.
+
+Per decoder layer (driven by :func:`macq.quantizers.calibration.layerwise`, so each layer sees the
+already-quantized previous layers' outputs):
+
+1. one pass over the calibration inputs collects, per group of linears sharing an input, ``E|x|``,
+   ``E[x]`` and ``H = XᵀX`` (:mod:`macq.quantizers.actquant`);
+2. for each foldable ``ArchSpec.mappings`` entry, search ``s = salience^α`` over α ∈ [0, 1) for the lowest
+   exact output error of the mapping's linears after rounding ``W·diag(s)``, then fold ``s`` into the
+   producer (:mod:`macq.quantizers.fold`) — the model is unchanged in float; statistics are rescaled;
+3. per linear: per-group clipping search, then rounding — nearest (optionally greedy-corrected) for
+   ``awq``, GPTQ with the scaled-input Hessian for ``awq-gptq`` — and the dequantized weight is written
+   back so the next layer is calibrated on quantized outputs. Records are exactly what is left in the model.
+
+Architecture differences live only in ``ArchSpec.mappings`` / ``ArchSpec.sequence``. Mappings whose
+channels do not correspond (GQA ``v_proj → o_proj``) are skipped; those linears get clip search only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from macq.arch import ArchSpec, arch_spec
+from macq.errors import MacqError
+from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+from macq.quantizers import awq_search as S
+from macq.quantizers.actquant import InputStats, collect_input_stats, input_groups
+from macq.quantizers.base import QuantConfig, check, check_bits
+from macq.quantizers.calibration import LayerInputs, layerwise
+from macq.quantizers.fold import can_fold, fold_scales
+from macq.record import AffineRecord
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SALIENCE = ("mean_abs", "l2")
+
+
+@dataclass
+class AWQConfig(QuantConfig):
+    method = "awq"
+    bits: int = 4
+    group_size: int = 128            # >0 input elements per group, 0 = per output channel
+    symmetric: bool = False          # default: asymmetric group-wise (integer zero-point)
+    n_grid: int = 20                 # α candidates k / n_grid, k = 0..n_grid-1
+    salience: str = "mean_abs"       # s = E|x|^α   |  "l2": s = E[x²]^(α/2)
+    duo_scaling: bool = False        # s = x^α / w^(1−α) (AutoAWQ's duo scaling)
+    clip_search: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    greedy_rounding: bool = False
+    outlier_fraction: float = 0.01   # most salient input channels keep nearest rounding under greedy
+    scale_dtype: str = "float16"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, range(2, 9), self.method)
+        check(self.group_size >= 0, f"--group-size {self.group_size}: expected >0 or 0 (per channel)")
+        check(self.n_grid >= 1, f"n_grid={self.n_grid}: expected >= 1")
+        check(self.clip_grid >= 1, f"clip_grid={self.clip_grid}: expected >= 1")
+        check(0.0 < self.max_shrink < 1.0, f"max_shrink={self.max_shrink}: expected in (0, 1)")
+        check(self.salience in SALIENCE, f"salience={self.salience!r}: expected one of {', '.join(SALIENCE)}")
+        check(0.0 <= self.outlier_fraction < 1.0, f"outlier_fraction={self.outlier_fraction}: expected in [0, 1)")
+        check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
+        check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
+        check(not self.include_embeddings and not self.include_lm_head,
+              f"{self.method} quantizes the decoder linears only (embeddings / lm_head: use rtn)")
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def group_for(self, name: str, inp: int) -> int:
+        g = inp if self.group_size == 0 else self.group_size
+        check(inp % g == 0, f"--group-size {self.group_size} does not divide {name}'s input dim {inp}")
+        return g
+
+
+@dataclass
+class AWQGPTQConfig(AWQConfig):
+    """AWQ scales (and clipping) first, then GPTQ's error-compensating rounding instead of nearest."""
+
+    method = "awq-gptq"
+    damp: float = 0.01               # GPTQ's damp_percent (λ = damp · mean diag H)
+    block_size: int = 128
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(not self.greedy_rounding, "greedy_rounding applies to nearest rounding, not to awq-gptq")
+        check(self.damp > 0, f"damp={self.damp}: expected > 0")
+
+    def gptq_config(self):
+        from macq.quantizers.gptq import GPTQConfig
+
+        return GPTQConfig.from_kwargs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                                      scale_dtype=self.scale_dtype, damp_percent=self.damp,
+                                      block_size=self.block_size, act_order=self.act_order,
+                                      static_groups=self.act_order, mse_clip=False)
+
+
+# ---------------------------------------------------------------------------------------------- one linear
+
+def _round_linear(w: torch.Tensor, st: InputStats, x_sal: torch.Tensor, g: int, cfg: AWQConfig
+                  ) -> tuple[AffineRecord, dict[str, float]]:
+    """Clip search + rounding of one (already scaled) weight ``[out, in]`` -> record, stats."""
+    h = st.gram.float()
+    clip = S.search_clip(w, h, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, cfg.clip_grid, cfg.max_shrink) \
+        if cfg.clip_search else torch.ones(w.shape[0], w.shape[1] // g)
+    info = {"clip_mean": float(clip.mean())}
+    if isinstance(cfg, AWQGPTQConfig):
+        from macq.quantizers.gptq import gptq_quantize
+
+        rec, gstats = gptq_quantize(S.clamp_to_clip(w, clip, g, cfg.symmetric), h, cfg.gptq_config())
+        if isinstance(gstats.get("out_err"), (int, float)):
+            info["gptq_out_err"] = float(gstats["out_err"])
+        return rec, info
+    codes, scale, zero, bias = S.nearest_codes(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, clip)
+    if cfg.greedy_rounding:
+        n_protect = int(round(cfg.outlier_fraction * w.shape[1]))
+        protect = torch.zeros(w.shape[1], dtype=torch.bool)
+        if n_protect:
+            protect[x_sal.topk(n_protect).indices] = True
+        before = S.mean_error(w, S.dequant(codes, scale, zero, bias, cfg.bits), st.mean).abs().sum()
+        codes = S.greedy_round(w, codes, scale, zero, cfg.bits, st.mean, protect)
+        after = S.mean_error(w, S.dequant(codes, scale, zero, bias, cfg.bits), st.mean).abs().sum()
+        info["greedy_ratio"] = float(after / before.clamp_min(1e-30))
+    sd = cfg.torch_scale_dtype
+    rec = AffineRecord(codes=codes.reshape(w.shape), scales=scale.to(sd), bits=cfg.bits, group_size=g,
+                       zeros=None if zero is None else zero.to(torch.uint8), biases=None)
+    return rec, info
+
+
+def _salience(st: InputStats, cfg: AWQConfig) -> torch.Tensor:
+    return st.abs_mean if cfg.salience == "mean_abs" else st.rms
+
+
+# ---------------------------------------------------------------------------------------------- one layer
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQConfig, spec: ArchSpec,
+                   targets: set[str], records: dict[str, AffineRecord], stats: dict[str, dict[str, Any]]) -> None:
+    """AWQ one decoder layer in place: search + fold scales, then clip + round every target linear
+    (full module paths in ``targets``); fills ``records`` and ``stats``."""
+    groups = input_groups(layer, spec.sequence)
+    st = collect_input_stats(layer, inputs, groups, gram=True)
+    group_of = {n: g for g in groups for n in g}
+    for m in spec.mappings:
+        key = f"{path}.{m.prev}"
+        if not can_fold(layer, m):
+            stats["scales"][key] = {"folded": False}
+            continue
+        grp = group_of[m.linears[0]]
+        if set(grp) != set(m.linears):
+            raise MacqError(f"arch table: mapping {m.prev} -> {m.linears} does not cover the linears sharing its "
+                            f"input {grp}; folding would change the model")
+        w = torch.cat([get_weight(layer.get_submodule(n)).detach().float() for n in m.linears])
+        g = cfg.group_for(m.linears[0], w.shape[1])
+        s, alpha, err, err0 = S.search_scale(w, st[grp].gram, _salience(st[grp], cfg), cfg.bits, g, cfg.symmetric,
+                                             cfg.torch_scale_dtype, cfg.n_grid, cfg.duo_scaling)
+        fold_scales(layer, m, s)
+        st[grp].rescale(s)
+        stats["scales"][key] = {"folded": True, "alpha": alpha, "error": err, "error_rtn": err0}
+    for grp in groups:
+        for n in grp:
+            full = f"{path}.{n}"
+            if full not in targets:
+                continue
+            mod = layer.get_submodule(n)
+            w = get_weight(mod).detach().float()
+            rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
+            rec.transposed = is_conv1d(mod)
+            set_weight(mod, rec.dequantize(torch.float32))
+            records[full] = rec
+            stats["linears"][full] = info
+
+
+def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, progress: bool = False,
+                   source: str = ""):
+    """AWQ (or AWQ→GPTQ for :class:`AWQGPTQConfig`) the decoder linears of ``model`` in place.
+
+    Returns a :class:`~macq.qmodel.QuantizedModel` capturing the folded float tensors and the records;
+    ``method["stats"]["scales"]`` holds the chosen α and output errors (AWQ vs α=0, i.e. nearest) per
+    mapping, keyed by its producer; ``method["stats"]["linears"]`` the mean clip (and greedy error ratio).
+    """
+    from macq.qmodel import QuantizedModel
+
+    if not isinstance(cfg, AWQConfig):
+        raise MacqError(f"awq: expected an AWQConfig, got {type(cfg).__name__}")
+    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise MacqError("awq needs calibration token ids [n_samples, seq_len]")
+    spec = arch_spec(model)
+    if isinstance(cfg, AWQGPTQConfig):
+        try:
+            cfg.gptq_config()
+        except ImportError:
+            raise MacqError("awq-gptq needs macq.quantizers.gptq, which is not available") from None
+    targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
+    records: dict[str, AffineRecord] = {}
+    stats: dict[str, dict[str, Any]] = {"scales": {}, "linears": {}}
+
+    def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:
+        quantize_layer(layer, path, inputs, cfg, spec, targets, records, stats)
+
+    layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description=cfg.method)
+    method = cfg.to_dict()
+    method["stats"] = stats
+    return QuantizedModel.from_model(model, records, method=method, source=source)

@@ -1,0 +1,161 @@
+"""AWQ's searches, vectorised: per-channel scale exponent α, per-group clipping, greedy rounding.
+
+All errors are *exact output errors* computed from the input Gram matrix ``H = XᵀX`` over every
+calibration token, not from a token subsample: for a weight error ``D [out, in]`` the summed squared
+output error ``‖X Dᵀ‖²`` equals ``Σ (D H) ⊙ D``. A scale ``s`` turns inputs into ``X / s`` and weights
+into ``W · diag(s)``, so a candidate's error is ``‖(X/s)(W s − Q(W s))ᵀ‖²`` = the same formula with
+``D = (W s − Q(W s)) / s`` against the unscaled ``H``. The metric is the mapping's linears' outputs
+(exact for each linear), not the ``inspect`` module's output: cheaper, and independent of attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, quantize_codes
+
+
+def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """``[out, in]`` -> ``[out, in // g, g]`` (groups along the input dim)."""
+    return w.reshape(w.shape[0], w.shape[1] // g, g)
+
+
+def fq(w: torch.Tensor, bits: int, g: int, symmetric: bool, scale_dtype: torch.dtype,
+       clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Nearest-rounded weight on the shared grid (``[out, in]``), optional per-group clip ``[out, G]``."""
+    return fake_quantize(grouped(w, g), bits, symmetric, "int", scale_dtype, clip).reshape(w.shape)
+
+
+def output_error(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``‖X dᵀ‖²`` from ``H = XᵀX``; per output row ``[out]``."""
+    return ((d @ h) * d).sum(-1)
+
+
+def candidate_scales(x_sal: torch.Tensor, alpha: float, w_sal: torch.Tensor | None = None) -> torch.Tensor:
+    """``s = salience^α`` (``/ w_salience^(1−α)`` with duo scaling), normalised so ``max·min = 1``
+    (the AWQ paper's normalisation: keeps the weight range centred, only the ratio between channels matters)."""
+    s = x_sal.clamp_min(1e-8).pow(alpha)
+    if w_sal is not None:
+        s = s / w_sal.clamp_min(1e-8).pow(1 - alpha)
+    s = s.clamp_min(1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def weight_salience(w: torch.Tensor, g: int) -> torch.Tensor:
+    """Mean over output rows of ``|w|`` normalised by its group's absmax (AutoAWQ's duo-scaling term)."""
+    wg = grouped(w.abs(), g)
+    return (wg / wg.amax(-1, keepdim=True).clamp_min(1e-12)).reshape(w.shape).mean(0)
+
+
+def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: int, g: int, symmetric: bool,
+                 scale_dtype: torch.dtype, n_grid: int, duo: bool = False
+                 ) -> tuple[torch.Tensor, float, float, float]:
+    """Best ``s`` over ``α ∈ {0, 1/n, …, (n−1)/n}`` for the stacked weights ``w [Σout, in]`` sharing input.
+
+    Returns ``(s, α, error, error at α=0)``. α = 0 gives ``s = 1`` (plain nearest rounding), so the chosen
+    scale is never worse than round-to-nearest on this metric.
+    """
+    h32 = h.float()
+    w_sal = weight_salience(w, g) if duo else None
+    best = (torch.ones(w.shape[1]), 0.0, float("inf"))
+    err0 = float("nan")
+    for k in range(n_grid):
+        alpha = k / n_grid
+        s = candidate_scales(x_sal, alpha, w_sal) if (alpha > 0 or duo) else torch.ones(w.shape[1])
+        ws = w * s
+        d = (ws - fq(ws, bits, g, symmetric, scale_dtype)) / s
+        err = float(output_error(d, h32).sum())
+        if k == 0:
+            err0 = err
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], best[2], err0
+
+
+def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: bool, scale_dtype: torch.dtype,
+                n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+    """Per-group range shrink ``[out, G]`` minimising each group's output error ``d_g H_gg d_gᵀ``.
+
+    Uses the diagonal ``g×g`` blocks of ``H`` (the group's own contribution, as AutoAWQ's per-group search
+    does) for every output row and group at once; 1.0 is tried first and only strict improvements move it.
+    """
+    out, inp = w.shape
+    n_g = inp // g
+    hb = h.float().reshape(n_g, g, n_g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g]
+    wg = grouped(w, g)
+    best_err = torch.full((out, n_g), float("inf"))
+    best = torch.ones(out, n_g)
+    for i in range(n_grid):
+        c = 1.0 - max_shrink * i / n_grid
+        d = wg - fake_quantize(wg, bits, symmetric, "int", scale_dtype, c)
+        err = torch.einsum("ogk,gkl,ogl->og", d, hb, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, c), best)
+    return best
+
+
+def clamp_to_clip(w: torch.Tensor, clip: torch.Tensor, g: int, symmetric: bool) -> torch.Tensor:
+    """Clamp each group to its shrunken range, so any quantizer (GPTQ) derives the clipped grid from it."""
+    wg = grouped(w, g)
+    lo, hi = wg.amin(-1) * clip, wg.amax(-1) * clip
+    if symmetric:
+        hi = torch.maximum(lo.abs(), hi.abs())
+        lo = -hi
+    return torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1)).reshape(w.shape)
+
+
+def nearest_codes(w: torch.Tensor, bits: int, g: int, symmetric: bool, scale_dtype: torch.dtype,
+                  clip: torch.Tensor | float = 1.0):
+    """``(codes [out, G, g], scale, zero, bias)`` on the shared grid."""
+    wg = grouped(w, g)
+    scale, zero, bias = affine_params(wg, bits, symmetric, "int", scale_dtype, clip)
+    return quantize_codes(wg, scale, zero, bias, bits), scale, zero, bias
+
+
+def mean_error(w: torch.Tensor, w_hat: torch.Tensor, x_mean: torch.Tensor) -> torch.Tensor:
+    """The greedy-rounding proxy per output row: ``E[X]·(w − ŵ)`` (bias the rounding adds to the output)."""
+    return (w - w_hat) @ x_mean
+
+
+def greedy_round(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bits: int, x_mean: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
+    """Flip roundings to the other neighbouring grid point where that cancels the row's mean output error.
+
+    Per row, candidate flips are those moving ``e = E[X]·(w − ŵ)`` towards 0, ranked by error cancelled per
+    unit of extra squared weight error (weights near a rounding midpoint first); the prefix of that ranking
+    whose cumulative change brings ``|e|`` lowest is applied. The empty prefix is allowed, so ``|e|`` never
+    grows. ``protect [in]`` (salient input channels) keeps nearest rounding. Codes ``[out, G, g]``.
+    """
+    out, n_g, g = codes.shape
+    maxq = 2 ** bits - 1
+    z = zero.unsqueeze(-1) if zero is not None else torch.tensor(float(2 ** (bits - 1)))
+    s = scale.unsqueeze(-1)
+    wg = grouped(w.float(), g)
+    pos = wg / s + z                                   # exact (unrounded) code position
+    c = codes.float()
+    step = torch.where(pos >= c, 1.0, -1.0)
+    other = c + step
+    d = (wg - s * (c - z)).reshape(out, -1)
+    d_new = (wg - s * (other - z)).reshape(out, -1)
+    m = x_mean.float()
+    e = d @ m                                          # [out]
+    delta = (d_new - d) * m                            # change of e per flip
+    cost = d_new.pow(2) - d.pow(2)
+    ok = ((other >= 0) & (other <= maxq)).reshape(out, -1) & ~protect.reshape(1, -1)
+    ok &= (delta * e.unsqueeze(-1) < 0)                # moves e towards zero
+    prio = torch.where(ok, delta.abs() / (cost + 1e-12), torch.full_like(delta, -1.0))
+    order = prio.argsort(-1, descending=True)
+    dsort = torch.where(ok, delta, torch.zeros_like(delta)).gather(-1, order)
+    path = torch.cat([e.unsqueeze(-1), e.unsqueeze(-1) + dsort.cumsum(-1)], -1).abs()
+    k = path.argmin(-1)                                # flips to apply per row (0 = none)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
+    flip = (rank < k.unsqueeze(-1)) & ok
+    new = torch.where(flip.reshape(codes.shape), other, c)
+    return new.clamp(0, maxq).to(torch.uint8)
+
+
+def dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
+            bits: int) -> torch.Tensor:
+    return dequantize_codes(codes, scale, zero, bias, bits).reshape(codes.shape[0], -1)
