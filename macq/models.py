@@ -52,7 +52,7 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     cfg = model.config
-    for attr in ("gguf_file",):
+    for attr in ("gguf_file", "quantization_config"):  # the weights are plain float now: say so
         if hasattr(cfg, attr):
             delattr(cfg, attr)
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
