@@ -8,8 +8,6 @@ built from its record. coremltools never re-quantizes anything.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from macq.atomic import atomic_dir
 from macq.errors import MacqError
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
@@ -103,17 +102,10 @@ def dir_bytes(path: Path) -> int:
 
 def atomic_save(mlmodel, out_path: Path, force: bool) -> Path:
     """Save into a temp dir beside ``out_path`` and rename: a failure never leaves a half-written package."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
-        target = tmp / out_path.name
-        mlmodel.save(str(target))
-        if out_path.exists():
-            if not force:
-                raise MacqError(f"output: {out_path} exists (pass force=True to overwrite)")
-            shutil.rmtree(out_path)
-        os.replace(target, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if out_path.exists() and not force:
+        raise MacqError(f"output: {out_path} exists (pass force=True to overwrite)")
+    with atomic_dir(out_path) as tmp:
+        mlmodel.save(str(tmp))
     return out_path
 
 

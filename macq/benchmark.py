@@ -49,20 +49,23 @@ def compare(model, tokenizer, rows: list[Row], dataset: str = "wiki", max_tokens
         ppl = perplexity(ref, ids, context=context)
         out.append({"method": "fp16", "bpw": 16.0, "ppl": ppl.ppl, "ppl_stderr": ppl.stderr, "kl": 0.0,
                     "top1": 1.0, "size_mib": fp_params * 2 / 2**20, "seconds": 0.0})
+    from macq.eval.memory import measure_peak_detail
+
     for row in rows:
         t0 = time.perf_counter()
-        qm = quantize(model, tokenizer, row.method, dict(row.options), calib_dataset, n_calib, seq_len, seed,
-                      progress=progress, copy_model=True)
+        qm, peak = measure_peak_detail(lambda: quantize(model, tokenizer, row.method, dict(row.options), calib_dataset,
+                                                        n_calib, seq_len, seed, progress=progress, copy_model=True))
         secs = time.perf_counter() - t0
         qmodel = qm.to_torch()
         ppl = perplexity(qmodel, ids, context=context)
         ag = agreement_from_reference(ref_lp, qmodel, ids, context=context)
         out.append({"method": row.label, "bpw": qm.bits_per_weight(), "ppl": ppl.ppl, "ppl_stderr": ppl.stderr,
-                    "kl": ag.kl, "top1": ag.top1, "size_mib": qm.nbytes() / 2**20, "seconds": secs})
+                    "kl": ag.kl, "top1": ag.top1, "size_mib": qm.nbytes() / 2**20, "seconds": secs,
+                    "peak_mib": peak.peak_bytes / 2**20})
         del qmodel, qm
     return out
 
 
 def table(rows: list[dict[str, Any]], with_time: bool = True) -> str:
-    cols = ["method", "bpw", "ppl", "ppl_stderr", "kl", "top1", "size_mib"] + (["seconds"] if with_time else [])
+    cols = ["method", "bpw", "ppl", "ppl_stderr", "kl", "top1", "size_mib"] + (["seconds", "peak_mib"] if with_time else [])
     return md_table(rows, [c for c in cols if any(c in r for r in rows)])

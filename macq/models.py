@@ -9,8 +9,6 @@ Caveat for every quality table: its linear weights are dequantized Q4_1 (4-bit a
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from macq.arch import arch_spec
+from macq.atomic import atomic_dir
 from macq.errors import MacqError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -71,17 +70,9 @@ def prepare_default_model(force: bool = False) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     plain = _plain_copy(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

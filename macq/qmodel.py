@@ -12,9 +12,6 @@ activation quantization, tied weights), ``records.safetensors`` (``{module}.{fie
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
 from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, record_from_tensors
@@ -114,9 +112,7 @@ class QuantizedModel:
         path = Path(path)
         if path.exists() and not force:
             raise MacqError(f"output: {path} exists (pass --force to overwrite)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -124,12 +120,6 @@ class QuantizedModel:
             save_file(tensors, tmp / "records.safetensors")
             save_file({k: v.contiguous() for k, v in self.float_tensors.items()}, tmp / "float.safetensors")
             (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -4,14 +4,12 @@ No download is needed; everything is seeded."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from macq.atomic import atomic_dir
 from macq.data import load_text
 
 TINY_VOCAB = 512
@@ -67,15 +65,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a tiny model + tokenizer as an HF directory (atomically) and return it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         tiny_model(arch, seed, **overrides).save_pretrained(tmp, safe_serialization=True)
         tiny_tokenizer().save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

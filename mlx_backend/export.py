@@ -9,9 +9,7 @@ The directory is then built in a temp dir beside ``out_dir`` and renamed into pl
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.qmodel import QuantizedModel
 from macq.record import LUTRecord
@@ -237,18 +236,10 @@ def export_mlx(qm: QuantizedModel, out_dir: str | Path, tokenizer=None, dtype: s
     cfg = _config(qm, plan, dtype)
     _check_against_mlx(cfg, plan)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_weights(plan, tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=4, default=str))
         _write_tokenizer(tok, qm, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     tensor_bytes = sum(t.numel() * t.element_size() for t in plan.tensors.values())
     return ExportResult(out_dir, size, plan.quantized_bits_per_weight(), tensor_bytes * 8 / max(plan.n_params, 1),
