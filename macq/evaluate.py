@@ -157,10 +157,11 @@ def analyze_distortion(path: str, reference: str | None = None, plot: Path | Non
     ref = reference_model_for(qm, reference)
     if ref is None:
         raise MacqError("analyze: the unquantized source model is unknown; pass --reference")
-    rows, summary = distortion_table(qm, ref)
+    table = distortion_table(qm, ref)  # per-layer rows, then an overall row named "(all)"
+    rows, summary = table[:-1], table[-1]
     if plot is not None:
         _plot_distortion(rows, plot)
-    md = md_table(rows, [c for c in ("name", "bpw", "mse", "sqnr_db", "rd_bound_mse", "gap_bits") if c in rows[0]])
+    md = md_table(rows, [c for c in ("name", "bpw", "mse", "sqnr_db", "rd_bound_mse", "gap_bits") if c in summary])
     md += "\n\n" + md_table([summary], list(summary))
     return {"layers": rows, "summary": summary}, md
 

@@ -124,3 +124,22 @@ def test_export_coreml_then_inspect(tiny_dir, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     data = json.loads(stdout)
     assert data["ops"].get("constexpr_lut_to_dense") == 14
+
+
+def test_analyze_and_bench(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    code, _, err = run_main(monkeypatch, capsys, "quantize", tiny_dir, "--method", "rtn", "--bits", "4",
+                            "--group-size", "32", "-o", out)
+    assert code == 0, err
+    png = tmp_path / "d.png"
+    code, stdout, err = run_main(monkeypatch, capsys, "analyze", out, "--plot", png, "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert len(data["layers"]) == 14 and data["summary"]["name"] == "(all)"
+    assert all(r["sqnr_db"] > 0 and r["mse"] > 0 for r in data["layers"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, stdout, err = run_main(monkeypatch, capsys, "bench", out, "--prompt-len", "8", "--new-tokens", "2",
+                                 "--repeats", "1", "--device", "cpu", "--json")
+    assert code == 0, err
+    b = json.loads(stdout)
+    assert b["prefill_ms"] > 0 and b["decode_ms_per_token"] > 0
