@@ -30,7 +30,7 @@ from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.quantizers import awq_search as S
 from macq.quantizers.actquant import InputStats, collect_input_stats, input_groups
 from macq.quantizers.base import QuantConfig, check, check_bits
-from macq.quantizers.calibration import LayerInputs, layerwise
+from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.record import AffineRecord
 
@@ -163,18 +163,13 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQCon
         fold_scales(layer, m, s)
         st[grp].rescale(s)
         stats["scales"][key] = {"folded": True, "alpha": alpha, "error": err, "error_rtn": err0}
-    for grp in groups:
-        for n in grp:
-            full = f"{path}.{n}"
-            if full not in targets:
-                continue
-            mod = layer.get_submodule(n)
-            w = get_weight(mod).detach().float()
-            rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
-            rec.transposed = is_conv1d(mod)
-            set_weight(mod, rec.dequantize(torch.float32))
-            records[full] = rec
-            stats["linears"][full] = info
+    for grp, full, mod in target_linears(layer, path, groups, targets):
+        w = get_weight(mod).detach().float()
+        rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
+        rec.transposed = is_conv1d(mod)
+        set_weight(mod, rec.dequantize(torch.float32))
+        records[full] = rec
+        stats["linears"][full] = info
 
 
 def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, progress: bool = False,

@@ -154,3 +154,12 @@ def _move_outside_layers(model: nn.Module, layers_path: str, device: torch.devic
             p.data = p.data.to(device)
         for bname, b in list(mod.named_buffers(recurse=False)):
             mod._buffers[bname] = b.to(device)
+
+
+def target_linears(layer: nn.Module, path: str, groups, targets) -> Iterator[tuple[Any, str, nn.Module]]:
+    """``(group, full_name, module)`` for each linear of ``layer``, in ``groups`` order, that is in ``targets``."""
+    for grp in groups:
+        for name in grp:
+            full = f"{path}.{name}"
+            if full in targets:
+                yield grp, full, layer.get_submodule(name)

@@ -30,7 +30,7 @@ from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.quantizers.actquant import ACT_MODES, InputStats, collect_input_stats, input_groups, install_act_quant
 from macq.quantizers.base import QuantConfig, check
-from macq.quantizers.calibration import LayerInputs, layerwise
+from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import affine_params, quantize_codes
 from macq.record import AffineRecord
@@ -123,20 +123,15 @@ def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Te
         if cfg.smooth:
             stats.update(smooth_layer(layer, spec, st, cfg.alpha, path))
         layer_aq: dict[str, dict[str, Any]] = {}
-        for grp in groups:
-            for n in grp:
-                full = f"{path}.{n}"
-                if full not in targets:
-                    continue
-                mod = layer.get_submodule(n)
-                rec = int8_record(get_weight(mod).detach(), cfg.weight_bits, sd)
-                rec.transposed = is_conv1d(mod)
-                set_weight(mod, rec.dequantize(torch.float32))
-                records[full] = rec
-                aq: dict[str, Any] = {"bits": cfg.act_bits, "mode": cfg.act_mode}
-                if cfg.act_mode == "per_tensor_static":
-                    aq["scale"] = max(float(st[grp].absmax.max()) / qmax, 1e-8)
-                act_quant[full] = layer_aq[n] = aq
+        for grp, full, mod in target_linears(layer, path, groups, targets):
+            rec = int8_record(get_weight(mod).detach(), cfg.weight_bits, sd)
+            rec.transposed = is_conv1d(mod)
+            set_weight(mod, rec.dequantize(torch.float32))
+            records[full] = rec
+            aq: dict[str, Any] = {"bits": cfg.act_bits, "mode": cfg.act_mode}
+            if cfg.act_mode == "per_tensor_static":
+                aq["scale"] = max(float(st[grp].absmax.max()) / qmax, 1e-8)
+            act_quant[full] = layer_aq[full[len(path) + 1:]] = aq
         install_act_quant(layer, layer_aq)
 
     layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description="smoothquant")
