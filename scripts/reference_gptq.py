@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     m_macq = copy.deepcopy(fp)
     cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, symmetric=a.symmetric, damp_percent=a.damp,
                      block_size=128, act_order=a.act_order, static_groups=True, true_sequential=False,
-                     batch_size=a.batch_size)
+                     batch_size=a.batch_size, mse_clip=False)  # llm-compressor's minmax observer: no range search
     t0 = time.perf_counter()
     qm = quantize_model(m_macq, "gptq", cfg, calib)
     macq_secs = time.perf_counter() - t0
