@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from macq.compat import cache_keyword
+
 MASK_MIN = -1.0e4  # additive "minus infinity" that stays finite in fp16 (softmax weight exp(-1e4) == 0)
 
 
@@ -40,12 +42,15 @@ def causal_mask(q_len: int, past: int, width: int | None = None, dtype=np.float1
 
 
 class _SliceCache:
-    """Duck-typed transformers cache: ``update`` writes k/v at ``[start, end)`` and returns ``[:end]``."""
+    """Duck-typed transformers cache: ``update`` writes k/v at ``[start, end)`` and returns ``[:end]``.
+
+    ``update`` takes any further arguments (``cache_kwargs`` before transformers 5.24, ``kwargs=`` from 5.24)
+    and ignores them: a slice write needs only the layer index."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, start, end):
         self.k, self.v, self.start, self.end = k, v, start, end
 
-    def update(self, k, v, layer_idx, cache_kwargs=None):
+    def update(self, k, v, layer_idx, *_args, **_kwargs):
         self.k[layer_idx:layer_idx + 1, :, :, self.start:self.end] = k.unsqueeze(0)
         self.v[layer_idx:layer_idx + 1, :, :, self.start:self.end] = v.unsqueeze(0)
         return self.k[layer_idx, :, :, :self.end], self.v[layer_idx, :, :, :self.end]
@@ -60,7 +65,7 @@ class _OneHotCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, onehot: torch.Tensor, position):
         self.k, self.v, self.h, self.position = k, v, onehot, position  # onehot [context, 1]
 
-    def update(self, k, v, layer_idx, cache_kwargs=None):
+    def update(self, k, v, layer_idx, *_args, **_kwargs):
         kc = self.k[layer_idx] * (1 - self.h) + k * self.h
         vc = self.v[layer_idx] * (1 - self.h) + v * self.h
         self.k[layer_idx:layer_idx + 1] = kc.unsqueeze(0)
@@ -109,7 +114,7 @@ class CoreMLLM(nn.Module):
             cache = _SliceCache(k, v, start, end)
             pos_ids = (torch.arange(q_len) + start).unsqueeze(0)
         logits = self.model(input_ids=input_ids, attention_mask=causal_mask, position_ids=pos_ids,
-                            past_key_values=cache, use_cache=True).logits
+                            use_cache=True, **{cache_keyword(self.model): cache}).logits
         return logits if self.stateful else (logits, k, v)
 
 

@@ -102,7 +102,8 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Quantize a model and save macq's quantization directory (records + float tensors + config)."""
-    from macq.pipeline import config_for, load_quantized_or_model, quantize as run_quantize
+    from macq.pipeline import config_for, load_quantized_or_model
+    from macq.pipeline import quantize as run_quantize
 
     if output.exists() and not force:
         raise MacqError(f"--output {output} exists (pass --force to overwrite)")

@@ -22,8 +22,7 @@ from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.qmodel import QuantizedModel
 from macq.record import LUTRecord
-from mlx_backend.layout import (MLXArch, layer_layout, lut_error, float_weight, mlx_arch, mlx_name,
-                                torch_dtype)
+from mlx_backend.layout import MLXArch, float_weight, layer_layout, lut_error, mlx_arch, mlx_name, torch_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from macq.eval.memory import measure_peak_detail
     from macq.eval.perplexity import nll_from_logits, scored_logits, window_batches, windows
     from macq.models import load_model
+    from macq.qmodel import QuantizedModel
     from macq.quantizers import quantize_model
     from macq.quantizers.gptq import GPTQConfig, gptq_layers
-    from macq.qmodel import QuantizedModel
 
     fp, tok = load_model(a.model)
     calib = calibration_samples(tok, a.dataset, a.n, a.seq_len)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 damped = sum(s["damp"] > cfg.damp_percent for s in stats.values())
                 evaluate(f"GPTQ {label}", m, qm.bits_per_weight(), secs, mem,
                          f"{damped} layers needed extra damping" if damped else "")
-            del m
+            m = None  # free the copy before the next config
 
     print(f"\nModel: {a.model or 'SmolLM2-135M-Instruct (default; linears are dequantized Q4_1)'}; calibration "
           f"{a.n}×{a.seq_len} tokens of {a.dataset}; eval: first {ids.numel()} tokens of {a.eval_dataset} "

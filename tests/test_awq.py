@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from macq.data import calibration_samples
 from macq.errors import MacqError
 from macq.models import get_weight, quantizable_modules, set_weight
+from macq.quantizers import awq_search as S
 from macq.quantizers import make_config
 from macq.quantizers import quantize_model as registry_quantize
 from macq.quantizers.actquant import collect_input_stats
 from macq.quantizers.awq import AWQConfig, AWQGPTQConfig, quantize_model
-from macq.quantizers import awq_search as S
 from macq.quantizers.calibration import capture_first_layer_inputs, module_inputs
 from macq.quantizers.grid import fake_quantize
 from macq.tiny import tiny_model, tiny_tokenizer

@@ -7,10 +7,18 @@ import statistics
 import pytest
 import torch
 
+from macq.compat import cache_keyword, output_cache
 from macq.device import resolve_device, synchronize
 from macq.errors import MacqError
-from macq.eval import (cuda_peak_bytes, current_rss_bytes, latency, measure_peak, measure_peak_detail,
-                       model_size_report, peak_rss_bytes)
+from macq.eval import (
+    cuda_peak_bytes,
+    current_rss_bytes,
+    latency,
+    measure_peak,
+    measure_peak_detail,
+    model_size_report,
+    peak_rss_bytes,
+)
 from macq.eval import memory as memory_mod
 from macq.models import get_weight, is_conv1d, quantizable_modules
 from macq.qmodel import QuantizedModel
@@ -70,7 +78,7 @@ def test_cached_decode_matches_full_forward():
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        step = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        step = model(input_ids=nxt, use_cache=True, **{cache_keyword(model): output_cache(out)}).logits[:, -1]
         full = model(input_ids=torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 

@@ -12,7 +12,6 @@ from macq.quantizers.gptq import GPTQConfig, gptq_layers, gptq_quantize
 from macq.quantizers.grid import fake_quantize
 from macq.tiny import tiny_model, tiny_tokenizer
 
-
 # ------------------------------------------------------------------------------------------------
 # The plainest GPTQ: numpy float64, column by column, every later column updated at once, the inverse
 # Hessian kept explicitly and the quantized column eliminated from it (OBQ's form, no Cholesky, no

@@ -24,8 +24,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from macq.errors import MacqError
-from macq.eval.perplexity import (ModelLike, _check_ids, check_context, model_device_or, scored_logits,
-                                  window_batches, windows)
+from macq.eval.perplexity import (
+    ModelLike,
+    _check_ids,
+    check_context,
+    model_device_or,
+    scored_logits,
+    window_batches,
+    windows,
+)
 from macq.progress import track
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from macq.compat import cache_keyword, output_cache
 from macq.device import resolve_device, synchronize
 from macq.errors import MacqError
 
@@ -53,11 +54,11 @@ def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int, dev: torch
     out = model(input_ids=prompt, use_cache=True)
     synchronize(dev)
     t1 = time.perf_counter()
-    past = out.past_key_values
+    past, kw = output_cache(out), cache_keyword(model)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{kw: past})
+        past = output_cache(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     synchronize(dev)
     t2 = time.perf_counter()

@@ -66,7 +66,7 @@ def capture_first_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         hs = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value", "layer_past")}
         kw["use_cache"] = False
         captured.hidden.append(hs.detach().to(storage))
         captured.kwargs.append(_to(kw, storage))

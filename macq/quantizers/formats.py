@@ -95,10 +95,12 @@ class Format:
         if not self.fits(tuple(w.shape)):
             raise MacqError(f"format {self.name} does not fit a weight of shape {tuple(w.shape)}")
         if self.kind == "lut":
-            from macq.quantizers.palettize import KMeansConfig, quantize_weight as palettize
+            from macq.quantizers.palettize import KMeansConfig
+            from macq.quantizers.palettize import quantize_weight as palettize
 
             return palettize(w.float(), KMeansConfig(bits=self.bits, group_size=self.group_size))
-        from macq.quantizers.rtn import RTNConfig, quantize_weight as rtn
+        from macq.quantizers.rtn import RTNConfig
+        from macq.quantizers.rtn import quantize_weight as rtn
 
         return rtn(w.float(), RTNConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
                                         zero_point="float" if self.zero == "bias" else "int"))

@@ -32,8 +32,14 @@ from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.quantizers.allocate import Allocation, allocate
 from macq.quantizers.base import QuantConfig, check
 from macq.quantizers.formats import TARGET_FORMATS, Format, candidate_formats, to_bias_form
-from macq.quantizers.sensitivity import (GRANULARITIES, SensitivityTable, fisher_sensitivity, kl_sensitivity,
-                                         make_units, proxy_sensitivity)
+from macq.quantizers.sensitivity import (
+    GRANULARITIES,
+    SensitivityTable,
+    fisher_sensitivity,
+    kl_sensitivity,
+    make_units,
+    proxy_sensitivity,
+)
 from macq.record import Record
 
 
