@@ -26,6 +26,7 @@ class MethodSpec:
     kind: str            # "weight" | "model"
     needs_calibration: bool = False
     records: str = "affine"  # what it produces: "affine" | "lut" | "any" (chosen per layer), read by target checks
+    activations: bool = False  # also quantizes activations (act_quant hooks), which weight-only targets cannot hold
 
     def load(self) -> tuple[type, Callable[..., Any]]:
         mod = importlib.import_module(f"macq.quantizers.{self.module}")
@@ -41,7 +42,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True),
     MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True),
     MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True),
-    MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True),
+    MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
 )}
