@@ -69,9 +69,10 @@ def _generated(fixed: Callable[..., None]):
     return deco
 
 
-def _note(lines: list[str]) -> None:
-    for line in lines:
-        typer.echo(f"note: {line}", err=True)
+def _notes(lines: list[str]) -> list[str]:
+    """Choices macq made for the user (e.g. the group size): reported with the result, on stdout / in JSON,
+    so that stderr carries nothing but a failure's one line."""
+    return [f"note: {line}" for line in lines]
 
 
 TARGETS = ("coreml", "mlx")
@@ -151,15 +152,14 @@ def quantize(model: str | None, output: Path, method: str | None, target: str | 
                                                "seed": seed}, trust_remote_code)
     if target in TARGETS:
         check_target(target, method, cfg, config)
-    _note(notes)  # only once every check has passed: an error stays the one line on stderr
     qm0, fp, tok = load_quantized_or_model(model, trust_remote_code)
     qm = run_quantize(fp, tok, method, cfg, calib["calib_dataset"], calib["n_calib"], calib["seq_len"], calib["seed"],
                       progress=not as_json, source=model or "default", copy_model=False)
     path = qm.save(output, tokenizer=tok, force=force)
     summary = {"output": str(path), "method": qm.method, "layers": len(qm.records),
-               "bits_per_weight": round(qm.bits_per_weight(), 4), "bytes": qm.nbytes()}
-    _emit(summary, as_json, f"wrote {path}: {len(qm.records)} layers, {summary['bits_per_weight']:.3f} bits/weight, "
-                            f"{summary['bytes'] / 2**20:.1f} MiB")
+               "bits_per_weight": round(qm.bits_per_weight(), 4), "bytes": qm.nbytes(), "notes": notes}
+    _emit(summary, as_json, "\n".join([f"wrote {path}: {len(qm.records)} layers, {summary['bits_per_weight']:.3f} "
+                                       f"bits/weight, {summary['bytes'] / 2**20:.1f} MiB", *_notes(notes)]))
 
 
 @app.command()
@@ -202,6 +202,12 @@ def eval_cmd(
     inference (a graph check, labelled so, not a speed figure)."""
     from macq.evaluate import evaluate_any
 
+    if context < 2:
+        raise MacqError(f"--context {context}: expected at least 2 tokens per window")
+    if stride is not None and not 1 <= stride <= context:
+        raise MacqError(f"--stride {stride}: expected 1 <= stride <= --context ({context})")
+    if max_tokens is not None and max_tokens < 2:
+        raise MacqError(f"--max-tokens {max_tokens}: expected at least 2 tokens")
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
                               progress=not as_json, tokenizer=tokenizer)
@@ -221,7 +227,7 @@ def _export_options(
     seq_len: Optional[int] = typer.Option(None, help="calibration sequence length (default 512)"),
     seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)"),
     dtype: Optional[str] = typer.Option(None, help="MLX: float dtype of scales/biases and float layers (default float16)"),
-    context: Optional[int] = typer.Option(None, help="Core ML: maximum context (KV cache length, default 512)"),
+    context: Optional[int] = typer.Option(None, help="Core ML: maximum context (KV cache length; default 512 or the model's maximum if smaller)"),
     stateful: Optional[bool] = typer.Option(None, "--stateful/--kv-io", help="Core ML: KV cache as state (default), or as inputs/outputs"),
     fixed_shapes: Optional[bool] = typer.Option(None, "--fixed-shapes", help="Core ML: fixed shapes (the ANE prefers them)"),
     requantize_lut: Optional[bool] = typer.Option(None, "--requantize-lut", help="MLX: re-quantize LUT records (k-means/NF4) to affine, reported"),
@@ -261,26 +267,28 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
     kind = artifact_kind(model)
     if kind in ("mlx", "mlpackage"):
         raise MacqError(f"model: {model} is already an export ({kind}); export reads an HF model or a macq quantization dir")
-    checks = {"output": output, "dtype": tgt["dtype"], "context": tgt["context"],
-              "requantize_lut": tgt["requantize_lut"], "allow_fallback": tgt["allow_fallback"]}
     if kind == "macq":
         given = [k for k, v in {"method": method, **calib, **given_method_options(mopts)}.items() if v is not None]
         if given:
             raise MacqError(f"--{given[0].replace('_', '-')} does not apply: {model} is already quantized "
                             "(export writes its records as they are; quantize the float model instead)")
-        check_target(target, "rtn", None, model_config(model), **checks)
-        method_name, cfg, calib_full = "rtn", None, {k: CALIB_DEFAULTS[k] for k in calib}
+        config = model_config(model)
+        method_name, cfg, calib_full, notes = "rtn", None, {k: CALIB_DEFAULTS[k] for k in calib}, []
     else:
         method_name, cfg, calib_full, config, notes = _plan(model, method, target, mopts, calib, trust_remote_code)
-        check_target(target, method_name, cfg, config, **checks)
-        _note(notes)
+    if context is None:  # 512, or the model's own maximum if smaller
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
+        tgt["context"] = min(512, max_pos)
+    check_target(target, method_name, cfg, config, output=output, dtype=tgt["dtype"], context=tgt["context"],
+                 requantize_lut=tgt["requantize_lut"], allow_fallback=tgt["allow_fallback"])
     result, md = export_any(model, target, output, method_name, cfg, calib_dataset=calib_full["calib_dataset"],
                             n_calib=calib_full["n_calib"], seq_len=calib_full["seq_len"], seed=calib_full["seed"],
                             dtype=tgt["dtype"], context=tgt["context"], stateful=tgt["stateful"],
                             fixed_shapes=tgt["fixed_shapes"], requantize_lut=tgt["requantize_lut"],
                             allow_fallback=tgt["allow_fallback"], force=force, trust_remote_code=trust_remote_code,
                             progress=not as_json)
-    _emit(result, as_json, md)
+    result["notes"] = notes + list(result.get("notes") or [])
+    _emit(result, as_json, "\n".join([md, *_notes(notes)]))
 
 
 @app.command()
@@ -290,6 +298,8 @@ def generate(path: str = typer.Argument(..., help="MLX export dir (runs through 
     """Generate text from an export (MLX through mlx_lm) or a model (torch), greedy."""
     from macq.exporting import generate_any
 
+    if max_tokens < 1:
+        raise MacqError(f"--max-tokens {max_tokens}: expected at least 1 new token")
     typer.echo(generate_any(path, prompt, max_tokens, chat))
 
 

@@ -115,7 +115,10 @@ class QuantConfig:
                     raise MacqError(f"--override {spec!r}: {k!r} is not a per-module option of "
                                     f"{getattr(self, 'method', type(self).__name__)}")
                 kv[k] = _parse_value(v.strip(), hints[k], f"--override {spec!r}")
-            replace(self, overrides=(), **kv)  # runs __post_init__: the overridden values validate themselves
+            try:
+                replace(self, overrides=(), **kv)  # runs __post_init__: the overridden values validate themselves
+            except MacqError as e:
+                raise MacqError(f"--override {spec!r}: {e}") from None
             out.append((rx, kv))
         return out
 
