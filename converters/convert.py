@@ -19,6 +19,7 @@ from macq.atomic import atomic_dir
 from macq.errors import MacqError
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # model definitions the tracer/wrapper handles
 
 
 @dataclass
@@ -119,8 +120,8 @@ def _check_args(qm, out_path: Path, context: int, compute_units: str, force: boo
     max_pos = getattr(qm.config, "max_position_embeddings", None) or getattr(qm.config, "n_positions", None)
     if not isinstance(context, int) or context < 2 or (max_pos and context > max_pos):
         raise MacqError(f"context={context}: expected an int in [2, {max_pos}]")
-    if qm.config.model_type not in ("llama", "qwen2", "mistral", "qwen3"):
-        raise MacqError(f"model_type {qm.config.model_type!r}: the Core ML exporter supports llama, mistral, qwen2, qwen3")
+    if qm.config.model_type not in MODEL_TYPES:
+        raise MacqError(f"model_type {qm.config.model_type!r}: the Core ML exporter supports {', '.join(MODEL_TYPES)}")
     if qm.act_quant:
         raise MacqError("activation quantization (e.g. SmoothQuant W8A8) cannot be expressed in a Core ML weight-only export")
 

@@ -58,10 +58,13 @@ def _sub_byte(a: np.ndarray, name: str) -> np.ndarray:
 # Each builder returns a list of ("lut" | "shift_scale", kwargs) steps in [out, in] orientation; the
 # second step, if any, takes the first one's output as ``data``.
 
+LUT_BITS = (1, 2, 3, 4, 6, 8)  # index widths Core ML has a type for (uint1/2/3/4/6/8)
+
+
 def lut_layout(rec: LUTRecord, name: str, notes: list[str]) -> list[tuple[str, dict]]:
     out, inp = rec.shape
     b, k = rec.bits, 2 ** rec.bits
-    if b not in (1, 2, 3, 4, 6, 8):
+    if b not in LUT_BITS:
         raise MacqError(f"{name}: LUT indices of {b} bits have no Core ML type (uint1/2/3/4/6/8)")
     idx = _sub_byte(_np(rec.indices).astype(np.uint8), f"uint{b}")
     lut = _np(rec.lut.float())

@@ -5,11 +5,13 @@ Every user error ends as one line on stderr (``error: ...``) with exit code 2, a
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import json
+import signal
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, get_type_hints
 
 import typer
 
@@ -18,6 +20,7 @@ from macq.errors import MacqError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).")
 
+METHOD_HELP = "rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm (default rtn)"
 MODEL_HELP = "HF hub id, local HF directory, .gguf file, or a macq quantization dir (default: embedded SmolLM2-135M)"
 
 
@@ -45,84 +48,118 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _quant_options(**kw: Any) -> dict[str, Any]:
-    opts = dict(kw)
-    if opts.get("skip"):
-        opts["skip"] = tuple(s for s in opts["skip"].split(",") if s)
-    else:
-        opts.pop("skip", None)
-    for flag in ("include_embeddings", "include_lm_head"):
-        if not opts.get(flag):
-            opts.pop(flag, None)
-    return opts
+def _generated(fixed: Callable[..., None]):
+    """A typer command whose signature is ``fixed``'s parameters followed by every method option generated
+    from the config dataclasses (:mod:`macq.options`): ``quantize`` and ``export`` get the same flags."""
+    from macq.options import typer_parameters
+
+    def deco(impl: Callable[..., None]) -> Callable[..., None]:
+        hints = get_type_hints(fixed)
+        params = [p.replace(annotation=hints[p.name], kind=pyinspect.Parameter.KEYWORD_ONLY)
+                  for p in pyinspect.signature(fixed).parameters.values()]
+        params += typer_parameters()
+
+        def command(**kw: Any) -> None:
+            impl(**kw)
+
+        command.__signature__ = pyinspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__name__, command.__doc__ = impl.__name__, impl.__doc__
+        return command
+    return deco
 
 
-# Options shared by quantize and export (typer needs them spelled out per command).
-def _method_opt():
-    return typer.Option("rtn", "--method", "-m", help="rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm")
+def _notes(lines: list[str]) -> list[str]:
+    """Choices macq made for the user (e.g. the group size): reported with the result, on stdout / in JSON,
+    so that stderr carries nothing but a failure's one line."""
+    return [f"note: {line}" for line in lines]
 
 
-@app.command("prepare-model")
-def prepare_model(force: bool = typer.Option(False, help="convert again even if cached")) -> None:
-    """Convert the embedded default model (SmolLM2-135M GGUF) into an HF checkpoint in the cache."""
-    from macq.models import prepare_default_model
+TARGETS = ("coreml", "mlx")
+CALIB_DEFAULTS = {"calib_dataset": "c4", "n_calib": 128, "seq_len": 512, "seed": 0}
 
-    typer.echo(str(prepare_default_model(force=force)))
+
+def _calibration(method: str, calib: dict[str, Any]) -> dict[str, Any]:
+    """Calibration options with defaults filled; refused by name for methods that use no data, and the
+    text checked (exists, is text) before any weight is loaded."""
+    from macq.quantizers import method_spec
+
+    given = [k for k, v in calib.items() if v is not None and k != "seed"]
+    full = {k: CALIB_DEFAULTS[k] if v is None else v for k, v in calib.items()}
+    if not method_spec(method).needs_calibration:
+        if given:
+            raise MacqError(f"--{given[0].replace('_', '-')} does not apply to --method {method} (it uses no calibration data)")
+        return full
+    if full["n_calib"] < 1 or full["seq_len"] < 2:
+        raise MacqError(f"--n-calib {full['n_calib']} / --seq-len {full['seq_len']}: expected n >= 1 and seq_len >= 2")
+    from macq.data import load_text
+
+    load_text(full["calib_dataset"])
+    return full
+
+
+def _plan(model: str | None, method: str | None, target: str | None, mopts: dict[str, Any], calib: dict[str, Any],
+          trust_remote_code: bool):
+    """Everything decided before loading weights: ``(method, cfg, calibration, model config, notes)``."""
+    from macq.options import given_method_options
+    from macq.preflight import model_config, resolve_config
+
+    method = method or "rtn"
+    given = given_method_options(mopts)
+    calib = _calibration(method, calib)
+    config = model_config(model, trust_remote_code)
+    cli = {"n_calib": calib["n_calib"], "seq_len": calib["seq_len"], "seed": calib["seed"],
+           "dataset": calib["calib_dataset"], "target": target}
+    cfg, notes = resolve_config(method, given, config, target, cli)
+    return method, cfg, calib, config, notes
+
+
+def _quantize_options(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="output directory (written atomically)"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+    target: Optional[str] = typer.Option(None, help="runtime the quantization is for (mlx|coreml): its preferred "
+                                         "defaults and limits apply; mixed: whose formats to choose from (or any)"),
+    calib_dataset: Optional[str] = typer.Option(None, help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME (default c4)"),
+    n_calib: Optional[int] = typer.Option(None, help="calibration sequences (default 128)"),
+    seq_len: Optional[int] = typer.Option(None, help="calibration sequence length (default 512)"),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)"),
+    force: bool = typer.Option(False, help="replace an existing output that macq wrote"),
+    trust_remote_code: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None: ...
 
 
 @app.command()
-def quantize(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    output: Path = typer.Option(..., "-o", "--output", help="output directory (written atomically)"),
-    method: str = _method_opt(),
-    bits: Optional[int] = typer.Option(None, help="bits per weight code (method default if unset)"),
-    group_size: Optional[int] = typer.Option(None, help="affine: input elements per group (0 per-channel, -1 per-tensor); "
-                                             "palettization: output channels per LUT"),
-    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric"),
-    zero_point: Optional[str] = typer.Option(None, help="asymmetric affine: int | float (MLX's bias form)"),
-    granularity: Optional[str] = typer.Option(None, help="palettization: per_tensor | per_grouped_channel"),
-    block_size: Optional[int] = typer.Option(None, help="NF4/FP4 absmax block size"),
-    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant"),
-    mse_clip: Optional[bool] = typer.Option(None, "--mse-clip/--no-mse-clip"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order"),
-    damp_percent: Optional[float] = typer.Option(None),
-    alpha: Optional[float] = typer.Option(None, help="SmoothQuant migration strength"),
-    target_bpw: Optional[float] = typer.Option(None, help="mixed: bits-per-weight budget, metadata included"),
-    target: Optional[str] = typer.Option(None, help="mixed: runtime whose formats to choose from (mlx|coreml|any)"),
-    recipe: Optional[str] = typer.Option(None, help="mixed: a fixed recipe instead of the allocator"),
-    include_embeddings: bool = typer.Option(False, help="also quantize the token embedding"),
-    include_lm_head: bool = typer.Option(False, help="also quantize the lm_head (tied: the embedding)"),
-    skip: Optional[str] = typer.Option(None, help="comma-separated substrings of module names to keep float"),
-    calib_dataset: str = typer.Option("c4", help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME"),
-    n_calib: int = typer.Option(128, help="calibration sequences"),
-    seq_len: int = typer.Option(512, help="calibration sequence length"),
-    seed: int = typer.Option(0),
-    force: bool = typer.Option(False, help="overwrite the output directory"),
-    trust_remote_code: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
-) -> None:
+@_generated(_quantize_options)
+def quantize(model: str | None, output: Path, method: str | None, target: str | None, calib_dataset: str | None,
+             n_calib: int | None, seq_len: int | None, seed: int | None, force: bool, trust_remote_code: bool,
+             as_json: bool, **mopts: Any) -> None:
     """Quantize a model and save macq's quantization directory (records + float tensors + config)."""
-    from macq.pipeline import config_for, load_quantized_or_model
+    from macq.atomic import check_output
+    from macq.pipeline import load_quantized_or_model
     from macq.pipeline import quantize as run_quantize
+    from macq.preflight import check_target
+    from macq.qmodel import is_quantized_dir
 
-    if output.exists() and not force:
-        raise MacqError(f"--output {output} exists (pass --force to overwrite)")
-    opts = _quant_options(bits=bits, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
-                          granularity=granularity, block_size=block_size, double_quant=double_quant,
-                          mse_clip=mse_clip, act_order=act_order, damp_percent=damp_percent, alpha=alpha,
-                          target_bpw=target_bpw, target=target, recipe=recipe, include_embeddings=include_embeddings,
-                          include_lm_head=include_lm_head, skip=skip)
-    cfg = config_for(method, opts)  # validate before loading anything
-    qm0, fp, tok = load_quantized_or_model(model, trust_remote_code)
-    if qm0 is not None:
+    if target not in (None, "any", *TARGETS):
+        raise MacqError(f"--target {target!r}: expected coreml, mlx or any")
+    check_output(output, force)
+    if model is not None and is_quantized_dir(model):
         raise MacqError(f"model: {model} is already a macq quantization directory")
-    qm = run_quantize(fp, tok, method, cfg, calib_dataset, n_calib, seq_len, seed, progress=not as_json,
-                      source=model or "default", copy_model=False)
+    method, cfg, calib, config, notes = _plan(model, method, target, mopts,
+                                              {"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len,
+                                               "seed": seed}, trust_remote_code)
+    if target in TARGETS:
+        check_target(target, method, cfg, config)
+    qm0, fp, tok = load_quantized_or_model(model, trust_remote_code)
+    qm = run_quantize(fp, tok, method, cfg, calib["calib_dataset"], calib["n_calib"], calib["seq_len"], calib["seed"],
+                      progress=not as_json, source=model or "default", copy_model=False)
     path = qm.save(output, tokenizer=tok, force=force)
     summary = {"output": str(path), "method": qm.method, "layers": len(qm.records),
-               "bits_per_weight": round(qm.bits_per_weight(), 4), "bytes": qm.nbytes()}
-    _emit(summary, as_json, f"wrote {path}: {len(qm.records)} layers, {summary['bits_per_weight']:.3f} bits/weight, "
-                            f"{summary['bytes'] / 2**20:.1f} MiB")
+               "bits_per_weight": round(qm.bits_per_weight(), 4), "bytes": qm.nbytes(), "notes": notes}
+    _emit(summary, as_json, "\n".join([f"wrote {path}: {len(qm.records)} layers, {summary['bits_per_weight']:.3f} "
+                                       f"bits/weight, {summary['bytes'] / 2**20:.1f} MiB", *_notes(notes)]))
 
 
 @app.command()
@@ -165,69 +202,93 @@ def eval_cmd(
     inference (a graph check, labelled so, not a speed figure)."""
     from macq.evaluate import evaluate_any
 
+    if context < 2:
+        raise MacqError(f"--context {context}: expected at least 2 tokens per window")
+    if stride is not None and not 1 <= stride <= context:
+        raise MacqError(f"--stride {stride}: expected 1 <= stride <= --context ({context})")
+    if max_tokens is not None and max_tokens < 2:
+        raise MacqError(f"--max-tokens {max_tokens}: expected at least 2 tokens")
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
                               progress=not as_json, tokenizer=tokenizer)
     _emit(result, as_json, md)
 
 
-@app.command()
-def export(
+TARGET_OPTIONS = {"mlx": ("dtype", "requantize_lut"), "coreml": ("context", "stateful", "fixed_shapes", "allow_fallback")}
+
+
+def _export_options(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     target: str = typer.Option(..., "--target", "-t", help="coreml | mlx"),
     output: Path = typer.Option(..., "-o", "--output", help="MLX directory or FILE.mlpackage"),
-    method: str = _method_opt(),
-    bits: Optional[int] = typer.Option(None),
-    group_size: Optional[int] = typer.Option(None),
-    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric"),
-    zero_point: Optional[str] = typer.Option(None),
-    granularity: Optional[str] = typer.Option(None),
-    block_size: Optional[int] = typer.Option(None),
-    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order"),
-    target_bpw: Optional[float] = typer.Option(None),
-    recipe: Optional[str] = typer.Option(None),
-    steps: Optional[int] = typer.Option(None, help="dkm: fine-tuning steps"),
-    lr: Optional[float] = typer.Option(None, help="dkm: learning rate"),
-    include_embeddings: bool = typer.Option(False),
-    include_lm_head: bool = typer.Option(False),
-    calib_dataset: str = typer.Option("c4"),
-    n_calib: int = typer.Option(128),
-    seq_len: int = typer.Option(512),
-    seed: int = typer.Option(0),
-    dtype: str = typer.Option("float16", help="MLX: float dtype of scales/biases and float layers"),
-    context: int = typer.Option(512, help="Core ML: maximum context (KV cache length)"),
-    stateful: bool = typer.Option(True, "--stateful/--kv-io", help="Core ML: KV cache as state, or as inputs/outputs"),
-    fixed_shapes: bool = typer.Option(False, help="Core ML: fixed shapes (the ANE prefers them)"),
-    requantize_lut: bool = typer.Option(False, help="MLX: re-quantize LUT records (k-means/NF4) to affine, reported"),
-    allow_fallback: bool = typer.Option(False, help="Core ML: fall back where a record is not exactly expressible"),
-    force: bool = typer.Option(False),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+    calib_dataset: Optional[str] = typer.Option(None, help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME (default c4)"),
+    n_calib: Optional[int] = typer.Option(None, help="calibration sequences (default 128)"),
+    seq_len: Optional[int] = typer.Option(None, help="calibration sequence length (default 512)"),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)"),
+    dtype: Optional[str] = typer.Option(None, help="MLX: float dtype of scales/biases and float layers (default float16)"),
+    context: Optional[int] = typer.Option(None, help="Core ML: maximum context (KV cache length; default 512 or the model's maximum if smaller)"),
+    stateful: Optional[bool] = typer.Option(None, "--stateful/--kv-io", help="Core ML: KV cache as state (default), or as inputs/outputs"),
+    fixed_shapes: Optional[bool] = typer.Option(None, "--fixed-shapes", help="Core ML: fixed shapes (the ANE prefers them)"),
+    requantize_lut: Optional[bool] = typer.Option(None, "--requantize-lut", help="MLX: re-quantize LUT records (k-means/NF4) to affine, reported"),
+    allow_fallback: Optional[bool] = typer.Option(None, "--allow-fallback", help="Core ML: fall back where a record is not exactly expressible"),
+    force: bool = typer.Option(False, help="replace an existing output that macq wrote"),
     trust_remote_code: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
-) -> None:
+) -> None: ...
+
+
+@app.command()
+@_generated(_export_options)
+def export(model: str | None, target: str, output: Path, method: str | None, calib_dataset: str | None,
+           n_calib: int | None, seq_len: int | None, seed: int | None, dtype: str | None, context: int | None,
+           stateful: bool | None, fixed_shapes: bool | None, requantize_lut: bool | None, allow_fallback: bool | None,
+           force: bool, trust_remote_code: bool, as_json: bool, **mopts: Any) -> None:
     """Quantize (or read a macq quantization dir) and export for Core ML or MLX, never re-quantizing."""
-    from macq.exporting import export_any
-
-    if target not in ("coreml", "mlx"):
-        raise MacqError(f"--target {target!r}: expected coreml or mlx")
-    if output.exists() and not force:
-        raise MacqError(f"--output {output} exists (pass --force to overwrite)")
-    opts = _quant_options(bits=bits, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
-                          granularity=granularity, block_size=block_size, double_quant=double_quant,
-                          act_order=act_order, target_bpw=target_bpw, recipe=recipe, steps=steps, lr=lr,
-                          include_embeddings=include_embeddings, include_lm_head=include_lm_head)
-    if method == "mixed":
-        opts.setdefault("target", target)
+    from macq.atomic import check_output
     from macq.evaluate import artifact_kind
-    from macq.pipeline import config_for
+    from macq.exporting import export_any
+    from macq.options import given_method_options
+    from macq.preflight import check_target, model_config
 
-    if model is None or artifact_kind(model) != "macq":
-        opts = config_for(method, opts)  # validate before loading anything
-    result, md = export_any(model, target, output, method, opts, calib_dataset=calib_dataset, n_calib=n_calib,
-                            seq_len=seq_len, seed=seed, dtype=dtype, context=context, stateful=stateful,
-                            fixed_shapes=fixed_shapes, requantize_lut=requantize_lut, allow_fallback=allow_fallback,
-                            force=force, trust_remote_code=trust_remote_code, progress=not as_json)
-    _emit(result, as_json, md)
+    if target not in TARGETS:
+        raise MacqError(f"--target {target!r}: expected coreml or mlx")
+    tgt = {"dtype": dtype, "context": context, "stateful": stateful, "fixed_shapes": fixed_shapes,
+           "requantize_lut": requantize_lut, "allow_fallback": allow_fallback}
+    other = next(t for t in TARGETS if t != target)
+    for k in TARGET_OPTIONS[other]:
+        if tgt[k] is not None:
+            raise MacqError(f"--{k.replace('_', '-')} does not apply to --target {target} (it is a {other} option)")
+    tgt = {"dtype": dtype or "float16", "context": 512 if context is None else context,
+           "stateful": True if stateful is None else stateful, "fixed_shapes": bool(fixed_shapes),
+           "requantize_lut": bool(requantize_lut), "allow_fallback": bool(allow_fallback)}
+    check_output(output, force)
+    calib = {"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed}
+    kind = artifact_kind(model)
+    if kind in ("mlx", "mlpackage"):
+        raise MacqError(f"model: {model} is already an export ({kind}); export reads an HF model or a macq quantization dir")
+    if kind == "macq":
+        given = [k for k, v in {"method": method, **calib, **given_method_options(mopts)}.items() if v is not None]
+        if given:
+            raise MacqError(f"--{given[0].replace('_', '-')} does not apply: {model} is already quantized "
+                            "(export writes its records as they are; quantize the float model instead)")
+        config = model_config(model)
+        method_name, cfg, calib_full, notes = "rtn", None, {k: CALIB_DEFAULTS[k] for k in calib}, []
+    else:
+        method_name, cfg, calib_full, config, notes = _plan(model, method, target, mopts, calib, trust_remote_code)
+    if context is None:  # 512, or the model's own maximum if smaller
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
+        tgt["context"] = min(512, max_pos)
+    check_target(target, method_name, cfg, config, output=output, dtype=tgt["dtype"], context=tgt["context"],
+                 requantize_lut=tgt["requantize_lut"], allow_fallback=tgt["allow_fallback"])
+    result, md = export_any(model, target, output, method_name, cfg, calib_dataset=calib_full["calib_dataset"],
+                            n_calib=calib_full["n_calib"], seq_len=calib_full["seq_len"], seed=calib_full["seed"],
+                            dtype=tgt["dtype"], context=tgt["context"], stateful=tgt["stateful"],
+                            fixed_shapes=tgt["fixed_shapes"], requantize_lut=tgt["requantize_lut"],
+                            allow_fallback=tgt["allow_fallback"], force=force, trust_remote_code=trust_remote_code,
+                            progress=not as_json)
+    result["notes"] = notes + list(result.get("notes") or [])
+    _emit(result, as_json, "\n".join([md, *_notes(notes)]))
 
 
 @app.command()
@@ -237,6 +298,8 @@ def generate(path: str = typer.Argument(..., help="MLX export dir (runs through 
     """Generate text from an export (MLX through mlx_lm) or a model (torch), greedy."""
     from macq.exporting import generate_any
 
+    if max_tokens < 1:
+        raise MacqError(f"--max-tokens {max_tokens}: expected at least 1 new token")
     typer.echo(generate_any(path, prompt, max_tokens, chat))
 
 
@@ -298,26 +361,60 @@ def _quiet_libraries() -> None:
         pass
 
 
-def main() -> None:
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM as an exception: it unwinds through every ``atomic_dir`` (removing its temp dir) and,
+    being a BaseException, through library code that catches Exception. Click turns KeyboardInterrupt
+    into a silent exit code, so macq raises its own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _click_errors() -> tuple[type, ...]:
+    """Usage-error types of the click that typer uses (typer >= 0.29 vendors its own ``typer._click``)."""
+    out: list[type] = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            out.append(__import__(mod, fromlist=["ClickException"]).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app(standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except MacqError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(2)
+    except Interrupted as e:
+        typer.echo(f"error: interrupted by {signal.Signals(e.signum).name}; no output was written", err=True)
+        sys.exit(128 + e.signum)
     except (typer.Exit, SystemExit) as e:  # --help, typer's own exits
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Abort:
-        typer.echo("aborted", err=True)
+        typer.echo("error: aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors come through here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
-            typer.echo(f"error: {e.format_message()}", err=True)
-            sys.exit(2)
-        raise
+    except _click_errors() as e:  # unknown options, bad values, missing arguments: one line, exit 2
+        typer.echo(f"error: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
+        sys.exit(2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if isinstance(rv, int) and rv:  # typer's non-standalone exit codes (e.g. 130 after KeyboardInterrupt)
+        sys.exit(rv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ so calibrating and evaluating on the same bundled text never share tokens (held-
 from __future__ import annotations
 
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -28,10 +29,14 @@ def load_text(dataset: str) -> str:
         if not p.is_file():
             raise MacqError(f"dataset: {dataset!r} is neither a bundled sample ({', '.join(BUNDLED)}), "
                             "an existing .txt/.jsonl file, nor hf:NAME")
-        if p.suffix == ".jsonl":
-            text = "\n\n".join(_jsonl_texts(p))
-        else:
-            text = p.read_text(encoding="utf-8", errors="replace")
+        raw = p.read_bytes()
+        if b"\x00" in raw[:65536]:
+            raise MacqError(f"dataset: {dataset!r} is a binary file, not text")
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MacqError(f"dataset: {dataset!r} is not UTF-8 text (bad byte at offset {e.start})") from None
+        text = "\n\n".join(_jsonl_texts(p)) if p.suffix == ".jsonl" else decoded
     if not text.strip():
         raise MacqError(f"dataset: {dataset!r} contains no text")
     return text
@@ -87,14 +92,40 @@ def eval_tokens(tokenizer, dataset: str, max_tokens: int | None = None) -> torch
 
 
 def calibration_samples(tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``[n_samples, seq_len]`` windows drawn with a seeded generator from the second half of the text."""
+    """``[n_samples, seq_len]`` windows drawn with a seeded generator from the second half of the text.
+
+    Windows never overlap when the text holds ``n_samples * seq_len`` tokens: overlapping windows repeat
+    tokens, so the calibration statistics (Hessians, activation scales) would count them twice while the
+    user believes they asked for that many distinct tokens. When the text is shorter, the windows are spread
+    evenly (least overlap) and one warning line on stderr says so.
+    """
     if n_samples < 1 or seq_len < 2:
-        raise MacqError(f"calibration: n_samples={n_samples}, seq_len={seq_len}: expected n >= 1 and seq_len >= 2")
+        raise MacqError(f"calibration: --n-calib {n_samples}, --seq-len {seq_len}: expected n >= 1 and seq_len >= 2")
     text = load_text(dataset)
     ids = tokenize(tokenizer, text[len(text) // 2:])
-    if ids.numel() <= seq_len:
+    if ids.numel() < seq_len:
         raise MacqError(f"calibration: {dataset!r} has {ids.numel()} tokens in its calibration half, "
-                        f"fewer than seq_len={seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
+                        f"fewer than --seq-len {seq_len}")
+    starts = window_starts(ids.numel(), n_samples, seq_len, seed)
+    if n_samples * seq_len > ids.numel():
+        sys.stderr.write(f"warning: calibration: {dataset!r} holds {ids.numel()} tokens in its calibration half, "
+                         f"fewer than --n-calib {n_samples} x --seq-len {seq_len} = {n_samples * seq_len}; "
+                         "windows overlap\n")
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+def window_starts(n_tokens: int, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Start offsets of ``n`` windows of ``length`` tokens in ``n_tokens``, in random order.
+
+    If they fit (``n * length <= n_tokens``), they are disjoint and uniformly placed: the free space
+    ``n_tokens - n * length`` is split into ``n + 1`` random gaps (sorted uniform draws), window ``i``
+    starts after ``i`` windows plus the first ``i + 1`` gaps. Otherwise they are evenly spaced from the
+    first to the last possible start, so that overlap is as small as it can be."""
+    g = torch.Generator().manual_seed(seed)
+    free = n_tokens - n * length
+    if free >= 0:
+        cuts = torch.sort(torch.randint(0, free + 1, (n,), generator=g)).values
+        starts = cuts + torch.arange(n) * length
+    else:
+        starts = torch.linspace(0, n_tokens - length, n).round().long()
+    return starts[torch.randperm(n, generator=g)]

@@ -81,7 +81,13 @@ def inspect_coreml(path: Path):
         raise MacqError(f"inspect: {path} is not an existing .mlpackage")
     from converters.inspect import inspect_mlpackage
 
-    data = inspect_mlpackage(path)
+    try:
+        data = inspect_mlpackage(path)
+    except MacqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged package is the user's input: one line, not a traceback
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise MacqError(f"inspect: {path} is not a readable Core ML package ({first})") from None
     rows = [{"op": k, "count": v} for k, v in sorted(data.get("ops", {}).items(), key=lambda kv: -kv[1])]
     md = [f"{path}: {data.get('bytes_on_disk', 0) / 2**20:.1f} MiB, "
           f"{data.get('bits_per_weight', float('nan')):.3f} bits/weight over compressed weights", "",

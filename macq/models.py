@@ -70,7 +70,7 @@ def prepare_default_model(force: bool = False) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     plain = _plain_copy(model)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, owned_only=False) as tmp:  # macq's own cache path
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return target
@@ -102,17 +102,30 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, trus
         kw["gguf_file"] = p.name
         path = str(p.parent)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kw)
         if "gguf_file" in kw:
             model = _plain_copy(model).to(dtype)
         tok = AutoTokenizer.from_pretrained(path, **kw) if with_tokenizer else None
     except MacqError:
         raise
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError (corrupt / truncated file), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MacqError(f"model: cannot load {name!r}: {first}") from None
+        raise MacqError(f"model: cannot load {name!r}: {first[:300]}") from None
+    check_loaded(name, model, info)
     model.eval()
     return model, tok
+
+
+def check_loaded(name: str | None, model: nn.Module, info: dict) -> None:
+    """A checkpoint that lacks weights would otherwise run with their random init (transformers only logs
+    it), and NaN/inf weights would quantize into NaN scales: both are refused here, naming the tensor."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MacqError(f"model: {name!r} lacks tensor {missing[0]}{more}; it would be left at random init")
+    for pname, t in model.named_parameters():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MacqError(f"model: {name!r} tensor {pname} holds NaN or inf values")
 
 
 # ---------------------------------------------------------------------------------------------

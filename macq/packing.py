@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from macq.errors import MacqError
+
 _ROW_CHUNK = 2048  # bounds the temporary bit array to chunk * n * bits bytes
 
 
@@ -18,7 +20,16 @@ def packed_words(n: int, bits: int) -> int:
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[rows, n]`` unsigned codes < 2**bits -> ``[rows, ceil(n*bits/32)]`` uint32 (as torch.uint32)."""
+    """``[rows, n]`` unsigned codes < 2**bits -> ``[rows, ceil(n*bits/32)]`` uint32 (as torch.uint32).
+
+    Codes outside ``[0, 2**bits)`` are refused: the bit stream has room for ``bits`` bits only, so the high
+    bits would be dropped silently and the stored weight would differ from the record."""
+    if not 1 <= bits <= 16:
+        raise MacqError(f"pack_bits: bits={bits}, expected 1..16")
+    if codes.is_floating_point() or codes.dtype == torch.bool:
+        raise MacqError(f"pack_bits: codes have dtype {codes.dtype}, expected an integer dtype")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
+        raise MacqError(f"pack_bits: codes in [{int(codes.min())}, {int(codes.max())}] do not fit {bits} bits")
     c = codes.detach().cpu().numpy().astype(np.uint8 if bits <= 8 else np.uint16)
     rows, n = c.shape
     words = packed_words(n, bits)

@@ -86,6 +86,12 @@ class QuantizedModel:
         missing, unexpected = model.load_state_dict(self.float_tensors, strict=False)
         if unexpected:
             raise MacqError(f"float tensors not in the model: {unexpected[:3]}")
+        held = {f"{k}.weight" for k in self.records} | {f"{k}.weight" for k in self.tied}
+        lost = [k for k in missing if k not in held and not (tied_embeddings(model) and k.endswith("lm_head.weight"))]
+        lost = [k for k in lost if not k.endswith("rotary_emb.inv_freq")]
+        if lost:
+            raise MacqError(f"quantized model lacks float tensor {lost[0]} (+{len(lost) - 1} more); "
+                            "it would be left at random init")
         self.apply_to(model)
         if tied_embeddings(model):
             model.tie_weights()
@@ -124,25 +130,50 @@ class QuantizedModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantizedModel":
+        """Read a quantization dir; a corrupt or incomplete one is a one-line MacqError, never a traceback,
+        and every record is re-validated (range, dtype, finiteness) by its constructor."""
         from transformers import AutoConfig
 
         path = Path(path)
         mf = path / "manifest.json"
         if not mf.is_file():
             raise MacqError(f"{path} is not a macq quantization directory (no manifest.json)")
-        manifest = json.loads(mf.read_text())
-        if manifest.get("format") != "macq" or manifest.get("version") != FORMAT_VERSION:
-            raise MacqError(f"{path}/manifest.json: unsupported format {manifest.get('format')} v{manifest.get('version')}")
-        flat = load_file(path / "records.safetensors")
+        try:
+            manifest = json.loads(mf.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MacqError(f"{mf}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != "macq" or manifest.get("version") != FORMAT_VERSION:
+            got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            ver = manifest.get("version") if isinstance(manifest, dict) else "?"
+            raise MacqError(f"{path}/manifest.json: unsupported format {got} v{ver}")
+        flat = _load_tensors(path / "records.safetensors")
+        floats = _load_tensors(path / "float.safetensors")
         records: dict[str, Record] = {}
-        for name, meta in manifest["records"].items():
+        for name, meta in manifest.get("records", {}).items():
             prefix = name + "."
             tensors = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
-            records[name] = record_from_tensors(meta, tensors)
-        return cls(records=records, float_tensors=load_file(path / "float.safetensors"),
-                   config=AutoConfig.from_pretrained(path), method=manifest.get("method", {}),
+            try:
+                records[name] = record_from_tensors(meta, tensors)
+            except MacqError as e:
+                raise MacqError(f"{path}/records.safetensors: record {name}: {e}") from None
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise MacqError(f"{path}/records.safetensors: record {name} is incomplete or malformed ({e!s:.120})") from None
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - any config problem is the user's file: one line
+            raise MacqError(f"{path}/config.json: cannot read ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        return cls(records=records, float_tensors=floats, config=config, method=manifest.get("method", {}),
                    act_quant=manifest.get("act_quant", {}), tied=manifest.get("tied", {}),
                    source=manifest.get("source", ""))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise MacqError(f"{path}: missing")
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError on corrupt / truncated files
+        raise MacqError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:160]})") from None
 
 
 def is_quantized_dir(path: str | Path) -> bool:

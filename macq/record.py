@@ -40,6 +40,33 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _check_codes(name: str, codes: torch.Tensor, bits: int) -> None:
+    """Integer codes in ``[0, 2**bits)``: a code that does not fit would be silently truncated by packing."""
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise MacqError(f"record {name}: dtype {_dtype_name(codes.dtype)}, expected an integer dtype")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
+        raise MacqError(f"record {name}: values in [{int(codes.min())}, {int(codes.max())}] do not fit {bits} bits "
+                        f"(expected 0..{2 ** bits - 1})")
+
+
+def _check_zeros(zeros: torch.Tensor, bits: int) -> None:
+    """Zero-points are integers in code space (stored in an integer or an integer-valued float dtype)."""
+    if zeros.is_floating_point():
+        if not bool(torch.isfinite(zeros).all()) or not bool((zeros == zeros.round()).all()):
+            raise MacqError("record zeros: expected integer values in code space (got NaN/inf or fractions)")
+    _check_codes("zeros", zeros if not zeros.is_floating_point() else zeros.to(torch.int64), bits)
+
+
+def _check_float(name: str, t: torch.Tensor | None) -> None:
+    """Scales, biases and LUTs are floating point and finite (a NaN scale silently poisons a whole group)."""
+    if t is None:
+        return
+    if not t.is_floating_point():
+        raise MacqError(f"record {name}: dtype {_dtype_name(t.dtype)}, expected a float dtype")
+    if not bool(torch.isfinite(t).all()):
+        raise MacqError(f"record {name}: holds NaN or inf values")
+
+
 @dataclass
 class AffineRecord:
     """Uniform integer grid. ``codes`` are unsigned in ``[0, 2**bits)``.
@@ -73,6 +100,11 @@ class AffineRecord:
                 raise MacqError(f"{name} has shape {tuple(t.shape)}, expected {want}")
         if self.zeros is not None and self.biases is not None:
             raise MacqError("an affine record holds zeros or biases, not both")
+        _check_codes("codes", self.codes, self.bits)
+        if self.zeros is not None:
+            _check_zeros(self.zeros, self.bits)
+        _check_float("scales", self.scales)
+        _check_float("biases", self.biases)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -197,6 +229,13 @@ class LUTRecord:
             raise MacqError(f"block_size={self.block_size} does not divide the input dim {inp}")
         if self.scales is not None and tuple(self.scales.shape) != (out, inp // self.block_size):
             raise MacqError(f"scales has shape {tuple(self.scales.shape)}, expected {(out, inp // self.block_size)}")
+        _check_codes("indices", self.indices, self.bits)
+        _check_float("lut", self.lut)
+        _check_float("scales", self.scales)
+        if self.double_quant is not None:
+            _check_codes("dq_codes", self.double_quant.codes, 8)
+            _check_float("dq_code_lut", self.double_quant.code_lut)
+            _check_float("dq_absmax", self.double_quant.absmax)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -25,6 +25,8 @@ class MethodSpec:
     function: str        # quantize_weight(w, cfg) -> Record   or   quantize_model(model, cfg, calib, progress) -> QuantizedModel
     kind: str            # "weight" | "model"
     needs_calibration: bool = False
+    records: str = "affine"  # what it produces: "affine" | "lut" | "any" (chosen per layer), read by target checks
+    activations: bool = False  # also quantizes activations (act_quant hooks), which weight-only targets cannot hold
 
     def load(self) -> tuple[type, Callable[..., Any]]:
         mod = importlib.import_module(f"macq.quantizers.{self.module}")
@@ -33,16 +35,16 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("rtn", "rtn", "RTNConfig", "quantize_weight", "weight"),
-    MethodSpec("nf4", "normalfloat", "NF4Config", "quantize_weight", "weight"),
-    MethodSpec("fp4", "normalfloat", "FP4Config", "quantize_weight", "weight"),
-    MethodSpec("kmeans", "palettize", "KMeansConfig", "quantize_weight", "weight"),
-    MethodSpec("uniform", "palettize", "UniformConfig", "quantize_weight", "weight"),
+    MethodSpec("nf4", "normalfloat", "NF4Config", "quantize_weight", "weight", records="lut"),
+    MethodSpec("fp4", "normalfloat", "FP4Config", "quantize_weight", "weight", records="lut"),
+    MethodSpec("kmeans", "palettize", "KMeansConfig", "quantize_weight", "weight", records="lut"),
+    MethodSpec("uniform", "palettize", "UniformConfig", "quantize_weight", "weight", records="lut"),
     MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True),
     MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True),
     MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True),
-    MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True),
-    MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True),
-    MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True),
+    MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True),
+    MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
+    MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
 )}
 
 
@@ -66,7 +68,7 @@ def quantize_weights(model: nn.Module, cfg, fn: Callable[..., Any], progress: bo
     mods = quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head, tuple(cfg.skip))
     records = {}
     for name, mod in track(list(mods.items()), "quantizing", enabled=progress):
-        rec = fn(get_weight(mod).detach().float(), cfg)
+        rec = fn(get_weight(mod).detach().float(), cfg.for_module(name))
         rec.transposed = is_conv1d(mod)
         records[name] = rec
     return records

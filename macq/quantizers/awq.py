@@ -18,7 +18,7 @@ channels do not correspond (GQA ``v_proj → o_proj``) are skipped; those linear
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ SALIENCE = ("mean_abs", "l2")
 class AWQConfig(QuantConfig):
     method = "awq"
     bits: int = 4
-    group_size: int = 128            # >0 input elements per group, 0 = per output channel
+    group_size: int = field(default=128, metadata={"groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); 0 per channel"})
     symmetric: bool = False          # default: asymmetric group-wise (integer zero-point)
     n_grid: int = 20                 # α candidates k / n_grid, k = 0..n_grid-1
     salience: str = "mean_abs"       # s = E|x|^α   |  "l2": s = E[x²]^(α/2)
@@ -83,20 +83,20 @@ class AWQGPTQConfig(AWQConfig):
     """AWQ scales (and clipping) first, then GPTQ's error-compensating rounding instead of nearest."""
 
     method = "awq-gptq"
-    damp: float = 0.01               # GPTQ's damp_percent (λ = damp · mean diag H)
+    damp_percent: float = 0.01       # GPTQ's damping (λ = damp_percent · mean diag H); same name as GPTQConfig's
     block_size: int = 128
     act_order: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(not self.greedy_rounding, "greedy_rounding applies to nearest rounding, not to awq-gptq")
-        check(self.damp > 0, f"damp={self.damp}: expected > 0")
+        check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
 
     def gptq_config(self):
         from macq.quantizers.gptq import GPTQConfig
 
         return GPTQConfig.from_kwargs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                                      scale_dtype=self.scale_dtype, damp_percent=self.damp,
+                                      scale_dtype=self.scale_dtype, damp_percent=self.damp_percent,
                                       block_size=self.block_size, act_order=self.act_order,
                                       static_groups=self.act_order, mse_clip=False)
 

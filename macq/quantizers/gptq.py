@@ -14,7 +14,7 @@ RTN's grid; only the choice of codes differs. Groups are contiguous in the *orig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ MSE_GRID = torch.linspace(1.0, 0.2, 41)  # range shrink factors tried by mse_cli
 class GPTQConfig(QuantConfig):
     method = "gptq"                # class constant (not a field), as in RTNConfig
     bits: int = 4
-    group_size: int = 128          # along the input dim; 0 = one group per output channel
+    group_size: int = field(default=128, metadata={"groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); 0 per channel"})
     symmetric: bool = False
     damp_percent: float = 0.01     # λ = damp_percent · mean(diag H), added to diag H
     block_size: int = 128          # lazy-batch width (result is independent of it)

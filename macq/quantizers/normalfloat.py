@@ -14,7 +14,7 @@ lower level) so that indices, absmaxes and the dequantized tensor equal bnb's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -98,7 +98,7 @@ def double_quantize(absmax: torch.Tensor, block: int = 256) -> DoubleQuant:
 @dataclass
 class NF4Config(QuantConfig):
     method = "nf4"
-    block_size: int = 64
+    block_size: int = field(default=64, metadata={"groups": "input", "help": "absmax block along the input dim"})
     double_quant: bool = True
     dq_block_size: int = 256
 
