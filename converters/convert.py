@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.mil_io import dir_bytes, quiet_ct
+from converters.wrapper import window_masks
+from macq.arch import arch_spec
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 
@@ -31,15 +34,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _quiet_ct():
-    """Import coremltools with its known-harmless version warnings silenced (see shared/PLATFORM.md)."""
-    import logging
-
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import coremltools as ct
-    return ct
+_quiet_ct = quiet_ct  # the name other converters modules used before mil_io existed
 
 
 def ct_inputs_states(wrapper, fixed_shapes: bool):
@@ -96,10 +91,6 @@ def convert_torch(model: torch.nn.Module, context: int, stateful: bool, fixed_sh
                           skip_model_load=True)
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def atomic_save(mlmodel, out_path: Path, force: bool) -> Path:
     """Save into a temp dir beside ``out_path`` and rename: a failure never leaves a half-written package."""
     if out_path.exists() and not force:
@@ -116,11 +107,12 @@ def _check_args(qm, out_path: Path, context: int, compute_units: str, force: boo
         raise MacqError(f"output: {out_path} exists (pass force=True to overwrite)")
     if compute_units not in COMPUTE_UNITS:
         raise MacqError(f"compute_units={compute_units!r}: expected one of {', '.join(COMPUTE_UNITS)}")
-    max_pos = getattr(qm.config, "max_position_embeddings", None) or getattr(qm.config, "n_positions", None)
+    spec = arch_spec(qm.config.model_type)
+    spec.coreml_support(qm.config)                      # one line naming the family when it has no definition
+    window_masks(spec, qm.config)                       # refuses window layouts the wrapper cannot mask
+    max_pos = spec.max_positions(qm.config)
     if not isinstance(context, int) or context < 2 or (max_pos and context > max_pos):
         raise MacqError(f"context={context}: expected an int in [2, {max_pos}]")
-    if qm.config.model_type not in ("llama", "qwen2", "mistral", "qwen3"):
-        raise MacqError(f"model_type {qm.config.model_type!r}: the Core ML exporter supports llama, mistral, qwen2, qwen3")
     if qm.act_quant:
         raise MacqError("activation quantization (e.g. SmoothQuant W8A8) cannot be expressed in a Core ML weight-only export")
 

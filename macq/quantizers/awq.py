@@ -186,7 +186,7 @@ def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, pr
         raise MacqError(f"awq: expected an AWQConfig, got {type(cfg).__name__}")
     if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise MacqError("awq needs calibration token ids [n_samples, seq_len]")
-    spec = arch_spec(model)
+    spec = arch_spec(model).resolved(model.config)
     if isinstance(cfg, AWQGPTQConfig):
         try:
             cfg.gptq_config()
