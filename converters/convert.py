@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.mil_io import dir_bytes, quiet_ct
+from converters.mil_io import quiet_ct
 from converters.wrapper import window_masks
 from macq.arch import arch_spec
 from macq.atomic import atomic_dir
