@@ -175,6 +175,13 @@ def _check_against_mlx(cfg: dict[str, Any], plan: _Plan) -> None:
         model = model_cls(args_cls.from_dict(cfg))
     except (ValueError, TypeError) as e:
         raise MacqError(f"MLX export: mlx_lm cannot build model_type {cfg.get('model_type')!r}: {e}") from None
+    have = {k: tuple(v.shape) for k, v in plan.tensors.items()}
+    if hasattr(model, "sanitize"):   # what mlx_lm.load does first (e.g. Gemma3 drops lm_head when tied)
+        import mlx.core as mx
+
+        lazy = {k: mx.zeros(shape, dtype=mx.uint32 if plan.tensors[k].dtype == torch.uint32 else mx.float32)
+                for k, shape in have.items()}                     # lazy: nothing is allocated
+        have = {k: tuple(v.shape) for k, v in model.sanitize(lazy).items()}
     want = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     for path, p in plan.qparams.items():
         shape = want.pop(f"{path}.weight", None)
@@ -183,7 +190,6 @@ def _check_against_mlx(cfg: dict[str, Any], plan: _Plan) -> None:
         out, inp = shape
         want[f"{path}.weight"] = (out, inp * p["bits"] // 32)
         want[f"{path}.scales"] = want[f"{path}.biases"] = (out, inp // p["group_size"])
-    have = {k: tuple(v.shape) for k, v in plan.tensors.items()}
     problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
     problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
     problems += [f"{k}: shape {have[k]} != mlx {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
