@@ -57,7 +57,8 @@ def window_masks(spec: ArchSpec, config) -> tuple[int | None, str]:
 def window_band(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive ``[1, 1, q, k]`` band hiding keys at distance ``q − k ≥ window`` (HF's sliding-window rule)."""
     far = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(0)) >= window
-    return torch.where(far, torch.tensor(MASK_MIN, dtype=dtype), torch.tensor(0.0, dtype=dtype))[None, None]
+    # cast + multiply, not torch.where(far, scalar, scalar): coremltools types that select as a scalar
+    return (far.to(dtype) * MASK_MIN)[None, None]
 
 
 def causal_mask(q_len: int, past: int, width: int | None = None, dtype=np.float16) -> np.ndarray:

@@ -128,12 +128,13 @@ def test_weight_methods(arch, tmp_path):
     model = family_model(arch)
     ref = logits(model)
     n_linear = len(quantizable_modules(model))
-    bounds = {"rtn": ({"bits": 8, "group_size": 0}, 0.05), "nf4": ({"block_size": 64}, 0.5),
-              "kmeans": ({"bits": 4, "group_size": 4, "n_init": 1, "n_iter": 30}, 0.5)}
+    # RTN also quantizes the embedding (Gemma's is scaled by sqrt(hidden) in forward, GPT-2's is tied to lm_head)
+    bounds = {"rtn": ({"bits": 8, "group_size": 0, "include_embeddings": True}, 0.05), "nf4": ({"block_size": 64}, 0.5),
+              "kmeans": ({"bits": 4, "group_size": 16, "n_init": 1, "n_iter": 10}, 0.5)}
     errs = {}
     for method, (kw, bound) in bounds.items():
-        qm = quantize_model(copy.deepcopy(model), method, include_embeddings=True, **kw)
-        assert len(qm.records) == n_linear + 1
+        qm = quantize_model(copy.deepcopy(model), method, **kw)
+        assert len(qm.records) == n_linear + kw.get("include_embeddings", False)
         errs[method] = err = rel(logits(qm.to_torch()), ref)
         assert err < bound, (method, err)
         if method == "rtn":   # the directory round trip rebuilds the same model
