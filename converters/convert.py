@@ -100,6 +100,24 @@ def atomic_save(mlmodel, out_path: Path, force: bool) -> Path:
     return out_path
 
 
+# Core ML model definitions by the name a registry row gives in ``ArchSpec.coreml``: each turns the torch model
+# carrying the dequantized weights into an ML Program. "hf_trace" traces the HF model inside CoreMLLM.
+MODEL_DEFINITIONS = {
+    "hf_trace": lambda model, context, stateful, fixed_shapes, compute_units:
+        convert_torch(model, context, stateful, fixed_shapes, compute_units),
+}
+
+
+def model_definition(qm):
+    """The converter for ``qm``'s family, from its registry row; one line when there is none."""
+    name = arch_spec(qm.config.model_type).coreml_support(qm.config)
+    try:
+        return MODEL_DEFINITIONS[name]
+    except KeyError:
+        raise MacqError(f"model_type {qm.config.model_type!r}: Core ML model definition {name!r} is not registered; "
+                        f"known: {', '.join(MODEL_DEFINITIONS)}") from None
+
+
 def _check_args(qm, out_path: Path, context: int, compute_units: str, force: bool) -> None:
     if out_path.suffix != ".mlpackage":
         raise MacqError(f"output: {out_path} must end in .mlpackage")
@@ -108,7 +126,7 @@ def _check_args(qm, out_path: Path, context: int, compute_units: str, force: boo
     if compute_units not in COMPUTE_UNITS:
         raise MacqError(f"compute_units={compute_units!r}: expected one of {', '.join(COMPUTE_UNITS)}")
     spec = arch_spec(qm.config.model_type)
-    spec.coreml_support(qm.config)                      # one line naming the family when it has no definition
+    model_definition(qm)                                # one line naming the family when it has no definition
     window_masks(spec, qm.config)                       # refuses window layouts the wrapper cannot mask
     max_pos = spec.max_positions(qm.config)
     if not isinstance(context, int) or context < 2 or (max_pos and context > max_pos):
@@ -134,7 +152,7 @@ def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful:
     layouts, notes = plan_layouts(qm.records, allow_fallback)  # fails fast, before the slow conversion
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = qm.to_torch(torch.float32)
-    mlmodel = convert_torch(model, context, stateful, fixed_shapes, compute_units)
+    mlmodel = model_definition(qm)(model, context, stateful, fixed_shapes, compute_units)
     mlmodel, _ = apply_records(mlmodel, qm.records, layouts=layouts)
     _stamp_metadata(mlmodel, qm)
     atomic_save(mlmodel, out_path, force)

@@ -295,6 +295,15 @@ def coreml_families() -> list[str]:
     return [row.family for row in FAMILIES if row.coreml is not None]
 
 
+def context_limit(config: Any) -> int | None:
+    """The longest context ``config`` allows: its row's ``positions`` attribute, or for a model the registry does
+    not know (the evaluator scores any HF causal LM) the usual HF attribute names."""
+    row = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if row is not None:
+        return row.max_positions(config)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def arch_spec(model_or_type: nn.Module | str) -> ArchSpec:
     model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
     try:

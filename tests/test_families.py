@@ -193,6 +193,9 @@ def test_mlx_export_loads_and_matches_torch(arch, tmp_path):
     qm = quantize_model(model, "rtn", bits=4, group_size=32, symmetric=False, zero_point="float",
                         include_embeddings=True)
     export_mlx(qm, tmp_path / "m", tokenizer=tiny_tokenizer(), dtype="float32")
+    from mlx_lm.utils import _get_classes, load_config  # the module mlx_lm picks is the row's model type
+
+    assert _get_classes(load_config(tmp_path / "m"))[0].__module__ == f"mlx_lm.models.{arch_spec(model).mlx.model_type}"
     got = mlx_logits(load_mlx(tmp_path / "m"), IDS[0].numpy())
     want = logits(qm.to_torch())[0].numpy()
     err = float(np.abs(got - want).max() / np.abs(want).max())

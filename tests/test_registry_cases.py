@@ -198,3 +198,12 @@ def test_mlx_refuses_untied_gemma2(tmp_path):
     with pytest.raises(MacqError, match="always uses the embedding as lm_head"):
         export_mlx(qm, tmp_path / "m", tokenizer=tiny_tokenizer())
     assert not (tmp_path / "m").exists()
+
+
+def test_context_limit_from_the_row_or_hf_names():
+    from transformers import GPT2Config, OPTConfig
+
+    from macq.arch import context_limit
+
+    assert context_limit(GPT2Config(n_positions=77)) == 77                       # the gpt2 row: n_positions
+    assert context_limit(OPTConfig(max_position_embeddings=99)) == 99            # not a row: the HF name
