@@ -84,7 +84,7 @@ def ane_report(path: str | Path, loaded: tuple | None = None) -> list[str]:
     """Human-readable lines: findings (each an assumption, see module doc) and compute-unit advice.
 
     ``loaded``: an already loaded ``(program, spec)`` of ``path`` (saves a second parse)."""
-    from converters.inspect import load_program
+    from converters.mil_io import load_program
 
     prog, spec = loaded if loaded is not None else load_program(path)
     lines = ane_findings(prog, spec)

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.mil_io import quiet_ct
+from converters.wrapper import window_masks
+from macq.arch import arch_spec
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # model definitions the tracer/wrapper handles
 
 
 @dataclass
@@ -32,15 +34,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _quiet_ct():
-    """Import coremltools with its known-harmless version warnings silenced (see shared/PLATFORM.md)."""
-    import logging
-
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import coremltools as ct
-    return ct
+_quiet_ct = quiet_ct  # the name other converters modules used before mil_io existed
 
 
 def ct_inputs_states(wrapper, fixed_shapes: bool):
@@ -97,10 +91,6 @@ def convert_torch(model: torch.nn.Module, context: int, stateful: bool, fixed_sh
                           skip_model_load=True)
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def atomic_save(mlmodel, out_path: Path, force: bool) -> Path:
     """Save into a temp dir beside ``out_path`` and rename: a failure never leaves a half-written package."""
     if out_path.exists() and not force:
@@ -110,6 +100,24 @@ def atomic_save(mlmodel, out_path: Path, force: bool) -> Path:
     return out_path
 
 
+# Core ML model definitions by the name a registry row gives in ``ArchSpec.coreml``: each turns the torch model
+# carrying the dequantized weights into an ML Program. "hf_trace" traces the HF model inside CoreMLLM.
+MODEL_DEFINITIONS = {
+    "hf_trace": lambda model, context, stateful, fixed_shapes, compute_units:
+        convert_torch(model, context, stateful, fixed_shapes, compute_units),
+}
+
+
+def model_definition(qm):
+    """The converter for ``qm``'s family, from its registry row; one line when there is none."""
+    name = arch_spec(qm.config.model_type).coreml_support(qm.config)
+    try:
+        return MODEL_DEFINITIONS[name]
+    except KeyError:
+        raise MacqError(f"model_type {qm.config.model_type!r}: Core ML model definition {name!r} is not registered; "
+                        f"known: {', '.join(MODEL_DEFINITIONS)}") from None
+
+
 def _check_args(qm, out_path: Path, context: int, compute_units: str, force: bool) -> None:
     if out_path.suffix != ".mlpackage":
         raise MacqError(f"output: {out_path} must end in .mlpackage")
@@ -117,11 +125,12 @@ def _check_args(qm, out_path: Path, context: int, compute_units: str, force: boo
         raise MacqError(f"output: {out_path} exists (pass force=True to overwrite)")
     if compute_units not in COMPUTE_UNITS:
         raise MacqError(f"compute_units={compute_units!r}: expected one of {', '.join(COMPUTE_UNITS)}")
-    max_pos = getattr(qm.config, "max_position_embeddings", None) or getattr(qm.config, "n_positions", None)
+    spec = arch_spec(qm.config.model_type)
+    model_definition(qm)                                # one line naming the family when it has no definition
+    window_masks(spec, qm.config)                       # refuses window layouts the wrapper cannot mask
+    max_pos = spec.max_positions(qm.config)
     if not isinstance(context, int) or context < 2 or (max_pos and context > max_pos):
         raise MacqError(f"context={context}: expected an int in [2, {max_pos}]")
-    if qm.config.model_type not in MODEL_TYPES:
-        raise MacqError(f"model_type {qm.config.model_type!r}: the Core ML exporter supports {', '.join(MODEL_TYPES)}")
     if qm.act_quant:
         raise MacqError("activation quantization (e.g. SmoothQuant W8A8) cannot be expressed in a Core ML weight-only export")
 
@@ -143,7 +152,7 @@ def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful:
     layouts, notes = plan_layouts(qm.records, allow_fallback)  # fails fast, before the slow conversion
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = qm.to_torch(torch.float32)
-    mlmodel = convert_torch(model, context, stateful, fixed_shapes, compute_units)
+    mlmodel = model_definition(qm)(model, context, stateful, fixed_shapes, compute_units)
     mlmodel, _ = apply_records(mlmodel, qm.records, layouts=layouts)
     _stamp_metadata(mlmodel, qm)
     atomic_save(mlmodel, out_path, force)

@@ -12,21 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.ane_report import ane_report
+from converters.mil_io import dir_bytes, load_program
+
+__all__ = ["load_program", "inspect_mlpackage", "weight_chains", "dtype_name"]
+
 CONSTEXPR = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "constexpr_sparse_to_dense",
              "constexpr_affine_dequantize", "constexpr_cast")
-
-
-def load_program(path: str | Path):
-    """The pymil Program of a saved ML Program package (no Core ML runtime needed)."""
-    from converters.convert import _quiet_ct
-
-    ct = _quiet_ct()
-    from coremltools.converters.mil.frontend.milproto.load import load
-
-    path = Path(path)
-    spec = ct.utils.load_spec(str(path))
-    weights = path / "Data" / "com.apple.CoreML" / "weights"
-    return load(spec, spec.specificationVersion, str(weights)), spec
 
 
 def dtype_name(var) -> str:
@@ -74,9 +66,6 @@ def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
     """Ops histogram, weight formats (per constexpr kind + code dtype, with bits/weight), size on disk.
 
     ``loaded``: an already loaded ``(program, spec)`` of ``path``."""
-    from converters.ane_report import ane_report
-    from converters.convert import dir_bytes
-
     prog, spec = loaded if loaded is not None else load_program(path)
     ops = Counter(op.op_type for op in prog.functions["main"].operations)
     chains = weight_chains(prog)

@@ -93,7 +93,7 @@ def run_mil(path: str | Path, inputs: dict[str, np.ndarray], state: dict[str, np
     Output names are the model's declared outputs (``logits`` [, ``key_cache_out``, ``value_cache_out``]).
     """
     if program is None:
-        from converters.inspect import load_program
+        from converters.mil_io import load_program
 
         program, _ = load_program(path)
     return run_program(program, inputs, state)

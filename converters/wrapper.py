@@ -5,6 +5,12 @@ Why a wrapper at all: transformers 5's mask code does not convert (``torch.diff`
 that cannot become Core ML state, so a duck-typed cache writes into registered buffers (stateful model:
 ``ct.StateType``) or into cloned input tensors (KV-in / KV-out model).
 
+Sliding-window attention (registry: :meth:`macq.arch.ArchSpec.layer_windows`) is built into the graph: the
+caller's causal mask is widened by a band that hides keys ``q − k ≥ W`` (transformers leaves a 4-D mask
+untouched, so without it a windowed model would attend past its window). Models mixing full and windowed
+layers get ``{layer_type: mask}`` when their forward accepts that (registry ``mask_by_layer_type``); other
+mixes are refused at export.
+
 Both caches are stacked ``[layers, 1, kv_heads, context, head_dim]``. With flexible shapes the write
 position is ``mask.shape[-1] - input_ids.shape[-1]`` (keys seen so far) and attention reads
 ``cache[..., :end, :]``; with fixed shapes (query length 1, mask width ``context``) an explicit
@@ -17,16 +23,42 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from macq.arch import ArchSpec, arch_spec, kv_heads
+from macq.arch import head_dim as _head_dim
 from macq.compat import cache_keyword
+from macq.errors import MacqError
 
 MASK_MIN = -1.0e4  # additive "minus infinity" that stays finite in fp16 (softmax weight exp(-1e4) == 0)
 
 
 def kv_shape(config, context: int) -> tuple[int, int, int, int, int]:
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return (config.num_hidden_layers, 1, kv, context, head_dim)
+    return (config.num_hidden_layers, 1, kv_heads(config), context, _head_dim(config))
+
+
+def window_masks(spec: ArchSpec, config) -> tuple[int | None, str]:
+    """``(W, how)``: ``how`` is ``"none"`` (no windowed layer), ``"all"`` (every layer windowed by ``W``: one
+    banded mask) or ``"by_type"`` (pass ``{"full_attention": causal, "sliding_attention": banded}``)."""
+    windows = spec.layer_windows(config)
+    sizes = {w for w in windows if w}
+    if not sizes:
+        return None, "none"
+    if len(sizes) > 1:
+        raise MacqError(f"model_type {config.model_type!r}: sliding windows of several lengths {sorted(sizes)} are not "
+                        "supported by the Core ML exporter")
+    (w,) = sizes
+    if all(windows):
+        return w, "all"
+    if spec.attention.mask_by_layer_type:
+        return w, "by_type"
+    raise MacqError(f"model_type {config.model_type!r}: full and sliding-window layers mixed, and its HF forward "
+                    "takes a single mask; the Core ML exporter cannot give each layer its own")
+
+
+def window_band(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[1, 1, q, k]`` band hiding keys at distance ``q − k ≥ window`` (HF's sliding-window rule)."""
+    far = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(0)) >= window
+    # cast + multiply, not torch.where(far, scalar, scalar): coremltools types that select as a scalar
+    return (far.to(dtype) * MASK_MIN)[None, None]
 
 
 def causal_mask(q_len: int, past: int, width: int | None = None, dtype=np.float16) -> np.ndarray:
@@ -87,6 +119,7 @@ class CoreMLLM(nn.Module):
         super().__init__()
         self.model, self.context, self.stateful, self.fixed = model, context, stateful, fixed_shapes
         self.shape = kv_shape(model.config, context)
+        self.window, self.window_how = window_masks(arch_spec(model), model.config)
         if stateful:
             self.register_buffer("key_cache", torch.zeros(self.shape))
             self.register_buffer("value_cache", torch.zeros(self.shape))
@@ -108,12 +141,18 @@ class CoreMLLM(nn.Module):
             onehot = (slots == position.float()).float().unsqueeze(-1)
             cache = _OneHotCache(k, v, onehot, position)
             pos_ids = position.view(1, 1).long()
+            k_pos = torch.arange(self.context)
         else:
             end = causal_mask.shape[-1]
             start = end - q_len
             cache = _SliceCache(k, v, start, end)
             pos_ids = (torch.arange(q_len) + start).unsqueeze(0)
-        logits = self.model(input_ids=input_ids, attention_mask=causal_mask, position_ids=pos_ids,
+            k_pos = torch.arange(end)
+        mask = causal_mask
+        if self.window_how != "none":
+            banded = causal_mask + window_band(pos_ids[0], k_pos, self.window, causal_mask.dtype)
+            mask = banded if self.window_how == "all" else {"full_attention": causal_mask, "sliding_attention": banded}
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos_ids,
                             use_cache=True, **{cache_keyword(self.model): cache}).logits
         return logits if self.stateful else (logits, k, v)
 

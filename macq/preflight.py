@@ -158,13 +158,12 @@ def check_target(target: str, method: str, cfg, config, *, output: Path | None =
                 if kv.get("bits", bits) not in MLX_BITS or kv.get("group_size", group) not in MLX_GROUPS:
                     raise MacqError(f"--override {rx.pattern}: MLX affine holds bits {MLX_BITS} with groups {MLX_GROUPS}")
         return
-    from converters.convert import MODEL_TYPES
     from converters.weights import LUT_BITS
+    from macq.arch import arch_spec
 
     if output is not None and output.suffix != ".mlpackage":
         raise MacqError(f"--output {output}: a Core ML export must end in .mlpackage")
-    if model_type not in MODEL_TYPES:
-        raise MacqError(f"model_type {model_type!r}: the Core ML exporter supports {', '.join(MODEL_TYPES)}")
+    arch_spec(model_type).coreml_support(config)   # one line naming the family when Core ML cannot hold it
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context < 2 or (max_pos and context > max_pos):
         raise MacqError(f"--context {context}: expected an int in [2, {max_pos}]")

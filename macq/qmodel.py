@@ -97,7 +97,7 @@ class QuantizedModel:
             model.tie_weights()
         model.to(dtype=dtype, device=device).eval()
         if self.act_quant:
-            from macq.quantizers.actquant import install_act_quant
+            from macq.act_runtime import install_act_quant
             install_act_quant(model, self.act_quant)
         return model
 

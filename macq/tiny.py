@@ -1,4 +1,4 @@
-"""Tiny random causal LMs (Llama, Qwen2 with q/k/v bias, GPT-2 with transposed Conv1D) and a small
+"""Tiny random causal LMs, one per registry family (:data:`TINY_CONFIGS`), and a small
 byte-level BPE tokenizer trained offline on the bundled TinyStories text, for fast structural tests.
 No download is needed; everything is seeded."""
 
@@ -31,20 +31,40 @@ def tiny_tokenizer():
                                    unk_token="<|endoftext|>")
 
 
-def tiny_config(arch: str = "llama", **overrides):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
+# One tiny config per registry family (plus variants that exercise a row's options), built from the real HF
+# config classes. Gemma: head_dim and query scalar set explicitly (defaults are 256), two layers alternating
+# sliding / full attention. Phi-3: multi-head (kv = heads, as Phi-3-mini), so the v rows of qkv_proj fold
+# into o_proj. llama3: Llama-3.x rope scaling.
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(_DIMS, tie_word_embeddings=False)),
+    "llama3": ("LlamaConfig", dict(_DIMS, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(_DIMS, head_dim=16, sliding_window=None, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(_DIMS, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(_DIMS, head_dim=16, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(_DIMS, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+                                    layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)),
+    "gemma3_text": ("Gemma3TextConfig", dict(_DIMS, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             tie_word_embeddings=True)),
+    "phi3": ("Phi3Config", dict(_DIMS, num_key_value_heads=4, pad_token_id=0, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+}
 
+
+def tiny_config(arch: str = "llama", **overrides):
+    """A tiny HF config for ``arch`` (a key of :data:`TINY_CONFIGS`), ``overrides`` applied after."""
+    import transformers
+
+    try:
+        cls_name, kw = TINY_CONFIGS[arch]
+    except KeyError:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(TINY_CONFIGS)}") from None
     common = dict(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0)
-    if arch == "llama":
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common)
-    elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
-    elif arch == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
-    else:
-        raise ValueError(f"unknown tiny arch {arch!r}")
+    cfg = getattr(transformers, cls_name)(**{**common, **kw})
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

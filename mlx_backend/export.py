@@ -59,7 +59,11 @@ class _Plan:
 
 # ------------------------------------------------------------------------------------------ planning
 def _plan(qm: QuantizedModel, arch: MLXArch, dtype: torch.dtype, requant: tuple[int, int] | None) -> _Plan:
-    tied = arch.always_tied or bool(getattr(qm.config, "tie_word_embeddings", False))
+    config_tied = bool(getattr(qm.config, "tie_word_embeddings", False))
+    if arch.always_tied and not config_tied:
+        raise MacqError(f"MLX export: mlx_lm's {arch.model_type} model always uses the embedding as lm_head, but this "
+                        "checkpoint has a separate lm_head (tie_word_embeddings=false)")
+    tied = arch.always_tied or config_tied
     luts = [n for n, r in qm.records.items() if isinstance(r, LUTRecord)]
     if luts and requant is None:
         raise lut_error(luts)
@@ -114,8 +118,15 @@ def _config(qm: QuantizedModel, plan: _Plan, dtype: str) -> dict[str, Any]:
         cfg.setdefault("rope_theta", rope["rope_theta"])
         if rope.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
             cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if cfg.get("model_type") == "gpt2":
-        cfg.setdefault("n_ctx", cfg.get("n_positions"))
+    if isinstance(rope, dict) and "full_attention" in rope:   # per-attention-kind rope (Gemma3)
+        cfg.setdefault("rope_theta", rope["full_attention"].get("rope_theta"))
+        if "sliding_attention" in rope:
+            cfg.setdefault("rope_local_base_freq", rope["sliding_attention"].get("rope_theta"))
+    pattern = _window_pattern(cfg.get("layer_types"))
+    if pattern is not None:
+        cfg.setdefault("sliding_window_pattern", pattern)
+    if "n_positions" in cfg:                                   # mlx_lm's gpt2 reads n_ctx
+        cfg.setdefault("n_ctx", cfg["n_positions"])
     cfg["dtype"] = dtype
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = dtype
@@ -125,6 +136,32 @@ def _config(qm: QuantizedModel, plan: _Plan, dtype: str) -> dict[str, Any]:
         cfg["quantization_config"] = json.loads(json.dumps(q))
     cfg["macq"] = {"method": qm.method, "source": qm.source, "dtype": dtype, "notes": plan.notes}
     return dict(sorted(cfg.items()))
+
+
+def _window_pattern(layer_types: list[str] | None) -> int | None:
+    """mlx_lm (gemma3_text) describes windows as "every ``p``-th layer is full": the period of
+    ``layer_types`` when it has that form, else ``None``."""
+    if not layer_types or "full_attention" not in layer_types:
+        return None
+    p = layer_types.index("full_attention") + 1
+    want = ["full_attention" if i % p == p - 1 else "sliding_attention" for i in range(len(layer_types))]
+    return p if list(layer_types) == want else None
+
+
+def _check_windows(qm: QuantizedModel, arch: MLXArch, cfg: dict[str, Any]) -> list[str]:
+    """Sliding windows mlx_lm cannot reproduce: refused when mlx_lm would window other layers than HF,
+    a note when mlx_lm's model ignores windows (identical up to the window length, different past it)."""
+    windows = arch.spec.layer_windows(qm.config) if arch.spec is not None else []
+    if not any(windows):
+        return []
+    w = min(x for x in windows if x)
+    if not arch.windows:
+        return [f"mlx_lm's {arch.model_type} model ignores sliding windows: outputs match HF up to {w} tokens of "
+                "context and differ past it"]
+    if "layer_types" in cfg and _window_pattern(cfg["layer_types"]) is None:
+        raise MacqError(f"MLX export: layer_types {cfg['layer_types']} are not 'every p-th layer full', the only "
+                        f"window layout mlx_lm's {arch.model_type} model expresses")
+    return []
 
 
 def _check_against_mlx(cfg: dict[str, Any], plan: _Plan) -> None:
@@ -138,6 +175,13 @@ def _check_against_mlx(cfg: dict[str, Any], plan: _Plan) -> None:
         model = model_cls(args_cls.from_dict(cfg))
     except (ValueError, TypeError) as e:
         raise MacqError(f"MLX export: mlx_lm cannot build model_type {cfg.get('model_type')!r}: {e}") from None
+    have = {k: tuple(v.shape) for k, v in plan.tensors.items()}
+    if hasattr(model, "sanitize"):   # what mlx_lm.load does first (e.g. Gemma3 drops lm_head when tied)
+        import mlx.core as mx
+
+        lazy = {k: mx.zeros(shape, dtype=mx.uint32 if plan.tensors[k].dtype == torch.uint32 else mx.float32)
+                for k, shape in have.items()}                     # lazy: nothing is allocated
+        have = {k: tuple(v.shape) for k, v in model.sanitize(lazy).items()}
     want = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     for path, p in plan.qparams.items():
         shape = want.pop(f"{path}.weight", None)
@@ -146,7 +190,6 @@ def _check_against_mlx(cfg: dict[str, Any], plan: _Plan) -> None:
         out, inp = shape
         want[f"{path}.weight"] = (out, inp * p["bits"] // 32)
         want[f"{path}.scales"] = want[f"{path}.biases"] = (out, inp // p["group_size"])
-    have = {k: tuple(v.shape) for k, v in plan.tensors.items()}
     problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
     problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
     problems += [f"{k}: shape {have[k]} != mlx {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
@@ -233,6 +276,8 @@ def export_mlx(qm: QuantizedModel, out_dir: str | Path, tokenizer=None, dtype: s
         raise MacqError(f"shard_bytes={shard_bytes}: expected a positive size")
     plan = _plan(qm, arch, tdtype, (requantize_bits, requantize_group_size) if requantize_lut else None)
     cfg = _config(qm, plan, dtype)
+    plan.notes += _check_windows(qm, arch, cfg)
+    cfg["macq"]["notes"] = plan.notes
     _check_against_mlx(cfg, plan)
 
     with atomic_dir(out_dir) as tmp:

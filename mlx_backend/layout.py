@@ -6,7 +6,8 @@ dtype) and dequantizes ``w = scales * q + biases``. An :class:`AffineRecord` map
 re-quantization: codes are copied, scales are cast, and the zero-point becomes the bias ``-s·z``. The
 only loss is the storage rounding of that bias (none for symmetric records: ``s·2^(b-1)`` is exact).
 
-Architecture differences (names, Conv1D orientation, tying) are data in :data:`MLX_ARCHS`.
+Architecture differences (names, Conv1D orientation, tying, the mlx_lm model) are data in the registry
+(:mod:`macq.arch`, each row's ``mlx``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from macq.arch import ARCHITECTURES, ArchSpec
 from macq.errors import MacqError
 from macq.packing import pack_bits, unpack_bits
 from macq.record import AffineRecord, LUTRecord, Record
@@ -28,37 +30,32 @@ REPRESENTABLE_METHODS = "rtn, gptq, awq, awq-gptq (and mixed precision built fro
 
 @dataclass(frozen=True)
 class MLXArch:
-    """How an HF checkpoint's names and orientations map onto mlx_lm's model for one ``model_type``.
+    """The registry's facts about one family that the MLX writer needs (a view of :class:`macq.arch.ArchSpec`).
 
     ``rename``: prefix rewrites (HF -> mlx). ``conv1d``: module-name suffixes whose HF *float* weight is
     stored ``[in, out]`` (records are already ``[out, in]``). ``always_tied``: mlx_lm's model has no
-    ``lm_head`` at all. ``drop``: key suffixes mlx_lm has no parameter for.
+    ``lm_head`` at all. ``drop``: key suffixes mlx_lm has no parameter for. ``windows``: mlx_lm's model
+    implements sliding windows. ``spec``: the full registry row.
     """
 
+    model_type: str
     rename: tuple[tuple[str, str], ...] = ()
     conv1d: tuple[str, ...] = ()
     always_tied: bool = False
     drop: tuple[str, ...] = ("rotary_emb.inv_freq",)
-
-
-_LLAMA = MLXArch()
-# mlx_lm's gpt2.sanitize transposes un-prefixed ``h.N.*.weight`` keys and prefixes ``model.``; keys that
-# already start with ``model.`` are left alone, so we write the post-sanitize layout (what mlx_lm.convert
-# itself saves) and quantized uint32 weights are never transposed by the loader.
-_GPT2 = MLXArch(rename=(("transformer.", "model."),),
-                conv1d=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-                always_tied=True, drop=("attn.bias", "attn.masked_bias"))
-
-MLX_ARCHS: dict[str, MLXArch] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-                                 "gpt2": _GPT2}
+    windows: bool = False
+    spec: ArchSpec | None = None
 
 
 def mlx_arch(model_type: str) -> MLXArch:
-    try:
-        return MLX_ARCHS[model_type]
-    except KeyError:
+    """Read from the architecture registry; a family without an ``mlx`` entry is refused in one line."""
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None or spec.mlx is None:
+        known = sorted(mt for mt, row in ARCHITECTURES.items() if row.mlx is not None)
         raise MacqError(f"MLX export: model_type {model_type!r} is not supported; mlx_lm layouts known to macq: "
-                        f"{', '.join(sorted(MLX_ARCHS))}") from None
+                        f"{', '.join(known)}")
+    m = spec.mlx
+    return MLXArch(m.model_type, m.rename, spec.conv1d, m.always_tied, m.drop, m.windows, spec)
 
 
 def mlx_name(hf_name: str, arch: MLXArch) -> str:

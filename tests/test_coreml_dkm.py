@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from converters.dkm import dkm_quantize
 from converters.weights import plan_layouts
+from macq.quantizers.dkm_train import dkm_quantize
 from macq.record import LUTRecord
 from macq.tiny import tiny_model
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from macq.arch import context_limit
 from macq.compat import cache_keyword, output_cache
 from macq.device import resolve_device, synchronize
 from macq.errors import MacqError
@@ -73,7 +74,7 @@ def latency(model: nn.Module, prompt_len: int = 128, new_tokens: int = 32, devic
         raise MacqError(f"latency: prompt_len={prompt_len}, new_tokens={new_tokens}, repeats={repeats}, "
                         f"warmup={warmup}, batch={batch}: expected positive sizes")
     cfg = model.config
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    max_pos = context_limit(cfg) if cfg is not None else None
     if max_pos is not None and prompt_len + new_tokens > max_pos:
         raise MacqError(f"latency: prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's "
                         f"{max_pos} positions")

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from macq.arch import context_limit
 from macq.device import resolve_device
 from macq.errors import MacqError
 from macq.progress import track
@@ -95,7 +96,7 @@ def check_context(model: ModelLike, ws: list[Window]) -> None:
     """Refuse windows longer than an HF model's position table (GPT-2 would fail with an index error,
     RoPE models would silently extrapolate and report a meaningless perplexity)."""
     cfg = getattr(model, "config", None)
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    max_pos = context_limit(cfg) if cfg is not None else None
     longest = max(w.length for w in ws)
     if isinstance(max_pos, int) and longest > max_pos:
         raise MacqError(f"context={longest} exceeds the model's {max_pos} positions; pass a smaller context")

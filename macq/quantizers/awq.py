@@ -146,6 +146,21 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQCon
     (full module paths in ``targets``); fills ``records`` and ``stats``."""
     groups = input_groups(layer, spec.sequence)
     st = collect_input_stats(layer, inputs, groups, gram=True)
+    search_and_fold(layer, path, groups, st, cfg, spec, stats)
+    for grp, full, mod in target_linears(layer, path, groups, targets):
+        w = get_weight(mod).detach().float()
+        rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
+        rec.transposed = is_conv1d(mod)
+        set_weight(mod, rec.dequantize(torch.float32))
+        records[full] = rec
+        stats["linears"][full] = info
+
+
+@torch.no_grad()
+def search_and_fold(layer: nn.Module, path: str, groups: list[tuple[str, ...]], st: dict[tuple[str, ...], InputStats],
+                    cfg: AWQConfig, spec: ArchSpec, stats: dict[str, dict[str, Any]]) -> None:
+    """AWQ's scale search for every foldable mapping of ``layer``, each scale folded in place (``st`` rescaled):
+    the float function is unchanged; only the rounding that follows sees the new weights."""
     group_of = {n: g for g in groups for n in g}
     for m in spec.mappings:
         key = f"{path}.{m.prev}"
@@ -163,13 +178,20 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQCon
         fold_scales(layer, m, s)
         st[grp].rescale(s)
         stats["scales"][key] = {"folded": True, "alpha": alpha, "error": err, "error_rtn": err0}
-    for grp, full, mod in target_linears(layer, path, groups, targets):
-        w = get_weight(mod).detach().float()
-        rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
-        rec.transposed = is_conv1d(mod)
-        set_weight(mod, rec.dequantize(torch.float32))
-        records[full] = rec
-        stats["linears"][full] = info
+
+
+def fold_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """AWQ's scale search and folding alone, in place, nothing rounded: the float model computes the same
+    function (the check that a registry row's mappings are right). Returns the per-mapping scale stats."""
+    spec = arch_spec(model).resolved(model.config)
+    stats: dict[str, dict[str, Any]] = {"scales": {}}
+
+    def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:
+        groups = input_groups(layer, spec.sequence)
+        search_and_fold(layer, path, groups, collect_input_stats(layer, inputs, groups, gram=True), cfg, spec, stats)
+
+    layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, description="awq scales")
+    return stats["scales"]
 
 
 def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, progress: bool = False,
@@ -186,7 +208,7 @@ def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, pr
         raise MacqError(f"awq: expected an AWQConfig, got {type(cfg).__name__}")
     if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise MacqError("awq needs calibration token ids [n_samples, seq_len]")
-    spec = arch_spec(model)
+    spec = arch_spec(model).resolved(model.config)
     if isinstance(cfg, AWQGPTQConfig):
         try:
             cfg.gptq_config()

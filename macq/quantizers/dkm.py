@@ -1,5 +1,5 @@
 """``--method dkm``: differentiable k-means palettization (coremltools.optimize.torch DKMPalettizer)
-fine-tuned on calibration text. The training lives in :mod:`converters.dkm` (it is Core ML's own
+fine-tuned on calibration text. The training lives in :mod:`macq.quantizers.dkm_train` (Core ML's own
 algorithm); this adapter gives it a self-validating config and the registry's model-method signature."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DKMConfig(QuantConfig):
 
 def quantize_model(model: torch.nn.Module, cfg: DKMConfig, calib: torch.Tensor, progress: bool = False,
                    source: str = ""):
-    from converters.dkm import dkm_quantize
+    from macq.quantizers.dkm_train import dkm_quantize
 
     qm = dkm_quantize(model, calib, bits=cfg.bits, group_size=cfg.group_size, steps=cfg.steps, lr=cfg.lr,
                       batch_size=cfg.batch_size, progress=progress)

@@ -14,6 +14,11 @@ correspond one to one. The Llama-family ``v_proj -> o_proj`` mapping under group
 feeds several query heads' slices of ``o_proj``, so a per-channel scale on ``o_proj``'s input cannot be
 divided out of ``v_proj`` unless it is shared across the repeated heads. :func:`can_fold` says so and
 callers leave that linear unscaled.
+
+Two registry facts change the arithmetic (both carried by the mapping, see :class:`~macq.arch.ScaleMapping`):
+a norm computing ``x̂ · (offset + w)`` (Gemma: ``1 + w``) folds as ``w' = (offset + w) / s − offset``; and a
+fused producer (Phi-3's ``qkv_proj``, ``gate_up_proj``) is divided only on the rows of the part that feeds
+the linears (``rows``, resolved per config by :meth:`~macq.arch.ArchSpec.resolved`).
 """
 
 from __future__ import annotations
@@ -40,9 +45,17 @@ def out_dim(m: nn.Module) -> int:
     raise MacqError(f"cannot fold a scale into {type(m).__name__}: expected a norm with a 1-D weight or a linear")
 
 
+def _rows(mapping: ScaleMapping) -> slice | None:
+    if mapping.part is not None and mapping.rows is None:
+        raise MacqError(f"mapping {mapping.prev}:{mapping.part} is a fused part with unresolved rows; "
+                        "use arch_spec(model).resolved(model.config)")
+    return None if mapping.rows is None else slice(*mapping.rows)
+
+
 def can_fold(layer: nn.Module, mapping: ScaleMapping) -> bool:
     """True when ``prev``'s outputs correspond one to one with every linear's inputs (see module doc)."""
-    c = out_dim(layer.get_submodule(mapping.prev))
+    rows = _rows(mapping)
+    c = out_dim(layer.get_submodule(mapping.prev)) if rows is None else rows.stop - rows.start
     return all(get_weight(layer.get_submodule(n)).shape[1] == c for n in mapping.linears)
 
 
@@ -63,14 +76,17 @@ def fold_scales(layer: nn.Module, mapping: ScaleMapping, s: torch.Tensor) -> Non
     if not bool(torch.isfinite(s64).all()) or bool((s64 <= 0).any()):
         raise MacqError("fold scales must be finite and positive")
     prev = layer.get_submodule(mapping.prev)
+    rows = _rows(mapping) or slice(None)
     if _is_linear(prev):
-        w = get_weight(prev)
-        set_weight(prev, (w.double() / s64[:, None]).to(w.dtype))
+        w = get_weight(prev).detach().clone()
+        w[rows] = (w[rows].double() / s64[:, None]).to(w.dtype)
+        set_weight(prev, w)
     else:
-        prev.weight.copy_((prev.weight.double() / s64).to(prev.weight.dtype))
+        off = mapping.norm_offset
+        prev.weight.copy_(((prev.weight.double() + off) / s64 - off).to(prev.weight.dtype))
     bias = getattr(prev, "bias", None)
     if isinstance(bias, torch.Tensor):
-        bias.copy_((bias.double() / s64).to(bias.dtype))
+        bias[rows] = (bias[rows].double() / s64).to(bias.dtype)
     for name in mapping.linears:
         mod = layer.get_submodule(name)
         w = get_weight(mod)

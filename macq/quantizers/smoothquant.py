@@ -108,7 +108,7 @@ def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Te
         raise MacqError(f"smoothquant: expected a SmoothQuantConfig, got {type(cfg).__name__}")
     if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise MacqError("smoothquant needs calibration token ids [n_samples, seq_len]")
-    spec = arch_spec(model)
+    spec = arch_spec(model).resolved(model.config)
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
     sd = SCALE_DTYPES[cfg.scale_dtype]
     records: dict[str, AffineRecord] = {}
@@ -144,7 +144,7 @@ def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Te
 def smooth_model(model: nn.Module, calib_ids: torch.Tensor, alpha: float = 0.5, batch_size: int = 8
                  ) -> dict[str, dict[str, Any]]:
     """Smoothing alone (no quantization), in place: the float model computes the same function."""
-    spec = arch_spec(model)
+    spec = arch_spec(model).resolved(model.config)
     stats: dict[str, dict[str, Any]] = {}
 
     def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:

@@ -1,0 +1,35 @@
+"""The bottom of the Core ML backend: importing coremltools quietly, loading a saved package's MIL program,
+sizes on disk. Everything else in :mod:`converters` imports from here, and this imports nothing of theirs,
+so ``convert`` → ``inspect`` → ``ane_report`` → ``mil_io`` stays a chain, not a cycle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+
+def quiet_ct():
+    """Import coremltools with its known-harmless version warnings silenced (see shared/PLATFORM.md)."""
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import coremltools as ct
+    return ct
+
+
+def load_program(path: str | Path):
+    """The pymil Program of a saved ML Program package (no Core ML runtime needed), and its spec."""
+    ct = quiet_ct()
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    path = Path(path)
+    spec = ct.utils.load_spec(str(path))
+    weights = path / "Data" / "com.apple.CoreML" / "weights"
+    return load(spec, spec.specificationVersion, str(weights)), spec
+
+
+def dir_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
