@@ -84,8 +84,10 @@ def test_row_matches_hf(arch):
     assert {n for n in linears if is_conv1d(layer.get_submodule(n))} == set(spec.conv1d)
     # norm formula (Gemma: 1 + w), per layer and final
     x = torch.randn(3, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
-    for name in [*spec.norms, *(f"../{spec.final_norm}",)]:
-        mod = model.get_submodule(spec.final_norm) if name.startswith("../") else layer.get_submodule(name)
+    norms = {name: layer.get_submodule(name) for name in spec.norms} | {spec.final_norm: model.get_submodule(spec.final_norm)}
+    # the row lists every norm of the layer
+    assert set(spec.norms) == {n for n, m in layer.named_children() if hasattr(m, "weight") and m.weight.dim() == 1}
+    for name, mod in norms.items():
         with torch.no_grad():
             got = mod(x).double()
         assert torch.allclose(got, _norm_reference(x, mod, spec.norm.kind, spec.norm.offset), atol=1e-5, rtol=1e-5), name

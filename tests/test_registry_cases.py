@@ -207,3 +207,15 @@ def test_context_limit_from_the_row_or_hf_names():
 
     assert context_limit(GPT2Config(n_positions=77)) == 77                       # the gpt2 row: n_positions
     assert context_limit(OPTConfig(max_position_embeddings=99)) == 99            # not a row: the HF name
+
+
+def test_mlx_refuses_gemma3_windows_it_cannot_express(tmp_path):
+    """mlx_lm's gemma3_text knows windows only as "every p-th layer full"; full-then-sliding is not that."""
+    pytest.importorskip("mlx_lm")
+    from mlx_backend import export_mlx
+
+    model = tiny_model("gemma3_text", layer_types=["full_attention", "sliding_attention"])
+    qm = quantize_model(model, "rtn", bits=4, group_size=32)
+    with pytest.raises(MacqError, match="only window layout mlx_lm's gemma3_text model expresses"):
+        export_mlx(qm, tmp_path / "m", tokenizer=tiny_tokenizer())
+    assert not (tmp_path / "m").exists()
