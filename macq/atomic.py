@@ -88,6 +88,9 @@ def atomic_dir(target: str | Path, replace: bool = True, owned_only: bool = True
     target.parent.mkdir(parents=True, exist_ok=True)
     # keep the suffix: some writers insist on it (coremltools: ".mlpackage")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix, dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output gets the permissions of a plain mkdir
     old: Path | None = None
     try:
         yield tmp

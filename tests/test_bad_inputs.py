@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from macq.tiny import save_tiny_model
@@ -25,7 +24,7 @@ OUT = "{out}"  # a fresh path per case; must not exist afterwards
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """Every input the table refers to, by placeholder name."""
-    from macq.cli import main as _  # noqa: F401  (import once, outside the timed cases)
+    import macq.cli  # noqa: F401  (import once, outside the timed cases)
     from macq.pipeline import load_quantized_or_model, quantize
 
     root = tmp_path_factory.mktemp("inputs")

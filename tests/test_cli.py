@@ -124,6 +124,12 @@ def test_export_coreml_then_inspect(tiny_dir, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     data = json.loads(stdout)
     assert data["ops"].get("constexpr_lut_to_dense") == 14
+    from macq.atomic import macq_artifact
+
+    assert macq_artifact(out) == "mlpackage"  # the marker --force relies on to replace only macq's packages
+    code, _, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "coreml", "--method", "kmeans",
+                            "--bits", "4", "--context", "64", "-o", out, "--force")
+    assert code == 0, err
 
 
 def test_analyze_and_bench(tiny_dir, tmp_path, monkeypatch, capsys):

@@ -122,8 +122,16 @@ def test_existing_dir_needs_force_and_force_replaces(tmp_path):
     with pytest.raises(MacqError, match="exists"):
         export_mlx(qm_with(), out, tokenizer=tiny_tokenizer())
     assert (out / "keep.txt").exists() and leftovers(tmp_path) == ["m"]
+    # force replaces only what macq wrote: a user's directory survives, a macq export is replaced
+    with pytest.raises(MacqError, match="not written by macq"):
+        export_mlx(qm_with(), out, tokenizer=tiny_tokenizer(), force=True)
+    assert (out / "keep.txt").exists() and leftovers(tmp_path) == ["m"]
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    export_mlx(qm_with(), out, tokenizer=tiny_tokenizer())
+    (out / "extra.txt").write_text("x")
     export_mlx(qm_with(), out, tokenizer=tiny_tokenizer(), force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists() and leftovers(tmp_path) == ["m"]
+    assert not (out / "extra.txt").exists() and (out / "config.json").exists() and leftovers(tmp_path) == ["m"]
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +122,11 @@ def test_atomic_dir_refuses_foreign_target(tmp_path):
         with atomic_dir(victim) as tmp:
             (tmp / "manifest.json").write_text("{}")
     assert (victim / "data").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["victim"]
+    with atomic_dir(tmp_path / "new") as tmp:
+        (tmp / "f").write_text("y")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert (tmp_path / "new").stat().st_mode == plain.stat().st_mode  # not mkdtemp's 0700
 
 
 # ------------------------------------------------------------------------------------------ checks before work

@@ -42,7 +42,8 @@ SALIENCE = ("mean_abs", "l2")
 class AWQConfig(QuantConfig):
     method = "awq"
     bits: int = 4
-    group_size: int = field(default=128, metadata={"groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); 0 per channel"})
+    group_size: int = field(default=128, metadata={
+        "groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); 0 per channel"})
     symmetric: bool = False          # default: asymmetric group-wise (integer zero-point)
     n_grid: int = 20                 # α candidates k / n_grid, k = 0..n_grid-1
     salience: str = "mean_abs"       # s = E|x|^α   |  "l2": s = E[x²]^(α/2)

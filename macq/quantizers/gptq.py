@@ -34,7 +34,8 @@ MSE_GRID = torch.linspace(1.0, 0.2, 41)  # range shrink factors tried by mse_cli
 class GPTQConfig(QuantConfig):
     method = "gptq"                # class constant (not a field), as in RTNConfig
     bits: int = 4
-    group_size: int = field(default=128, metadata={"groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); 0 per channel"})
+    group_size: int = field(default=128, metadata={
+        "groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); 0 per channel"})
     symmetric: bool = False
     damp_percent: float = 0.01     # λ = damp_percent · mean(diag H), added to diag H
     block_size: int = 128          # lazy-batch width (result is independent of it)

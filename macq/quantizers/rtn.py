@@ -34,7 +34,9 @@ _MLX_EPS = 1e-7
 class RTNConfig(QuantConfig):
     method = "rtn"
     bits: int = 4
-    group_size: int = field(default=128, metadata={"groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); 0 per channel, -1 per tensor"})
+    group_size: int = field(default=128, metadata={
+        "groups": "input", "help": "input elements per group (unset: largest of 128/64/32 dividing the model's dims); "
+                                             "0 per channel, -1 per tensor"})
     symmetric: bool = True
     zero_point: str = "int"        # "int" | "float" (MLX's affine bias form, MLX's exact algorithm)
     mse_clip: bool = False
