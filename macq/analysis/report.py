@@ -95,8 +95,8 @@ def analysis_markdown(res: dict[str, Any]) -> str:
                       "median_excess_kurtosis": float(np.median([ws[n]["excess_kurtosis"] for n in ns])),
                       "mean_frac_3sigma": float(np.mean([ws[n]["outlier_frac_3sigma"] for n in ns])),
                       "mean_frac_6sigma": float(np.mean([ws[n]["outlier_frac_6sigma"] for n in ns])),
-                      "median_kl_ggd": float(np.median([ws[n]["kl_hist_ggd"] for n in ns])),
-                      "median_kl_gauss": float(np.median([ws[n]["kl_hist_gauss"] for n in ns])),
+                      "median_kl_ggd": float(np.median([ws[n].get("kl_hist_ggd", math.nan) for n in ns])),
+                      "median_kl_gauss": float(np.median([ws[n].get("kl_hist_gauss", math.nan) for n in ns])),
                       "median_N_over_var": float(np.median([ws[n]["entropy_power_ratio"] for n in ns]))})
     lines.append(md_table(krows, list(krows[0])))
     c = s.get("contest", {})

@@ -141,6 +141,9 @@ def run_study(model: nn.Module, quantizations: dict[str, Any], eval_ids: torch.T
     # bounds per layer at each method's effective rate are in the gaps; the layer's own yardsticks at 2/3/4 bits:
     for n in names:
         s = wstats[n]
+        if not math.isfinite(s["ggd_beta"]):  # a constant layer: no shape to fit, no yardstick
+            s["lloyd_max"], s["entropy_power_ratio"] = {}, math.nan
+            continue
         s["lloyd_max"] = {f"{b}bit": s["variance"] * bounds.lloyd_max_mse(s["ggd_beta"], b) for b in (2, 3, 4)}
         s["entropy_power_ratio"] = bounds.entropy_power_ratio(s["ggd_beta"])
 
