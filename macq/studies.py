@@ -112,7 +112,7 @@ def analyze_study(paths: list[str], methods: str | None, model: str | None, outp
     import torch
 
     from macq.analysis.report import write_analysis
-    from macq.analysis.study import StudyOptions, run_study
+    from macq.analysis.study import StudyOptions, folded, run_study
     from macq.atomic import atomic_dir
     from macq.data import calibration_samples, eval_tokens
     from macq.models import load_model
@@ -148,6 +148,9 @@ def analyze_study(paths: list[str], methods: str | None, model: str | None, outp
         quants[s.label] = quantize(fp, tok, s.method, dict(s.options), calib_dataset, n_calib, seq_len, seed,
                                    progress=progress, source=src or "default", copy_model=True)
         qtimes[s.label] = time.perf_counter() - t
+    for qm in quants.values():  # the float tensors only tell folded methods apart; drop the rest (memory)
+        if not folded(qm, fp):
+            qm.float_tensors = {}
     eval_ids = eval_tokens(tok, dataset, max_tokens)
     calib = calibration_samples(tok, calib_dataset, n_calib, seq_len, seed)
     res = run_study(fp, quants, eval_ids, calib, context=context, opts=opts, progress=progress)
