@@ -226,6 +226,11 @@ def bench_matrix(model: str | None, methods: str, output: Path, *, datasets: str
     results_path = output / "results.json"
     rows = _load_results(results_path, settings)
     done = {r["label"] for r in rows}
+    for r in rows:
+        for sp in specs:
+            if sp.label == r["label"] and (sp.method, sp.options) != (r["method"], r["options"]):
+                raise MacqError(f"--methods: row {sp.label!r} in {results_path} was measured as {r['method']} "
+                                f"{r['options']}; give this one another label")
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
