@@ -307,6 +307,7 @@ def analyze(
                                               "(default first,middle,last)"),
     sensitivity_label: Optional[str] = typer.Option(None, help="study: quantization used for layer sensitivity"),
     no_layer_sensitivity: bool = typer.Option(False, help="study: only the per-kind sensitivity"),
+    layers: Optional[str] = typer.Option(None, help="study: only these decoder layers (comma-separated); others stay float"),
     fit_samples: int = typer.Option(1 << 18, help="study: weights per layer for the GGD fit (0 = all)"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
     force: bool = typer.Option(False),
@@ -323,7 +324,7 @@ def analyze(
         data, md = analyze_study(paths, methods, model, output, dataset=dataset, max_tokens=max_tokens, context=context,
                                  calib_dataset=calib_dataset, n_calib=n_calib, seq_len=seq_len, func_layers=func_layers,
                                  sensitivity_label=sensitivity_label, fit_samples=fit_samples,
-                                 no_layer_sensitivity=no_layer_sensitivity, threads=threads, force=force,
+                                 no_layer_sensitivity=no_layer_sensitivity, layers=layers, threads=threads, force=force,
                                  progress=not as_json)
         _emit(data, as_json, md)
         return

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -93,31 +93,37 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return out
 
 
-def _layers(text: str | None) -> list[int] | None:
+def _layers(text: str | None, option: str = "--func-layers") -> list[int] | None:
     if text is None or text == "":
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise MacqError(f"--func-layers {text!r}: expected comma-separated layer indices") from None
+        raise MacqError(f"{option} {text!r}: expected comma-separated layer indices") from None
+    if any(i < 0 for i in out):
+        raise MacqError(f"{option} {text!r}: expected layer indices >= 0")
+    return out
 
 
 # ----------------------------------------------------------------------------- analyze
 def analyze_study(paths: list[str], methods: str | None, model: str | None, output: Path, *, dataset: str = "wiki",
                   max_tokens: int = 256, context: int = 128, calib_dataset: str = "c4", n_calib: int = 4,
                   seq_len: int = 128, func_layers: str | None = None, sensitivity_label: str | None = None,
-                  fit_samples: int = 1 << 18, no_layer_sensitivity: bool = False, seed: int = 0, threads: int | None = None,
+                  fit_samples: int = 1 << 18, no_layer_sensitivity: bool = False, layers: str | None = None,
+                  seed: int = 0, threads: int | None = None,
                   force: bool = False, progress: bool = False) -> tuple[dict[str, Any], str]:
     """Load each macq dir in ``paths`` and quantize ``methods`` on the fly, then run the study into ``output``."""
     import torch
 
     from macq.analysis.report import write_analysis
     from macq.analysis.study import StudyOptions, folded, run_study
+    from macq.arch import arch_spec
     from macq.atomic import atomic_dir
     from macq.data import calibration_samples, eval_tokens
     from macq.models import load_model
     from macq.pipeline import quantize
     from macq.qmodel import QuantizedModel, is_quantized_dir
+    from macq.quantizers import method_spec
 
     if output.exists() and not force:
         raise MacqError(f"--output {output} exists (pass --force to overwrite)")
@@ -127,6 +133,7 @@ def analyze_study(paths: list[str], methods: str | None, model: str | None, outp
     specs = parse_methods(methods) if methods else []
     if any(s.method == "fp16" for s in specs):
         raise MacqError("--methods: fp16 is the reference of analyze, not a quantization of it")
+    _layers(layers, "--layers")
     opts = StudyOptions(func_layers=_layers(func_layers), sensitivity_label=sensitivity_label, fit_samples=fit_samples,
                         by_layer=not no_layer_sensitivity, seed=seed)
     if not paths and not specs:
@@ -143,12 +150,30 @@ def analyze_study(paths: list[str], methods: str | None, model: str | None, outp
     fp.eval()
     quants: dict[str, Any] = dict(loaded)
     qtimes = {}
+    keep = _layers(layers, "--layers")
+    skip: tuple[str, ...] = ()
+    if keep is not None:  # a subset of decoder layers: the others stay float (registry path + index + ".")
+        prefix = arch_spec(fp).layers
+        n_layers = len(fp.get_submodule(prefix))
+        if any(i >= n_layers for i in keep):
+            raise MacqError(f"--layers {layers}: the model has {n_layers} decoder layers")
+        skip = tuple(f"{prefix}.{i}." for i in range(n_layers) if i not in keep)
+        for qm in loaded.values():
+            qm.records = {k: v for k, v in qm.records.items() if not any(k.startswith(x) for x in skip)}
     for s in specs:
         t = time.perf_counter()
-        quants[s.label] = quantize(fp, tok, s.method, dict(s.options), calib_dataset, n_calib, seq_len, seed,
-                                   progress=progress, source=src or "default", copy_model=True)
+        o = dict(s.options)
+        if skip:
+            if "skip" not in {f.name for f in fields(method_spec(s.method).load()[0])}:
+                raise MacqError(f"--layers: --method {s.method} cannot leave layers float; run it without --layers")
+            o["skip"] = tuple(o.get("skip", ())) + skip
+        qm = quantize(fp, tok, s.method, o, calib_dataset, n_calib, seq_len, seed, progress=progress,
+                      source=src or "default", copy_model=True)
+        if not folded(qm, fp):  # the float tensors only tell folded methods apart; drop the rest (memory)
+            qm.float_tensors = {}
+        quants[s.label] = qm
         qtimes[s.label] = time.perf_counter() - t
-    for qm in quants.values():  # the float tensors only tell folded methods apart; drop the rest (memory)
+    for qm in loaded.values():
         if not folded(qm, fp):
             qm.float_tensors = {}
     eval_ids = eval_tokens(tok, dataset, max_tokens)
