@@ -66,6 +66,9 @@ def test_analyze_errors(tiny_dir, tmp_path, monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "analyze", "--model", tiny_dir, "--methods", "nf4",
                             "--func-layers", "a,b", "-o", tmp_path / "o")
     assert code == 2 and "--func-layers" in err
+    code, _, err = run_main(monkeypatch, capsys, "analyze", "--model", tiny_dir, "--methods", "nf4", "--layers", "5",
+                            "-o", tmp_path / "o")
+    assert code == 2 and "--layers 5: the model has 2 decoder layers" in err and not (tmp_path / "o").exists()
 
 
 def test_bench_matrix_resumes(tiny_dir, tmp_path, monkeypatch, capsys):
