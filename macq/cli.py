@@ -319,6 +319,19 @@ def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage"), as_json: bo
 @app.command()
 def bench(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="method matrix: results dir (resumable); without it, the latency bench"),
+    methods: str = typer.Option("fp16,rtn-int8,rtn-int4,nf4,fp4,kmeans4,gptq4,awq4,smoothquant-w8a8,mixed4",
+                                help="matrix rows: catalogue names or LABEL=METHOD:k=v,... separated by ';'"),
+    datasets: str = typer.Option("wiki,c4,tinystories", help="matrix: texts to score"),
+    max_tokens: int = typer.Option(512, help="matrix: tokens scored per text"),
+    context: int = typer.Option(256, help="matrix: window length"),
+    calib_dataset: str = typer.Option("c4"),
+    n_calib: int = typer.Option(16, help="matrix: calibration sequences (calibrated methods)"),
+    seq_len: int = typer.Option(256, help="matrix: calibration sequence length"),
+    threads: Optional[int] = typer.Option(None, help="torch threads"),
+    force: bool = typer.Option(False, help="matrix: start over instead of resuming"),
+    latency: bool = typer.Option(False, "--latency", help="latency bench (the default when no --output is given)"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32", help="float32|float16|bfloat16"),
     prompt_len: int = typer.Option(128),
@@ -326,7 +339,16 @@ def bench(
     repeats: int = typer.Option(5),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Per-token latency (prefill and decode, median of repeats after warm-up) and peak memory."""
+    """Method matrix with -o DIR (perplexity on several texts, KL/top-1, bits/weight, size, quantization time and
+    peak memory; Markdown + PNGs; resumable), else per-token latency (prefill, decode) and peak memory."""
+    if output is not None and not latency:
+        from macq.studies import bench_matrix
+
+        result, md = bench_matrix(model, methods, output, datasets=datasets, max_tokens=max_tokens, context=context,
+                                  calib_dataset=calib_dataset, n_calib=n_calib, seq_len=seq_len, threads=threads,
+                                  force=force, progress=not as_json)
+        _emit(result, as_json, md)
+        return
     from macq.evaluate import bench_latency
 
     result, md = bench_latency(model, device=device, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens,
@@ -336,15 +358,48 @@ def bench(
 
 @app.command()
 def analyze(
-    path: str = typer.Argument(..., help="macq quantization directory"),
-    reference: Optional[str] = typer.Option(None, help="unquantized model (default: the quantization's source)"),
-    plot: Optional[Path] = typer.Option(None, help="write a PNG of per-layer distortion vs the rate–distortion bound"),
+    paths: Optional[list[str]] = typer.Argument(None, help="macq quantization directories (of one model)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="full study into this dir (JSON, Markdown, PNGs); without it, the "
+                                               "distortion table of one quantization"),
+    methods: Optional[str] = typer.Option(None, help="also quantize on the fly: catalogue names or LABEL=METHOD:k=v,..."),
+    model: Optional[str] = typer.Option(None, help="the float model (default: the quantizations' source)"),
+    dataset: str = typer.Option("wiki", help="study: text for the end-to-end metrics"),
+    max_tokens: int = typer.Option(256, help="study: eval tokens"),
+    context: int = typer.Option(128, help="study: eval window"),
+    calib_dataset: str = typer.Option("c4"),
+    n_calib: int = typer.Option(4, help="study: calibration sequences (layer output errors, calibrated methods)"),
+    seq_len: int = typer.Option(128),
+    func_layers: Optional[str] = typer.Option(None, help="study: decoder layers for one-linear-alone tests "
+                                              "(default first,middle,last)"),
+    sensitivity_label: Optional[str] = typer.Option(None, help="study: quantization used for layer sensitivity"),
+    no_layer_sensitivity: bool = typer.Option(False, help="study: only the per-kind sensitivity"),
+    layers: Optional[str] = typer.Option(None, help="study: only these decoder layers (comma-separated); others stay float"),
+    fit_samples: int = typer.Option(1 << 18, help="study: weights per layer for the GGD fit (0 = all)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads"),
+    force: bool = typer.Option(False),
+    reference: Optional[str] = typer.Option(None, help="table: unquantized model (default: the quantization's source)"),
+    plot: Optional[Path] = typer.Option(None, help="table: write a PNG of per-layer distortion vs the rate–distortion bound"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Per-layer weight distortion (MSE, SQNR, gap to the Gaussian rate–distortion bound at the effective rate)."""
+    """Weight statistics, bounds, NF4/FP4/k-means/affine contest, weight-vs-output error and layer sensitivity
+    (-o DIR); or the per-layer distortion table (MSE, SQNR, Gaussian-bound gap) of one quantization."""
+    paths = list(paths or [])
+    if output is not None:
+        from macq.studies import analyze_study
+
+        data, md = analyze_study(paths, methods, model, output, dataset=dataset, max_tokens=max_tokens, context=context,
+                                 calib_dataset=calib_dataset, n_calib=n_calib, seq_len=seq_len, func_layers=func_layers,
+                                 sensitivity_label=sensitivity_label, fit_samples=fit_samples,
+                                 no_layer_sensitivity=no_layer_sensitivity, layers=layers, threads=threads, force=force,
+                                 progress=not as_json)
+        _emit(data, as_json, md)
+        return
+    if len(paths) != 1 or methods:
+        raise MacqError("analyze: without --output give exactly one macq directory (the distortion table)")
     from macq.evaluate import analyze_distortion
 
-    data, md = analyze_distortion(path, reference=reference, plot=plot)
+    data, md = analyze_distortion(paths[0], reference=reference, plot=plot)
     _emit(data, as_json, md)
 
 
