@@ -18,12 +18,19 @@ from macq.errors import MacqError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).")
 
+STREAM_HELP = ("weight methods on a local safetensors checkpoint: one tensor in memory at a time "
+               "(default: on when it applies)")
 MODEL_HELP = "HF hub id, local HF directory, .gguf file, or a macq quantization dir (default: embedded SmolLM2-135M)"
 
 
 def _emit(result: Any, as_json: bool, markdown: str | None = None) -> None:
     if as_json:
-        typer.echo(json.dumps(_plain(result), indent=1))
+        data = _plain(result)
+        if isinstance(data, dict):
+            from macq.eval.memory import process_memory
+
+            data.setdefault("memory", process_memory())
+        typer.echo(json.dumps(data, indent=1))
     elif markdown is not None:
         typer.echo(markdown)
 
@@ -99,6 +106,7 @@ def quantize(
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="overwrite the output directory"),
     trust_remote_code: bool = typer.Option(False),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Quantize a model and save macq's quantization directory (records + float tensors + config)."""
@@ -113,6 +121,15 @@ def quantize(
                           target_bpw=target_bpw, target=target, recipe=recipe, include_embeddings=include_embeddings,
                           include_lm_head=include_lm_head, skip=skip)
     cfg = config_for(method, opts)  # validate before loading anything
+    from macq.streaming import stream_quantize, use_streaming
+
+    src = use_streaming(model, method, stream)
+    if src is not None:
+        summary = stream_quantize(src, output, method, cfg, source=model or "default", force=force,
+                                  progress=not as_json, trust_remote_code=trust_remote_code)
+        _emit(summary, as_json, f"wrote {output} (streamed): {summary['layers']} layers, "
+                                f"{summary['bits_per_weight']:.3f} bits/weight, {summary['bytes'] / 2**20:.1f} MiB")
+        return
     qm0, fp, tok = load_quantized_or_model(model, trust_remote_code)
     if qm0 is not None:
         raise MacqError(f"model: {model} is already a macq quantization directory")
@@ -203,6 +220,7 @@ def export(
     allow_fallback: bool = typer.Option(False, help="Core ML: fall back where a record is not exactly expressible"),
     force: bool = typer.Option(False),
     trust_remote_code: bool = typer.Option(False),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="MLX: " + STREAM_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Quantize (or read a macq quantization dir) and export for Core ML or MLX, never re-quantizing."""
@@ -223,6 +241,15 @@ def export(
 
     if model is None or artifact_kind(model) != "macq":
         opts = config_for(method, opts)  # validate before loading anything
+    if target == "mlx" and stream is not False:
+        from mlx_backend.stream import export_streamed
+
+        streamed = export_streamed(model, output, method, opts, stream, dtype=dtype, force=force,
+                                   requantize_lut=requantize_lut, progress=not as_json,
+                                   trust_remote_code=trust_remote_code)
+        if streamed is not None:
+            _emit(streamed[0], as_json, streamed[1])
+            return
     result, md = export_any(model, target, output, method, opts, calib_dataset=calib_dataset, n_calib=n_calib,
                             seq_len=seq_len, seed=seed, dtype=dtype, context=context, stateful=stateful,
                             fixed_shapes=fixed_shapes, requantize_lut=requantize_lut, allow_fallback=allow_fallback,

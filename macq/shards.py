@@ -210,7 +210,7 @@ class ShardWriter:
         cur = self._cur
         # header growth: this entry's JSON is < 200 bytes + the key
         room = cur is not None and len(cur.header_bytes(self.metadata)) + len(key) + 200 < cur.reserve
-        if cur is None or not room or (cur.offset > 0 and cur.offset + n > self.shard_bytes):
+        if cur is None or not room or (cur.offset > 0 and n > 0 and cur.offset + n > self.shard_bytes):
             cur = self._new_shard()
         cur.add(key, t)
         self.weight_map[key] = len(self._done)
