@@ -52,7 +52,7 @@ def _unpack_aligned(p: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` unsigned codes < 2**bits -> ``[rows, ceil(n*bits/32)]`` uint32 (as torch.uint32)."""
-    c = codes.detach().cpu().numpy().astype(np.uint8 if bits <= 8 else np.uint16)
+    c = codes.detach().cpu().numpy().astype(np.uint8 if bits <= 8 else np.uint16, copy=False)
     rows, n = c.shape
     if _aligned(n, bits):  # 2/4/8-bit rows of whole words: same layout, one shift-or pass (big models)
         return torch.from_numpy(_pack_aligned(c, bits).view(np.uint32))

@@ -36,7 +36,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-HEADER_RESERVE = 1 << 20        # bytes reserved for a streamed shard's JSON header (~6000 tensors)
+HEADER_RESERVE = 1 << 18        # bytes reserved for a streamed shard's JSON header (~1500 tensors; more start a new shard)
 
 
 def _raw_bytes(t: torch.Tensor):

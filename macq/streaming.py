@@ -141,11 +141,28 @@ def plan_stream(src: str | Path, cfg: Any, trust_remote_code: bool = False) -> S
     return StreamPlan(src, config, store, order, tied, spec.layers + ".", n_layers)
 
 
-def _concat(parts: list[AffineRecord]) -> AffineRecord:
-    cat = lambda f: None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])  # noqa: E731
-    p0 = parts[0]
-    return AffineRecord(codes=cat("codes"), scales=cat("scales"), bits=p0.bits, group_size=p0.group_size,
-                        zeros=cat("zeros"), biases=cat("biases"), per_tensor=p0.per_tensor)
+def _fill_rows(parts: Iterator[AffineRecord], n_rows: int) -> AffineRecord:
+    """Assemble row-block records into one, writing each block into preallocated tensors as it arrives
+    (no list of blocks plus a concatenated copy: the peak is the final record plus one block)."""
+    first = next(parts)
+    full: dict[str, torch.Tensor] = {}
+    for f in ("codes", "scales", "zeros", "biases"):
+        t = getattr(first, f)
+        if t is not None:
+            full[f] = torch.empty((n_rows, *t.shape[1:]), dtype=t.dtype)
+    row = 0
+    for p in _chain(first, parts):
+        n = p.codes.shape[0]
+        for f, t in full.items():
+            t[row:row + n] = getattr(p, f)
+        row += n
+    return AffineRecord(codes=full["codes"], scales=full["scales"], bits=first.bits, group_size=first.group_size,
+                        zeros=full.get("zeros"), biases=full.get("biases"), per_tensor=first.per_tensor)
+
+
+def _chain(first: AffineRecord, rest: Iterator[AffineRecord]) -> Iterator[AffineRecord]:
+    yield first
+    yield from rest
 
 
 def quantize_tensor(w: torch.Tensor, method: str, cfg: Any, fn: Callable[..., Record]) -> Record:
@@ -153,7 +170,8 @@ def quantize_tensor(w: torch.Tensor, method: str, cfg: Any, fn: Callable[..., Re
     rows_per_block = max(1, ROW_BLOCK_ELEMS // max(1, w.shape[1]))
     if w.shape[0] <= rows_per_block or not ROW_SEPARABLE.get(method, lambda _c: False)(cfg):
         return fn(w.float(), cfg)
-    return _concat([fn(w[r:r + rows_per_block].float(), cfg) for r in range(0, w.shape[0], rows_per_block)])
+    blocks = (fn(w[r:r + rows_per_block].float(), cfg) for r in range(0, w.shape[0], rows_per_block))
+    return _fill_rows(blocks, w.shape[0])
 
 
 def _layer_of(name: str, prefix: str) -> int | None:

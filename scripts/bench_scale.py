@@ -78,11 +78,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="scratch dir for the exports (deleted per row)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep macq's last export (for --generate)")
-    ap.add_argument("--generate", type=int, default=0, help="load macq's export in mlx_lm and generate N tokens")
+    ap.add_argument("--generate", type=int, default=0,
+                    help="load macq's export of the last checkpoint in mlx_lm and generate N tokens")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OMP_NUM_THREADS for both children (torch ops; MLX's CPU ops run on their own pool)")
     ap.add_argument("--skip-mlx", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     py = sys.executable
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -95,6 +99,8 @@ def main() -> None:
                    "--q-bits", "4", "--q-group-size", "64", "--dtype", "float16"]
         src_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
         for rep in range(a.repeats):
+            free_gib = round(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
+            print(f"free memory before {ck.name}: {free_gib} GiB; load {os.getloadavg()}", file=sys.stderr)
             order = [("macq", macq_cmd, macq_out), ("mlx_lm", mlx_cmd, mlx_out)]
             if rep % 2:
                 order.reverse()
@@ -109,6 +115,7 @@ def main() -> None:
                 print(f"  {res[name]}", file=sys.stderr, flush=True)
             row = {"checkpoint": ck.name, "source_gib": round(src_bytes / 2**30, 2), "repeat": rep, **{
                 f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}}
+            row["free_gib_before"] = free_gib
             if "mlx_lm" in res:
                 row["rss_ratio"] = round(res["macq"]["peak_rss_gib"] / res["mlx_lm"]["peak_rss_gib"], 3)
                 row["wall_ratio"] = round(res["macq"]["wall_s"] / res["mlx_lm"]["wall_s"], 3)
@@ -116,10 +123,10 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         shutil.rmtree(mlx_out, ignore_errors=True)
-        if a.generate:
+        if a.generate and ck == a.checkpoints[-1]:
             rows[-1]["generate"] = generate(macq_out, a.generate)
             print(json.dumps(rows[-1]["generate"]), flush=True)
-        if not a.keep:
+        if not (a.keep and ck == a.checkpoints[-1]):
             shutil.rmtree(macq_out, ignore_errors=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

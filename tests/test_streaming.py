@@ -222,3 +222,15 @@ def test_cli_streams_weight_methods_and_reports_memory(ckpts, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = macq("quantize", ckpts["llama"], "--method", "gptq", "--stream", "-o", tmp_path / "g", check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: --stream: --method gptq")
+
+
+@pytest.mark.slow
+def test_default_model_streamed_records_unchanged(tmp_path):
+    """On the real default model the streamed path gives the in-memory records bit for bit, so every quality
+    table measured on the in-memory path (perplexity included) holds for the streamed one."""
+    from macq.models import prepare_default_model
+
+    cfg = config_for("rtn", dict(bits=4, group_size=64, symmetric=False))
+    streaming.stream_quantize(prepare_default_model(), tmp_path / "s", "rtn", cfg)
+    model, tok = load_model(None)
+    assert_same_records(quantize(model, tok, "rtn", cfg, copy_model=False), QuantizedModel.load(tmp_path / "s"))
