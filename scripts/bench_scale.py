@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,21 +56,30 @@ def compare(a: Path, b: Path) -> dict:
     return {"tensors": len(sa), "identical": same, "keys_equal": set(sa) == set(sb)}
 
 
+def mem_available_gib() -> float:
+    """MemAvailable (what can be allocated without swapping, page cache included), GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return round(int(line.split()[1]) / 2**20, 1)
+    return float("nan")
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
 
 
 def generate(path: Path, n: int) -> dict:
-    from mlx_lm import generate as mlx_generate
-    from mlx_lm import load
+    """Load the export with mlx_lm.load (lazily mapped) and greedily generate ``n`` tokens."""
+    from mlx_lm import load, stream_generate
 
     t0 = time.perf_counter()
     model, tok = load(str(path))
     t1 = time.perf_counter()
-    text = mlx_generate(model, tok, prompt="The capital of France is", max_tokens=n, verbose=False)
+    steps = list(stream_generate(model, tok, prompt="The capital of France is", max_tokens=n))
     t2 = time.perf_counter()
-    ids = tok.encode(text) if text else []
-    return {"load_s": round(t1 - t0, 1), "generate_s": round(t2 - t1, 1), "text": text, "n_text_tokens": len(ids)}
+    return {"load_s": round(t1 - t0, 1), "generate_s": round(t2 - t1, 1), "tokens": [r.token for r in steps],
+            "text": "".join(r.text for r in steps),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
 def main() -> None:
@@ -83,8 +93,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP_NUM_THREADS for both children (torch ops; MLX's CPU ops run on their own pool)")
     ap.add_argument("--skip-mlx", action="store_true")
+    ap.add_argument("--generate-only", type=Path, default=None, help="just load this MLX dir and generate")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    if a.generate_only is not None:
+        print(json.dumps(generate(a.generate_only, a.generate or 8)))
+        return
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     py = sys.executable
@@ -99,8 +113,8 @@ def main() -> None:
                    "--q-bits", "4", "--q-group-size", "64", "--dtype", "float16"]
         src_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
         for rep in range(a.repeats):
-            free_gib = round(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
-            print(f"free memory before {ck.name}: {free_gib} GiB; load {os.getloadavg()}", file=sys.stderr)
+            free_gib = mem_available_gib()
+            print(f"available memory before {ck.name}: {free_gib} GiB; load {os.getloadavg()}", file=sys.stderr)
             order = [("macq", macq_cmd, macq_out), ("mlx_lm", mlx_cmd, mlx_out)]
             if rep % 2:
                 order.reverse()
