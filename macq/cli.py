@@ -241,6 +241,8 @@ def export(
 
     if model is None or artifact_kind(model) != "macq":
         opts = config_for(method, opts)  # validate before loading anything
+    if target == "coreml" and stream:
+        raise MacqError("--stream: the Core ML export traces the whole model; streaming covers --target mlx")
     if target == "mlx" and stream is not False:
         from mlx_backend.stream import export_streamed
 

@@ -222,6 +222,8 @@ def test_cli_streams_weight_methods_and_reports_memory(ckpts, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = macq("quantize", ckpts["llama"], "--method", "gptq", "--stream", "-o", tmp_path / "g", check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: --stream: --method gptq")
+    r = macq("export", ckpts["llama"], "--target", "coreml", "--stream", "-o", tmp_path / "c.mlpackage", check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: --stream: the Core ML export")
 
 
 @pytest.mark.slow
