@@ -75,16 +75,33 @@ class SafetensorsFile:
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor, in its stored dtype, in a buffer of its own (nothing stays mapped)."""
+        shape = self.entries[key]["shape"]
+        return self.get_rows(key, 0, shape[0]) if shape else self._read(key, 0, ())
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor (dim 0): a big tensor can be processed without ever being whole."""
+        shape = list(self.entries[key]["shape"])
+        stop = min(stop, shape[0])
+        row_elems = 1
+        for d in shape[1:]:
+            row_elems *= d
+        return self._read(key, start * row_elems, (stop - start, *shape[1:]))
+
+    def _read(self, key: str, first_elem: int, shape: tuple[int, ...]) -> torch.Tensor:
         e = self.entries[key]
         a, b = e["data_offsets"]
-        out = torch.empty(tuple(e["shape"]), dtype=DTYPES[e["dtype"]])
-        if b > a:
+        out = torch.empty(shape, dtype=DTYPES[e["dtype"]])
+        n = out.numel() * out.element_size()
+        if n:
+            start = a + first_elem * out.element_size()
+            if start + n > b:
+                raise MacqError(f"{self.path}: read past the end of tensor {key}")
             buf = out.reshape(-1).view(torch.uint8).numpy()
             with open(self.path, "rb", buffering=0) as f:
-                f.seek(self._data_start + a)
+                f.seek(self._data_start + start)
                 got = f.readinto(buf)
-            if got != b - a:
-                raise MacqError(f"{self.path}: tensor {key} truncated ({got} of {b - a} bytes)")
+            if got != n:
+                raise MacqError(f"{self.path}: tensor {key} truncated ({got} of {n} bytes)")
         return out
 
 
@@ -116,6 +133,9 @@ class TensorStore(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._files[key].get(key)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._files[key].get_rows(key, start, stop)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)

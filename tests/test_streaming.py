@@ -90,6 +90,8 @@ def test_shard_writer_files_open_in_safetensors_and_mlx(tmp_path):
     store = TensorStore.open(tmp_path, "model")
     for k, t in tensors.items():
         assert torch.equal(store[k], t) and store[k].dtype == t.dtype
+    assert torch.equal(store.get_rows("a.weight", 2, 5), tensors["a.weight"][2:5])
+    assert torch.equal(store.get_rows("d", 290, 400), tensors["d"][290:])
     for f in files:
         with safe_open(f, "pt") as sf:
             assert sf.metadata() == {"format": "mlx"}
