@@ -21,12 +21,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).")
 
 METHOD_HELP = "rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm (default rtn)"
+STREAM_HELP = ("weight methods on a local safetensors checkpoint: one tensor in memory at a time "
+               "(default: on when it applies)")
 MODEL_HELP = "HF hub id, local HF directory, .gguf file, or a macq quantization dir (default: embedded SmolLM2-135M)"
 
 
 def _emit(result: Any, as_json: bool, markdown: str | None = None) -> None:
     if as_json:
-        typer.echo(json.dumps(_plain(result), indent=1))
+        data = _plain(result)
+        if isinstance(data, dict):
+            from macq.eval.memory import process_memory
+
+            data.setdefault("memory", process_memory())
+        typer.echo(json.dumps(data, indent=1))
     elif markdown is not None:
         typer.echo(markdown)
 
@@ -126,6 +133,7 @@ def _quantize_options(
     seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)"),
     force: bool = typer.Option(False, help="replace an existing output that macq wrote"),
     trust_remote_code: bool = typer.Option(False),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None: ...
 
@@ -134,7 +142,7 @@ def _quantize_options(
 @_generated(_quantize_options)
 def quantize(model: str | None, output: Path, method: str | None, target: str | None, calib_dataset: str | None,
              n_calib: int | None, seq_len: int | None, seed: int | None, force: bool, trust_remote_code: bool,
-             as_json: bool, **mopts: Any) -> None:
+             stream: bool | None, as_json: bool, **mopts: Any) -> None:
     """Quantize a model and save macq's quantization directory (records + float tensors + config)."""
     from macq.atomic import check_output
     from macq.pipeline import load_quantized_or_model
@@ -152,6 +160,17 @@ def quantize(model: str | None, output: Path, method: str | None, target: str | 
                                                "seed": seed}, trust_remote_code)
     if target in TARGETS:
         check_target(target, method, cfg, config)
+    from macq.streaming import stream_quantize, use_streaming
+
+    src = use_streaming(model, method, stream)
+    if src is not None:  # weight method on a local checkpoint: one tensor in memory at a time
+        summary = stream_quantize(src, output, method, cfg, source=model or "default", force=force,
+                                  progress=not as_json, trust_remote_code=trust_remote_code)
+        summary["notes"] = notes
+        _emit(summary, as_json, "\n".join([f"wrote {output} (streamed): {summary['layers']} layers, "
+                                           f"{summary['bits_per_weight']:.3f} bits/weight, "
+                                           f"{summary['bytes'] / 2**20:.1f} MiB", *_notes(notes)]))
+        return
     qm0, fp, tok = load_quantized_or_model(model, trust_remote_code)
     qm = run_quantize(fp, tok, method, cfg, calib["calib_dataset"], calib["n_calib"], calib["seq_len"], calib["seed"],
                       progress=not as_json, source=model or "default", copy_model=False)
@@ -238,6 +257,7 @@ def _export_options(
                                                   help="Core ML: fall back where a record is not exactly expressible"),
     force: bool = typer.Option(False, help="replace an existing output that macq wrote"),
     trust_remote_code: bool = typer.Option(False),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="MLX: " + STREAM_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None: ...
 
@@ -247,7 +267,7 @@ def _export_options(
 def export(model: str | None, target: str, output: Path, method: str | None, calib_dataset: str | None,
            n_calib: int | None, seq_len: int | None, seed: int | None, dtype: str | None, context: int | None,
            stateful: bool | None, fixed_shapes: bool | None, requantize_lut: bool | None, allow_fallback: bool | None,
-           force: bool, trust_remote_code: bool, as_json: bool, **mopts: Any) -> None:
+           force: bool, trust_remote_code: bool, stream: bool | None, as_json: bool, **mopts: Any) -> None:
     """Quantize (or read a macq quantization dir) and export for Core ML or MLX, never re-quantizing."""
     from macq.atomic import check_output
     from macq.evaluate import artifact_kind
@@ -285,6 +305,18 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
         tgt["context"] = min(512, max_pos)
     check_target(target, method_name, cfg, config, output=output, dtype=tgt["dtype"], context=tgt["context"],
                  requantize_lut=tgt["requantize_lut"], allow_fallback=tgt["allow_fallback"])
+    if target == "coreml" and stream:
+        raise MacqError("--stream: the Core ML export traces the whole model; streaming covers --target mlx")
+    if target == "mlx" and stream is not False:
+        from mlx_backend.stream import export_streamed
+
+        streamed = export_streamed(model, output, method_name, cfg, stream, dtype=tgt["dtype"], force=force,
+                                   requantize_lut=tgt["requantize_lut"], progress=not as_json,
+                                   trust_remote_code=trust_remote_code)
+        if streamed is not None:
+            streamed[0]["notes"] = notes + list(streamed[0].get("notes") or [])
+            _emit(streamed[0], as_json, "\n".join([streamed[1], *_notes(notes)]))
+            return
     result, md = export_any(model, target, output, method_name, cfg, calib_dataset=calib_full["calib_dataset"],
                             n_calib=calib_full["n_calib"], seq_len=calib_full["seq_len"], seed=calib_full["seed"],
                             dtype=tgt["dtype"], context=tgt["context"], stateful=tgt["stateful"],

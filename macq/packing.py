@@ -19,6 +19,39 @@ def packed_words(n: int, bits: int) -> int:
     return (n * bits + 31) // 32
 
 
+def _aligned(n: int, bits: int) -> bool:
+    """Codes never straddle words and rows fill whole words: the shift-and-or fast path applies."""
+    return bits in (1, 2, 4, 8) and (n * bits) % 32 == 0
+
+
+def _pack_aligned(c: np.ndarray, bits: int) -> np.ndarray:
+    rows, n = c.shape
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits)
+    out = np.empty((rows, n // per), dtype="<u4")
+    for r0 in range(0, rows, _ROW_CHUNK):
+        chunk = c[r0:r0 + _ROW_CHUNK].reshape(-1, n // per, per)
+        acc = chunk[..., 0].astype(np.uint32)
+        for k in range(1, per):  # bit fields do not overlap: or-ing the shifted codes is the packing
+            acc |= chunk[..., k].astype(np.uint32) << shifts[k]
+        out[r0:r0 + _ROW_CHUNK] = acc
+    return out
+
+
+def _unpack_aligned(p: np.ndarray, bits: int, n: int) -> np.ndarray:
+    rows = p.shape[0]
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits)
+    mask = np.uint32((1 << bits) - 1)
+    out = np.empty((rows, n), dtype=np.uint8)
+    for r0 in range(0, rows, _ROW_CHUNK):
+        chunk = p[r0:r0 + _ROW_CHUNK]
+        dst = out[r0:r0 + _ROW_CHUNK].reshape(chunk.shape[0], n // per, per)
+        for k in range(per):
+            dst[..., k] = (chunk >> shifts[k]) & mask
+    return out
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` unsigned codes < 2**bits -> ``[rows, ceil(n*bits/32)]`` uint32 (as torch.uint32).
 
@@ -30,8 +63,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise MacqError(f"pack_bits: codes have dtype {codes.dtype}, expected an integer dtype")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
         raise MacqError(f"pack_bits: codes in [{int(codes.min())}, {int(codes.max())}] do not fit {bits} bits")
-    c = codes.detach().cpu().numpy().astype(np.uint8 if bits <= 8 else np.uint16)
+    c = codes.detach().cpu().numpy().astype(np.uint8 if bits <= 8 else np.uint16, copy=False)
     rows, n = c.shape
+    if _aligned(n, bits):  # 2/4/8-bit rows of whole words: same layout, one shift-or pass (big models)
+        return torch.from_numpy(_pack_aligned(c, bits).view(np.uint32))
     words = packed_words(n, bits)
     out = np.empty((rows, words), dtype="<u4")
     shifts = np.arange(bits, dtype=c.dtype)
@@ -48,6 +83,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``[rows, words]`` uint32 -> ``[rows, n]`` uint8 codes."""
     p = np.ascontiguousarray(packed.detach().cpu().numpy()).astype("<u4")
+    if _aligned(n, bits) and p.shape[1] == n * bits // 32:
+        return torch.from_numpy(_unpack_aligned(p, bits, n))
     rows = p.shape[0]
     out = np.empty((rows, n), dtype=np.uint8)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)

@@ -1,17 +1,82 @@
-"""Progress bars that disappear when not wanted (tests, --json, non-TTY)."""
+"""Progress: bars on a terminal; one plain line per step in logs, pipes and CI.
+
+A job that runs for an hour must say where it is even when its output goes to a file (a bar drawn with
+carriage returns is invisible there): off a terminal, every step prints ``description: i/N stage,
+elapsed, ETA, peak RSS`` to stderr.
+"""
 
 from __future__ import annotations
 
+import resource
 import sys
+import time
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 
+def _peak_rss_gib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return r / 2**30 if sys.platform == "darwin" else r / 2**20
+
+
+def _device_peak() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f", peak cuda {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    except ImportError:  # pragma: no cover
+        pass
+    return ""
+
+
+def log_line(description: str, done: int, total: int | None, stage: str, start: float) -> None:
+    elapsed = time.monotonic() - start
+    eta = f", ETA {elapsed / done * (total - done):.0f}s" if total and done else ""
+    of = f"/{total}" if total else ""
+    print(f"{description}: {done}{of} {stage}, elapsed {elapsed:.0f}s{eta}, peak RSS {_peak_rss_gib():.2f} GiB"
+          f"{_device_peak()}", file=sys.stderr, flush=True)
+
+
 def track(items: Iterable[T], description: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
-    if not enabled or not sys.stderr.isatty():  # no bars in logs, pipes and CI
+    if not enabled:
         yield from items
+        return
+    if not sys.stderr.isatty():  # logs, pipes and CI: one line per finished step
+        items = list(items) if total is None else items
+        total = total if total is not None else len(items)  # type: ignore[arg-type]
+        start = time.monotonic()
+        for i, item in enumerate(items):
+            yield item
+            log_line(description, i + 1, total, "done", start)
         return
     from tqdm import tqdm
 
     yield from tqdm(items, desc=description, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class LayerLog:
+    """Per-decoder-layer progress for loops that are not a simple iteration (streaming): call
+    :meth:`layer` whenever work on a layer starts; a line is printed when a layer is finished."""
+
+    def __init__(self, n_layers: int, description: str, enabled: bool = True):
+        self.n = n_layers
+        self.description = description
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.current: int | None = None
+        self.stage = ""
+
+    def layer(self, index: int, stage: str) -> None:
+        if index != self.current and self.current is not None:
+            self._finish()
+        self.current, self.stage = index, stage
+
+    def _finish(self) -> None:
+        if self.enabled and self.current is not None:
+            log_line(f"{self.description} layer", self.current + 1, self.n, self.stage, self.start)
+
+    def done(self) -> None:
+        self._finish()
+        self.current = None

@@ -6,7 +6,10 @@ float tensors, so an exporter needs nothing but this object.
 
 On disk (``DIR``): ``config.json`` + tokenizer files (HF), ``manifest.json`` (method, per-record meta,
 activation quantization, tied weights), ``records.safetensors`` (``{module}.{field}``), and
-``float.safetensors`` (all other parameters and persistent buffers).
+``float.safetensors`` (all other parameters and persistent buffers). Either may be a sharded set
+(``records-00001-of-00004.safetensors`` ... plus ``records.safetensors.index.json``, as written by the
+streaming quantizer, :mod:`macq.streaming`). :meth:`QuantizedModel.load` is lazy: records and float tensors
+are read from disk when first accessed, so an exporter can walk an 8B quantization one tensor at a time.
 """
 
 from __future__ import annotations
@@ -14,24 +17,61 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
 from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, record_from_tensors
+from macq.shards import ShardWriter, TensorStore
 
 FORMAT_VERSION = 1
+RECORD_FIELDS = ("codes", "scales", "zeros", "biases", "indices", "lut", "dq_codes", "dq_code_lut", "dq_absmax")
+SHARD_BYTES = 2 << 30
+
+
+class LazyRecords(Mapping):
+    """``{module: record}`` read from a (sharded) records store on access; nothing is cached, so walking
+    it holds one record at a time."""
+
+    def __init__(self, metas: dict[str, dict[str, Any]], store: TensorStore, where: str | Path = "records"):
+        self.metas = metas
+        self.store = store
+        self.where = where
+
+    def __getitem__(self, name: str) -> Record:
+        meta = self.metas[name]
+        tensors = {f: self.store[f"{name}.{f}"] for f in RECORD_FIELDS if f"{name}.{f}" in self.store}
+        try:  # records validate themselves (range, dtype, finiteness) as they are built
+            return record_from_tensors(meta, tensors)
+        except MacqError as e:
+            raise MacqError(f"{self.where}: record {name}: {e}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise MacqError(f"{self.where}: record {name} is incomplete or malformed ({e!s:.120})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metas)
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.metas
+
+
+def write_records(writer: ShardWriter, name: str, rec: Record) -> None:
+    """One record's tensors as ``{module}.{field}`` (codes/indices bit-packed)."""
+    for f, t in rec.to_tensors().items():
+        writer.add(f"{name}.{f}", t)
 
 
 @dataclass
 class QuantizedModel:
-    records: dict[str, Record]
-    float_tensors: dict[str, torch.Tensor]
+    records: Mapping[str, Record]                 # dict, or LazyRecords when loaded from disk
+    float_tensors: Mapping[str, torch.Tensor]     # dict, or a lazy TensorStore when loaded from disk
     config: Any                                   # transformers PretrainedConfig
     method: dict[str, Any] = field(default_factory=dict)
     act_quant: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> {"bits":8,"mode":"per_token"}
@@ -83,7 +123,7 @@ class QuantizedModel:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(self.float_tensors, strict=False)
+        missing, unexpected = model.load_state_dict(dict(self.float_tensors), strict=False)
         if unexpected:
             raise MacqError(f"float tensors not in the model: {unexpected[:3]}")
         held = {f"{k}.weight" for k in self.records} | {f"{k}.weight" for k in self.tied}
@@ -122,9 +162,13 @@ class QuantizedModel:
             self.config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            tensors = {f"{k}.{f}": t.contiguous() for k, r in self.records.items() for f, t in r.to_tensors().items()}
-            save_file(tensors, tmp / "records.safetensors")
-            save_file({k: v.contiguous() for k, v in self.float_tensors.items()}, tmp / "float.safetensors")
+            rw = ShardWriter(tmp, "records", SHARD_BYTES)
+            for k, r in self.records.items():
+                write_records(rw, k, r)
+            rw.close()
+            fw = ShardWriter(tmp, "float", SHARD_BYTES)
+            fw.add_all(self.float_tensors)
+            fw.close()
             (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
         return path
 
@@ -146,18 +190,8 @@ class QuantizedModel:
             got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             ver = manifest.get("version") if isinstance(manifest, dict) else "?"
             raise MacqError(f"{path}/manifest.json: unsupported format {got} v{ver}")
-        flat = _load_tensors(path / "records.safetensors")
-        floats = _load_tensors(path / "float.safetensors")
-        records: dict[str, Record] = {}
-        for name, meta in manifest.get("records", {}).items():
-            prefix = name + "."
-            tensors = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
-            try:
-                records[name] = record_from_tensors(meta, tensors)
-            except MacqError as e:
-                raise MacqError(f"{path}/records.safetensors: record {name}: {e}") from None
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise MacqError(f"{path}/records.safetensors: record {name} is incomplete or malformed ({e!s:.120})") from None
+        records = LazyRecords(manifest.get("records", {}), TensorStore.open(path, "records"), path)
+        floats = TensorStore.open(path, "float")
         try:
             config = AutoConfig.from_pretrained(path)
         except Exception as e:  # noqa: BLE001 - any config problem is the user's file: one line

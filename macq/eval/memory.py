@@ -121,6 +121,18 @@ def measure_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, peak.peak_bytes
 
 
+def process_memory() -> dict[str, Any]:
+    """What every ``--json`` result reports: this process's lifetime peak RSS, and the peak device memory
+    where a device exists (CUDA: tensor bytes; MPS: the driver's current allocation, MPS keeps no peak)."""
+    out: dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes(), "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3)}
+    if torch.cuda.is_available():
+        out["peak_cuda_bytes"] = cuda_peak_bytes()
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out["mps_driver_bytes"] = int(torch.mps.driver_allocated_memory())
+    return out
+
+
 def _unique_float_params(model: nn.Module) -> tuple[int, dict[str, int]]:
     """Float elements of the model's state (tied tensors once) and a key -> storage id map."""
     seen: set[int] = set()

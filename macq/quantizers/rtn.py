@@ -59,7 +59,8 @@ def mlx_affine_params(wg: torch.Tensor, bits: int, clip: torch.Tensor | float = 
     """MLX's affine ``(scale, bias)`` per group of ``wg [..., g]``, unrounded float32 (see module doc)."""
     n_bins = float(2 ** bits - 1)
     clip_t = torch.as_tensor(clip, dtype=torch.float32)
-    w_min, w_max = wg.amin(-1).float() * clip_t, wg.amax(-1).float() * clip_t
+    w_min, w_max = torch.aminmax(wg, dim=-1)  # one pass over the weights (big models are memory-bound)
+    w_min, w_max = w_min.float() * clip_t, w_max.float() * clip_t
     mask = w_min.abs() > w_max.abs()
     scale = torch.clamp((w_max - w_min) / n_bins, min=_MLX_EPS)
     scale = torch.where(mask, scale, -scale)
@@ -73,7 +74,8 @@ def mlx_affine_params(wg: torch.Tensor, bits: int, clip: torch.Tensor | float = 
 
 def _mlx_quantize(wg: torch.Tensor, bits: int, sdtype: torch.dtype, clip: torch.Tensor | float = 1.0):
     scale, bias = mlx_affine_params(wg, bits, clip)
-    q = torch.round((wg.float() - bias.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 2 ** bits - 1)
+    q = wg.float() - bias.unsqueeze(-1)           # the same ops as round((w - b) / s), in place after the first
+    q.div_(scale.unsqueeze(-1)).round_().clamp_(0, 2 ** bits - 1)
     return q.to(torch.uint8), scale.to(sdtype).float(), None, bias.to(sdtype).float()
 
 

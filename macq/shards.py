@@ -1,0 +1,265 @@
+"""Safetensors read and written one tensor at a time, so that memory never holds more than one tensor.
+
+Why not ``safetensors.safe_open`` / ``save_file``:
+
+* ``safe_open`` memory-maps the whole file; every page a tensor read touches stays mapped, and Linux counts
+  mapped file pages in the process RSS until the file is closed. Reading a 5 GB shard tensor by tensor
+  therefore grows RSS to the shard size. :class:`SafetensorsFile` reads each tensor with one ``readinto``
+  into a fresh torch buffer instead: RSS holds that tensor only (the kernel's page cache is not ours).
+* ``save_file`` needs every tensor of the file in memory at once. :class:`ShardWriter` reserves room for
+  the JSON header, streams each tensor's bytes to disk as it arrives, and writes the header (padded with
+  spaces, which the format allows) when the shard is closed.
+
+Both follow the format exactly (8-byte little-endian header length, JSON header with ``dtype``, ``shape``,
+``data_offsets`` relative to the data start, optional ``__metadata__`` of strings), so the files open in
+``safetensors``, transformers, ``mlx.core.load`` and ``mlx_lm.load``; the tests check that.
+Sharded sets follow Hugging Face's convention: ``{stem}-00001-of-00003.safetensors`` plus
+``{stem}.safetensors.index.json`` with ``metadata.total_size`` and a ``weight_map``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from macq.errors import MacqError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+HEADER_RESERVE = 1 << 18        # bytes reserved for a streamed shard's JSON header (~1500 tensors; more start a new shard)
+
+
+def _raw_bytes(t: torch.Tensor):
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, read tensor by tensor without a memory map."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header of {n} bytes in a file of {size}")
+                header = json.loads(f.read(n))
+            end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:  # checked up front: a lazy read must not find the truncation mid-export
+                raise ValueError(f"tensor data ends at byte {8 + n + end}, the file has {size}")
+        except (OSError, struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise MacqError(f"{self.path}: corrupt or truncated safetensors file ({e!s:.160})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict[str, Any]] = header
+        self._data_start = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self.entries[key]["dtype"]]
+
+    def nbytes(self, key: str) -> int:
+        a, b = self.entries[key]["data_offsets"]
+        return b - a
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor, in its stored dtype, in a buffer of its own (nothing stays mapped)."""
+        shape = self.entries[key]["shape"]
+        return self.get_rows(key, 0, shape[0]) if shape else self._read(key, 0, ())
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor (dim 0): a big tensor can be processed without ever being whole."""
+        shape = list(self.entries[key]["shape"])
+        stop = min(stop, shape[0])
+        row_elems = 1
+        for d in shape[1:]:
+            row_elems *= d
+        return self._read(key, start * row_elems, (stop - start, *shape[1:]))
+
+    def _read(self, key: str, first_elem: int, shape: tuple[int, ...]) -> torch.Tensor:
+        e = self.entries[key]
+        a, b = e["data_offsets"]
+        out = torch.empty(shape, dtype=DTYPES[e["dtype"]])
+        n = out.numel() * out.element_size()
+        if n:
+            start = a + first_elem * out.element_size()
+            if start + n > b:
+                raise MacqError(f"{self.path}: read past the end of tensor {key}")
+            buf = out.reshape(-1).view(torch.uint8).numpy()
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self._data_start + start)
+                got = f.readinto(buf)
+            if got != n:
+                raise MacqError(f"{self.path}: tensor {key} truncated ({got} of {n} bytes)")
+        return out
+
+
+class TensorStore(Mapping):
+    """A lazy ``{name: tensor}`` over a single file or a sharded set with an index: values are read on access."""
+
+    def __init__(self, files: dict[str, SafetensorsFile]):
+        self._files = files
+
+    @classmethod
+    def open(cls, directory: str | Path, stem: str = "model") -> "TensorStore":
+        """``{stem}.safetensors.index.json`` if present, else ``{stem}.safetensors``."""
+        d = Path(directory)
+        index = d / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            by_file = {f: SafetensorsFile(d / f) for f in sorted(set(weight_map.values()))}
+            return cls({k: by_file[f] for k, f in weight_map.items()})
+        single = d / f"{stem}.safetensors"
+        if not single.is_file():
+            raise MacqError(f"{d}: neither {index.name} nor {single.name}")
+        sf = SafetensorsFile(single)
+        return cls({k: sf for k in sf.keys()})
+
+    @classmethod
+    def exists(cls, directory: str | Path, stem: str = "model") -> bool:
+        d = Path(directory)
+        return (d / f"{stem}.safetensors.index.json").is_file() or (d / f"{stem}.safetensors").is_file()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._files[key].get(key)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._files[key].get_rows(key, start, stop)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._files
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._files[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._files[key].dtype(key)
+
+    def nbytes(self, key: str) -> int:
+        return self._files[key].nbytes(key)
+
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(k) for k in self)
+
+
+class _OpenShard:
+    def __init__(self, path: Path, reserve: int):
+        self.path = path
+        self.reserve = reserve
+        self.f = open(path, "wb")
+        self.f.write(b"\0" * (8 + reserve))
+        self.header: dict[str, Any] = {}
+        self.offset = 0
+
+    def header_bytes(self, metadata: dict[str, str] | None) -> bytes:
+        h = dict(self.header)
+        if metadata:
+            h = {"__metadata__": metadata, **h}
+        return json.dumps(h, separators=(",", ":")).encode()
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if t.dtype not in DTYPE_NAMES:
+            raise MacqError(f"tensor {key}: dtype {t.dtype} cannot be stored in safetensors")
+        raw = _raw_bytes(t)
+        n = len(raw) if isinstance(raw, bytes) else raw.nbytes
+        self.f.write(raw)
+        self.header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [self.offset, self.offset + n]}
+        self.offset += n
+
+    def close(self, metadata: dict[str, str] | None) -> None:
+        hb = self.header_bytes(metadata)
+        if len(hb) > self.reserve:  # guarded by ShardWriter; kept as a hard check of the invariant
+            raise MacqError(f"{self.path}: header of {len(hb)} bytes exceeds the reserved {self.reserve}")
+        self.f.seek(0)
+        self.f.write(struct.pack("<Q", self.reserve) + hb + b" " * (self.reserve - len(hb)))
+        self.f.close()
+
+
+class ShardWriter:
+    """Stream tensors into ``{stem}-0000i-of-0000N.safetensors`` shards of at most ``shard_bytes`` (a tensor
+    larger than that gets a shard of its own, as in mlx_lm / transformers) and an index.
+
+    Shard files are written under provisional names and renamed when :meth:`close` knows N. One shard is
+    named ``{stem}.safetensors``; the index is written either way. Use inside :func:`macq.atomic.atomic_dir`:
+    an exception leaves only the temp dir, which atomic_dir removes.
+    """
+
+    def __init__(self, directory: str | Path, stem: str = "model", shard_bytes: int = 5 << 30,
+                 metadata: dict[str, str] | None = None, header_reserve: int = HEADER_RESERVE):
+        if shard_bytes <= 0:
+            raise MacqError(f"shard_bytes={shard_bytes}: expected a positive size")
+        self.dir = Path(directory)
+        self.stem = stem
+        self.shard_bytes = shard_bytes
+        self.metadata = metadata
+        self.reserve = header_reserve - 8 - (header_reserve % 8)  # data starts 8-byte aligned
+        self._done: list[_OpenShard] = []
+        self._cur: _OpenShard | None = None
+        self.weight_map: dict[str, int] = {}
+        self.total_size = 0
+
+    def _new_shard(self) -> _OpenShard:
+        if self._cur is not None:
+            self._cur.close(self.metadata)
+            self._done.append(self._cur)
+        self._cur = _OpenShard(self.dir / f".{self.stem}.part{len(self._done) + 1:05d}", self.reserve)
+        return self._cur
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if key in self.weight_map:
+            raise MacqError(f"tensor {key} written twice")
+        n = t.numel() * t.element_size()
+        cur = self._cur
+        # header growth: this entry's JSON is < 200 bytes + the key
+        room = cur is not None and len(cur.header_bytes(self.metadata)) + len(key) + 200 < cur.reserve
+        if cur is None or not room or (cur.offset > 0 and n > 0 and cur.offset + n > self.shard_bytes):
+            cur = self._new_shard()
+        cur.add(key, t)
+        self.weight_map[key] = len(self._done)
+        self.total_size += n
+
+    def add_all(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.add(k, v)
+
+    def close(self, index_metadata: dict[str, Any] | None = None) -> list[Path]:
+        """Finish the last shard, rename all shards to their final names, write the index."""
+        if self._cur is None:
+            self._new_shard()
+        assert self._cur is not None
+        self._cur.close(self.metadata)
+        self._done.append(self._cur)
+        self._cur = None
+        n = len(self._done)
+        names = [f"{self.stem}.safetensors"] if n == 1 else \
+            [f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for shard, name in zip(self._done, names):
+            os.replace(shard.path, self.dir / name)
+        index = {"metadata": {"total_size": self.total_size, **(index_metadata or {})},
+                 "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())}}
+        (self.dir / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=4))
+        return [self.dir / name for name in names]
