@@ -201,15 +201,6 @@ class QuantizedModel:
                    source=manifest.get("source", ""))
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise MacqError(f"{path}: missing")
-    try:
-        return load_file(path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError on corrupt / truncated files
-        raise MacqError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:160]})") from None
-
-
 def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
