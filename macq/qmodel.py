@@ -44,13 +44,14 @@ class LazyRecords(Mapping):
 
     def __getitem__(self, name: str) -> Record:
         meta = self.metas[name]
-        tensors = {f: self.store[f"{name}.{f}"] for f in RECORD_FIELDS if f"{name}.{f}" in self.store}
-        try:  # records validate themselves (range, dtype, finiteness) as they are built
-            return record_from_tensors(meta, tensors)
+        keys = [f"{name}.{f}" for f in RECORD_FIELDS if f"{name}.{f}" in self.store]
+        where = self.store.path_of(keys[0]) if keys else self.where
+        try:  # records validate themselves (range, dtype, finiteness) as they are built, i.e. as read
+            return record_from_tensors(meta, {k[len(name) + 1:]: self.store[k] for k in keys})
         except MacqError as e:
-            raise MacqError(f"{self.where}: record {name}: {e}") from None
+            raise MacqError(f"{where}: record {name}: {e}") from None
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise MacqError(f"{self.where}: record {name} is incomplete or malformed ({e!s:.120})") from None
+            raise MacqError(f"{where}: record {name} is incomplete or malformed ({e!s:.120})") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.metas)

@@ -123,8 +123,14 @@ class TensorStore(Mapping):
         d = Path(directory)
         index = d / f"{stem}.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise MacqError(f"{index}: not a safetensors index ({e!s:.120})") from None
             by_file = {f: SafetensorsFile(d / f) for f in sorted(set(weight_map.values()))}
+            for k, f in weight_map.items():  # a tensor the index promises but the file lacks: refused now
+                if k not in by_file[f].entries:
+                    raise MacqError(f"{d / f}: lacks {stem} tensor {k} (listed in {index.name})")
             return cls({k: by_file[f] for k, f in weight_map.items()})
         single = d / f"{stem}.safetensors"
         if not single.is_file():
@@ -142,6 +148,10 @@ class TensorStore(Mapping):
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         return self._files[key].get_rows(key, start, stop)
+
+    def path_of(self, key: str) -> Path:
+        """The file that holds ``key`` (for error messages that name it)."""
+        return self._files[key].path
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)

@@ -174,6 +174,13 @@ def quantize_tensor(w: torch.Tensor, method: str, cfg: Any, fn: Callable[..., Re
     return _fill_rows(blocks, w.shape[0])
 
 
+def finite(key: str, t: torch.Tensor) -> torch.Tensor:
+    """The streamed twin of ``models.check_loaded``: NaN/inf weights would quantize into NaN scales."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise MacqError(f"model: tensor {key} holds NaN or inf values")
+    return t
+
+
 def quantize_stored(store: TensorStore, key: str, transposed: bool, method: str, cfg: Any,
                     fn: Callable[..., Record]) -> Record:
     """Quantize ``store[key]``; a row-separable method reads it in row blocks, so the source tensor is never whole
@@ -181,9 +188,9 @@ def quantize_stored(store: TensorStore, key: str, transposed: bool, method: str,
     shape = store.shape(key)
     rows_per_block = max(1, ROW_BLOCK_ELEMS // max(1, shape[1]))
     if transposed or shape[0] <= rows_per_block or not ROW_SEPARABLE.get(method, lambda _c: False)(cfg):
-        w = store[key]
+        w = finite(key, store[key])
         return quantize_tensor(w.t() if transposed else w, method, cfg, fn)
-    blocks = (fn(store.get_rows(key, r, r + rows_per_block).float(), cfg)
+    blocks = (fn(finite(key, store.get_rows(key, r, r + rows_per_block)).float(), cfg)
               for r in range(0, shape[0], rows_per_block))
     return _fill_rows(blocks, shape[0])
 
@@ -207,11 +214,12 @@ def iter_quantized(plan: StreamPlan, method: str, cfg: Any, progress: bool = Fal
         if layer is not None:
             log.layer(layer, "quantize")
         if kind == "record":
-            rec = quantize_stored(plan.store, src_key, transposed, method, cfg, fn)
+            mcfg = cfg.for_module(name) if hasattr(cfg, "for_module") else cfg  # per-module --override
+            rec = quantize_stored(plan.store, src_key, transposed, method, mcfg, fn)
             rec.transposed = transposed
             yield "record", name, rec
         else:
-            yield "float", name, plan.store[src_key]
+            yield "float", name, finite(src_key, plan.store[src_key])
     log.done()
 
 

@@ -76,7 +76,7 @@ def test_records_validated_when_loaded(tiny_dir, tmp_path):
     rec["model.layers.1.self_attn.o_proj.scales"][1, 0] = float("nan")
     save_file(rec, d / "records.safetensors")
     with pytest.raises(MacqError, match=r"records.safetensors: record model.layers.1.self_attn.o_proj: .*NaN"):
-        QuantizedModel.load(d)
+        dict(QuantizedModel.load(d).records)  # records load lazily: each is validated as it is read
     # a float tensor missing from float.safetensors would stay at random init in to_torch(): refused
     d2 = qm.save(tmp_path / "q2")
     flt = load_file(d2 / "float.safetensors")
@@ -258,7 +258,8 @@ def test_signal_mid_export_leaves_nothing(tiny_dir, tmp_path, capsys, sig, force
         before = {p.name: p.read_bytes() for p in out.iterdir()}
     wrapper, marker = tmp_path / "w.py", tmp_path / "marker"
     wrapper.write_text(_WRAPPER)
-    args = [sys.executable, str(wrapper), str(marker), "export", str(tiny_dir), "--target", "mlx", "-o", str(out),
+    args = [sys.executable, str(wrapper), str(marker), "export", str(tiny_dir), "--target", "mlx", "--no-stream",
+            "-o", str(out),
             "--bits", "3"] + (["--force"] if force else [])
     p = subprocess.Popen(args, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)

@@ -206,13 +206,15 @@ def test_cli_streams_weight_methods_and_reports_memory(ckpts, tmp_path):
     from tests.test_cli import macq
 
     out = tmp_path / "q"
-    r = macq("quantize", ckpts["llama"], "--method", "rtn", "--bits", "4", "--group-size", "32", "-o", out, "--json")
+    # --target mlx: the same (MLX) defaults as the export below, so the two routes must give the same tensors
+    r = macq("quantize", ckpts["llama"], "--method", "rtn", "--bits", "4", "--group-size", "32", "--target", "mlx",
+             "-o", out, "--json")
     res = json.loads(r.stdout)
     assert res["streamed"] is True and res["layers"] == 14
     assert res["memory"]["peak_rss_bytes"] > 50 * 2**20
     assert r.stderr.count("layer: ") == 0          # --json: no progress
-    r = macq("quantize", ckpts["llama"], "--method", "rtn", "--bits", "4", "--group-size", "32", "--no-stream",
-             "-o", tmp_path / "q2")
+    r = macq("quantize", ckpts["llama"], "--method", "rtn", "--bits", "4", "--group-size", "32", "--target", "mlx",
+             "--no-stream", "-o", tmp_path / "q2")
     assert_same_records(QuantizedModel.load(out), QuantizedModel.load(tmp_path / "q2"))
     r = macq("export", ckpts["llama"], "--target", "mlx", "--method", "rtn", "--bits", "4", "--group-size", "32",
              "-o", tmp_path / "mlx")
