@@ -29,6 +29,7 @@ class ExportResult:
     ops: dict[str, int]               # MIL op histogram of the main function
     ane_report: list[str]
     notes: list[str] = field(default_factory=list)
+    chunks: list[dict] = field(default_factory=list)  # ANE export: one row per package (path, bytes, findings)
 
 
 def _quiet_ct():
@@ -151,13 +152,15 @@ def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful:
                         ops=info["ops"], ane_report=info["ane_report"], notes=notes)
 
 
-def _stamp_metadata(mlmodel, qm) -> None:
+def provenance(qm) -> dict[str, str]:
     """Provenance in the package itself: where the weights came from and how they were quantized, so
     ``macq eval FILE.mlpackage`` can find the tokenizer and a reader can tell what the file holds."""
     import json
 
-    meta = mlmodel.user_defined_metadata
-    meta["macq.source"] = str(qm.source or "")
-    meta["macq.method"] = json.dumps(qm.method, default=str)
-    meta["macq.bits_per_weight"] = f"{qm.bits_per_weight():.4f}"
+    return {"macq.source": str(qm.source or ""), "macq.method": json.dumps(qm.method, default=str),
+            "macq.bits_per_weight": f"{qm.bits_per_weight():.4f}"}
+
+
+def _stamp_metadata(mlmodel, qm) -> None:
+    mlmodel.user_defined_metadata.update(provenance(qm))
     mlmodel.short_description = f"macq export ({qm.method.get('method', '?')}) of {qm.source or 'a causal LM'}"

@@ -33,6 +33,7 @@ class ArchSpec:
     # Linears of one decoder layer grouped by the input they share, in forward order (GPTQ sequence).
     sequence: tuple[tuple[str, ...], ...] = ()
     extra_embeds: tuple[str, ...] = field(default=())  # e.g. GPT-2's position embedding
+    export_model: str = ""           # Core ML ANE graph that implements this family (converters.ane_model), "" = none
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -49,6 +50,7 @@ _LLAMA_LIKE = ArchSpec(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    export_model="llama",
 )
 
 _GPT2 = ArchSpec(
