@@ -198,7 +198,12 @@ def export(
     dtype: str = typer.Option("float16", help="MLX: float dtype of scales/biases and float layers"),
     context: int = typer.Option(512, help="Core ML: maximum context (KV cache length)"),
     stateful: bool = typer.Option(True, "--stateful/--kv-io", help="Core ML: KV cache as state, or as inputs/outputs"),
-    fixed_shapes: bool = typer.Option(False, help="Core ML: fixed shapes (the ANE prefers them)"),
+    fixed_shapes: bool = typer.Option(False, help="Core ML --graph hf: fixed shapes (one token per call)"),
+    graph: str = typer.Option("ane", help="Core ML: ane (macq's ANE-shaped graph, fixed shapes, prefill+decode) | "
+                               "hf (transformers' model traced, flexible shapes)"),
+    prefill_len: Optional[int] = typer.Option(None, help="Core ML ane: tokens per prefill call (default min(64, context))"),
+    chunks: Optional[int] = typer.Option(None, help="Core ML ane: split the layers into N packages (+ embedding, head)"),
+    max_chunk_mb: Optional[float] = typer.Option(None, help="Core ML ane: split the layers into packages of at most M MB"),
     requantize_lut: bool = typer.Option(False, help="MLX: re-quantize LUT records (k-means/NF4) to affine, reported"),
     allow_fallback: bool = typer.Option(False, help="Core ML: fall back where a record is not exactly expressible"),
     force: bool = typer.Option(False),
@@ -210,6 +215,18 @@ def export(
 
     if target not in ("coreml", "mlx"):
         raise MacqError(f"--target {target!r}: expected coreml or mlx")
+    if graph not in ("ane", "hf"):
+        raise MacqError(f"--graph {graph!r}: expected ane or hf")
+    if target == "coreml" and graph == "hf" and (prefill_len, chunks, max_chunk_mb) != (None, None, None):
+        raise MacqError("--prefill-len / --chunks / --max-chunk-mb: need --graph ane")
+    if chunks is not None and chunks < 1:
+        raise MacqError(f"--chunks {chunks}: expected a positive number of layer chunks")
+    if max_chunk_mb is not None and max_chunk_mb <= 0:
+        raise MacqError(f"--max-chunk-mb {max_chunk_mb}: expected a positive size")
+    if prefill_len is not None and prefill_len < 1:
+        raise MacqError(f"--prefill-len {prefill_len}: expected a positive number of tokens")
+    if target == "coreml" and graph == "ane" and (fixed_shapes or not stateful):
+        raise MacqError("--fixed-shapes / --kv-io: need --graph hf (the ane graph is fixed-shape and stateful)")
     if output.exists() and not force:
         raise MacqError(f"--output {output} exists (pass --force to overwrite)")
     opts = _quant_options(bits=bits, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
@@ -226,18 +243,21 @@ def export(
     result, md = export_any(model, target, output, method, opts, calib_dataset=calib_dataset, n_calib=n_calib,
                             seq_len=seq_len, seed=seed, dtype=dtype, context=context, stateful=stateful,
                             fixed_shapes=fixed_shapes, requantize_lut=requantize_lut, allow_fallback=allow_fallback,
-                            force=force, trust_remote_code=trust_remote_code, progress=not as_json)
+                            force=force, trust_remote_code=trust_remote_code, progress=not as_json, graph=graph,
+                            prefill_len=prefill_len, chunks=chunks, max_chunk_mb=max_chunk_mb)
     _emit(result, as_json, md)
 
 
 @app.command()
-def generate(path: str = typer.Argument(..., help="MLX export dir (runs through mlx_lm) or an HF/macq dir (torch)"),
+def generate(path: str = typer.Argument(..., help="MLX export dir, Core ML ANE export (.mlpackage or chunk dir), or an HF/macq dir"),
              prompt: str = typer.Option("What is the capital of France?", "--prompt", "-p"),
-             max_tokens: int = typer.Option(64), chat: bool = typer.Option(True, "--chat/--raw")) -> None:
-    """Generate text from an export (MLX through mlx_lm) or a model (torch), greedy."""
+             max_tokens: int = typer.Option(64), chat: bool = typer.Option(True, "--chat/--raw"),
+             compute_units: str = typer.Option("ALL", help="Core ML export on macOS: ALL|CPU_AND_NE|CPU_ONLY|CPU_AND_GPU")) -> None:
+    """Generate text from an export (MLX through mlx_lm; a Core ML ANE export through Core ML on macOS, MIL
+    value inference elsewhere) or a model (torch), greedy."""
     from macq.exporting import generate_any
 
-    typer.echo(generate_any(path, prompt, max_tokens, chat))
+    typer.echo(generate_any(path, prompt, max_tokens, chat, compute_units=compute_units))
 
 
 @app.command()
