@@ -119,8 +119,7 @@ def ane_notes(prog, spec) -> list[str]:
 
 
 def advice(findings: list[str]) -> str:
-    static_ok = not any("RangeDim" in f or "without an ANE kernel" in f for f in findings)
-    if static_ok and not any("fp32" in f for f in findings):
+    if not findings:
         return "advice: compute_units=CPU_AND_NE (graph looks ANE-eligible); benchmark ALL vs CPU_AND_NE on device"
     return ("advice: compute_units=ALL (Core ML will split work; the GPU takes what the ANE cannot); "
             "for the ANE use the default ANE graph (fixed shapes) and per-channel/grouped-LUT weights")

@@ -261,7 +261,8 @@ def generate(path: str = typer.Argument(..., help="MLX export dir, Core ML ANE e
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage"), as_json: bool = typer.Option(False, "--json")) -> None:
+def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage or a chunked Core ML export dir"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
     """Ops histogram, weight formats, size, bits/weight and ANE report of a Core ML package."""
     from macq.exporting import inspect_coreml
 

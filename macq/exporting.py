@@ -110,10 +110,19 @@ def generate_any(path: str, prompt: str, max_tokens: int = 64, chat: bool = True
 
 
 def inspect_coreml(path: Path):
-    if path.suffix != ".mlpackage" or not path.exists():
-        raise MacqError(f"inspect: {path} is not an existing .mlpackage")
+    from converters.chunks import MANIFEST, read_manifest
     from converters.inspect import inspect_mlpackage
 
+    if path.is_dir() and (path / MANIFEST).is_file():  # chunked ANE export: one report per package
+        manifest, root = read_manifest(path)
+        datas, mds = [], []
+        for c in manifest.chunks:
+            d, md = inspect_coreml(root / c.path)
+            datas.append(dict(d, path=str(root / c.path)))
+            mds.append(md)
+        return {"chunks": datas, "ane_findings": [f for d in datas for f in d["ane_findings"]]}, "\n\n".join(mds)
+    if path.suffix != ".mlpackage" or not path.exists():
+        raise MacqError(f"inspect: {path} is not an existing .mlpackage or chunked Core ML export")
     data = inspect_mlpackage(path)
     rows = [{"op": k, "count": v} for k, v in sorted(data.get("ops", {}).items(), key=lambda kv: -kv[1])]
     md = [f"{path}: {data.get('bytes_on_disk', 0) / 2**20:.1f} MiB, "

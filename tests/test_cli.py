@@ -146,6 +146,11 @@ def test_export_coreml_chunks_eval_generate(tiny_dir, tmp_path, monkeypatch, cap
     res = json.loads(stdout)
     assert len(res["chunks"]) == 4 and (out / "coreml_manifest.json").is_file()
     assert res["ane_report"] == ["ANE gate: no findings"]
+    code, stdout, err = run_main(monkeypatch, capsys, "inspect", out, "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert len(data["chunks"]) == 4 and data["ane_findings"] == []
+    assert sum(d["ops"].get("constexpr_blockwise_shift_scale", 0) for d in data["chunks"]) == 14
     code, stdout, err = run_main(monkeypatch, capsys, "eval", out, "--dataset", "tinystories", "--max-tokens", "40",
                                  "--json")
     assert code == 0, err
