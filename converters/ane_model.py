@@ -17,7 +17,7 @@ Why each choice (Apple, "Deploying Transformers on the Apple Neural Engine", 202
   (each slot is 1·value + 0s), and no dynamic slice.
 * Grouped-query attention by viewing the ``G`` query heads of one KV head as ``G·S`` query rows: KV is never
   repeated.
-* Vocabulary-sized tensors split into parts of at most :data:`MAX_DIM` rows (embedding gather, LM head,
+* Vocabulary-sized tensors split into parts of fewer than :data:`MAX_DIM` rows (embedding gather, LM head,
   logits outputs ``logits_0..``), the ANE's largest supported dimension (assumption, see ane_report).
 """
 
@@ -51,10 +51,14 @@ class AneShape:
 
     @property
     def vocab_parts(self) -> list[tuple[int, int]]:
-        """Row ranges of at most MAX_DIM rows (equal sizes, multiple of 16 so LUT row groups align)."""
-        n = -(-self.vocab // MAX_DIM)
-        step = -(-self.vocab // n)
-        step = -(-step // 16) * 16 if n > 1 else step
+        """Row ranges of fewer than MAX_DIM rows (equal sizes, multiple of 16 so LUT row groups align)."""
+        n = self.vocab // MAX_DIM + 1
+        while True:
+            step = -(-self.vocab // n)
+            step = -(-step // 16) * 16 if n > 1 else step
+            if step < MAX_DIM:
+                break
+            n += 1
         return [(a, min(a + step, self.vocab)) for a in range(0, self.vocab, step)]
 
 

@@ -154,6 +154,17 @@ def test_perplexity_driver_and_context_limit(exports):
         s.feed(toks[:1])
 
 
+@pytest.mark.parametrize("vocab", [512, 16384, 32000, 49152, 128256, 151936])
+def test_vocab_parts_stay_under_the_ane_limits(vocab):
+    from converters.ane_report import LARGE_GATHER, MAX_ANE_DIM
+
+    s = ane_model.AneShape(64, 4, 2, 16, 128, 2, vocab, 1e-5, False, False)
+    parts = s.vocab_parts
+    assert parts[0][0] == 0 and parts[-1][1] == vocab and all(b == c for (_, b), (c, _) in zip(parts, parts[1:]))
+    assert all(b - a < min(LARGE_GATHER, MAX_ANE_DIM) for a, b in parts)
+    assert all(a % 16 == 0 for a, _ in parts) and len(parts) == (1 if vocab < 16384 else len(parts))
+
+
 def test_slice_rows_is_exact():
     w = torch.randn(96, 64)
     for rec in (uniform_lut_record(w, 4, 16), uniform_lut_record(w, 3), nf4_record(w, 32, False),
