@@ -32,6 +32,10 @@ def _check(qm, out_path: Path, context: int, prefill_len: int, chunked: bool, fo
     if not isinstance(prefill_len, int) or not 1 <= prefill_len <= context:
         raise MacqError(f"prefill_len={prefill_len}: expected an int in [1, context={context}]")
     ane_shape(qm)
+    window = getattr(qm.config, "sliding_window", None) if getattr(qm.config, "use_sliding_window", True) else None
+    if window and context > window:
+        raise MacqError(f"context={context}: beyond the model's sliding window {window}, which the ANE graph "
+                        "does not implement (full causal attention); use a context <= the window")
 
 
 def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefill_len: int = 64,
