@@ -1,5 +1,10 @@
 """Core ML (ML Program) exporter: record-exact constexpr weights, stateful KV cache, Linux graph checks.
 
+Default graph: macq's own ANE-shaped Llama-family model (``ane_model``), fixed shapes, ``prefill`` + ``decode``
+functions per package (``multifunction``), optionally chunked with a manifest (``chunks``, ``ane_export``),
+run by ``ane_runner`` (Core ML on macOS, MIL value inference elsewhere). ``graph="hf"``: transformers'
+model traced (``wrapper``), flexible shapes, the earlier path.
+
 Public API: :func:`export_coreml`, :func:`inspect_mlpackage`, :func:`run_mil`, :func:`ane_report`,
 :func:`predict_coreml` (macOS). coremltools is imported lazily, inside the functions that need it.
 """

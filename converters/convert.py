@@ -32,6 +32,7 @@ class ExportResult:
     ops: dict[str, int]               # MIL op histogram of the main function
     ane_report: list[str]
     notes: list[str] = field(default_factory=list)
+    chunks: list[dict] = field(default_factory=list)  # ANE export: one row per package (path, bytes, findings)
 
 
 _quiet_ct = quiet_ct  # the name other converters modules used before mil_io existed
@@ -135,11 +136,20 @@ def _check_args(qm, out_path: Path, context: int, compute_units: str, force: boo
         raise MacqError("activation quantization (e.g. SmoothQuant W8A8) cannot be expressed in a Core ML weight-only export")
 
 
+GRAPHS = ("ane", "hf")
+
+
 def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful: bool = True,
                   fixed_shapes: bool = False, compute_units: str = "ALL", force: bool = False,
-                  allow_fallback: bool = False) -> ExportResult:
-    """Export a :class:`~macq.qmodel.QuantizedModel` to a Core ML ``.mlpackage`` with record-exact weights.
+                  allow_fallback: bool = False, graph: str = "ane", prefill_len: int | None = None,
+                  chunks: int | None = None, max_chunk_mb: float | None = None) -> ExportResult:
+    """Export a :class:`~macq.qmodel.QuantizedModel` to Core ML with record-exact weights.
 
+    ``graph="ane"`` (default): macq's ANE-shaped graph, fixed shapes, ``prefill`` (``prefill_len`` tokens,
+    default ``min(64, context)``) + ``decode`` functions sharing weights and KV state; one package, or with
+    ``chunks`` / ``max_chunk_mb`` a directory of chunk packages + manifest (:mod:`converters.ane_export`).
+    ``graph="hf"``: transformers' model traced (flexible shapes unless ``fixed_shapes``; ``stateful=False``
+    for KV-in/KV-out), one function.
     Weights are placed by :mod:`converters.weights` (layouts and their exactness are documented there).
     ``allow_fallback``: store inexact-but-close forms (bias-form affine with non-integer −b/s, non-fp16
     scales) instead of raising; each such layer is named in ``notes``.
@@ -147,6 +157,20 @@ def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful:
     from converters.inspect import inspect_mlpackage
     from converters.weights import apply_records, plan_layouts
 
+    if graph not in GRAPHS:
+        raise MacqError(f"graph={graph!r}: expected one of {', '.join(GRAPHS)}")
+    if compute_units not in COMPUTE_UNITS:
+        raise MacqError(f"compute_units={compute_units!r}: expected one of {', '.join(COMPUTE_UNITS)}")
+    if graph == "ane":
+        if not stateful or fixed_shapes:
+            raise MacqError("stateful=False / fixed_shapes apply to graph='hf' (the ANE graph is always stateful "
+                            "and fixed-shape)")
+        from converters.ane_export import export_coreml_ane
+
+        return export_coreml_ane(qm, out_path, context=context, prefill_len=prefill_len or min(64, context),
+                                 chunks=chunks, max_chunk_mb=max_chunk_mb, force=force, allow_fallback=allow_fallback)
+    if prefill_len is not None or chunks is not None or max_chunk_mb is not None:
+        raise MacqError("prefill_len / chunks / max_chunk_mb apply to graph='ane' only")
     out_path = Path(out_path)
     _check_args(qm, out_path, context, compute_units, force)
     layouts, notes = plan_layouts(qm.records, allow_fallback)  # fails fast, before the slow conversion
@@ -161,13 +185,15 @@ def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful:
                         ops=info["ops"], ane_report=info["ane_report"], notes=notes)
 
 
-def _stamp_metadata(mlmodel, qm) -> None:
+def provenance(qm) -> dict[str, str]:
     """Provenance in the package itself: where the weights came from and how they were quantized, so
     ``macq eval FILE.mlpackage`` can find the tokenizer and a reader can tell what the file holds."""
     import json
 
-    meta = mlmodel.user_defined_metadata
-    meta["macq.source"] = str(qm.source or "")
-    meta["macq.method"] = json.dumps(qm.method, default=str)
-    meta["macq.bits_per_weight"] = f"{qm.bits_per_weight():.4f}"
+    return {"macq.source": str(qm.source or ""), "macq.method": json.dumps(qm.method, default=str),
+            "macq.bits_per_weight": f"{qm.bits_per_weight():.4f}"}
+
+
+def _stamp_metadata(mlmodel, qm) -> None:
+    mlmodel.user_defined_metadata.update(provenance(qm))
     mlmodel.short_description = f"macq export ({qm.method.get('method', '?')}) of {qm.source or 'a causal LM'}"

@@ -12,13 +12,30 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.ane_report import ane_report
+from converters.ane_report import ane_findings, ane_report
 from converters.mil_io import dir_bytes, load_program
 
 __all__ = ["load_program", "inspect_mlpackage", "weight_chains", "dtype_name"]
 
 CONSTEXPR = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "constexpr_sparse_to_dense",
              "constexpr_affine_dequantize", "constexpr_cast")
+
+
+def main_function(prog, spec=None) -> str:
+    """``main`` for a single-function program, else the default function of a multifunction one."""
+    if "main" in prog.functions:
+        return "main"
+    name = spec.description.defaultFunctionName if spec is not None else ""
+    return name if name in prog.functions else sorted(prog.functions)[0]
+
+
+def function_description(spec, name: str | None = None):
+    """The input/output/state description of function ``name`` (the model's own for single-function specs)."""
+    d = spec.description
+    if not len(d.functions):
+        return d
+    name = name or d.defaultFunctionName
+    return next(f for f in d.functions if f.name == name)
 
 
 def dtype_name(var) -> str:
@@ -35,10 +52,10 @@ def _var_bits(var) -> int:
     return int(digits) if digits else 8  # fp16 -> 16, uint4 -> 4, int8 -> 8, bool -> 8
 
 
-def weight_chains(prog) -> list[dict]:
-    """One entry per final constexpr output (the weight a compute op consumes)."""
+def weight_chains(prog, function: str | None = None) -> list[dict]:
+    """One entry per final constexpr output (the weight a compute op consumes) of ``function`` (default: main)."""
     chains = []
-    for op in prog.functions["main"].operations:
+    for op in prog.functions[function or main_function(prog)].operations:
         if op.op_type not in CONSTEXPR:
             continue
         out = op.outputs[0]
@@ -67,8 +84,10 @@ def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
 
     ``loaded``: an already loaded ``(program, spec)`` of ``path``."""
     prog, spec = loaded if loaded is not None else load_program(path)
-    ops = Counter(op.op_type for op in prog.functions["main"].operations)
-    chains = weight_chains(prog)
+    fn = main_function(prog, spec)
+    desc = function_description(spec, fn)
+    ops = Counter(op.op_type for op in prog.functions[fn].operations)
+    chains = weight_chains(prog, fn)
     formats: dict[str, dict] = {}
     for c in chains:
         f = formats.setdefault(f"{c['kind']}[{c['code_dtype']}]", {"count": 0, "weights": 0, "bits": 0})
@@ -78,14 +97,15 @@ def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
     for f in formats.values():
         f["bits_per_weight"] = f["bits"] / f["weights"]
     n = sum(c["numel"] for c in chains)
-    float_consts = [op for op in prog.functions["main"].operations
+    float_consts = [op for op in prog.functions[fn].operations
                     if op.op_type == "const" and op.outputs[0].rank >= 2 and op.outputs[0].val is not None]
     return {"ops": dict(ops.most_common()), "formats": formats, "n_compressed": len(chains),
             "bits_per_weight": sum(c["bits"] for c in chains) / n if n else 16.0,
             "bytes_on_disk": dir_bytes(Path(path)),
             "float_const_params": int(sum(np.prod(o.outputs[0].shape) for o in float_consts)),
             "float_const_dtypes": dict(Counter(dtype_name(o.outputs[0]) for o in float_consts)),
-            "inputs": {i.name: str(i.type.WhichOneof("Type")) for i in spec.description.input},
-            "states": [s.name for s in spec.description.state],
+            "inputs": {i.name: str(i.type.WhichOneof("Type")) for i in desc.input},
+            "states": [s.name for s in desc.state], "functions": sorted(prog.functions), "n_weights": n,
             "spec_version": spec.specificationVersion,
+            "ane_findings": ane_findings(prog, spec),
             "ane_report": ane_report(path, (prog, spec))}

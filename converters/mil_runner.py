@@ -4,8 +4,10 @@ Core ML prediction exists only on macOS. This runner loads the package's MIL pro
 its ops with coremltools' own numpy value inference (constexpr ops via ``materialized_val_inference``,
 ``read_state`` / ``coreml_update_state`` emulated with a dict). It proves the saved graph and weights
 compute the right logits; it says nothing about the Neural Engine, its fp16 accumulation or its speed.
-Two ops need local evaluators (see shared/PLATFORM.md): ``silu`` has no value inference, and
-``reduce_*`` passes ``keepdims`` as ``np.bool_``, which numpy 2 rejects.
+Three ops need local evaluators (see shared/PLATFORM.md): ``silu`` and ``conv`` (the ANE graph's 1×1 linears)
+have no value inference, and ``reduce_*`` passes ``keepdims`` as ``np.bool_``, which numpy 2 rejects.
+Multifunction programs (the ANE export's ``prefill`` / ``decode``) run one ``function`` at a time, with the
+caller carrying the state dict from call to call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,20 @@ def _silu(op):
     return (xf / (1.0 + np.exp(-xf))).astype(x.dtype)
 
 
-_LOCAL: dict[str, Callable] = {"silu": _silu, **{k: (lambda op, f=f: _reduce(op, f)) for k, f in _REDUCE.items()}}
+def _conv(op):
+    """1×1 convolution (the ANE graph's linears), the only conv macq emits; computed in fp32, stored fp16."""
+    x, w = op.x.val, op.weight.val
+    strides = op.strides.val if op.strides is not None else None
+    groups = int(op.groups.val) if op.groups is not None else 1
+    if w.shape[2:] != (1, 1) or groups != 1 or (strides is not None and any(int(v) != 1 for v in strides)):
+        raise RuntimeError(f"op {op.name}: only 1x1, stride-1, ungrouped conv is evaluated here")
+    y = np.einsum("oi,bihw->bohw", w[:, :, 0, 0].astype(np.float32), x.astype(np.float32))
+    if op.bias is not None:
+        y = y + op.bias.val.astype(np.float32)[None, :, None, None]
+    return y.astype(x.dtype)
+
+
+_LOCAL: dict[str, Callable] = {"silu": _silu, "conv": _conv, **{k: (lambda op, f=f: _reduce(op, f)) for k, f in _REDUCE.items()}}
 
 
 def _set(var, arr) -> None:
@@ -64,6 +79,13 @@ def run_program(prog, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray
             raise KeyError(f"missing input {name!r}; the program takes {list(func.inputs)}")
         want = types.nptype_from_builtin(var.dtype)
         _set(var, np.asarray(inputs[name]).astype(want))
+    with func:  # some type inference (conv) asks for the current block
+        _run_ops(func, state)
+    outputs = {v.name: np.array(v.val) for v in func.outputs}
+    return outputs, state
+
+
+def _run_ops(func, state: dict[str, np.ndarray]) -> None:
     for op in func.operations:
         kind = op.op_type
         if kind == "const":
@@ -81,8 +103,6 @@ def run_program(prog, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray
             op.type_value_inference(overwrite_output=True)
             if any(v.val is None for v in op.outputs):
                 raise RuntimeError(f"op {op.name} ({kind}) has no value inference")
-    outputs = {v.name: np.array(v.val) for v in func.outputs}
-    return outputs, state
 
 
 def run_mil(path: str | Path, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None,

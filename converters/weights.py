@@ -141,14 +141,27 @@ def _transpose_step(kw: dict) -> dict:
     return out
 
 
+def _conv_step(kind: str, kw: dict) -> dict:
+    """Same layout for a 1×1 conv weight ``[out, in, 1, 1]``: two unit axes after the weight axes (the LUT's
+    own trailing ``[K, 1]`` axes stay last, as iOS18 ``constexpr_lut_to_dense`` wants rank(lut) = rank + 2)."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, np.ndarray) and v.ndim >= 2:
+            shape = v.shape[:2] + (1, 1) + v.shape[2:] if (kind == "lut" and k == "lut") else v.shape + (1, 1)
+            v = v.reshape(shape).view(v.dtype)
+        out[k] = v
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the pass
 
-def _build(steps, before_op, name: str, transposed: bool):
+def _build(steps, before_op, name: str, transposed: bool, conv: bool = False):
     from coremltools.converters.mil import Builder as mb
 
     var = None
     for i, (kind, kw) in enumerate(steps):
         kw = _transpose_step(kw) if transposed else dict(kw)
+        kw = _conv_step(kind, kw) if conv else kw
         if kind == "lut":
             var = mb.constexpr_lut_to_dense(**kw, before_op=before_op, name=f"{name}_lut")
         else:
@@ -184,13 +197,16 @@ def apply_records_to_program(prog, records: dict, layouts: dict[str, list]) -> d
             if op.op_type != "const" or op.outputs[0].val is None:
                 continue
             val = op.outputs[0].val
-            if not isinstance(val, np.ndarray) or val.ndim != 2 or val.dtype != np.float16:
+            if not isinstance(val, np.ndarray) or val.dtype != np.float16:
                 continue
-            hit = index.get((val.shape, _hash(val)))
-            if hit is None:
+            conv = val.ndim == 4 and val.shape[2:] == (1, 1)   # 1x1 conv weight [out, in, 1, 1]
+            if val.ndim != 2 and not conv:
+                continue
+            hit = index.get((val.shape[:2], _hash(val)))
+            if hit is None or (conv and hit[0][1]):
                 continue
             name, transposed = hit[0]  # records with identical weights are interchangeable
-            new = _build(layouts[name], op, op.name, transposed)
+            new = _build(layouts[name], op, op.name, transposed, conv)
             block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
                                                no_check_var_types=True)
             block.remove_ops([op])
@@ -204,6 +220,28 @@ def apply_records_to_program(prog, records: dict, layouts: dict[str, list]) -> d
         raise MacqError(f"records not found in the converted program (weights changed during conversion?): "
                         f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     return placed
+
+
+def slice_rows(rec, start: int, stop: int):
+    """The record of output rows ``[start, stop)`` (vocabulary parts of an embedding / LM head); its
+    ``dequantize()`` equals those rows of the whole record's, so the slice stays record-exact."""
+    from dataclasses import replace
+
+    out, _ = rec.shape
+    if isinstance(rec, LUTRecord):
+        per = out // rec.n_lut_groups
+        if rec.n_lut_groups > 1 and (start % per or stop % per):
+            raise MacqError(f"rows [{start}, {stop}) split a LUT group of {per} rows")
+        lut = rec.lut if rec.n_lut_groups == 1 else rec.lut[start // per:stop // per]
+        scales = rec.block_scales()
+        return replace(rec, indices=rec.indices[start:stop], lut=lut,
+                       scales=None if scales is None else scales[start:stop], double_quant=None)
+    if isinstance(rec, AffineRecord):
+        if rec.per_tensor:
+            return replace(rec, codes=rec.codes[start:stop])
+        cut = {k: getattr(rec, k)[start:stop] for k in ("scales", "zeros", "biases") if getattr(rec, k) is not None}
+        return replace(rec, codes=rec.codes[start:stop], **cut)
+    raise MacqError(f"unknown record type {type(rec).__name__}")
 
 
 def apply_records(mlmodel, records: dict, allow_fallback: bool = False, layouts: dict | None = None):

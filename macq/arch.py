@@ -147,6 +147,7 @@ class ArchSpec:
     mlx: MLXSpec | None = None
     coreml: str | None = None                          # Core ML model definition (converters), None = refused
     coreml_refusal: str = ""                           # why, when refused
+    export_model: str = ""     # macq's own ANE-shaped Core ML graph (converters.ane_model) for this family, "" = none
 
     def __post_init__(self) -> None:
         # A mapping out of a norm carries the norm's formula, so fold code needs nothing else.
@@ -213,7 +214,7 @@ _LLAMA_MAPPINGS = (
 _LLAMA_SEQUENCE = (_ATTN_LINEARS, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 _LLAMA_BASE = dict(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
                    mappings=_LLAMA_MAPPINGS, sequence=_LLAMA_SEQUENCE, norms=("input_layernorm", "post_attention_layernorm"),
-                   coreml="hf_trace")
+                   coreml="hf_trace", export_model="llama")
 
 LLAMA = ArchSpec(family="llama", model_types=("llama",), mlx=MLXSpec("llama"), **_LLAMA_BASE)
 # Mistral: every layer windowed when config.sliding_window is set; the HF forward takes one 4-D mask.

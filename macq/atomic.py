@@ -38,6 +38,9 @@ def macq_artifact(path: str | Path) -> str | None:
             return "macq"
         if (p / "config.json").is_file() and isinstance(json.loads((p / "config.json").read_text()).get("macq"), dict):
             return "mlx"
+        chunked = p / "coreml_manifest.json"  # a chunked Core ML export (converters.chunks writes it)
+        if chunked.is_file() and json.loads(chunked.read_text()).get("format") == "macq-coreml-ane":
+            return "mlpackage"
         spec = p / COREML_SPEC
         if p.suffix == ".mlpackage" and spec.is_file() and COREML_MARKER in spec.read_bytes():
             return "mlpackage"

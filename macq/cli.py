@@ -233,7 +233,9 @@ def eval_cmd(
     _emit(result, as_json, md)
 
 
-TARGET_OPTIONS = {"mlx": ("dtype", "requantize_lut"), "coreml": ("context", "stateful", "fixed_shapes", "allow_fallback")}
+TARGET_OPTIONS = {"mlx": ("dtype", "requantize_lut"),
+                  "coreml": ("context", "stateful", "fixed_shapes", "allow_fallback", "graph", "prefill_len", "chunks",
+                             "max_chunk_mb")}
 
 
 def _export_options(
@@ -250,7 +252,12 @@ def _export_options(
                                           "or the model's maximum if smaller)"),
     stateful: Optional[bool] = typer.Option(None, "--stateful/--kv-io",
                                             help="Core ML: KV cache as state (default), or as inputs/outputs"),
-    fixed_shapes: Optional[bool] = typer.Option(None, "--fixed-shapes", help="Core ML: fixed shapes (the ANE prefers them)"),
+    fixed_shapes: Optional[bool] = typer.Option(None, "--fixed-shapes", help="Core ML --graph hf: fixed shapes (one token per call)"),
+    graph: Optional[str] = typer.Option(None, help="Core ML: ane (default: macq's ANE-shaped graph, fixed shapes, prefill+decode) "
+                                        "| hf (transformers' model traced, flexible shapes)"),
+    prefill_len: Optional[int] = typer.Option(None, help="Core ML ane: tokens per prefill call (default min(64, context))"),
+    chunks: Optional[int] = typer.Option(None, help="Core ML ane: split the layers into N packages (+ embedding, head)"),
+    max_chunk_mb: Optional[float] = typer.Option(None, help="Core ML ane: split the layers into packages of at most M MB"),
     requantize_lut: Optional[bool] = typer.Option(None, "--requantize-lut",
                                                   help="MLX: re-quantize LUT records (k-means/NF4) to affine, reported"),
     allow_fallback: Optional[bool] = typer.Option(None, "--allow-fallback",
@@ -266,7 +273,8 @@ def _export_options(
 @_generated(_export_options)
 def export(model: str | None, target: str, output: Path, method: str | None, calib_dataset: str | None,
            n_calib: int | None, seq_len: int | None, seed: int | None, dtype: str | None, context: int | None,
-           stateful: bool | None, fixed_shapes: bool | None, requantize_lut: bool | None, allow_fallback: bool | None,
+           stateful: bool | None, fixed_shapes: bool | None, graph: str | None, prefill_len: int | None,
+           chunks: int | None, max_chunk_mb: float | None, requantize_lut: bool | None, allow_fallback: bool | None,
            force: bool, trust_remote_code: bool, stream: bool | None, as_json: bool, **mopts: Any) -> None:
     """Quantize (or read a macq quantization dir) and export for Core ML or MLX, never re-quantizing."""
     from macq.atomic import check_output
@@ -278,7 +286,8 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
     if target not in TARGETS:
         raise MacqError(f"--target {target!r}: expected coreml or mlx")
     tgt = {"dtype": dtype, "context": context, "stateful": stateful, "fixed_shapes": fixed_shapes,
-           "requantize_lut": requantize_lut, "allow_fallback": allow_fallback}
+           "requantize_lut": requantize_lut, "allow_fallback": allow_fallback, "graph": graph,
+           "prefill_len": prefill_len, "chunks": chunks, "max_chunk_mb": max_chunk_mb}
     other = next(t for t in TARGETS if t != target)
     for k in TARGET_OPTIONS[other]:
         if tgt[k] is not None:
@@ -286,6 +295,19 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
     tgt = {"dtype": dtype or "float16", "context": 512 if context is None else context,
            "stateful": True if stateful is None else stateful, "fixed_shapes": bool(fixed_shapes),
            "requantize_lut": bool(requantize_lut), "allow_fallback": bool(allow_fallback)}
+    graph = graph or "ane"
+    if graph not in ("ane", "hf"):
+        raise MacqError(f"--graph {graph!r}: expected ane or hf")
+    if graph == "hf" and (prefill_len, chunks, max_chunk_mb) != (None, None, None):
+        raise MacqError("--prefill-len / --chunks / --max-chunk-mb: need --graph ane")
+    if chunks is not None and chunks < 1:
+        raise MacqError(f"--chunks {chunks}: expected a positive number of layer chunks")
+    if max_chunk_mb is not None and max_chunk_mb <= 0:
+        raise MacqError(f"--max-chunk-mb {max_chunk_mb}: expected a positive size")
+    if prefill_len is not None and prefill_len < 1:
+        raise MacqError(f"--prefill-len {prefill_len}: expected a positive number of tokens")
+    if target == "coreml" and graph == "ane" and (fixed_shapes or stateful is False):
+        raise MacqError("--fixed-shapes / --kv-io: need --graph hf (the ane graph is fixed-shape and stateful)")
     check_output(output, force)
     calib = {"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed}
     kind = artifact_kind(model)
@@ -304,7 +326,8 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
         tgt["context"] = min(512, max_pos)
     check_target(target, method_name, cfg, config, output=output, dtype=tgt["dtype"], context=tgt["context"],
-                 requantize_lut=tgt["requantize_lut"], allow_fallback=tgt["allow_fallback"])
+                 requantize_lut=tgt["requantize_lut"], allow_fallback=tgt["allow_fallback"],
+                 chunked=target == "coreml" and graph == "ane" and (chunks or max_chunk_mb) is not None)
     if target == "coreml" and stream:
         raise MacqError("--stream: the Core ML export traces the whole model; streaming covers --target mlx")
     if target == "mlx" and stream is not False:
@@ -322,25 +345,29 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
                             dtype=tgt["dtype"], context=tgt["context"], stateful=tgt["stateful"],
                             fixed_shapes=tgt["fixed_shapes"], requantize_lut=tgt["requantize_lut"],
                             allow_fallback=tgt["allow_fallback"], force=force, trust_remote_code=trust_remote_code,
-                            progress=not as_json)
+                            progress=not as_json, graph=graph, prefill_len=prefill_len, chunks=chunks,
+                            max_chunk_mb=max_chunk_mb)
     result["notes"] = notes + list(result.get("notes") or [])
     _emit(result, as_json, "\n".join([md, *_notes(notes)]))
 
 
 @app.command()
-def generate(path: str = typer.Argument(..., help="MLX export dir (runs through mlx_lm) or an HF/macq dir (torch)"),
+def generate(path: str = typer.Argument(..., help="MLX export dir, Core ML ANE export (.mlpackage or chunk dir), or an HF/macq dir"),
              prompt: str = typer.Option("What is the capital of France?", "--prompt", "-p"),
-             max_tokens: int = typer.Option(64), chat: bool = typer.Option(True, "--chat/--raw")) -> None:
-    """Generate text from an export (MLX through mlx_lm) or a model (torch), greedy."""
+             max_tokens: int = typer.Option(64), chat: bool = typer.Option(True, "--chat/--raw"),
+             compute_units: str = typer.Option("ALL", help="Core ML export on macOS: ALL|CPU_AND_NE|CPU_ONLY|CPU_AND_GPU")) -> None:
+    """Generate text from an export (MLX through mlx_lm; a Core ML ANE export through Core ML on macOS, MIL
+    value inference elsewhere) or a model (torch), greedy."""
     from macq.exporting import generate_any
 
     if max_tokens < 1:
         raise MacqError(f"--max-tokens {max_tokens}: expected at least 1 new token")
-    typer.echo(generate_any(path, prompt, max_tokens, chat))
+    typer.echo(generate_any(path, prompt, max_tokens, chat, compute_units=compute_units))
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage"), as_json: bool = typer.Option(False, "--json")) -> None:
+def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage or a chunked Core ML export dir"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
     """Ops histogram, weight formats, size, bits/weight and ANE report of a Core ML package."""
     from macq.exporting import inspect_coreml
 

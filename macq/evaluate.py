@@ -19,6 +19,8 @@ def artifact_kind(path: str | None) -> str:
         if not p.exists():
             raise MacqError(f"model: {path} does not exist")
         return "mlpackage"
+    if (p / "coreml_manifest.json").is_file():   # converters.chunks.MANIFEST: a chunked Core ML export
+        return "mlpackage"
     if (p / "manifest.json").is_file():
         return "macq"
     cfg = p / "config.json"
@@ -112,17 +114,23 @@ def evaluate_mlpackage(path: str, dataset: str = "wiki", max_tokens: int | None 
     import coremltools as ct
     from transformers import AutoTokenizer
 
+    from converters.ane_runner import predict_ane
+    from converters.chunks import is_ane_export, read_manifest
     from converters.predict import predict_coreml
     from macq.data import eval_tokens
     from macq.models import resolve_model_path
 
-    meta = ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata
-    src = tokenizer or meta.get("macq.source") or None
+    ane = is_ane_export(path)
+    if ane:
+        src = tokenizer or read_manifest(path)[0].source or None
+    else:
+        src = tokenizer or ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata.get("macq.source")
     if not src:
         raise MacqError(f"{path} does not record its source model: pass --tokenizer DIR")
     tok = AutoTokenizer.from_pretrained(resolve_model_path(None if src == "default" else src))
     ids = eval_tokens(tok, dataset, max_tokens)
-    r = predict_coreml(path, ids.numpy(), compute_units=compute_units)
+    predict = predict_ane if ane else predict_coreml
+    r = predict(path, ids.numpy(), compute_units=compute_units)
     return {"artifact": "coreml", "path": str(path), "backend": r.backend, "compute_units": r.compute_units,
             "dataset": dataset, "ppl": r.perplexity, "n_tokens": r.n_tokens,
             "prefill_ms_per_token": r.prefill_ms_per_token, "decode_ms_per_token": r.decode_ms_per_token,

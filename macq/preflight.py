@@ -131,7 +131,7 @@ def check_groups(cfg, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def check_target(target: str, method: str, cfg, config, *, output: Path | None = None, dtype: str = "float16", context: int = 512,
-                 requantize_lut: bool = False, allow_fallback: bool = False) -> None:
+                 requantize_lut: bool = False, allow_fallback: bool = False, chunked: bool = False) -> None:
     """Refuse, before any work, what the target cannot hold. ``cfg`` is None when exporting existing records
     (then only the model and output checks apply; the exporter checks every record before writing)."""
     model_type = config.model_type
@@ -161,8 +161,8 @@ def check_target(target: str, method: str, cfg, config, *, output: Path | None =
     from converters.weights import LUT_BITS
     from macq.arch import arch_spec
 
-    if output is not None and output.suffix != ".mlpackage":
-        raise MacqError(f"--output {output}: a Core ML export must end in .mlpackage")
+    if output is not None and output.suffix != ".mlpackage" and not chunked:
+        raise MacqError(f"--output {output}: a Core ML export must end in .mlpackage (a chunked one is a directory)")
     arch_spec(model_type).coreml_support(config)   # one line naming the family when Core ML cannot hold it
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context < 2 or (max_pos and context > max_pos):

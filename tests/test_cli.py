@@ -120,6 +120,7 @@ def test_export_coreml_then_inspect(tiny_dir, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     res = json.loads(stdout)
     assert res["bits_per_weight"] == pytest.approx(res["record_bits_per_weight"], rel=1e-6)
+    assert res["ane_report"][0] == "ANE gate: no findings"          # the default is the ANE graph
     code, stdout, err = run_main(monkeypatch, capsys, "inspect", out, "--json")
     assert code == 0, err
     data = json.loads(stdout)
@@ -130,6 +131,40 @@ def test_export_coreml_then_inspect(tiny_dir, tmp_path, monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "coreml", "--method", "kmeans",
                             "--bits", "4", "--context", "64", "-o", out, "--force")
     assert code == 0, err
+    assert data["functions"] == ["decode", "prefill"] and data["ane_findings"] == []
+    # the old traced graph stays an option; its flexible shapes are reported by the gate
+    code, stdout, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "coreml", "--method", "rtn",
+                                 "--bits", "4", "--group-size", "32", "--graph", "hf", "--context", "64", "-o", tmp_path / "hf.mlpackage",
+                                 "--json")
+    assert code == 0, err
+    assert any("RangeDim" in line for line in json.loads(stdout)["ane_report"])
+    code, _, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "coreml", "--graph", "hf", "--chunks",
+                            "2", "-o", tmp_path / "x")
+    assert code == 2 and "--chunks" in err and not (tmp_path / "x").exists()
+
+
+def test_export_coreml_chunks_eval_generate(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "chunks"
+    code, stdout, err = run_main(monkeypatch, capsys, "export", tiny_dir, "--target", "coreml", "--method", "rtn",
+                                 "--bits", "4", "--group-size", "32", "--context", "32", "--prefill-len", "8",
+                                 "--chunks", "2", "-o", out, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert len(res["chunks"]) == 4 and (out / "coreml_manifest.json").is_file()
+    assert res["ane_report"] == ["ANE gate: no findings"]
+    code, stdout, err = run_main(monkeypatch, capsys, "inspect", out, "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert len(data["chunks"]) == 4 and data["ane_findings"] == []
+    assert sum(d["ops"].get("constexpr_blockwise_shift_scale", 0) for d in data["chunks"]) == 14
+    code, stdout, err = run_main(monkeypatch, capsys, "eval", out, "--dataset", "tinystories", "--max-tokens", "40",
+                                 "--json")
+    assert code == 0, err
+    ev = json.loads(stdout)
+    assert ev["backend"] == "mil" and ev["n_tokens"] == 39 and 1 < ev["ppl"] < 2000
+    code, stdout, err = run_main(monkeypatch, capsys, "generate", out, "--prompt", "Once upon a time",
+                                 "--max-tokens", "3", "--raw")
+    assert code == 0 and "graph check" in err, err
 
 
 def test_analyze_and_bench(tiny_dir, tmp_path, monkeypatch, capsys):

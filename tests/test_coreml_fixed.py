@@ -22,7 +22,7 @@ def test_fixed_shape_decode_matches_torch(tmp_path):
     model = tiny_model("llama", seed=1)
     recs = {n: affine_record(get_weight(m).detach().float(), 4, None, "sym") for n, m in quantizable_modules(model).items()}
     qm = QuantizedModel.from_model(model, recs)
-    res = export_coreml(qm, tmp_path / "fixed.mlpackage", context=CTX, fixed_shapes=True)
+    res = export_coreml(qm, tmp_path / "fixed.mlpackage", context=CTX, fixed_shapes=True, graph="hf")
     info = inspect_mlpackage(res.path)
     assert "position" in info["inputs"] and not any("RangeDim" in line for line in res.ane_report)
     assert set(info["formats"]) == {"blockwise_shift_scale[int4]"}   # per-channel int4: the ANE format

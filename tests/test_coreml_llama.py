@@ -56,7 +56,7 @@ def exported(tmp_path_factory):
     expect["lm_head"] = ("blockwise_shift_scale", "uint4")
     qm = QuantizedModel.from_model(model, records)
     out = tmp_path_factory.mktemp("coreml") / "tiny_llama.mlpackage"
-    res = export_coreml(qm, out, context=32)
+    res = export_coreml(qm, out, context=32, graph="hf")
     prog, _ = load_program(out)
     return qm, expect, res, prog
 

@@ -36,7 +36,7 @@ def exported(tmp_path_factory):
     model = tiny_model("llama", seed=2)
     recs = {n: affine_record(get_weight(m).detach().float(), 4, 32, "asym") for n, m in quantizable_modules(model).items()}
     qm = QuantizedModel.from_model(model, recs)
-    res = export_coreml(qm, tmp_path_factory.mktemp("p") / "p.mlpackage", context=CTX)
+    res = export_coreml(qm, tmp_path_factory.mktemp("p") / "p.mlpackage", context=CTX, graph="hf")
     return qm, res, _torch_ppl(qm.to_torch(torch.float32), TOKENS, CTX)
 
 

@@ -32,7 +32,7 @@ def test_qwen2_kv_in_out_tied_embedding(tmp_path):
         records[name] = uniform_lut_record(w, 4, 16) if i % 2 else affine_record(w, 4, 32, "asym")
     qm = QuantizedModel.from_model(model, records)
     assert qm.tied == {"lm_head": "model.embed_tokens"}
-    res = export_coreml(qm, tmp_path / "q.mlpackage", context=16, stateful=False)
+    res = export_coreml(qm, tmp_path / "q.mlpackage", context=16, stateful=False, graph="hf")
 
     info = inspect_mlpackage(res.path)
     assert info["states"] == [] and {"key_cache_in", "value_cache_in"} <= set(info["inputs"])

@@ -1,0 +1,120 @@
+"""How an ANE export is cut: which consecutive layers go in which package, and the manifest that chains them.
+
+A single package (embedding + all layers + head) is the default; ``chunks=N`` or ``max_chunk_mb=M`` gives an
+embedding package, N layer-range packages, and a head package, converted one after another so conversion
+holds one chunk's weights at a time. The manifest (``coreml_manifest.json`` in the output directory; the
+same JSON in a single package's ``macq.ane`` metadata) lists them in run order with their inputs/outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from macq.errors import MacqError
+
+MANIFEST = "coreml_manifest.json"
+FORMAT = "macq-coreml-ane"
+
+
+@dataclass
+class ChunkPlan:
+    path: str                     # package file name, relative to the manifest
+    start: int                    # first decoder layer
+    stop: int                     # one past the last layer
+    embed: bool
+    head: bool
+    est_bytes: int = 0            # stored size estimate (records at their storage rate, floats fp16)
+
+
+@dataclass
+class Manifest:
+    context: int
+    prefill_len: int
+    hidden: int
+    vocab_parts: list[list[int]]
+    functions: list[str]
+    chunks: list[ChunkPlan]
+    source: str = ""
+    model_type: str = ""
+    format: str = FORMAT
+    version: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        d = json.loads(text)
+        if d.get("format") != FORMAT:
+            raise MacqError(f"not a macq ANE Core ML manifest (format {d.get('format')!r})")
+        d["chunks"] = [ChunkPlan(**c) for c in d["chunks"]]
+        return cls(**d)
+
+
+def _layer_bytes(qm, prefix: str) -> int:
+    """Stored bytes of the tensors under ``prefix``: records at their storage rate, float tensors in fp16."""
+    rec = sum((r.storage_bits() + 7) // 8 for n, r in qm.records.items() if n.startswith(prefix))
+    flt = sum(t.numel() * 2 for n, t in qm.float_tensors.items() if n.startswith(prefix) and t.is_floating_point())
+    return rec + flt
+
+
+def plan_chunks(qm, chunks: int | None, max_chunk_mb: float | None) -> list[ChunkPlan]:
+    """Layer ranges: one package (default), ``chunks`` near-equal ranges, or greedy ranges under ``max_chunk_mb``."""
+    from macq.arch import arch_spec
+
+    spec = arch_spec(qm.config.model_type)
+    n = qm.config.num_hidden_layers
+    if chunks is not None and max_chunk_mb is not None:
+        raise MacqError("--chunks and --max-chunk-mb: give one of them")
+    if chunks is not None and not (isinstance(chunks, int) and 1 <= chunks <= n):
+        raise MacqError(f"--chunks {chunks}: expected an int in [1, {n}] (the model has {n} layers)")
+    if max_chunk_mb is not None and not max_chunk_mb > 0:
+        raise MacqError(f"--max-chunk-mb {max_chunk_mb}: expected a positive size")
+    sizes = [_layer_bytes(qm, f"{spec.layers}.{i}.") for i in range(n)]
+    emb, head = _layer_bytes(qm, spec.embed + "."), _layer_bytes(qm, spec.lm_head + ".") + _layer_bytes(qm, spec.final_norm + ".")
+    if chunks is None and max_chunk_mb is None:
+        return [ChunkPlan("model.mlpackage", 0, n, True, True, emb + sum(sizes) + head)]
+    if chunks is not None:
+        bounds = [round(i * n / chunks) for i in range(chunks + 1)]
+    else:
+        limit, bounds, acc = max_chunk_mb * 2**20, [0], 0
+        for i, b in enumerate(sizes):
+            if acc and acc + b > limit:
+                bounds.append(i)
+                acc = 0
+            acc += b
+        bounds.append(n)
+    plans = [ChunkPlan("00_embed.mlpackage", 0, 0, True, False, emb)]
+    for j, (a, b) in enumerate(zip(bounds, bounds[1:]), start=1):
+        plans.append(ChunkPlan(f"{j:02d}_layers_{a}-{b - 1}.mlpackage", a, b, False, False, sum(sizes[a:b])))
+    plans.append(ChunkPlan(f"{len(plans):02d}_head.mlpackage", n, n, False, True, head))
+    return plans
+
+
+def read_manifest(path: str | Path) -> tuple[Manifest, Path]:
+    """``(manifest, directory its chunk paths are relative to)`` of a chunked dir or a single ANE package."""
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return Manifest.from_json((path / MANIFEST).read_text()), path
+    if path.suffix == ".mlpackage" and path.exists():
+        from converters.convert import _quiet_ct
+
+        ct = _quiet_ct()
+        meta = ct.utils.load_spec(str(path)).description.metadata.userDefined
+        if "macq.ane" not in meta:
+            raise MacqError(f"{path}: not an ANE-graph export (no macq.ane metadata)")
+        m = Manifest.from_json(meta["macq.ane"])
+        m.chunks = [ChunkPlan(path.name, c.start, c.stop, c.embed, c.head, c.est_bytes) for c in m.chunks]
+        return m, path.parent
+    raise MacqError(f"{path}: neither a .mlpackage nor a directory with {MANIFEST}")
+
+
+def is_ane_export(path: str | Path) -> bool:
+    try:
+        read_manifest(path)
+    except MacqError:
+        return False
+    return True
