@@ -9,7 +9,8 @@ Public API: :func:`export_coreml`, :func:`inspect_mlpackage`, :func:`run_mil`, :
 :func:`predict_coreml` (macOS). coremltools is imported lazily, inside the functions that need it.
 """
 
-from converters.convert import ExportResult, export_coreml
+from converters.convert import ExportResult
+from converters.export import export_coreml
 
 
 def inspect_mlpackage(path, loaded=None):

@@ -96,7 +96,7 @@ def ane_notes(prog, spec) -> list[str]:
     out: list[str] = []
     blockwise_int4 = 0
     lut_scale = 0
-    from converters.inspect import main_function
+    from converters.mil_io import main_function
 
     for op in prog.functions[main_function(prog, spec)].operations:
         if op.op_type == "constexpr_blockwise_shift_scale":

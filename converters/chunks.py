@@ -100,7 +100,7 @@ def read_manifest(path: str | Path) -> tuple[Manifest, Path]:
     if path.is_dir() and (path / MANIFEST).is_file():
         return Manifest.from_json((path / MANIFEST).read_text()), path
     if path.suffix == ".mlpackage" and path.exists():
-        from converters.convert import _quiet_ct
+        from converters.mil_io import quiet_ct as _quiet_ct
 
         ct = _quiet_ct()
         meta = ct.utils.load_spec(str(path)).description.metadata.userDefined

@@ -139,38 +139,16 @@ def _check_args(qm, out_path: Path, context: int, compute_units: str, force: boo
 GRAPHS = ("ane", "hf")
 
 
-def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful: bool = True,
-                  fixed_shapes: bool = False, compute_units: str = "ALL", force: bool = False,
-                  allow_fallback: bool = False, graph: str = "ane", prefill_len: int | None = None,
-                  chunks: int | None = None, max_chunk_mb: float | None = None) -> ExportResult:
-    """Export a :class:`~macq.qmodel.QuantizedModel` to Core ML with record-exact weights.
-
-    ``graph="ane"`` (default): macq's ANE-shaped graph, fixed shapes, ``prefill`` (``prefill_len`` tokens,
-    default ``min(64, context)``) + ``decode`` functions sharing weights and KV state; one package, or with
-    ``chunks`` / ``max_chunk_mb`` a directory of chunk packages + manifest (:mod:`converters.ane_export`).
-    ``graph="hf"``: transformers' model traced (flexible shapes unless ``fixed_shapes``; ``stateful=False``
-    for KV-in/KV-out), one function.
-    Weights are placed by :mod:`converters.weights` (layouts and their exactness are documented there).
+def export_coreml_hf(qm, out_path: str | os.PathLike, context: int = 512, stateful: bool = True,
+                     fixed_shapes: bool = False, compute_units: str = "ALL", force: bool = False,
+                     allow_fallback: bool = False) -> ExportResult:
+    """``graph="hf"``: transformers' model traced (flexible shapes unless ``fixed_shapes``; ``stateful=False``
+    for KV-in/KV-out), one function, record-exact weights placed by :mod:`converters.weights`.
     ``allow_fallback``: store inexact-but-close forms (bias-form affine with non-integer −b/s, non-fp16
-    scales) instead of raising; each such layer is named in ``notes``.
-    """
+    scales) instead of raising; each such layer is named in ``notes``."""
     from converters.inspect import inspect_mlpackage
     from converters.weights import apply_records, plan_layouts
 
-    if graph not in GRAPHS:
-        raise MacqError(f"graph={graph!r}: expected one of {', '.join(GRAPHS)}")
-    if compute_units not in COMPUTE_UNITS:
-        raise MacqError(f"compute_units={compute_units!r}: expected one of {', '.join(COMPUTE_UNITS)}")
-    if graph == "ane":
-        if not stateful or fixed_shapes:
-            raise MacqError("stateful=False / fixed_shapes apply to graph='hf' (the ANE graph is always stateful "
-                            "and fixed-shape)")
-        from converters.ane_export import export_coreml_ane
-
-        return export_coreml_ane(qm, out_path, context=context, prefill_len=prefill_len or min(64, context),
-                                 chunks=chunks, max_chunk_mb=max_chunk_mb, force=force, allow_fallback=allow_fallback)
-    if prefill_len is not None or chunks is not None or max_chunk_mb is not None:
-        raise MacqError("prefill_len / chunks / max_chunk_mb apply to graph='ane' only")
     out_path = Path(out_path)
     _check_args(qm, out_path, context, compute_units, force)
     layouts, notes = plan_layouts(qm.records, allow_fallback)  # fails fast, before the slow conversion

@@ -13,29 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from converters.ane_report import ane_findings, ane_report
-from converters.mil_io import dir_bytes, load_program
+from converters.mil_io import dir_bytes, function_description, load_program, main_function
 
 __all__ = ["load_program", "inspect_mlpackage", "weight_chains", "dtype_name"]
 
 CONSTEXPR = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "constexpr_sparse_to_dense",
              "constexpr_affine_dequantize", "constexpr_cast")
-
-
-def main_function(prog, spec=None) -> str:
-    """``main`` for a single-function program, else the default function of a multifunction one."""
-    if "main" in prog.functions:
-        return "main"
-    name = spec.description.defaultFunctionName if spec is not None else ""
-    return name if name in prog.functions else sorted(prog.functions)[0]
-
-
-def function_description(spec, name: str | None = None):
-    """The input/output/state description of function ``name`` (the model's own for single-function specs)."""
-    d = spec.description
-    if not len(d.functions):
-        return d
-    name = name or d.defaultFunctionName
-    return next(f for f in d.functions if f.name == name)
 
 
 def dtype_name(var) -> str:

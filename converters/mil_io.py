@@ -33,3 +33,20 @@ def load_program(path: str | Path):
 
 def dir_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def main_function(prog, spec=None) -> str:
+    """``main`` for a single-function program, else the default function of a multifunction one."""
+    if "main" in prog.functions:
+        return "main"
+    name = spec.description.defaultFunctionName if spec is not None else ""
+    return name if name in prog.functions else sorted(prog.functions)[0]
+
+
+def function_description(spec, name: str | None = None):
+    """The input/output/state description of function ``name`` (the model's own for single-function specs)."""
+    d = spec.description
+    if not len(d.functions):
+        return d
+    name = name or d.defaultFunctionName
+    return next(f for f in d.functions if f.name == name)

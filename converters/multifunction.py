@@ -42,7 +42,7 @@ def chunk_records(qm, plan, vocab_parts) -> dict:
 
 
 def _types(chunk, n: int):
-    from converters.convert import _quiet_ct
+    from converters.mil_io import quiet_ct as _quiet_ct
 
     ct = _quiet_ct()
     s = chunk.s
@@ -62,7 +62,7 @@ def _types(chunk, n: int):
 
 def convert_function(chunk, n: int, records: dict, layouts: dict):
     """Trace ``chunk`` for ``n`` tokens, convert (fp16, iOS18, fixed shapes), place the records."""
-    from converters.convert import _quiet_ct
+    from converters.mil_io import quiet_ct as _quiet_ct
     from converters.weights import apply_records
 
     ct = _quiet_ct()
@@ -83,7 +83,7 @@ def export_chunk(qm, plan, context: int, prefill_len: int, vocab_parts, out_path
                  allow_fallback: bool = False) -> None:
     """Write ``out_path`` (a two-function package); ``out_path`` must not exist (callers write into a temp dir)."""
     from converters.ane_model import AneChunk
-    from converters.convert import _quiet_ct
+    from converters.mil_io import quiet_ct as _quiet_ct
 
     ct = _quiet_ct()
     chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context).eval()
@@ -109,7 +109,7 @@ def export_chunk(qm, plan, context: int, prefill_len: int, vocab_parts, out_path
 
 def set_metadata(path: Path, metadata: dict[str, str]) -> None:
     """Write user metadata into a saved package's spec in place (the weights file is left untouched)."""
-    from converters.convert import _quiet_ct
+    from converters.mil_io import quiet_ct as _quiet_ct
 
     ct = _quiet_ct()
     spec_file = next(Path(path).rglob("model.mlmodel"))

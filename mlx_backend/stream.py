@@ -142,10 +142,10 @@ def export_streamed(model: str | None, output: Path, method: str, cfg: Any, flag
     method on a local safetensors checkpoint); ``None`` when it does not (the in-memory path runs)."""
     from dataclasses import asdict
 
-    from macq.evaluate import artifact_kind
+    from macq.qmodel import is_quantized_dir
     from macq.streaming import use_streaming
 
-    if model is not None and artifact_kind(model) == "macq":
+    if model is not None and is_quantized_dir(model):
         res, rec_bpw = export_dir_mlx(model, output, dtype=dtype, force=force, requantize_lut=requantize_lut)
         method_name = None
     else:

@@ -11,7 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("macq", "converters", "mlx_backend")
 LAYERS = {"core": 0, "methods": 1, "backends": 2, "app": 3}
-APP = {"macq.cli", "macq.pipeline", "macq.evaluate", "macq.exporting", "macq.benchmark", "macq.preflight", "macq.options"}
+APP = {"macq.cli", "macq.pipeline", "macq.evaluate", "macq.exporting", "macq.benchmark", "macq.preflight", "macq.options",
+       "macq.studies"}
+METHODS = ("macq.quantizers", "macq.eval", "macq.analysis", "macq.streaming")
 
 
 def layer_of(module: str) -> str:
@@ -19,7 +21,7 @@ def layer_of(module: str) -> str:
         return "app"
     if module.split(".")[0] in ("converters", "mlx_backend"):
         return "backends"
-    if module.startswith(("macq.quantizers", "macq.eval")) and module != "macq.evaluate":
+    if module.startswith(METHODS) and module != "macq.evaluate":
         return "methods"
     return "core"
 

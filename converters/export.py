@@ -1,0 +1,40 @@
+"""``export_coreml``: the one entry point of the Core ML backend, choosing the graph.
+
+Kept apart from :mod:`converters.convert` (the traced ``hf`` graph) and :mod:`converters.ane_export` (macq's
+ANE-shaped graph) because it imports both, and each of them imports shared pieces of ``convert``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from converters.ane_export import export_coreml_ane
+from converters.convert import COMPUTE_UNITS, GRAPHS, ExportResult, export_coreml_hf
+from macq.errors import MacqError
+
+
+def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful: bool = True,
+                  fixed_shapes: bool = False, compute_units: str = "ALL", force: bool = False,
+                  allow_fallback: bool = False, graph: str = "ane", prefill_len: int | None = None,
+                  chunks: int | None = None, max_chunk_mb: float | None = None) -> ExportResult:
+    """Export a :class:`~macq.qmodel.QuantizedModel` to Core ML with record-exact weights.
+
+    ``graph="ane"`` (default): macq's ANE-shaped graph, fixed shapes, ``prefill`` (``prefill_len`` tokens,
+    default ``min(64, context)``) + ``decode`` functions sharing weights and KV state; one package, or with
+    ``chunks`` / ``max_chunk_mb`` a directory of chunk packages + manifest. ``graph="hf"``: transformers'
+    model traced (:func:`converters.convert.export_coreml_hf`).
+    """
+    if graph not in GRAPHS:
+        raise MacqError(f"graph={graph!r}: expected one of {', '.join(GRAPHS)}")
+    if compute_units not in COMPUTE_UNITS:
+        raise MacqError(f"compute_units={compute_units!r}: expected one of {', '.join(COMPUTE_UNITS)}")
+    if graph == "ane":
+        if not stateful or fixed_shapes:
+            raise MacqError("stateful=False / fixed_shapes apply to graph='hf' (the ANE graph is always stateful "
+                            "and fixed-shape)")
+        return export_coreml_ane(qm, out_path, context=context, prefill_len=prefill_len or min(64, context),
+                                 chunks=chunks, max_chunk_mb=max_chunk_mb, force=force, allow_fallback=allow_fallback)
+    if prefill_len is not None or chunks is not None or max_chunk_mb is not None:
+        raise MacqError("prefill_len / chunks / max_chunk_mb apply to graph='ane' only")
+    return export_coreml_hf(qm, out_path, context=context, stateful=stateful, fixed_shapes=fixed_shapes,
+                            compute_units=compute_units, force=force, allow_fallback=allow_fallback)
