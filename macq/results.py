@@ -26,7 +26,7 @@ import math
 import os
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -242,14 +242,21 @@ def device_name(kind: str) -> str:
 
 
 def check_comparable(runs: list[RunResult]) -> None:
-    """Refuse to put side by side runs of different source models or different evaluation text."""
+    """Refuse to put side by side runs of different source models or different evaluation text.
+    Latency-only runs (no evaluation text) are exempt from the text check, not from the model check."""
     if not runs:
         raise MacqError("report: no runs given")
     base = runs[0]
+    for r in runs if len(runs) > 1 else []:
+        if r.model_hash is None:
+            raise MacqError(f"report: {r.row_label()} records no model hash (its source was not a local model), "
+                            "so it cannot be checked against the other runs")
     for r in runs[1:]:
         if r.model_hash != base.model_hash:
             raise MacqError(f"report: model hash differs: {base.row_label()} has {base.model_hash} "
                             f"({base.model_id}), {r.row_label()} has {r.model_hash} ({r.model_id})")
-        if r.eval_text_hash != base.eval_text_hash:
-            raise MacqError(f"report: evaluation text differs: {base.row_label()} used {base.eval_text_id!r} "
-                            f"({base.eval_text_hash}), {r.row_label()} used {r.eval_text_id!r} ({r.eval_text_hash})")
+    texts = [r for r in runs if r.eval_text_hash is not None]
+    for r in texts[1:]:
+        if r.eval_text_hash != texts[0].eval_text_hash:
+            raise MacqError(f"report: evaluation text differs: {texts[0].row_label()} used {texts[0].eval_text_id!r}, "
+                            f"{r.row_label()} used {r.eval_text_id!r} ({texts[0].eval_text_hash} vs {r.eval_text_hash})")

@@ -145,11 +145,22 @@ def dequantized_weight(mod: nn.Module) -> torch.Tensor:
 
     w = mod.weight
     if isinstance(mod, bnb.nn.Linear4bit):
+        if cpu_repacked(mod):
+            raise MacqError("bnb: this layer's weights were repacked for bnb's bf16 CPU kernel by a forward pass; "
+                            "dequantize before running the model")
         return F.dequantize_4bit(w.data, w.quant_state).float().reshape(mod.out_features, mod.in_features).cpu()
     scb = getattr(w, "SCB", None)
     if scb is None:
         raise MacqError("bnb-int8: the layer holds no SCB row scales (was it quantized?)")
     return (w.data.float() * (scb.float().unsqueeze(1) / 127.0)).cpu()
+
+
+def cpu_repacked(mod: nn.Module) -> bool:
+    """bnb >= 0.49 on a CPU with AVX512-BF16 repacks a Linear4bit at its first inference forward for a
+    bf16 kernel (quant_state dtype becomes bfloat16): the layer then computes in bf16 whatever
+    ``compute_dtype`` says, and ``weight.data`` is no longer the 4-bit code layout."""
+    qs = getattr(mod.weight, "quant_state", None)
+    return bool(getattr(qs, "packing_format_for_cpu", False))
 
 
 def macq_record_for(spec: BnbSpec, w: torch.Tensor):

@@ -124,10 +124,18 @@ def run_baseline(model: str | None, cfg: BaselineConfig, progress: bool = False)
     timed = True
     fp_mods = _fp_layers(fp)
     if cfg.runner == "fp16":
-        q = copy.deepcopy(fp).to(device=dev, dtype=torch.float16)
         n = sum(m.weight.numel() for m in fp_mods.values())
         qbits, nq, other = 16 * n, n, 2 * sum(p.numel() for p in fp.parameters()) - 2 * n
-        runtime, method_cfg = "torch", {"dtype": "float16"}
+        if dev.type == "cuda":
+            q = copy.deepcopy(fp).to(device=dev, dtype=torch.float16)
+            runtime, method_cfg = "torch", {"dtype": "float16"}
+        else:
+            # CPU torch has no fast fp16 GEMM (it runs many times slower than fp32): keep the fp16 values,
+            # compute in fp32, as a CPU deployment of an fp16 checkpoint would.
+            from macq.benchmark import fp16_copy
+
+            q = fp16_copy(fp)
+            runtime, method_cfg = "torch (fp16 weights, fp32 compute)", {"dtype": "float16 weights, float32 compute"}
     elif cfg.runner.startswith("bnb-"):
         spec = bnb.BNB_RUNNERS[cfg.runner]
         q = bnb.load_bnb(model_dir, spec, dev)
@@ -178,6 +186,9 @@ def run_baseline(model: str | None, cfg: BaselineConfig, progress: bool = False)
     metrics.update(size_metrics(qbits, nq, other))
     if cfg.latency and timed:
         metrics.update(latency_metrics(q, dev, cfg.prompt_len, cfg.new_tokens, cfg.repeats, threads=cfg.threads))
+    if cfg.runner.startswith("bnb-") and any(bnb.cpu_repacked(m) for m in bnb.quantized_layers(q).values()):
+        notes.append("bitsandbytes repacked its 4-bit weights for its AVX512-BF16 CPU kernel at the first forward: "
+                     "this row computed in bf16 (compute_dtype float32 notwithstanding)")
     if layers:
         s = summary(layers)
         notes.append(f"weights: {s.get('layers_equal', '-')} of {s['layers']} layers bit-equal to macq's record "

@@ -43,13 +43,13 @@ class OnePass:
 
 
 def quality(model: nn.Module | Callable, ids: torch.Tensor, ref_logprobs, context: int,
-            device: torch.device | None = None) -> dict[str, Metric]:
+            device: torch.device | None = None, stride: int | None = None) -> dict[str, Metric]:
     """Perplexity (± delta-method stderr) and KL / top-1 against stored float log-probs, one pass."""
     fn = OnePass(model, device)
-    ppl = perplexity(fn, ids, context=context)
+    ppl = perplexity(fn, ids, context=context, stride=stride)
     out = {"ppl": Metric(ppl.ppl, "perplexity", ppl.stderr), "n_tokens": Metric(ppl.n_tokens, "tokens")}
     if ref_logprobs is not None:
-        ag = agreement_from_reference(ref_logprobs, fn, ids, context=context)
+        ag = agreement_from_reference(ref_logprobs, fn, ids, context=context, stride=stride)
         out.update({"kl": Metric(ag.kl, "nats/token"), "kl_p99": Metric(ag.kl_p99, "nats/token"),
                     "top1": Metric(ag.top1, "fraction")})
     return out
