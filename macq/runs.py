@@ -80,6 +80,33 @@ def mlx_size(path: str | Path) -> tuple[float | None, int]:
     return (qbits / nweights if nweights else None), sum(f.stat().st_size for f in files)
 
 
+def macq_dir_bytes(path: str | Path) -> int:
+    """Deployed size of a macq quantization dir: records at their storage rate + float tensors at fp16,
+    a tied lm_head counted once (the dir stores the float copy twice; a deployment stores it once)."""
+    from safetensors import safe_open
+
+    from macq.qmodel import QuantizedModel
+
+    from macq.arch import arch_spec
+
+    p = Path(path)
+    qm = QuantizedModel.load(p)
+    spec = arch_spec(qm.config.model_type)
+    tied = bool(getattr(qm.config, "tie_word_embeddings", False))
+    rec = sum((r.storage_bits() + 7) // 8 for r in qm.records.values())
+    flt = 0
+    with safe_open(str(p / "float.safetensors"), framework="pt") as st:
+        for k in st.keys():
+            if tied and k == f"{spec.lm_head}.weight" and f"{spec.embed}.weight" in st.keys():
+                continue
+            if st.get_slice(k).get_dtype() in ("F32", "F16", "BF16"):
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                flt += 2 * n
+    return rec + flt
+
+
 _DTYPE_BITS = {"U32": 32, "F16": 16, "BF16": 16, "F32": 32, "U8": 8, "I8": 8}
 
 
@@ -144,6 +171,7 @@ def run_from_eval(res: dict[str, Any], path: str | None, dataset: str, context: 
         man = json.loads((Path(path) / "manifest.json").read_text())
         cfg = man.get("method", {})
         method = cfg.get("method", "?")
+        metrics["size"] = Metric(macq_dir_bytes(path) / 2**20, "MiB (quantized layers + other tensors at fp16, tied once)")
     elif kind == "mlx":
         mcfg = json.loads((Path(path) / "config.json").read_text())
         cfg = (mcfg.get("macq") or {}).get("method", {}) or {}

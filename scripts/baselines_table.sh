@@ -26,11 +26,11 @@ done
 step "macq quantize nf4 / fp4 / gptq / awq"
 [ -d "$OUT/q/nf4" ] || $MACQ quantize --method nf4 --block-size 64 --double-quant -o "$OUT/q/nf4"
 [ -d "$OUT/q/fp4" ] || $MACQ quantize --method fp4 --block-size 64 --double-quant -o "$OUT/q/fp4"
-[ -d "$OUT/q/gptq" ] || $MACQ quantize --method gptq --bits 4 --group-size 128 --symmetric --no-mse-clip "${CAL[@]}" -o "$OUT/q/gptq"
-[ -d "$OUT/q/awq" ] || $MACQ quantize --method awq --bits 4 --group-size 128 --asymmetric "${CAL[@]}" -o "$OUT/q/awq"
+[ -d "$OUT/q/gptq" ] || $MACQ quantize --method gptq --bits 4 --group-size 64 --symmetric --no-mse-clip "${CAL[@]}" -o "$OUT/q/gptq"
+[ -d "$OUT/q/awq" ] || $MACQ quantize --method awq --bits 4 --group-size 64 --asymmetric "${CAL[@]}" -o "$OUT/q/awq"
 
 step "reference GPTQ (llm-compressor, own venv), compared per layer with macq's GPTQ records"
-[ -f "$OUT/runs/gptq-$DEV.json" ] || $MACQ baseline --runner gptq --device "$DEV" --bits 4 --group-size 128 --symmetric \
+[ -f "$OUT/runs/gptq-$DEV.json" ] || $MACQ baseline --runner gptq --device "$DEV" --bits 4 --group-size 64 --symmetric \
     "${CAL[@]}" "${EVAL[@]}" --threads 1 --compare "$OUT/q/gptq" \
     --out "$OUT/runs/gptq-$DEV.json" --label "gptq (llm-compressor)"
 

@@ -215,3 +215,17 @@ def test_mlx_eval_run_file(tiny_dir, tmp_path):
     assert run.runtime == "mlx" and run.model_hash == model_hash(tiny_dir) is not None
     assert run.metric("bits_per_weight") == pytest.approx(4 + 2 * 32 / 32)   # fp32 scale + bias per 32
     assert run.metric("kl") == res["kl"] and Path(path).is_dir()
+
+
+def test_macq_dir_size_counts_tied_embedding_once(tmp_path):
+    """The run file's size of a macq dir equals the evaluator's own size report (ties counted once)."""
+    from macq.eval import model_size_report
+    from macq.pipeline import quantize
+    from macq.runs import macq_dir_bytes
+    from macq.tiny import tiny_model, tiny_tokenizer
+
+    fp = tiny_model("qwen2")                                   # tie_word_embeddings=True
+    qm = quantize(fp, tiny_tokenizer(), "nf4", {"block_size": 64})
+    path = qm.save(tmp_path / "q")
+    assert macq_dir_bytes(path) == model_size_report(qm, fp)["quantized_bytes"]
+    assert macq_dir_bytes(path) < qm.nbytes()                  # nbytes charges the tied copy twice
