@@ -85,9 +85,8 @@ def macq_dir_bytes(path: str | Path) -> int:
     a tied lm_head counted once (the dir stores the float copy twice; a deployment stores it once)."""
     from safetensors import safe_open
 
-    from macq.qmodel import QuantizedModel
-
     from macq.arch import arch_spec
+    from macq.qmodel import QuantizedModel
 
     p = Path(path)
     qm = QuantizedModel.load(p)

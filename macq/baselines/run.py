@@ -10,6 +10,7 @@ against it; all rows use the same eval tokens, whose hash goes into the result.
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -151,11 +152,15 @@ def run_baseline(model: str | None, cfg: BaselineConfig, progress: bool = False)
                          "(closest macq format; bnb int8 is LLM.int8 with outlier decomposition at run time)")
     else:
         calib = calibration_samples(tok, cfg.calib_dataset, cfg.n_calib, cfg.seq_len, cfg.seed)
-        work = Path(cfg.work_dir) if cfg.work_dir else Path(model_dir).parent / f".macq-{cfg.runner}-work"
+        # A fresh exchange directory per run unless one is given (two runs never share files); it is kept,
+        # with the worker's log, so a failure can be read.
+        work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix=f"macq-{cfg.runner}-"))
         request = {"method": cfg.runner, "model_dir": str(Path(model_dir).resolve()), "bits": cfg.bits,
                    "group_size": cfg.group_size, "symmetric": cfg.symmetric, "damp": cfg.damp,
                    "device": dev.type, "threads": cfg.threads or torch.get_num_threads()}
         tensors, res = reference.run_worker(cfg.runner, request, calib, work)
+        if cfg.work_dir is None:  # loaded: drop the big file, keep request, result and log
+            (work / "weights.safetensors").unlink(missing_ok=True)
         extra_libs = {f"reference-venv {k}": v for k, v in res.get("versions", {}).items()}
         q = copy.deepcopy(fp)
         decoder = {k: v for k, v in tensors.items() if not k.endswith(("weight_scale", "weight_zero_point"))}
