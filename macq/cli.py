@@ -1,4 +1,5 @@
-"""``macq`` command line: quantize | export --target coreml|mlx | eval | bench | analyze | info | inspect | generate.
+"""``macq`` command line: quantize | export --target coreml|mlx | eval | bench | analyze | info | inspect | generate |
+baseline | report.
 
 Every user error ends as one line on stderr (``error: ...``) with exit code 2, and no half-written output.
 """
@@ -213,6 +214,8 @@ def eval_cmd(
     latency: bool = typer.Option(False, help="also measure prefill/decode latency"),
     compute_units: str = typer.Option("ALL", help=".mlpackage on macOS: ALL|CPU_AND_NE|CPU_ONLY|CPU_AND_GPU"),
     tokenizer: Optional[str] = typer.Option(None, help=".mlpackage: tokenizer dir (default: the recorded source)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the result as a macq.run JSON file (for macq report)"),
+    label: str = typer.Option("", help="--out: row label in reports"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Perplexity, KL / top-1 vs the unquantized model, size, and optionally latency.
@@ -230,6 +233,11 @@ def eval_cmd(
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
                               progress=not as_json, tokenizer=tokenizer)
+    if out is not None:
+        from macq.results import save_run
+        from macq.runs import run_from_eval
+
+        save_run(run_from_eval(result, model, dataset, context, stride, max_tokens, tokenizer, label), out)
     _emit(result, as_json, md)
 
 
@@ -396,6 +404,8 @@ def bench(
     prompt_len: int = typer.Option(128),
     new_tokens: int = typer.Option(32),
     repeats: int = typer.Option(5),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the result as a macq.run JSON file (for macq report)"),
+    label: str = typer.Option("", help="--out: row label in reports"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Method matrix with -o DIR (perplexity on several texts, KL/top-1, bits/weight, size, quantization time and
@@ -412,7 +422,72 @@ def bench(
 
     result, md = bench_latency(model, device=device, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens,
                                repeats=repeats)
+    if out is not None:
+        from macq.results import save_run
+        from macq.runs import run_from_bench
+
+        save_run(run_from_bench(result, model, label), out)
     _emit(result, as_json, md)
+
+
+@app.command()
+def baseline(
+    model: Optional[str] = typer.Argument(None, help="local HF directory (default: embedded SmolLM2-135M)"),
+    runner: str = typer.Option(..., "--runner", help="bnb-nf4 | bnb-fp4 | bnb-int8 | gptq | awq | fp16"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    out: Path = typer.Option(..., "--out", help="RUN.json (macq.run schema)"),
+    dataset: str = typer.Option("wiki"),
+    max_tokens: int = typer.Option(2048, help="evaluate the first N tokens of the eval split"),
+    context: int = typer.Option(512),
+    bits: int = typer.Option(4, help="gptq/awq"),
+    group_size: int = typer.Option(128, help="gptq/awq"),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="gptq/awq (default: gptq sym, awq asym)"),
+    calib_dataset: str = typer.Option("c4"),
+    n_calib: int = typer.Option(16),
+    seq_len: int = typer.Option(256),
+    seed: int = typer.Option(0, help="calibration sampling seed"),
+    latency: bool = typer.Option(True, "--latency/--no-latency"),
+    prompt_len: int = typer.Option(128),
+    new_tokens: int = typer.Option(32),
+    repeats: int = typer.Option(3),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads while timing"),
+    compare: Optional[str] = typer.Option(None, help="gptq: a macq quantization dir of the same config, compared per layer"),
+    label: str = typer.Option("", help="row label in reports"),
+    force: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Quantize with a reference library (bitsandbytes, llm-compressor) and measure it with macq's evaluator."""
+    from macq.baselines import BaselineConfig, run_baseline
+    from macq.results import save_run
+
+    if out.exists() and not force:
+        raise MacqError(f"--out {out} exists (pass --force to overwrite)")
+    cfg = BaselineConfig(runner=runner, device=device, dataset=dataset, max_tokens=max_tokens, context=context,
+                         bits=bits, group_size=group_size, symmetric=symmetric, calib_dataset=calib_dataset,
+                         n_calib=n_calib, seq_len=seq_len, seed=seed, latency=latency, prompt_len=prompt_len,
+                         new_tokens=new_tokens, repeats=repeats, threads=threads, compare=compare)
+    run = run_baseline(model, cfg, progress=not as_json)
+    if label:
+        run.label = label
+    save_run(run, out)
+    from macq.report import markdown_table, table_row
+
+    _emit(run.to_dict(), as_json, markdown_table([table_row(run)]) + "".join(f"\nnote: {n}" for n in run.notes))
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="RUN.json files (macq.run schema) from any machines"),
+    output: Path = typer.Option(..., "-o", "--output", help="report directory (written atomically)"),
+    pending: Optional[list[str]] = typer.Option(None, "--pending", help="LABEL=REASON: an empty row saying why it was not run"),
+    force: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Merge runs into a Markdown table and PNG plots; refuses runs of different models or texts."""
+    from macq.report import build_report
+
+    data, md = build_report([str(r) for r in runs], output, pending=pending, force=force)
+    _emit(data, as_json, md)
 
 
 @app.command()

@@ -63,7 +63,8 @@ def evaluate_torch(model, tokenizer, dataset: str, context: int, stride: int | N
 
         lat = measure_latency(model, device=dev)
         out.update({"prefill_ms": lat.prefill_ms, "decode_ms_per_token": lat.decode_ms_per_token,
-                    "tokens_per_s": lat.tokens_per_s})
+                    "tokens_per_s": lat.tokens_per_s, "prefill_tokens_per_s": lat.prefill_tokens_per_s,
+                    "prompt_len": lat.prompt_len})
     return out
 
 
@@ -75,9 +76,15 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, st
     if kind == "mlx":
         from mlx_backend.runner import eval_mlx
 
-        res = eval_mlx(path, dataset=dataset, context=context, max_tokens=max_tokens)
+        ref_model = None
+        if reference is not None:  # KL / top-1 against the float model, from the same MLX passes
+            from macq.models import load_model
+
+            ref_model, _ = load_model(None if reference == "default" else reference, with_tokenizer=False)
+        res = eval_mlx(path, dataset=dataset, context=context, max_tokens=max_tokens, stride=stride,
+                       reference=ref_model, speed_repeats=3 if latency else 1)
         res = dict(res, artifact="mlx", path=path)
-        return res, md_table([res], [c for c in ("artifact", "ppl", "n_tokens", "tokens_per_s",
+        return res, md_table([res], [c for c in ("artifact", "ppl", "kl", "top1", "n_tokens", "tokens_per_s",
                                                   "prefill_tokens_per_s") if c in res])
     if kind == "mlpackage":
         res = evaluate_mlpackage(path, dataset=dataset, max_tokens=max_tokens, compute_units=compute_units,

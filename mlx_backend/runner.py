@@ -125,19 +125,37 @@ def decode_speed(model: PathOrLoaded, prompt_ids, n_tokens: int = 32) -> dict[st
 
 def eval_mlx(model: PathOrLoaded, dataset: str = "wiki", context: int = 512, max_tokens: int | None = 4096,
              stride: int | None = None, speed_prompt: int = 128, speed_tokens: int = 32,
-             compute_dtype: str | None = "auto") -> dict[str, float]:
+             compute_dtype: str | None = "auto", reference=None, speed_repeats: int = 1) -> dict[str, float]:
     """Perplexity on the evaluation split (first half of the text, ``macq.data.eval_tokens``) with
     exactly the windows of macq's torch evaluator (``macq.eval.perplexity``), plus prefill / decode
     speed. ``max_tokens`` caps the evaluated tokens (CPU time). ``compute_dtype="auto"`` is
-    :func:`default_compute_dtype` (fp32 arithmetic on Linux CPUs, stored values unchanged)."""
+    :func:`default_compute_dtype` (fp32 arithmetic on Linux CPUs, stored values unchanged).
+
+    ``reference`` (an unquantized torch model) adds KL / top-1 against it, from the same MLX forward
+    passes (each window runs once). ``speed_repeats > 1`` runs one untimed warm-up and reports the median
+    of that many timed runs."""
+    import statistics
+
     from macq.data import eval_tokens
-    from macq.eval.perplexity import perplexity
+    from macq.eval.measure import quality
 
     if compute_dtype == "auto":
         compute_dtype = default_compute_dtype()
     net, tok = _loaded(model, compute_dtype)
     ids = eval_tokens(hf_tokenizer(tok), dataset, max_tokens)
-    res = perplexity(logits_fn((net, tok)), ids, context=context, stride=stride)
-    speed = decode_speed((net, tok), ids[:speed_prompt].tolist(), speed_tokens)
-    return {"ppl": res.ppl, "ppl_stderr": res.stderr, "n_tokens": res.n_tokens, "n_windows": res.n_windows,
-            "compute_dtype": compute_dtype or "stored", **speed}
+    ref_lp = None
+    if reference is not None:
+        from macq.eval import reference_logprobs
+
+        ref_lp = reference_logprobs(reference, ids, context, stride)
+    q = quality(logits_fn((net, tok)), ids, ref_lp, context, stride=stride)
+    prompt = ids[:speed_prompt].tolist()
+    if speed_repeats > 1:
+        decode_speed((net, tok), prompt, speed_tokens)
+    runs = [decode_speed((net, tok), prompt, speed_tokens) for _ in range(max(1, speed_repeats))]
+    speed = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out = {"ppl": q["ppl"].value, "ppl_stderr": q["ppl"].stderr, "n_tokens": int(q["n_tokens"].value),
+           "compute_dtype": compute_dtype or "stored", **speed}
+    if ref_lp is not None:
+        out.update({"kl": q["kl"].value, "top1": q["top1"].value})
+    return out
