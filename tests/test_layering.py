@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("macq", "converters", "mlx_backend")
 LAYERS = {"core": 0, "methods": 1, "backends": 2, "app": 3}
 APP = {"macq.cli", "macq.pipeline", "macq.evaluate", "macq.exporting", "macq.benchmark", "macq.preflight", "macq.options",
-       "macq.studies"}
+       "macq.studies", "macq.runs", "macq.report"}
+APP_PACKAGES = ("macq.baselines",)  # reference-library runners: they quantize, evaluate and write runs
 METHODS = ("macq.quantizers", "macq.eval", "macq.analysis", "macq.streaming")
 
 
 def layer_of(module: str) -> str:
-    if module in APP:
+    if module in APP or module.startswith(APP_PACKAGES):
         return "app"
     if module.split(".")[0] in ("converters", "mlx_backend"):
         return "backends"
