@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from converters.chunks import MANIFEST, Manifest, plan_chunks
-from converters.convert import ExportResult, _check_args, dir_bytes
+from converters.convert import ExportResult, _check_args
+from converters.mil_io import dir_bytes
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 
