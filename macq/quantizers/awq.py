@@ -65,8 +65,6 @@ class AWQConfig(QuantConfig):
         check(0.0 <= self.outlier_fraction < 1.0, f"outlier_fraction={self.outlier_fraction}: expected in [0, 1)")
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
-        check(not self.include_embeddings and not self.include_lm_head,
-              f"{self.method} quantizes the decoder linears only (embeddings / lm_head: use rtn)")
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -146,6 +144,21 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQCon
     (full module paths in ``targets``); fills ``records`` and ``stats``."""
     groups = input_groups(layer, spec.sequence)
     st = collect_input_stats(layer, inputs, groups, gram=True)
+    fold_layer_scales(layer, path, st, groups, cfg, spec, stats)
+    for grp, full, mod in target_linears(layer, path, groups, targets):
+        w = get_weight(mod).detach().float()
+        rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
+        rec.transposed = is_conv1d(mod)
+        set_weight(mod, rec.dequantize(torch.float32))
+        records[full] = rec
+        stats["linears"][full] = info
+
+
+@torch.no_grad()
+def fold_layer_scales(layer: nn.Module, path: str, st: dict[tuple[str, ...], InputStats], groups: list[tuple[str, ...]],
+                      cfg: AWQConfig, spec: ArchSpec, stats: dict[str, dict[str, Any]]) -> None:
+    """AWQ's scale search for every foldable mapping of one layer, folded in place; ``st`` is rescaled to match.
+    Shared with methods that start from AWQ's scales (``learned``)."""
     group_of = {n: g for g in groups for n in g}
     for m in spec.mappings:
         key = f"{path}.{m.prev}"
@@ -163,13 +176,6 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQCon
         fold_scales(layer, m, s)
         st[grp].rescale(s)
         stats["scales"][key] = {"folded": True, "alpha": alpha, "error": err, "error_rtn": err0}
-    for grp, full, mod in target_linears(layer, path, groups, targets):
-        w = get_weight(mod).detach().float()
-        rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
-        rec.transposed = is_conv1d(mod)
-        set_weight(mod, rec.dequantize(torch.float32))
-        records[full] = rec
-        stats["linears"][full] = info
 
 
 def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, progress: bool = False,

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Quality at equal size (issue 13): every row quantizes the same tensors — decoder linears *and* the tied
+embedding/head — from the same calibration tokens, and is scored on three texts.
+
+    python scripts/bench_quality.py --rows rtn awq learned --bits 3 --json out.json
+    python scripts/bench_quality.py --rows kmeans kmeans-cal ct-skm ct-ptp --bits 4 --json lut.json
+
+Affine rows (``--group-size`` inputs per group, asymmetric): ``rtn`` is MLX's own algorithm (bit-identical to
+``mlx_lm.convert -q``, embedding included, as mlx_lm does); ``awq`` / ``gptq`` / ``awq-gptq`` / ``learned`` /
+``learned-rtn`` quantize the decoder by that method and the embedding by RTN with MSE clipping at the same
+bits and group (:func:`macq.quantizers.head_records`). LUT rows (``--lut-group`` output rows per LUT, 1 =
+per-channel): ``kmeans`` (data-free), ``kmeans-cal`` (calibrated), ``ct-skm`` / ``ct-ptp`` (coremltools'
+``SKMPalettizer`` / ``PostTrainingPalettizer`` on the same model and calibration ids; they skip the
+embedding, so macq's embedding k-means record is applied to their models to keep the tensors equal).
+
+Calibration: ``--n-calib`` x ``--seq-len`` windows of ``--calib-dataset`` (second half of the bundled text,
+seed 0), the same ids for every row. Evaluation: the first ``--eval-tokens`` tokens of the first half of
+wiki, c4 and tinystories, context 512, against the fp16-rounded model (KL, top-1). Seconds and peak memory
+are per quantization (calibration included) with ``--threads`` torch threads on a machine shared with other jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from macq.models import DEFAULT_MODEL_CAVEAT, load_model
+
+AFFINE = {"rtn", "awq", "gptq", "awq-gptq", "learned", "learned-rtn"}
+LUT = {"kmeans", "kmeans-cal", "kmeans-cal-hessian", "ct-skm", "ct-ptp"}
+
+
+def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
+    if row in AFFINE:
+        base = {"bits": args.bits, "group_size": args.group_size, "symmetric": False, "include_embeddings": True}
+        if row == "rtn":
+            return "rtn", {**base, "zero_point": "float"}
+        if row == "learned-rtn":
+            return "learned", {**base, "init": "rtn", "steps": args.steps}
+        if row == "learned":
+            return "learned", {**base, "steps": args.steps}
+        return row, base
+    base = {"bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group,
+            "include_embeddings": True}
+    if row == "kmeans-cal-hessian":
+        return "kmeans-cal", {**base, "sensitivity": "hessian"}
+    return row, base
+
+
+def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
+    """coremltools.optimize.torch's palettizer on a copy of ``model``; returns the palettized torch model."""
+    import copy
+
+    from coremltools.optimize.torch.palettization import (
+        PostTrainingPalettizer,
+        PostTrainingPalettizerConfig,
+        SKMPalettizer,
+        SKMPalettizerConfig,
+    )
+
+    m = copy.deepcopy(model)
+    op = {"n_bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group}
+    if args.lut_group == 1:
+        op = {"n_bits": args.bits, "granularity": "per_grouped_channel", "group_size": 1}
+    if row == "ct-ptp":
+        cfg = PostTrainingPalettizerConfig.from_dict({"global_config": op})
+        return PostTrainingPalettizer(m, cfg).compress()
+    cfg = SKMPalettizerConfig.from_dict({"global_config": op, "calibration_nsamples": calib.shape[0]})
+
+    def loader():
+        for i in range(calib.shape[0]):
+            yield calib[i:i + 1]
+
+    def loss_fn(mod, batch):
+        return mod(input_ids=batch, labels=batch, use_cache=False).loss
+
+    return SKMPalettizer(m, cfg).compress(dataloader=loader(), loss_fn=loss_fn)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", required=True)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--lut-group", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-dataset", default="c4")
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--datasets", nargs="+", default=["wiki", "c4", "tinystories"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fp16-row", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from macq.benchmark import fp16_copy
+    from macq.data import eval_tokens
+    from macq.eval import agreement_from_reference, perplexity, reference_logprobs
+    from macq.eval.memory import measure_peak_detail
+    from macq.pipeline import calibration_ids, quantize
+
+    model, tok = load_model(None)
+    ref = fp16_copy(model)
+    evals = {d: eval_tokens(tok, d, args.eval_tokens) for d in args.datasets}
+    ref_lp = {d: reference_logprobs(ref, ids, context=512) for d, ids in evals.items()}
+    out: list[dict[str, Any]] = []
+
+    def score(label: str, qmodel, extra: dict[str, Any]) -> None:
+        r = {"method": label, **extra}
+        for d, ids in evals.items():
+            r[f"{d}_ppl"] = perplexity(qmodel, ids, context=512).ppl
+            ag = agreement_from_reference(ref_lp[d], qmodel, ids, context=512)
+            r[f"{d}_kl"], r[f"{d}_top1"] = ag.kl, ag.top1
+        out.append(r)
+        print(json.dumps(r), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    if args.fp16_row:
+        score("fp16", ref, {"bpw": 16.0, "size_mib": sum(p.numel() for p in model.parameters()) * 2 / 2**20})
+    calib = calibration_ids(tok, args.calib_dataset, args.n_calib, args.seq_len, 0)
+    for row in args.rows:
+        t0 = time.perf_counter()
+        if row.startswith("ct-"):
+            from macq.arch import arch_spec
+            from macq.models import get_weight, set_weight
+            from macq.quantizers.palettize import KMeansConfig, quantize_weight
+
+            qmodel, peak = measure_peak_detail(lambda: coremltools_palettize(model, calib, row, args))
+            secs = time.perf_counter() - t0
+            emb = arch_spec(model).embed
+            rec = quantize_weight(get_weight(model.get_submodule(emb)).detach().float(),
+                                  KMeansConfig(bits=args.bits, group_size=args.lut_group))
+            with torch.no_grad():
+                set_weight(qmodel.get_submodule(emb), rec.dequantize())
+            score(f"{row} {args.bits}-bit LUT g{args.lut_group}", qmodel.float().eval(),
+                  {"seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+            continue
+        method, opts = macq_options(row, args)
+        qm, peak = measure_peak_detail(lambda: quantize(model, tok, method, dict(opts), args.calib_dataset,
+                                                        args.n_calib, args.seq_len, 0, progress=True, copy_model=True))
+        secs = time.perf_counter() - t0
+        grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
+        score(f"{row} {args.bits}-bit {grp}", qm.to_torch(), {"bpw": qm.bits_per_weight(), "size_mib": qm.nbytes() / 2**20,
+                                                               "seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+    print(f"Caveat: {DEFAULT_MODEL_CAVEAT}.")
+
+
+if __name__ == "__main__":
+    main()
