@@ -40,12 +40,13 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
         if row == "rtn":
             return "rtn", {**base, "zero_point": "float"}
         if row == "learned-rtn":
-            return "learned", {**base, "init": "rtn", "steps": args.steps}
+            return "learned", {**base, "init": "rtn", "steps": args.steps, "batch_size": args.learned_batch,
+                               "eval_every": args.eval_every}
         if row == "learned":
-            return "learned", {**base, "steps": args.steps}
+            return "learned", {**base, "steps": args.steps, "batch_size": args.learned_batch, "eval_every": args.eval_every}
         return row, base
     base = {"bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group,
-            "include_embeddings": True}
+            "include_embeddings": True, "n_init": args.n_init}
     if row == "kmeans-cal-hessian":
         return "kmeans-cal", {**base, "sensitivity": "hessian"}
     return row, base
@@ -81,41 +82,85 @@ def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
     return SKMPalettizer(m, cfg).compress(dataloader=loader(), loss_fn=loss_fn)
 
 
+@torch.inference_mode()
+def window_logprobs(model, ids: torch.Tensor, context: int = 512) -> list[torch.Tensor]:
+    """Log-probs ``[context - 1, vocab]`` of each non-overlapping window (first token of a window unscored)."""
+    return [torch.log_softmax(model(input_ids=ids[s:s + context][None], use_cache=False).logits[0, :-1].float(), -1)
+            for s in range(0, ids.numel() - 1, context) if ids[s:s + context].numel() > 1]
+
+
+@torch.inference_mode()
+def one_pass_scores(model, ids: torch.Tensor, ref: list[torch.Tensor], context: int = 512) -> dict[str, float]:
+    """Perplexity, mean KL(ref || model) and top-1 agreement from one forward per window (the CPU is scarce)."""
+    nll, kl, top1, n = 0.0, 0.0, 0.0, 0
+    for s, r in zip(range(0, ids.numel() - 1, context), ref):
+        chunk = ids[s:s + context]
+        lp = window_logprobs(model, chunk, context)[0]
+        tgt = chunk[1:]
+        nll += float(-lp.gather(1, tgt[:, None]).sum())
+        kl += float((r.exp() * (r - lp)).sum())
+        top1 += float((r.argmax(-1) == lp.argmax(-1)).sum())
+        n += tgt.numel()
+    return {"ppl": float(torch.exp(torch.tensor(nll / n))), "kl": kl / n, "top1": top1 / n}
+
+
+def reference(ref, ids: torch.Tensor, dataset: str, args) -> list[torch.Tensor]:
+    """The fp16 model's window log-probs, cached in ``--ref-cache`` so that one process per row (the CPU is
+    shared fairly per process) computes them once; a process finding no cache waits for it with ``--wait-ref``."""
+    import os
+    from pathlib import Path
+
+    if not args.ref_cache:
+        return window_logprobs(ref, ids)
+    path = Path(args.ref_cache) / f"ref-{dataset}-{ids.numel()}.pt"
+    while args.wait_ref and not path.exists():
+        time.sleep(10)
+    if path.exists():
+        return torch.load(path)
+    lp = window_logprobs(ref, ids)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(lp, tmp)
+    tmp.rename(path)
+    return lp
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="+", required=True)
+    ap.add_argument("--rows", nargs="*", default=[])
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--lut-group", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--n-calib", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--n-calib", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-dataset", default="c4")
-    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--datasets", nargs="+", default=["wiki", "c4", "tinystories"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fp16-row", action="store_true")
+    ap.add_argument("--ref-cache", help="directory caching the fp16 reference log-probs")
+    ap.add_argument("--wait-ref", action="store_true", help="wait for another process to fill --ref-cache")
+    ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
+    ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
+    ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from macq.benchmark import fp16_copy
     from macq.data import eval_tokens
-    from macq.eval import agreement_from_reference, perplexity, reference_logprobs
     from macq.eval.memory import measure_peak_detail
     from macq.pipeline import calibration_ids, quantize
 
     model, tok = load_model(None)
     ref = fp16_copy(model)
     evals = {d: eval_tokens(tok, d, args.eval_tokens) for d in args.datasets}
-    ref_lp = {d: reference_logprobs(ref, ids, context=512) for d, ids in evals.items()}
+    ref_lp = {d: reference(ref, ids, d, args) for d, ids in evals.items()}
     out: list[dict[str, Any]] = []
 
     def score(label: str, qmodel, extra: dict[str, Any]) -> None:
         r = {"method": label, **extra}
         for d, ids in evals.items():
-            r[f"{d}_ppl"] = perplexity(qmodel, ids, context=512).ppl
-            ag = agreement_from_reference(ref_lp[d], qmodel, ids, context=512)
-            r[f"{d}_kl"], r[f"{d}_top1"] = ag.kl, ag.top1
+            r.update({f"{d}_{k}": v for k, v in one_pass_scores(qmodel, ids, ref_lp[d]).items()})
         out.append(r)
         print(json.dumps(r), flush=True)
         if args.json:
@@ -136,7 +181,7 @@ def main() -> None:
             secs = time.perf_counter() - t0
             emb = arch_spec(model).embed
             rec = quantize_weight(get_weight(model.get_submodule(emb)).detach().float(),
-                                  KMeansConfig(bits=args.bits, group_size=args.lut_group))
+                                  KMeansConfig(bits=args.bits, group_size=args.lut_group, n_init=args.n_init))
             with torch.no_grad():
                 set_weight(qmodel.get_submodule(emb), rec.dequantize())
             score(f"{row} {args.bits}-bit LUT g{args.lut_group}", qmodel.float().eval(),

@@ -178,3 +178,57 @@ def test_calibrated_methods_quantize_the_embedding(calib, method):
     assert "model.embed_tokens.weight" not in qm.float_tensors
     emb = qm.to_torch().model.embed_tokens.weight.detach()
     assert torch.equal(emb, rec.dequantize())
+
+
+# ------------------------------------------------------------------------------------------ exports
+
+def test_learned_export_loads_in_mlx_lm(tmp_path, calib):
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_backend import export_mlx, load_mlx, mlx_logits
+    from mlx_backend.layout import mlx_arch, mlx_name
+
+    qm = registry_quantize(tiny_model(), "learned", calib=calib, bits=3, group_size=32, steps=3, eval_every=3,
+                           init="rtn", include_embeddings=True)
+    export_mlx(qm, tmp_path / "m", tokenizer=tiny_tokenizer(), dtype="float32")
+    model, tok = load_mlx(tmp_path / "m")
+    for name, rec in qm.records.items():
+        mod = model
+        for part in mlx_name(name, mlx_arch(qm.config.model_type)).split("."):
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        w = mx.dequantize(mod.weight, mod.scales, mod.biases, mod.group_size, mod.bits)
+        np.testing.assert_array_equal(np.array(w.astype(mx.float32)), rec.dequantize().numpy(), err_msg=name)
+    ids = np.array([3, 17, 101, 7, 250, 33, 480, 12], dtype=np.int64)
+    with torch.no_grad():
+        ref = qm.to_torch()(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert float(np.abs(mlx_logits((model, tok), ids) - ref).max() / np.abs(ref).max()) < 1e-4
+
+
+def test_kmeans_cal_record_reads_back_bit_exact_from_core_ml(calib):
+    pytest.importorskip("coremltools")
+    import coremltools as ct
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from converters.weights import apply_records_to_program, plan_layouts
+
+    qm = registry_quantize(tiny_model(), "kmeans-cal", calib=calib, bits=4, group_size=16, sensitivity="hessian",
+                           n_init=1)
+    name = next(n for n in qm.records if n.endswith("mlp.down_proj"))
+    rec = qm.records[name]
+    w = rec.dequantize(torch.float32).half().numpy()
+    wt = np.ascontiguousarray(w.T)                                   # the program holds [in, out]
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, wt.shape[0]), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.matmul(x=x, y=wt, name="mm")
+
+    layouts, _ = plan_layouts({name: rec})
+    apply_records_to_program(prog, {name: rec}, layouts)
+    ops = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
+    assert len(ops) == 1
+    got = np.asarray(ops[0].materialized_val_inference())
+    assert np.array_equal(got.view(np.uint16), np.ascontiguousarray(w.T).view(np.uint16))

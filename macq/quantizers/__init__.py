@@ -127,7 +127,8 @@ def head_records(model: nn.Module, cfg) -> dict[str, Any]:
             from macq.quantizers.palettize import KMeansConfig
             from macq.quantizers.palettize import quantize_weight as lut_weight
 
-            rec = lut_weight(w, KMeansConfig(bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size))
+            rec = lut_weight(w, KMeansConfig(bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size,
+                                             n_init=getattr(cfg, "n_init", 4), seed=getattr(cfg, "seed", 0)))
         else:
             rec = rtn_weight(w, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
                                           zero_point="int", mse_clip=True, scale_dtype=cfg.scale_dtype))
