@@ -152,14 +152,16 @@ def main() -> None:
     from macq.pipeline import calibration_ids, quantize
 
     model, tok = load_model(None)
-    ref = fp16_copy(model)
+    ref = fp16_copy(model) if (args.fp16_row or not args.wait_ref) else None   # memory: the machine is shared
     evals = {d: eval_tokens(tok, d, args.eval_tokens) for d in args.datasets}
-    ref_lp = {d: reference(ref, ids, d, args) for d, ids in evals.items()}
+    ref_lp: dict[str, list[torch.Tensor]] = {}   # filled when the first row is scored (quantize first, then wait)
     out: list[dict[str, Any]] = []
 
     def score(label: str, qmodel, extra: dict[str, Any]) -> None:
         r = {"method": label, **extra}
         for d, ids in evals.items():
+            if d not in ref_lp:
+                ref_lp[d] = reference(ref, ids, d, args)
             r.update({f"{d}_{k}": v for k, v in one_pass_scores(qmodel, ids, ref_lp[d]).items()})
         out.append(r)
         print(json.dumps(r), flush=True)
@@ -189,7 +191,8 @@ def main() -> None:
             continue
         method, opts = macq_options(row, args)
         qm, peak = measure_peak_detail(lambda: quantize(model, tok, method, dict(opts), args.calib_dataset,
-                                                        args.n_calib, args.seq_len, 0, progress=True, copy_model=True))
+                                                        args.n_calib, args.seq_len, 0, progress=True,
+                                                        copy_model=len(args.rows) > 1))
         secs = time.perf_counter() - t0
         grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
         score(f"{row} {args.bits}-bit {grp}", qm.to_torch(), {"bpw": qm.bits_per_weight(), "size_mib": qm.nbytes() / 2**20,
