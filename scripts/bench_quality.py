@@ -124,6 +124,18 @@ def reference(ref, ids: torch.Tensor, dataset: str, args) -> list[torch.Tensor]:
     return lp
 
 
+def write_mlx_calibration(tok, calib: torch.Tensor) -> str:
+    """``~/.cache/mlx-lm/calibration_v5.txt`` holding macq's calibration windows as text, so that
+    ``mlx_lm.awq`` / ``gptq`` / ``dwq`` (which download that file otherwise) run offline on the same tokens
+    (re-tokenised by mlx_lm; with ``--num-samples N --sequence-length L`` it takes the whole file)."""
+    from pathlib import Path
+
+    path = Path.home() / ".cache/mlx-lm/calibration_v5.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(tok.decode(row.tolist()) for row in calib))
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=[])
@@ -143,6 +155,8 @@ def main() -> None:
     ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
     ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
     ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--write-mlx-calibration", action="store_true",
+                    help="write the calibration windows to ~/.cache/mlx-lm/calibration_v5.txt and exit")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,6 +166,9 @@ def main() -> None:
     from macq.pipeline import calibration_ids, quantize
 
     model, tok = load_model(None)
+    if args.write_mlx_calibration:
+        print(write_mlx_calibration(tok, calibration_ids(tok, args.calib_dataset, args.n_calib, args.seq_len, 0)))
+        return
     ref = fp16_copy(model) if (args.fp16_row or not args.wait_ref) else None   # memory: the machine is shared
     evals = {d: eval_tokens(tok, d, args.eval_tokens) for d in args.datasets}
     ref_lp: dict[str, list[torch.Tensor]] = {}   # filled when the first row is scored (quantize first, then wait)
