@@ -178,7 +178,7 @@ def test_stats_rescale_is_exact(calib):
 
 
 @pytest.mark.parametrize("kw", [dict(bits=1), dict(salience="max"), dict(n_grid=0), dict(outlier_fraction=1.5),
-                                dict(group_size=-1), dict(include_lm_head=True), dict(scale_dtype="int8")])
+                                dict(group_size=-1), dict(scale_dtype="int8")])
 def test_bad_config(kw):
     with pytest.raises(MacqError):
         AWQConfig(**kw)

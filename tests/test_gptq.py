@@ -132,7 +132,6 @@ def test_mse_clip_lowers_weight_error_of_the_grid():
     (dict(bits=1), "--bits 1"), (dict(bits=9), "--bits 9"), (dict(group_size=-1), "--group-size"),
     (dict(damp_percent=0), "--damp-percent"), (dict(block_size=0), "--block-size"),
     (dict(group_size=128, act_order=True), "--static-groups"), (dict(scale_dtype="int8"), "--scale-dtype"),
-    (dict(include_lm_head=True), "decoder linears only"),
 ])
 def test_bad_config_is_a_one_line_macq_error(kw, msg):
     with pytest.raises(MacqError, match=msg) as e:

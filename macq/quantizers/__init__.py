@@ -27,6 +27,7 @@ class MethodSpec:
     needs_calibration: bool = False
     records: str = "affine"  # what it produces: "affine" | "lut" | "any" (chosen per layer), read by target checks
     activations: bool = False  # also quantizes activations (act_quant hooks), which weight-only targets cannot hold
+    heads: bool = False  # model method for decoder linears; embedding / lm_head (when asked) get head_records()
 
     def load(self) -> tuple[type, Callable[..., Any]]:
         mod = importlib.import_module(f"macq.quantizers.{self.module}")
@@ -39,12 +40,14 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("fp4", "normalfloat", "FP4Config", "quantize_weight", "weight", records="lut"),
     MethodSpec("kmeans", "palettize", "KMeansConfig", "quantize_weight", "weight", records="lut"),
     MethodSpec("uniform", "palettize", "UniformConfig", "quantize_weight", "weight", records="lut"),
-    MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True),
-    MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True),
-    MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True),
+    MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True, heads=True),
+    MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True, heads=True),
+    MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True, heads=True),
     MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
+    MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True, heads=True),
+    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut", heads=True),
 )}
 
 
@@ -78,6 +81,7 @@ def quantize_model(model: nn.Module, method: str, cfg=None, calib: torch.Tensor 
                    progress: bool = False, source: str = "", **kw: Any):
     """Quantize ``model`` with ``method``; returns a QuantizedModel. ``model`` may be modified in place
     by model methods (scale folding); pass a copy if the float model is still needed."""
+    from macq.models import set_weight
     from macq.qmodel import QuantizedModel
 
     spec = method_spec(method)
@@ -88,4 +92,48 @@ def quantize_model(model: nn.Module, method: str, cfg=None, calib: torch.Tensor 
         return QuantizedModel.from_model(model, records, method=cfg.to_dict(), source=source)
     if spec.needs_calibration and calib is None:
         raise MacqError(f"--method {method} needs calibration data")
-    return fn(model, cfg, calib, progress=progress, source=source)
+    if not spec.heads:
+        return fn(model, cfg, calib, progress=progress, source=source)
+    # Quantized first and written back, so the method calibrates on the inputs it will see at inference.
+    heads = head_records(model, cfg)
+    for name, rec in heads.items():
+        set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
+    qm = fn(model, cfg, calib, progress=progress, source=source)
+    if not heads:
+        return qm
+    return QuantizedModel.from_model(model, {**qm.records, **heads}, method=qm.method, act_quant=qm.act_quant,
+                                     source=qm.source)
+
+
+def head_records(model: nn.Module, cfg) -> dict[str, Any]:
+    """Records for the embedding / lm_head a calibrated method was asked to include, at the method's bits.
+
+    Why not the method itself: the embedding is a lookup (no input activations to calibrate against) and
+    the tied head's input is the last norm's output, outside every decoder layer. They get the best
+    data-free quantizer of the method's own format: RTN with per-group MSE clipping (never worse than plain
+    RTN on weight error) for affine methods, k-means for LUT methods; so rows compare at equal size.
+    """
+    from macq.models import get_weight, is_conv1d, quantizable_modules
+    from macq.quantizers.rtn import RTNConfig
+    from macq.quantizers.rtn import quantize_weight as rtn_weight
+
+    if not (cfg.include_embeddings or cfg.include_lm_head):
+        return {}
+    decoder = set(quantizable_modules(model, False, False))
+    mods = {n: m for n, m in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head).items()
+            if n not in decoder}
+    out = {}
+    for name, mod in mods.items():
+        w = get_weight(mod).detach().float()
+        if hasattr(cfg, "granularity"):
+            from macq.quantizers.palettize import KMeansConfig
+            from macq.quantizers.palettize import quantize_weight as lut_weight
+
+            rec = lut_weight(w, KMeansConfig(bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size,
+                                             n_init=getattr(cfg, "n_init", 4), seed=getattr(cfg, "seed", 0)))
+        else:
+            rec = rtn_weight(w, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                          zero_point="int", mse_clip=True, scale_dtype=cfg.scale_dtype))
+        rec.transposed = is_conv1d(mod)
+        out[name] = rec
+    return out

@@ -66,8 +66,6 @@ class AWQConfig(QuantConfig):
         check(0.0 <= self.outlier_fraction < 1.0, f"outlier_fraction={self.outlier_fraction}: expected in [0, 1)")
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
-        check(not self.include_embeddings and not self.include_lm_head,
-              f"{self.method} quantizes the decoder linears only (embeddings / lm_head: use rtn)")
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -161,7 +159,8 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQCon
 def search_and_fold(layer: nn.Module, path: str, groups: list[tuple[str, ...]], st: dict[tuple[str, ...], InputStats],
                     cfg: AWQConfig, spec: ArchSpec, stats: dict[str, dict[str, Any]]) -> None:
     """AWQ's scale search for every foldable mapping of ``layer``, each scale folded in place (``st`` rescaled):
-    the float function is unchanged; only the rounding that follows sees the new weights."""
+    the float function is unchanged; only the rounding that follows sees the new weights. Shared with methods
+    that start from AWQ's scales (``learned``)."""
     group_of = {n: g for g in groups for n in g}
     for m in spec.mappings:
         key = f"{path}.{m.prev}"

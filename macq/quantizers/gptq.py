@@ -63,8 +63,6 @@ class GPTQConfig(QuantConfig):
         check(not (self.act_order and self.group_size and not self.static_groups),
               "--act-order with --group-size needs --static-groups: permuted groups need a g_idx, "
               "which MLX and Core ML cannot hold")
-        check(not (self.include_embeddings or self.include_lm_head),
-              "gptq quantizes decoder linears only (no --include-embeddings / --include-lm-head)")
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

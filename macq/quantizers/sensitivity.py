@@ -180,6 +180,25 @@ def fisher_sensitivity(model: nn.Module, calib_ids: torch.Tensor, formats: list[
     unit of error cost the same everywhere, which it does not (later layers, residual scale, what the head
     reads). Gradients carry the downstream sensitivity; one backward per calibration sequence is the cost.
     """
+    fisher = fisher_diagonal(model, calib_ids, modules, device, progress)
+    names = list(modules)
+    errs = []
+    with torch.no_grad():
+        for n in names:
+            mod = modules[n]
+            f = fisher[n]
+            w = get_weight(mod).detach().float()
+            errs.append(_errors_for(w, formats, lambda wh: 0.5 * float((f * (w - wh).pow(2)).sum())))
+    shapes = [tuple(get_weight(modules[n]).shape) for n in names]
+    return SensitivityTable(names, {n: [n] for n in names}, list(formats), torch.tensor(errs, dtype=torch.float64),
+                            _cost_table(shapes, formats), [s[0] * s[1] for s in shapes], "fisher")
+
+
+def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, modules: dict[str, nn.Module],
+                    device: str | torch.device = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
+    """Empirical Fisher diagonal ``[out, in]`` (Linear orientation) per module: the mean over calibration
+    sequences of the squared gradient of each sequence's mean next-token loss. Also SqueezeLLM's per-weight
+    sensitivity for weighted k-means (:mod:`macq.quantizers.kmeans_cal`)."""
     device = torch.device(device)
     weights = {n: m.weight for n, m in modules.items()}
     unique = list({id(w): w for w in weights.values()}.values())       # a tied embedding appears once
@@ -200,18 +219,11 @@ def fisher_sensitivity(model: nn.Module, calib_ids: torch.Tensor, formats: list[
         for p, r in zip(model.parameters(), was):
             p.requires_grad_(r)
     n_seq = calib_ids.shape[0]
-    names = list(modules)
-    errs = []
-    with torch.no_grad():
-        for n in names:
-            mod = modules[n]
-            f = fisher[id(weights[n])] / n_seq
-            f = f.t() if is_conv1d(mod) else f                              # Fisher in [out, in] like W
-            w = get_weight(mod).detach().float()
-            errs.append(_errors_for(w, formats, lambda wh: 0.5 * float((f * (w - wh).pow(2)).sum())))
-    shapes = [tuple(get_weight(modules[n]).shape) for n in names]
-    return SensitivityTable(names, {n: [n] for n in names}, list(formats), torch.tensor(errs, dtype=torch.float64),
-                            _cost_table(shapes, formats), [s[0] * s[1] for s in shapes], "fisher")
+    out = {}
+    for n, mod in modules.items():
+        f = fisher[id(weights[n])] / n_seq
+        out[n] = f.t() if is_conv1d(mod) else f                             # Fisher in [out, in] like W
+    return out
 
 
 @torch.no_grad()

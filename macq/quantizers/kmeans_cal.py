@@ -1,0 +1,187 @@
+"""Calibrated palettization (``--method kmeans-cal``): sensitivity-weighted k-means + GPTQ-style LUT assignment.
+
+Plain k-means (``--method kmeans``) minimises the weight error, treating every weight alike. What matters is
+the model's loss, so, per SqueezeLLM:
+
+1. **sensitivity-weighted k-means**: each weight's squared error is weighted by its sensitivity, the
+   empirical Fisher diagonal (``sensitivity="fisher"``, squared gradients of the calibration loss, one
+   backward per sequence on the float model; what coremltools' ``SKMPalettizer`` also uses) or the input
+   Hessian diagonal ``E[x_j²]`` of the linear (``"hessian"``, no backward pass). The LUT is the weighted
+   k-means of :func:`macq.quantizers.palettize.kmeans_lut` (exact-DP seeding, Lloyd to convergence).
+2. **error feedback while assigning** (``error_feedback=True``): with the LUT fixed, columns are assigned to
+   their nearest LUT entry one after another and each column's error is spread over the columns not yet
+   assigned through the inverse input Hessian, exactly as GPTQ does for a uniform grid
+   (:func:`lut_gptq`). The assignment with the lower layer-output error ``tr(ΔW H ΔWᵀ)`` (feedback or
+   nearest) is kept, so feedback never makes a linear worse on that measure.
+
+Layer by layer (:func:`macq.quantizers.calibration.layerwise`), true-sequential like GPTQ: each group of
+linears sharing an input sees the already palettized earlier linears. The result is a plain
+:class:`~macq.record.LUTRecord` (per-grouped-channel LUTs of ``group_size`` output rows; ``group_size=1``
+is a per-channel LUT), which the Core ML exporter writes as ``constexpr_lut_to_dense`` unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from macq.errors import MacqError
+from macq.quantizers.base import QuantConfig, check
+from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, KMeansConfig, _groups
+from macq.record import LUTRecord
+
+SENSITIVITIES = ("fisher", "hessian")
+
+
+@dataclass
+class KMeansCalConfig(QuantConfig):
+    method = "kmeans-cal"
+    bits: int = 4
+    granularity: str = "per_grouped_channel"
+    group_size: int = 16           # output channels per LUT (per_grouped_channel); 1 = per-channel LUT
+    lut_dtype: str = "float16"
+    sensitivity: str = "fisher"    # per-weight k-means weights: "fisher" | "hessian"
+    error_feedback: bool = True    # GPTQ-style assignment to the fixed LUT
+    damp_percent: float = 0.01
+    block_size: int = 128
+    n_iter: int = 300
+    n_init: int = 4
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check(1 <= self.bits <= 8, f"--bits {self.bits}: kmeans-cal supports 1..8")
+        check(self.granularity in GRANULARITIES,
+              f"--granularity {self.granularity}: expected one of {', '.join(GRANULARITIES)}")
+        check(self.group_size > 0, f"--group-size {self.group_size}: expected > 0 output channels per LUT")
+        check(self.lut_dtype in LUT_DTYPES, f"--lut-dtype {self.lut_dtype}: expected one of {', '.join(LUT_DTYPES)}")
+        check(self.sensitivity in SENSITIVITIES,
+              f"--sensitivity {self.sensitivity}: expected one of {', '.join(SENSITIVITIES)}")
+        check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
+        check(self.block_size >= 1, f"--block-size {self.block_size}: expected >= 1")
+        check(self.n_iter >= 0 and self.n_init >= 1, "n_iter >= 0 and n_init >= 1 expected")
+        check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
+
+    def kmeans_config(self) -> KMeansConfig:
+        return KMeansConfig(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
+                            lut_dtype=self.lut_dtype, n_iter=self.n_iter, seed=self.seed, n_init=self.n_init,
+                            weighted=True)
+
+
+def lut_rows(rec: LUTRecord) -> torch.Tensor:
+    """The LUT each output row uses, ``[out, K]`` float32."""
+    return rec.lut.float().repeat_interleave(rec.shape[0] // rec.n_lut_groups, dim=0)
+
+
+def _nearest_in_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of ``rows [out, K]`` for each ``w [out]`` (ties: lowest index)."""
+    return (w.unsqueeze(1) - rows).abs().argmin(1)
+
+
+@torch.no_grad()
+def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent: float = 0.01,
+             block_size: int = 128) -> torch.Tensor:
+    """GPTQ's column-by-column error feedback onto a fixed LUT: indices ``[out, in]`` (int64).
+
+    ``rows [out, K]`` is each output row's LUT. With ``H = I`` this is exactly nearest assignment.
+    """
+    from macq.quantizers.gptq import inverse_hessian_cholesky
+
+    W, H = W.double().clone(), H.double().clone()
+    rows64 = rows.double()
+    out, n = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    Hinv, _ = inverse_hessian_cholesky(H, damp_percent)
+    idx = torch.zeros(out, n, dtype=torch.long)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), W.new_zeros(out, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            k = _nearest_in_rows(w, rows64)
+            q = rows64.gather(1, k.unsqueeze(1)).squeeze(1)
+            idx[:, i1 + i] = k
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return idx
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    d = (w_hat - w).double()
+    return float(((d @ H.double()) * d).sum())
+
+
+def palettize_linear(w: torch.Tensor, H: torch.Tensor, importance: torch.Tensor, cfg: KMeansCalConfig
+                     ) -> tuple[LUTRecord, dict[str, Any]]:
+    """Weighted k-means LUT for ``w [out, in]`` then the better of nearest / feedback assignment."""
+    from macq.quantizers.palettize import quantize_weight
+
+    rec = quantize_weight(w, cfg.kmeans_config(), importance)
+    err_nearest = output_error(w, rec.dequantize(), H)
+    info: dict[str, Any] = {"out_err_nearest": err_nearest, "feedback": False}
+    if cfg.error_feedback:
+        idx = lut_gptq(w, H, lut_rows(rec), cfg.damp_percent, cfg.block_size)
+        fb = LUTRecord(indices=idx.to(torch.uint8), lut=rec.lut, bits=rec.bits)
+        err_fb = output_error(w, fb.dequantize(), H)
+        info["out_err_feedback"] = err_fb
+        if err_fb < err_nearest:
+            rec, info["feedback"] = fb, True
+    return rec, info
+
+
+def hessian_importance(w: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``E[x_j²]`` broadcast over output rows: the weight's share of the output error if rounded alone."""
+    return torch.diagonal(H).float().clamp_min(0).expand_as(w).clone()
+
+
+def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tensor, progress: bool = False,
+                   source: str = ""):
+    """Calibrated palettization of every decoder linear of ``model`` (in place) → QuantizedModel."""
+    from macq.arch import arch_spec
+    from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+    from macq.qmodel import QuantizedModel
+    from macq.quantizers.calibration import layerwise
+    from macq.quantizers.gptq import collect_hessians
+
+    if not isinstance(cfg, KMeansCalConfig):
+        raise MacqError(f"kmeans-cal: expected a KMeansCalConfig, got {type(cfg).__name__}")
+    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise MacqError("kmeans-cal needs calibration token ids [n_samples, seq_len]")
+    spec = arch_spec(model)
+    selected = quantizable_modules(model, skip=tuple(cfg.skip))
+    for name, mod in selected.items():   # fail on a bad group size before any slow work
+        _groups(get_weight(mod).detach()[:, :1], cfg.kmeans_config())
+    fisher = None
+    if cfg.sensitivity == "fisher":
+        from macq.quantizers.sensitivity import fisher_diagonal
+
+        fisher = fisher_diagonal(model, calib_ids, selected, progress=progress)
+    records: dict[str, LUTRecord] = {}
+    stats: dict[str, dict[str, Any]] = {}
+
+    def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
+        groups = [[n for n in grp if f"{path}.{n}" in selected] for grp in spec.sequence]
+        for grp in (g for g in groups if g):
+            H = collect_hessians(layer, inputs, [grp[0]], torch.device("cpu"), stop_early=True)[grp[0]]
+            for name in grp:
+                full, mod = f"{path}.{name}", layer.get_submodule(name)
+                w = get_weight(mod).detach().float()
+                imp = fisher.pop(full) if fisher is not None else hessian_importance(w, H)
+                rec, info = palettize_linear(w, H, imp, cfg)
+                rec.transposed = is_conv1d(mod)
+                set_weight(mod, rec.dequantize())
+                records[full], stats[full] = rec, info
+        missing = {m for m in selected if m.startswith(path + ".")} - set(records)
+        if missing:
+            raise MacqError(f"kmeans-cal: {sorted(missing)[0]} is not in the architecture's linear sequence")
+
+    layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, progress=progress, description="kmeans-cal")
+    method = cfg.to_dict()
+    method["stats"] = {"feedback_kept": sum(s["feedback"] for s in stats.values()), "linears": stats}
+    return QuantizedModel.from_model(model, records, method=method, source=source)

@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Quality at equal size (issue 13): every row quantizes the same tensors — decoder linears *and* the tied
+embedding/head — from the same calibration tokens, and is scored on three texts.
+
+    python scripts/bench_quality.py --rows rtn awq learned --bits 3 --json out.json
+    python scripts/bench_quality.py --rows kmeans kmeans-cal ct-skm ct-ptp --bits 4 --json lut.json
+
+Affine rows (``--group-size`` inputs per group, asymmetric): ``rtn`` is MLX's own algorithm (bit-identical to
+``mlx_lm.convert -q``, embedding included, as mlx_lm does); ``awq`` / ``gptq`` / ``awq-gptq`` / ``learned`` /
+``learned-rtn`` quantize the decoder by that method and the embedding by RTN with MSE clipping at the same
+bits and group (:func:`macq.quantizers.head_records`). LUT rows (``--lut-group`` output rows per LUT, 1 =
+per-channel): ``kmeans`` (data-free), ``kmeans-cal`` (calibrated), ``ct-skm`` / ``ct-ptp`` (coremltools'
+``SKMPalettizer`` / ``PostTrainingPalettizer`` on the same model and calibration ids; they skip the
+embedding, so macq's embedding k-means record is applied to their models to keep the tensors equal).
+
+Calibration: ``--n-calib`` x ``--seq-len`` windows of ``--calib-dataset`` (second half of the bundled text,
+seed 0), the same ids for every row. Evaluation: the first ``--eval-tokens`` tokens of the first half of
+wiki, c4 and tinystories, context 512, against the fp16-rounded model (KL, top-1). Seconds and peak memory
+are per quantization (calibration included) with ``--threads`` torch threads on a machine shared with other jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from macq.models import DEFAULT_MODEL_CAVEAT, load_model
+
+AFFINE = {"rtn", "awq", "gptq", "awq-gptq", "learned", "learned-rtn"}
+LUT = {"kmeans", "kmeans-cal", "kmeans-cal-hessian", "ct-skm", "ct-ptp"}
+
+
+def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
+    if row in AFFINE:
+        base = {"bits": args.bits, "group_size": args.group_size, "symmetric": False, "include_embeddings": True}
+        if row == "rtn":
+            return "rtn", {**base, "zero_point": "float"}
+        if row == "learned-rtn":
+            return "learned", {**base, "init": "rtn", "steps": args.steps, "batch_size": args.learned_batch,
+                               "eval_every": args.eval_every}
+        if row == "learned":
+            return "learned", {**base, "steps": args.steps, "batch_size": args.learned_batch, "eval_every": args.eval_every}
+        return row, base
+    base = {"bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group,
+            "include_embeddings": True, "n_init": args.n_init}
+    if row == "kmeans-cal-hessian":
+        return "kmeans-cal", {**base, "sensitivity": "hessian"}
+    return row, base
+
+
+def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
+    """coremltools.optimize.torch's palettizer on a copy of ``model``; returns the palettized torch model."""
+    import copy
+
+    from coremltools.optimize.torch.palettization import (
+        PostTrainingPalettizer,
+        PostTrainingPalettizerConfig,
+        SKMPalettizer,
+        SKMPalettizerConfig,
+    )
+
+    m = copy.deepcopy(model)
+    op = {"n_bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group}
+    if args.lut_group == 1:
+        op = {"n_bits": args.bits, "granularity": "per_grouped_channel", "group_size": 1}
+    if row == "ct-ptp":
+        cfg = PostTrainingPalettizerConfig.from_dict({"global_config": op})
+        return PostTrainingPalettizer(m, cfg).compress()
+    cfg = SKMPalettizerConfig.from_dict({"global_config": op, "calibration_nsamples": calib.shape[0]})
+
+    def loader():
+        for i in range(calib.shape[0]):
+            yield calib[i:i + 1]
+
+    def loss_fn(mod, batch):
+        return mod(input_ids=batch, labels=batch, use_cache=False).loss
+
+    return SKMPalettizer(m, cfg).compress(dataloader=loader(), loss_fn=loss_fn)
+
+
+@torch.inference_mode()
+def window_logprobs(model, ids: torch.Tensor, context: int = 512) -> list[torch.Tensor]:
+    """Log-probs ``[context - 1, vocab]`` of each non-overlapping window (first token of a window unscored)."""
+    return [torch.log_softmax(model(input_ids=ids[s:s + context][None], use_cache=False).logits[0, :-1].float(), -1)
+            for s in range(0, ids.numel() - 1, context) if ids[s:s + context].numel() > 1]
+
+
+@torch.inference_mode()
+def one_pass_scores(model, ids: torch.Tensor, ref: list[torch.Tensor], context: int = 512) -> dict[str, float]:
+    """Perplexity, mean KL(ref || model) and top-1 agreement from one forward per window (the CPU is scarce)."""
+    nll, kl, top1, n = 0.0, 0.0, 0.0, 0
+    for s, r in zip(range(0, ids.numel() - 1, context), ref):
+        chunk = ids[s:s + context]
+        lp = window_logprobs(model, chunk, context)[0]
+        tgt = chunk[1:]
+        nll += float(-lp.gather(1, tgt[:, None]).sum())
+        kl += float((r.exp() * (r - lp)).sum())
+        top1 += float((r.argmax(-1) == lp.argmax(-1)).sum())
+        n += tgt.numel()
+    return {"ppl": float(torch.exp(torch.tensor(nll / n))), "kl": kl / n, "top1": top1 / n}
+
+
+def reference(ref, ids: torch.Tensor, dataset: str, args) -> list[torch.Tensor]:
+    """The fp16 model's window log-probs, cached in ``--ref-cache`` so that one process per row (the CPU is
+    shared fairly per process) computes them once; a process finding no cache waits for it with ``--wait-ref``."""
+    import os
+    from pathlib import Path
+
+    if not args.ref_cache:
+        return window_logprobs(ref, ids)
+    path = Path(args.ref_cache) / f"ref-{dataset}-{ids.numel()}.pt"
+    while args.wait_ref and not path.exists():
+        time.sleep(10)
+    if path.exists():
+        return torch.load(path)
+    lp = window_logprobs(ref, ids)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(lp, tmp)
+    tmp.rename(path)
+    return lp
+
+
+def write_mlx_calibration(tok, calib: torch.Tensor) -> str:
+    """``~/.cache/mlx-lm/calibration_v5.txt`` holding macq's calibration windows as text, so that
+    ``mlx_lm.awq`` / ``gptq`` / ``dwq`` (which download that file otherwise) run offline on the same tokens
+    (re-tokenised by mlx_lm; with ``--num-samples N --sequence-length L`` it takes the whole file)."""
+    from pathlib import Path
+
+    path = Path.home() / ".cache/mlx-lm/calibration_v5.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(tok.decode(row.tolist()) for row in calib))
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="*", default=[])
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--lut-group", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--n-calib", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib-dataset", default="c4")
+    ap.add_argument("--eval-tokens", type=int, default=1024)
+    ap.add_argument("--datasets", nargs="+", default=["wiki", "c4", "tinystories"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fp16-row", action="store_true")
+    ap.add_argument("--ref-cache", help="directory caching the fp16 reference log-probs")
+    ap.add_argument("--wait-ref", action="store_true", help="wait for another process to fill --ref-cache")
+    ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
+    ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
+    ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--write-mlx-calibration", action="store_true",
+                    help="write the calibration windows to ~/.cache/mlx-lm/calibration_v5.txt and exit")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from macq.benchmark import fp16_copy
+    from macq.data import eval_tokens
+    from macq.eval.memory import measure_peak_detail
+    from macq.pipeline import calibration_ids, quantize
+
+    model, tok = load_model(None)
+    if args.write_mlx_calibration:
+        print(write_mlx_calibration(tok, calibration_ids(tok, args.calib_dataset, args.n_calib, args.seq_len, 0)))
+        return
+    ref = fp16_copy(model) if (args.fp16_row or not args.wait_ref) else None   # memory: the machine is shared
+    evals = {d: eval_tokens(tok, d, args.eval_tokens) for d in args.datasets}
+    ref_lp: dict[str, list[torch.Tensor]] = {}   # filled when the first row is scored (quantize first, then wait)
+    out: list[dict[str, Any]] = []
+
+    def score(label: str, qmodel, extra: dict[str, Any]) -> None:
+        r = {"method": label, **extra}
+        for d, ids in evals.items():
+            if d not in ref_lp:
+                ref_lp[d] = reference(ref, ids, d, args)
+            r.update({f"{d}_{k}": v for k, v in one_pass_scores(qmodel, ids, ref_lp[d]).items()})
+        out.append(r)
+        print(json.dumps(r), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    if args.fp16_row:
+        score("fp16", ref, {"bpw": 16.0, "size_mib": sum(p.numel() for p in model.parameters()) * 2 / 2**20})
+    calib = calibration_ids(tok, args.calib_dataset, args.n_calib, args.seq_len, 0)
+    for row in args.rows:
+        t0 = time.perf_counter()
+        if row.startswith("ct-"):
+            from macq.arch import arch_spec
+            from macq.models import get_weight, set_weight
+            from macq.quantizers.palettize import KMeansConfig, quantize_weight
+
+            qmodel, peak = measure_peak_detail(lambda: coremltools_palettize(model, calib, row, args))
+            secs = time.perf_counter() - t0
+            emb = arch_spec(model).embed
+            rec = quantize_weight(get_weight(model.get_submodule(emb)).detach().float(),
+                                  KMeansConfig(bits=args.bits, group_size=args.lut_group, n_init=args.n_init))
+            with torch.no_grad():
+                set_weight(qmodel.get_submodule(emb), rec.dequantize())
+            score(f"{row} {args.bits}-bit LUT g{args.lut_group}", qmodel.float().eval(),
+                  {"seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+            continue
+        method, opts = macq_options(row, args)
+        qm, peak = measure_peak_detail(lambda: quantize(model, tok, method, dict(opts), args.calib_dataset,
+                                                        args.n_calib, args.seq_len, 0, progress=True,
+                                                        copy_model=len(args.rows) > 1))
+        secs = time.perf_counter() - t0
+        grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
+        score(f"{row} {args.bits}-bit {grp}", qm.to_torch(), {"bpw": qm.bits_per_weight(), "size_mib": qm.nbytes() / 2**20,
+                                                               "seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+    print(f"Caveat: {DEFAULT_MODEL_CAVEAT}.")
+
+
+if __name__ == "__main__":
+    main()

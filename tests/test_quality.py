@@ -1,0 +1,234 @@
+"""Issue 13: learned rounding (``learned``), calibrated palettization (``kmeans-cal``), embeddings for every method."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from macq.data import calibration_samples
+from macq.errors import MacqError
+from macq.models import get_weight, set_weight
+from macq.quantizers import grid, make_config
+from macq.quantizers import quantize_model as registry_quantize
+from macq.quantizers.calibration import capture_first_layer_inputs, run_layer
+from macq.quantizers.kmeans_cal import lut_gptq, lut_rows, output_error
+from macq.quantizers.learned import LearnedConfig, fake_quant, init_params, layer_objective, to_record, tune_layer
+from macq.quantizers.palettize import KMeansConfig, kmeans_lut, quantize_weight
+from macq.record import AffineRecord, LUTRecord
+from macq.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return calibration_samples(tiny_tokenizer(), "tinystories", 4, 32, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ learned
+
+def test_learned_grid_at_init_is_the_shared_grid():
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    clip = torch.rand(24, 2) * 0.5 + 0.5
+    p = init_params(w, 32, clip)
+    ref = grid.fake_quantize(w.view(24, 2, 32), 3, False, "int", torch.float16, clip).view(24, 64)
+    assert torch.equal(fake_quant(p, 3, False, torch.float16), ref)
+    rec = to_record(p, 3, False, torch.float16)
+    assert isinstance(rec, AffineRecord) and torch.equal(rec.dequantize(), ref)
+    p.v.uniform_(-0.5, 0.5)                                 # any offsets: the record still equals the fake quant
+    assert torch.equal(to_record(p, 3, False, torch.float16).dequantize(), fake_quant(p, 3, False, torch.float16))
+
+
+def _layer_problem(calib):
+    model = tiny_model()
+    inputs = capture_first_layer_inputs(model, calib, batch_size=2)
+    layer = model.model.layers[0]
+    targets = [t.clone() for t in run_layer(layer, inputs)]
+    hidden = [h.clone() for h in inputs.hidden]
+    kwargs = [{k: (tuple(x.clone() for x in v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+              for kw in inputs.kwargs]
+    names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return layer, names, hidden, kwargs, targets
+
+
+def _objective_with_records(layer, names, params, hidden, kwargs, targets, bits):
+    """Independent of the tuner: write each record's dequantized weight into the layer and run it plainly."""
+    for n in names:
+        set_weight(layer.get_submodule(n), to_record(params[n], bits, False, torch.float16).dequantize())
+    return layer_objective(layer, {}, hidden, kwargs, targets)
+
+
+@pytest.mark.parametrize("lr", [0.0, 50.0], ids=["autoround-lr", "absurd-lr"])
+def test_learned_never_worse_than_its_initialisation(calib, lr):
+    layer, names, hidden, kwargs, targets = _layer_problem(calib)
+    w0 = {n: get_weight(layer.get_submodule(n)).detach().clone() for n in names}
+    params = {n: init_params(w0[n], 32, 1.0) for n in names}
+    init = {n: to_record(p, 3, False, torch.float16) for n, p in params.items()}
+    for n in names:
+        set_weight(layer.get_submodule(n), init[n].dequantize())
+    before = layer_objective(layer, {}, hidden, kwargs, targets)
+    for n in names:
+        set_weight(layer.get_submodule(n), w0[n])
+    cfg = LearnedConfig(bits=3, group_size=32, steps=12, eval_every=3, lr=lr)
+    info = tune_layer(layer, params, hidden, kwargs, targets, cfg, torch.Generator().manual_seed(0))
+    after = _objective_with_records(layer, names, params, hidden, kwargs, targets, 3)
+    assert after == pytest.approx(info["objective"], rel=1e-5)
+    assert before == pytest.approx(info["objective_init"], rel=1e-5)
+    assert after <= before
+    if lr == 0.0:
+        assert after < 0.9 * before                          # the default schedule does learn something
+    if info["best_step"] == 0:                               # nothing beat the start: the start comes back exactly
+        for n in names:
+            assert torch.equal(to_record(params[n], 3, False, torch.float16).codes, init[n].codes)
+
+
+def test_learned_method_on_a_tiny_model(calib):
+    qm = registry_quantize(tiny_model(), "learned", calib=calib, bits=3, group_size=32, steps=6, eval_every=3,
+                           n_grid=4, clip_grid=4, include_embeddings=True)
+    layers = qm.method["stats"]["layers"]
+    assert layers and all(v["objective"] <= v["objective_init"] for v in layers.values())
+    assert all(isinstance(r, AffineRecord) and r.bits == 3 for r in qm.records.values())
+    assert "model.embed_tokens" in qm.records and qm.records["model.embed_tokens"].group_size == 32
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(init="gptq"), "--init"), (dict(steps=-1), "--steps"), (dict(bits=1), "--bits"),
+                                     (dict(lr=-1.0), "--lr")])
+def test_learned_bad_config(kw, msg):
+    with pytest.raises(MacqError, match=msg) as e:
+        LearnedConfig(**kw)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ kmeans-cal
+
+def _brute_force_sse(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
+    """Minimum of Σ w_i (x_i − c_{a(i)})² over every assignment of the points to k clusters (c = weighted means)."""
+    n = x.numel()
+    best = float("inf")
+    for a in itertools.product(range(k), repeat=n):
+        a = torch.tensor(a)
+        sse = 0.0
+        for c in range(k):
+            m = a == c
+            if m.any():
+                mu = (w[m] * x[m]).sum() / w[m].sum()
+                sse += float((w[m] * (x[m] - mu) ** 2).sum())
+        best = min(best, sse)
+    return best
+
+
+@pytest.mark.parametrize("bits, n, seed", [(1, 8, 0), (1, 8, 1), (2, 6, 2)])
+def test_weighted_kmeans_reaches_the_brute_force_optimum(bits, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, generator=g, dtype=torch.float64).float()
+    w = torch.rand(1, n, generator=g, dtype=torch.float64).float() * 10 + 0.01
+    lut, idx = kmeans_lut(x, bits, w, lut_dtype=torch.float32)
+    got = float((w * (x - lut[0, idx[0].long()]) ** 2).sum())
+    want = _brute_force_sse(x[0].double(), w[0].double(), 2 ** bits)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
+    # weights matter: the unweighted optimum is worse on the weighted objective (or equal)
+    lut_u, idx_u = kmeans_lut(x, bits, None, lut_dtype=torch.float32)
+    assert float((w * (x - lut_u[0, idx_u[0].long()]) ** 2).sum()) >= got - 1e-6
+
+
+def test_lut_gptq_is_nearest_with_identity_hessian_and_helps_with_correlated_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(32, 48)
+    rec = quantize_weight(w, KMeansConfig(bits=2, group_size=16))
+    rows = lut_rows(rec)
+    idx = lut_gptq(w, torch.eye(48), rows, damp_percent=1e-9)
+    nearest = LUTRecord(indices=idx.to(torch.uint8), lut=rec.lut, bits=2).dequantize()
+    assert torch.equal(nearest, rec.dequantize())
+    x = torch.randn(2000, 8) @ torch.randn(8, 48) + 0.1 * torch.randn(2000, 48)   # low-rank, correlated inputs
+    H = (x.T @ x).double() / 2000
+    fb = LUTRecord(indices=lut_gptq(w, H, rows).to(torch.uint8), lut=rec.lut, bits=2).dequantize()
+    assert output_error(w, fb, H) < 0.8 * output_error(w, rec.dequantize(), H)
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "hessian"])
+def test_kmeans_cal_on_a_tiny_model(calib, sensitivity):
+    qm = registry_quantize(tiny_model(), "kmeans-cal", calib=calib, bits=3, group_size=4, sensitivity=sensitivity,
+                           n_init=1, include_embeddings=True)
+    assert all(isinstance(r, LUTRecord) and r.bits == 3 for r in qm.records.values())
+    assert "model.embed_tokens" in qm.records
+    for name, st in qm.method["stats"]["linears"].items():
+        kept = st["out_err_feedback"] if st["feedback"] else st["out_err_nearest"]
+        assert kept <= st["out_err_nearest"]
+    assert qm.method["stats"]["feedback_kept"] >= 1
+
+
+def test_kmeans_cal_bad_config_fails_fast():
+    with pytest.raises(MacqError, match="--sensitivity"):
+        make_config("kmeans-cal", sensitivity="grad")
+    with pytest.raises(MacqError, match="--group-size 5"):
+        registry_quantize(tiny_model(), "kmeans-cal", calib=torch.zeros(1, 4, dtype=torch.long), group_size=5)
+
+
+# ------------------------------------------------------------------------------------------ equal size
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_calibrated_methods_quantize_the_embedding(calib, method):
+    kw = dict(n_grid=4, clip_grid=4) if method == "awq" else {}
+    qm = registry_quantize(tiny_model(), method, calib=calib, bits=4, group_size=32, include_embeddings=True, **kw)
+    rec = qm.records["model.embed_tokens"]
+    assert isinstance(rec, AffineRecord) and rec.bits == 4 and rec.group_size == 32
+    assert "model.embed_tokens.weight" not in qm.float_tensors
+    emb = qm.to_torch().model.embed_tokens.weight.detach()
+    assert torch.equal(emb, rec.dequantize())
+
+
+# ------------------------------------------------------------------------------------------ exports
+
+def test_learned_export_loads_in_mlx_lm(tmp_path, calib):
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_backend import export_mlx, load_mlx, mlx_logits
+    from mlx_backend.layout import mlx_arch, mlx_name
+
+    qm = registry_quantize(tiny_model(), "learned", calib=calib, bits=3, group_size=32, steps=3, eval_every=3,
+                           init="rtn", include_embeddings=True)
+    export_mlx(qm, tmp_path / "m", tokenizer=tiny_tokenizer(), dtype="float32")
+    model, tok = load_mlx(tmp_path / "m")
+    for name, rec in qm.records.items():
+        mod = model
+        for part in mlx_name(name, mlx_arch(qm.config.model_type)).split("."):
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        w = mx.dequantize(mod.weight, mod.scales, mod.biases, mod.group_size, mod.bits)
+        np.testing.assert_array_equal(np.array(w.astype(mx.float32)), rec.dequantize().numpy(), err_msg=name)
+    ids = np.array([3, 17, 101, 7, 250, 33, 480, 12], dtype=np.int64)
+    with torch.no_grad():
+        ref = qm.to_torch()(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert float(np.abs(mlx_logits((model, tok), ids) - ref).max() / np.abs(ref).max()) < 1e-4
+
+
+def test_kmeans_cal_record_reads_back_bit_exact_from_core_ml(calib):
+    pytest.importorskip("coremltools")
+    import coremltools as ct
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from converters.weights import apply_records_to_program, plan_layouts
+
+    qm = registry_quantize(tiny_model(), "kmeans-cal", calib=calib, bits=4, group_size=16, sensitivity="hessian",
+                           n_init=1)
+    name = next(n for n in qm.records if n.endswith("mlp.down_proj"))
+    rec = qm.records[name]
+    w = rec.dequantize(torch.float32).half().numpy()
+    wt = np.ascontiguousarray(w.T)                                   # the program holds [in, out]
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, wt.shape[0]), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.matmul(x=x, y=wt, name="mm")
+
+    layouts, _ = plan_layouts({name: rec})
+    apply_records_to_program(prog, {name: rec}, layouts)
+    ops = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
+    assert len(ops) == 1
+    got = np.asarray(ops[0].materialized_val_inference())
+    assert np.array_equal(got.view(np.uint16), np.ascontiguousarray(w.T).view(np.uint16))
