@@ -236,7 +236,7 @@ def test_coreml_export_runs_or_is_refused_early(arch, tmp_path, monkeypatch):
     from converters.wrapper import causal_mask
 
     t0 = time.perf_counter()
-    res = export_coreml(qm, tmp_path / "m.mlpackage", context=16)
+    res = export_coreml(qm, tmp_path / "m.mlpackage", context=16, graph="hf")  # the traced graph: windows, q/k norms
     prog, _ = load_program(res.path)
     ids = IDS[:, :8].numpy().astype(np.int32)
     out, state = run_mil(res.path, {"input_ids": ids[:, :6], "causal_mask": causal_mask(6, 0)}, program=prog)
