@@ -122,6 +122,14 @@ def _plan(model: str | None, method: str | None, target: str | None, mopts: dict
     return method, cfg, calib, config, notes
 
 
+@app.command("prepare-model")
+def prepare_model(force: bool = typer.Option(False, help="convert again even if cached")) -> None:
+    """Convert the embedded default model (SmolLM2-135M GGUF) into an HF checkpoint in the cache."""
+    from macq.models import prepare_default_model
+
+    typer.echo(str(prepare_default_model(force=force)))
+
+
 def _quantize_options(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="output directory (written atomically)"),

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,16 @@ def test_analyze_and_bench(tiny_dir, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     b = json.loads(stdout)
     assert b["prefill_ms"] > 0 and b["decode_ms_per_token"] > 0
+
+
+def test_every_documented_command_exists():
+    """The README and scripts/setup.sh call these commands; a CLI rewrite must not drop one."""
+    from typer.main import get_command
+
+    from macq.cli import app
+
+    names = set(get_command(app).commands)
+    documented = {"quantize", "export", "eval", "bench", "analyze", "baseline", "report", "info", "inspect",
+                  "generate", "prepare-model"}
+    assert documented <= names, documented - names
+    assert "macq\" prepare-model" in (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text()
