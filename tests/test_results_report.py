@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -80,17 +79,7 @@ def test_check_comparable():
         check_comparable([a, make_run("e", model_hash=None)])
 
 
-def run_cli(monkeypatch, capsys, *args):
-    from macq.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["macq", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.test_cli import run_main as run_cli  # noqa: E402  (the same in-process CLI runner)
 
 
 def test_report_cli(tmp_path, monkeypatch, capsys):

@@ -32,14 +32,14 @@ from macq.quantizers.actquant import InputStats, collect_input_stats, input_grou
 from macq.quantizers.base import QuantConfig, check, check_bits
 from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
+from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 from macq.record import AffineRecord
 
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SALIENCE = ("mean_abs", "l2")
 
 
 @dataclass
-class AWQConfig(QuantConfig):
+class AWQConfig(ScaleOptions, QuantConfig):
     method = "awq"
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -67,14 +67,7 @@ class AWQConfig(QuantConfig):
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
 
-    @property
-    def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
 
-    def group_for(self, name: str, inp: int) -> int:
-        g = inp if self.group_size == 0 else self.group_size
-        check(inp % g == 0, f"--group-size {self.group_size} does not divide {name}'s input dim {inp}")
-        return g
 
 
 @dataclass

@@ -23,15 +23,15 @@ import torch.nn as nn
 from macq.errors import MacqError
 from macq.quantizers import grid
 from macq.quantizers.base import QuantConfig, check, check_bits
+from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 from macq.record import AffineRecord
 
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DAMP_RETRIES = 4        # on a failed Cholesky, damping is multiplied by 10 up to this many times
 MSE_GRID = torch.linspace(1.0, 0.2, 41)  # range shrink factors tried by mse_clip (GPTQ's maxshrink 0.8)
 
 
 @dataclass
-class GPTQConfig(QuantConfig):
+class GPTQConfig(ScaleOptions, QuantConfig):
     method = "gptq"                # class constant (not a field), as in RTNConfig
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -64,9 +64,6 @@ class GPTQConfig(QuantConfig):
               "--act-order with --group-size needs --static-groups: permuted groups need a g_idx, "
               "which MLX and Core ML cannot hold")
 
-    @property
-    def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
 
 
 def _params(w: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor | None]:

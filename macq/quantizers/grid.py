@@ -17,6 +17,27 @@ from __future__ import annotations
 
 import torch
 
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ScaleOptions:
+    """What affine configs (``scale_dtype``, ``group_size`` fields) derive from those fields, in one place."""
+
+    scale_dtype: str
+    group_size: int
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def group_for(self, name: str, inp: int) -> int:
+        """The group size for module ``name`` with ``inp`` inputs (0 = per channel); refuses one that does not divide."""
+        from macq.quantizers.base import check
+
+        g = inp if self.group_size == 0 else self.group_size
+        check(inp % g == 0, f"--group-size {self.group_size} does not divide {name}'s input dim {inp}")
+        return g
+
 _TINY = 2.0 ** -24  # smallest positive fp16 subnormal: scales never collapse to zero
 
 

@@ -35,14 +35,14 @@ from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.quantizers import awq_search as S
 from macq.quantizers.base import QuantConfig, check, check_bits
 from macq.quantizers.calibration import LayerInputs, layerwise, run_layer, target_linears
+from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INITS = ("awq", "rtn")
 _TINY = 2.0 ** -24
 
 
 @dataclass
-class LearnedConfig(QuantConfig):
+class LearnedConfig(ScaleOptions, QuantConfig):
     method = "learned"
     bits: int = 3
     group_size: int = 64
@@ -70,14 +70,7 @@ class LearnedConfig(QuantConfig):
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.n_grid >= 1 and self.clip_grid >= 1, "n_grid and clip_grid: expected >= 1")
 
-    @property
-    def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
 
-    def group_for(self, name: str, inp: int) -> int:
-        g = inp if self.group_size == 0 else self.group_size
-        check(inp % g == 0, f"--group-size {self.group_size} does not divide {name}'s input dim {inp}")
-        return g
 
     def awq_config(self):
         from macq.quantizers.awq import AWQConfig

@@ -21,17 +21,16 @@ from dataclasses import dataclass, field
 import torch
 
 from macq.quantizers.base import QuantConfig, check, check_bits
-from macq.quantizers.grid import affine_params, dequantize_codes, quantize_codes
+from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions, affine_params, dequantize_codes, quantize_codes
 from macq.record import AffineRecord
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MSE_CLIP_GRID = torch.linspace(1.0, 0.5, 51)  # shrink factors tried per group (1.0 first: never worse)
 _MLX_EPS = 1e-7
 
 
 @dataclass
-class RTNConfig(QuantConfig):
+class RTNConfig(ScaleOptions, QuantConfig):
     method = "rtn"
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -49,9 +48,6 @@ class RTNConfig(QuantConfig):
         check(self.scale_dtype in SCALE_DTYPES,
               f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
 
-    @property
-    def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
 
 
 def mlx_affine_params(wg: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0

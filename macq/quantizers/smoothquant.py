@@ -32,10 +32,8 @@ from macq.quantizers.actquant import ACT_MODES, InputStats, collect_input_stats,
 from macq.quantizers.base import QuantConfig, check
 from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
-from macq.quantizers.grid import affine_params, quantize_codes
+from macq.quantizers.grid import SCALE_DTYPES, affine_params, quantize_codes
 from macq.record import AffineRecord
-
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
