@@ -29,7 +29,7 @@ from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.quantizers import awq_search as S
 from macq.quantizers.actquant import InputStats, collect_input_stats, input_groups
-from macq.quantizers.base import QuantConfig, check, check_bits
+from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inputs
 from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
@@ -197,10 +197,7 @@ def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, pr
     """
     from macq.qmodel import QuantizedModel
 
-    if not isinstance(cfg, AWQConfig):
-        raise MacqError(f"awq: expected an AWQConfig, got {type(cfg).__name__}")
-    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
-        raise MacqError("awq needs calibration token ids [n_samples, seq_len]")
+    check_model_inputs("awq", cfg, AWQConfig, calib_ids)
     spec = arch_spec(model).resolved(model.config)
     if isinstance(cfg, AWQGPTQConfig):
         try:

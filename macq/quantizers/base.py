@@ -26,6 +26,15 @@ def check(cond: bool, msg: str) -> None:
         raise MacqError(msg)
 
 
+def check_model_inputs(method: str, cfg: Any, cls: type, calib_ids: Any) -> None:
+    """The entry check every calibrated model method shares: its own config type and ``[n, seq_len]`` token ids."""
+    if not isinstance(cfg, cls):
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise MacqError(f"{method}: expected {article} {cls.__name__}, got {type(cfg).__name__}")
+    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise MacqError(f"{method} needs calibration token ids [n_samples, seq_len]")
+
+
 def check_bits(bits: int, allowed: tuple[int, ...] | range, method: str) -> None:
     check(bits in allowed, f"--bits {bits}: {method} supports {', '.join(map(str, allowed))}")
 

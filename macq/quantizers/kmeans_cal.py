@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from macq.errors import MacqError
-from macq.quantizers.base import QuantConfig, check
+from macq.quantizers.base import QuantConfig, check, check_model_inputs
 from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, KMeansConfig, _groups
 from macq.record import LUTRecord
 
@@ -149,10 +149,7 @@ def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tens
     from macq.quantizers.calibration import layerwise
     from macq.quantizers.gptq import collect_hessians
 
-    if not isinstance(cfg, KMeansCalConfig):
-        raise MacqError(f"kmeans-cal: expected a KMeansCalConfig, got {type(cfg).__name__}")
-    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
-        raise MacqError("kmeans-cal needs calibration token ids [n_samples, seq_len]")
+    check_model_inputs("kmeans-cal", cfg, KMeansCalConfig, calib_ids)
     spec = arch_spec(model)
     selected = quantizable_modules(model, skip=tuple(cfg.skip))
     for name, mod in selected.items():   # fail on a bad group size before any slow work

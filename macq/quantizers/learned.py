@@ -30,10 +30,9 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from macq.arch import ArchSpec, arch_spec
-from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.quantizers import awq_search as S
-from macq.quantizers.base import QuantConfig, check, check_bits
+from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inputs
 from macq.quantizers.calibration import LayerInputs, layerwise, run_layer, target_linears
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 
@@ -276,10 +275,7 @@ def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor
     """
     from macq.qmodel import QuantizedModel
 
-    if not isinstance(cfg, LearnedConfig):
-        raise MacqError(f"learned: expected a LearnedConfig, got {type(cfg).__name__}")
-    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
-        raise MacqError("learned needs calibration token ids [n_samples, seq_len]")
+    check_model_inputs("learned", cfg, LearnedConfig, calib_ids)
     spec = arch_spec(model).resolved(model.config)
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
     records: dict[str, Any] = {}

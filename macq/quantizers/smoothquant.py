@@ -29,7 +29,7 @@ from macq.arch import ArchSpec, arch_spec
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.quantizers.actquant import ACT_MODES, InputStats, collect_input_stats, input_groups, install_act_quant
-from macq.quantizers.base import QuantConfig, check
+from macq.quantizers.base import QuantConfig, check, check_model_inputs
 from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, affine_params, quantize_codes
@@ -102,10 +102,7 @@ def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Te
     """SmoothQuant W8A8 ``model`` in place; returns a QuantizedModel with records and ``act_quant``."""
     from macq.qmodel import QuantizedModel
 
-    if not isinstance(cfg, SmoothQuantConfig):
-        raise MacqError(f"smoothquant: expected a SmoothQuantConfig, got {type(cfg).__name__}")
-    if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
-        raise MacqError("smoothquant needs calibration token ids [n_samples, seq_len]")
+    check_model_inputs("smoothquant", cfg, SmoothQuantConfig, calib_ids)
     spec = arch_spec(model).resolved(model.config)
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
     sd = SCALE_DTYPES[cfg.scale_dtype]
