@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -135,29 +136,57 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def predict_ane(path: str | Path, token_ids: np.ndarray, compute_units: str = "ALL", backend: str = "auto",
-                prefill: int | None = None):
-    """Perplexity over windows of the export's context: the first ``prefill`` tokens of each window
-    (default: half) through ``prefill``, the rest through ``decode``; per-token latency of each."""
-    from converters.predict import PredictResult
+                prefill: int | None = None, decode: int | None = None, context: int | None = None,
+                stride: int | None = None,
+                reference: Callable[[np.ndarray], np.ndarray] | None = None):
+    """Perplexity over macq's evaluation windows (:func:`macq.eval.perplexity.windows`, the same tokens scored
+    as in the torch and MLX evaluators) of ``context`` tokens (default and maximum: the export's context).
+    Per window, the first ``prefill`` tokens (or all but the last ``decode``; default: half) go through
+    ``prefill``, the rest through ``decode``, one token per call; per-token latency of each. With
+    ``reference`` (window ids -> float logits ``[n, vocab]``, e.g. the float model), also KL(p_ref || p)
+    and top-1 agreement on the scored tokens."""
+    import torch
 
+    from converters.predict import PredictResult
+    from macq.eval.agreement import token_stats
+    from macq.eval.perplexity import windows
+
+    if decode is not None and decode < 0:
+        raise MacqError(f"--decode-tokens {decode}: expected >= 0")
     s = AneSession(path, compute_units, backend)
+    context = s.context if context is None else context
+    if not 2 <= context <= s.context:
+        raise MacqError(f"--context {context}: expected 2..{s.context} (the export's fixed context)")
     token_ids = np.asarray(token_ids).reshape(-1)
-    if token_ids.size < 2:
-        raise MacqError("perplexity needs at least 2 tokens")
-    nll = []
-    for start in range(0, token_ids.size - 1, s.context):
-        win = token_ids[start:start + s.context + 1]
+    nll, kl, top1 = [], [], []
+    for w in windows(token_ids.size, context, stride):
+        win = token_ids[w.begin:w.end]
         s.reset()
-        n_in = len(win) - 1
-        p = max(1, min(n_in, prefill if prefill is not None else n_in // 2))
-        logits = [s.feed(win[:p]), s.feed(win[p:n_in], prefill=False)] if p < n_in else [s.feed(win[:p])]
-        nll.append(_nll(np.concatenate(logits), win[1:]))
+        p = prefill if prefill is not None else w.length - decode if decode is not None else w.length // 2
+        p = max(1, min(w.length, p))
+        parts = [s.feed(win[:p])] + ([s.feed(win[p:], prefill=False)] if p < w.length else [])
+        logits = np.concatenate(parts)[w.offset:w.offset + w.n_scored]
+        nll.append(_nll(logits, token_ids[w.score_from:w.end]))
+        if reference is not None:
+            ref = np.asarray(reference(win), dtype=np.float32)[w.offset:w.offset + w.n_scored]
+            k, t, _ = token_stats(torch.log_softmax(torch.from_numpy(ref), -1),
+                                  torch.log_softmax(torch.from_numpy(logits.astype(np.float32)), -1))
+            kl.append(k)
+            top1.append(t)
     tm = s.timing
     notes = [] if s.backend == "coreml" else ["backend=mil: numpy value inference (graph check); latency is not device latency"]
-    return PredictResult(backend=s.backend, compute_units=compute_units if s.backend == "coreml" else "n/a",
-                         n_tokens=int(sum(len(x) for x in nll)), perplexity=float(np.exp(np.concatenate(nll).mean())),
-                         prefill_ms_per_token=1e3 * tm.prefill_s / max(tm.prefill_tokens, 1),
-                         decode_ms_per_token=1e3 * tm.decode_s / max(tm.decode_tokens, 1), notes=notes)
+    nll_all = np.concatenate(nll)
+    res = PredictResult(backend=s.backend, compute_units=compute_units if s.backend == "coreml" else "n/a",
+                        n_tokens=int(nll_all.size), perplexity=float(np.exp(nll_all.mean())),
+                        prefill_ms_per_token=1e3 * tm.prefill_s / tm.prefill_tokens if tm.prefill_tokens else None,
+                        decode_ms_per_token=1e3 * tm.decode_s / tm.decode_tokens if tm.decode_tokens else None,
+                        notes=notes)
+    if nll_all.size > 1:
+        res.ppl_stderr = res.perplexity * float(nll_all.std(ddof=1) / np.sqrt(nll_all.size))
+    if reference is not None:
+        res.kl = float(torch.cat(kl).double().mean())
+        res.top1 = float(torch.cat(top1).double().mean())
+    return res
 
 
 def generate_ane(path: str | Path, prompt_ids: np.ndarray, max_tokens: int, eos: int | None = None,

@@ -28,9 +28,12 @@ class PredictResult:
     compute_units: str
     n_tokens: int
     perplexity: float
-    prefill_ms_per_token: float
-    decode_ms_per_token: float
+    prefill_ms_per_token: float | None
+    decode_ms_per_token: float | None
     notes: list[str] = field(default_factory=list)
+    ppl_stderr: float | None = None   # delta method, as macq's torch evaluator: ppl * SE(mean token NLL)
+    kl: float | None = None           # mean KL(p_ref || p) per scored token, nats (with a reference)
+    top1: float | None = None         # argmax agreement with the reference
 
 
 class CoreMLSession:

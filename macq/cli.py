@@ -214,7 +214,7 @@ def info(path: Path = typer.Argument(..., help="macq quantization directory"),
 def eval_cmd(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP + ", an MLX export dir, or a .mlpackage"),
     dataset: str = typer.Option("wiki", help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME"),
-    context: int = typer.Option(512, help="window length"),
+    context: Optional[int] = typer.Option(None, help="window length (default 512; a Core ML ANE export: its fixed context)"),
     stride: Optional[int] = typer.Option(None, help="window stride (default: context)"),
     max_tokens: Optional[int] = typer.Option(4096, help="evaluate the first N tokens of the eval split"),
     reference: Optional[str] = typer.Option(None, help="unquantized model for KL/top-1 (default: the quantization's source)"),
@@ -222,6 +222,8 @@ def eval_cmd(
     latency: bool = typer.Option(False, help="also measure prefill/decode latency"),
     compute_units: str = typer.Option("ALL", help=".mlpackage on macOS: ALL|CPU_AND_NE|CPU_ONLY|CPU_AND_GPU"),
     tokenizer: Optional[str] = typer.Option(None, help=".mlpackage: tokenizer dir (default: the recorded source)"),
+    decode_tokens: Optional[int] = typer.Option(None, help="Core ML ANE export: last N tokens of each window through the "
+                                                "decode function (default: half the window; 0: all through prefill)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the result as a macq.run JSON file (for macq report)"),
     label: str = typer.Option("", help="--out: row label in reports"),
     as_json: bool = typer.Option(False, "--json"),
@@ -232,20 +234,23 @@ def eval_cmd(
     inference (a graph check, labelled so, not a speed figure)."""
     from macq.evaluate import evaluate_any
 
-    if context < 2:
+    if context is not None and context < 2:
         raise MacqError(f"--context {context}: expected at least 2 tokens per window")
-    if stride is not None and not 1 <= stride <= context:
-        raise MacqError(f"--stride {stride}: expected 1 <= stride <= --context ({context})")
+    if stride is not None and not 1 <= stride <= (context or 512):
+        raise MacqError(f"--stride {stride}: expected 1 <= stride <= --context ({context or 512})")
+    if decode_tokens is not None and decode_tokens < 0:
+        raise MacqError(f"--decode-tokens {decode_tokens}: expected >= 0")
     if max_tokens is not None and max_tokens < 2:
         raise MacqError(f"--max-tokens {max_tokens}: expected at least 2 tokens")
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
-                              progress=not as_json, tokenizer=tokenizer)
+                              progress=not as_json, tokenizer=tokenizer, decode_tokens=decode_tokens)
     if out is not None:
         from macq.results import save_run
         from macq.runs import run_from_eval
 
-        save_run(run_from_eval(result, model, dataset, context, stride, max_tokens, tokenizer, label), out)
+        ctx = result.get("context", context or 512)
+        save_run(run_from_eval(result, model, dataset, ctx, stride, max_tokens, tokenizer, label), out)
     _emit(result, as_json, md)
 
 

@@ -68,11 +68,16 @@ def evaluate_torch(model, tokenizer, dataset: str, context: int, stride: int | N
     return out
 
 
-def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, stride: int | None = None,
+def evaluate_any(path: str | None, dataset: str = "wiki", context: int | None = 512, stride: int | None = None,
                  max_tokens: int | None = 4096, reference: str | None = None, device: str = "auto",
                  latency: bool = False, compute_units: str = "ALL", progress: bool = False,
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, decode_tokens: int | None = None):
+    """``context=None``: 512, or a Core ML ANE export's own fixed context."""
     kind = artifact_kind(path)
+    if decode_tokens is not None and kind != "mlpackage":
+        raise MacqError("--decode-tokens: only for a Core ML export (.mlpackage or chunk directory)")
+    if kind != "mlpackage":
+        context = 512 if context is None else context
     if kind == "mlx":
         from mlx_backend.runner import eval_mlx
 
@@ -88,9 +93,10 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, st
                                                   "prefill_tokens_per_s") if c in res])
     if kind == "mlpackage":
         res = evaluate_mlpackage(path, dataset=dataset, max_tokens=max_tokens, compute_units=compute_units,
-                                 tokenizer=tokenizer)
-        md = md_table([res], ["artifact", "backend", "compute_units", "ppl", "n_tokens", "prefill_ms_per_token",
-                              "decode_ms_per_token"])
+                                 tokenizer=tokenizer, context=context, stride=stride, reference=reference,
+                                 decode_tokens=decode_tokens)
+        md = md_table([res], [c for c in ("artifact", "backend", "compute_units", "ppl", "kl", "top1", "n_tokens",
+                                          "context", "prefill_ms_per_token", "decode_ms_per_token") if c in res])
         return res, md + "".join(f"\nnote: {n}" for n in res["notes"])
 
     from macq.pipeline import load_quantized_or_model, reference_model_for
@@ -114,10 +120,13 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int = 512, st
 
 
 def evaluate_mlpackage(path: str, dataset: str = "wiki", max_tokens: int | None = 512, compute_units: str = "ALL",
-                       tokenizer: str | None = None) -> dict[str, Any]:
-    """Perplexity and per-token latency of a Core ML package: Core ML prediction on macOS; elsewhere the
-    saved program run by MIL value inference, which checks the graph and is *not* a speed figure.
-    Windows are the package's own context length."""
+                       tokenizer: str | None = None, context: int | None = None, stride: int | None = None,
+                       reference: str | None = None, decode_tokens: int | None = None) -> dict[str, Any]:
+    """Perplexity (and with ``reference`` KL / top-1 against that float model, run on the same windows) and
+    per-token latency of a Core ML export: Core ML prediction on macOS; elsewhere the saved program run by
+    MIL value inference, which checks the graph and is *not* a speed figure. An ANE export is scored on
+    macq's windows of ``context`` tokens (default: its fixed context); the traced (flexible) path on
+    windows of its own context length, without KL."""
     import coremltools as ct
     from transformers import AutoTokenizer
 
@@ -135,13 +144,38 @@ def evaluate_mlpackage(path: str, dataset: str = "wiki", max_tokens: int | None 
     if not src:
         raise MacqError(f"{path} does not record its source model: pass --tokenizer DIR")
     tok = AutoTokenizer.from_pretrained(resolve_model_path(None if src == "default" else src))
+    if not ane and (reference is not None or decode_tokens is not None or stride is not None):
+        raise MacqError(f"{path}: --reference / --decode-tokens / --stride need an ANE export (the default graph)")
+    if ane and context is not None and not 2 <= context <= read_manifest(path)[0].context:
+        raise MacqError(f"--context {context}: expected 2..{read_manifest(path)[0].context} (the export's fixed context)")
     ids = eval_tokens(tok, dataset, max_tokens)
-    predict = predict_ane if ane else predict_coreml
-    r = predict(path, ids.numpy(), compute_units=compute_units)
-    return {"artifact": "coreml", "path": str(path), "backend": r.backend, "compute_units": r.compute_units,
-            "dataset": dataset, "ppl": r.perplexity, "n_tokens": r.n_tokens,
-            "prefill_ms_per_token": r.prefill_ms_per_token, "decode_ms_per_token": r.decode_ms_per_token,
-            "notes": r.notes}
+    if not ane:
+        r = predict_coreml(path, ids.numpy(), compute_units=compute_units)
+    else:
+        ctx = context if context is not None else read_manifest(path)[0].context
+        ref_fn = None
+        if reference is not None:
+            import torch
+
+            from macq.models import load_model
+
+            ref_model, _ = load_model(None if reference == "default" else reference, with_tokenizer=False)
+            ref_model.eval()
+
+            def ref_fn(win):
+                with torch.inference_mode():
+                    return ref_model(torch.as_tensor(win, dtype=torch.long)[None]).logits[0].float().numpy()
+        r = predict_ane(path, ids.numpy(), compute_units=compute_units, context=ctx, stride=stride,
+                        decode=decode_tokens, reference=ref_fn)
+    out = {"artifact": "coreml", "path": str(path), "backend": r.backend, "compute_units": r.compute_units,
+           "dataset": dataset, "ppl": r.perplexity, "ppl_stderr": r.ppl_stderr, "n_tokens": r.n_tokens,
+           "prefill_ms_per_token": r.prefill_ms_per_token, "decode_ms_per_token": r.decode_ms_per_token,
+           "notes": r.notes}
+    if ane:
+        out["context"] = ctx
+    if r.kl is not None:
+        out.update({"kl": r.kl, "top1": r.top1})
+    return out
 
 
 def bench_latency(path: str | None, device: str = "auto", dtype: str = "float32", prompt_len: int = 128,

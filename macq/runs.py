@@ -28,9 +28,14 @@ def _source_of(path: str | None, kind: str) -> str | None:
     elif kind == "mlx":
         src = (json.loads((Path(path) / "config.json").read_text()).get("macq") or {}).get("source")
     else:
-        import coremltools as ct
+        from converters.chunks import is_ane_export, read_manifest
 
-        src = ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata.get("macq.source")
+        if is_ane_export(path):  # one ANE package or a chunk directory: the manifest records the source
+            src = read_manifest(path)[0].source
+        else:
+            import coremltools as ct
+
+            src = ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata.get("macq.source")
     if src in (None, ""):
         return None
     if src == "default":
@@ -38,6 +43,29 @@ def _source_of(path: str | None, kind: str) -> str | None:
 
         return str(default_model_dir())
     return src
+
+
+def coreml_facts(path: str | Path) -> tuple[str, dict[str, Any], float, int]:
+    """``(method, its config, bits per compressed weight, bytes on disk)`` of a Core ML export (one package or
+    an ANE chunk directory), read from the saved programs and the provenance metadata macq writes."""
+    from converters.chunks import is_ane_export, read_manifest
+    from converters.inspect import inspect_mlpackage, load_program
+    from converters.mil_io import dir_bytes
+
+    paths = [Path(path)]
+    if is_ane_export(path) and Path(path).suffix != ".mlpackage":
+        manifest, root = read_manifest(path)
+        paths = [root / c.path for c in manifest.chunks]
+    bits = n = 0
+    meta: dict[str, str] = {}
+    for p in paths:
+        prog, spec = load_program(p)
+        info = inspect_mlpackage(p, (prog, spec))
+        bits += info["bits_per_weight"] * info["n_weights"]
+        n += info["n_weights"]
+        meta = meta or dict(spec.description.metadata.userDefined)
+    cfg = json.loads(meta.get("macq.method", "{}") or "{}")
+    return cfg.get("method", "coreml"), cfg, (bits / n if n else 16.0), dir_bytes(Path(path))
 
 
 def _tokenizer_for(path: str | None, kind: str, source: str | None, tokenizer: str | None):
@@ -179,8 +207,13 @@ def run_from_eval(res: dict[str, Any], path: str | None, dataset: str, context: 
         metrics["bits_per_weight"] = Metric(bpw, "bits/weight (quantized layers, scales+biases charged)")
         metrics["size"] = Metric(nbytes / 2**20, "MiB (safetensors on disk)")
     elif kind == "mlpackage":
-        method = "coreml"
+        method, cfg, bpw, nbytes = coreml_facts(path)
+        metrics["bits_per_weight"] = Metric(bpw, "bits/weight (compressed weights as stored, metadata charged)")
+        metrics["size"] = Metric(nbytes / 2**20, "MiB (package files on disk)")
     runtime, dev_kind, dev_name = _runtime_device(kind, res)
+    if runtime == "mil-graph-check":  # numpy stepping through the graph: not a latency of anything deployed
+        for k in ("prefill_ms_per_token", "decode_ms_per_token", "prefill_tokens_per_s", "decode_tokens_per_s"):
+            metrics.pop(k, None)
     notes = list(res.get("notes", []) or [])
     if kind == "mlx" and res.get("compute_dtype") not in (None, "stored"):
         notes.append(f"mlx compute dtype {res['compute_dtype']} (stored values unchanged; {platform.system()} CPU build)")

@@ -162,7 +162,23 @@ def test_export_coreml_chunks_eval_generate(tiny_dir, tmp_path, monkeypatch, cap
                                  "--json")
     assert code == 0, err
     ev = json.loads(stdout)
-    assert ev["backend"] == "mil" and ev["n_tokens"] == 39 and 1 < ev["ppl"] < 2000
+    assert ev["backend"] == "mil" and ev["n_tokens"] == 31 + 7 and 1 < ev["ppl"] < 2000   # macq windows of 32: [0,32) [32,40)
+    run_file = tmp_path / "run.json"
+    code, stdout, err = run_main(monkeypatch, capsys, "eval", out, "--dataset", "tinystories", "--max-tokens", "40",
+                                 "--reference", tiny_dir, "--decode-tokens", "0", "--out", run_file, "--json")
+    assert code == 0, err
+    ev0 = json.loads(stdout)
+    assert ev0["kl"] > 0 and 0 <= ev0["top1"] <= 1 and ev0["decode_ms_per_token"] is None
+    assert abs(ev0["ppl"] - ev["ppl"]) / ev["ppl"] < 5e-3            # all-prefill = half decode, within fp16 noise
+    from macq.results import load_run
+
+    run = load_run(run_file)
+    assert run.runtime == "mil-graph-check" and run.method == "rtn" and run.method_config["bits"] == 4
+    assert run.metrics["bits_per_weight"].value == pytest.approx(res["bits_per_weight"], rel=1e-9)
+    assert run.metrics["size"].value == pytest.approx(res["bytes_on_disk"] / 2**20, rel=1e-9)
+    assert run.metrics["kl"].value == pytest.approx(ev0["kl"]) and "decode_tokens_per_s" not in run.metrics
+    code, _, err = run_main(monkeypatch, capsys, "eval", out, "--context", "64", "--out", tmp_path / "r2.json")
+    assert code == 2 and "fixed context" in err and not (tmp_path / "r2.json").exists()
     code, stdout, err = run_main(monkeypatch, capsys, "generate", out, "--prompt", "Once upon a time",
                                  "--max-tokens", "3", "--raw")
     assert code == 0 and "graph check" in err, err

@@ -139,15 +139,35 @@ def test_functions_share_one_copy_of_the_weights(exports):
 
 
 def test_perplexity_driver_and_context_limit(exports):
+    """The graph check scores macq's evaluation windows (as the torch evaluator does), through prefill and
+    decode, and with a reference gives the KL / top-1 the torch evaluator gives on the same windows."""
+    from macq.eval.agreement import agreement
+    from macq.eval.perplexity import perplexity
+
     arch, qm, single, _ = exports
     if arch != "llama":
         pytest.skip("one architecture is enough for the driver")
-    toks = np.random.default_rng(0).integers(0, 512, size=CTX + 1)
-    with torch.no_grad():
-        logits = qm.to_torch(torch.float32)(torch.from_numpy(toks[:-1])[None]).logits[0].float()
-        ref = float(torch.exp(torch.nn.functional.cross_entropy(logits, torch.from_numpy(toks[1:]))))
-    out = predict_ane(single.path, toks, backend="mil", prefill=12)
-    assert out.n_tokens == CTX and out.notes and abs(out.perplexity - ref) / ref < 5e-3, (out.perplexity, ref)
+    toks = np.random.default_rng(0).integers(0, 512, size=2 * CTX + 5)
+    q, fp = qm.to_torch(torch.float32).eval(), tiny_model(arch, seed=3).eval()
+    ids = torch.from_numpy(toks)
+    want_ppl = perplexity(q, ids, context=CTX)
+    want = agreement(fp, q, ids, context=CTX)
+
+    def ref(win):
+        with torch.no_grad():
+            return fp(torch.from_numpy(win)[None]).logits[0].numpy()
+
+    out = predict_ane(single.path, toks, backend="mil", prefill=12, reference=ref)
+    assert out.n_tokens == want_ppl.n_tokens == 2 * CTX + 4 - 2, out.n_tokens   # windows [0,32) [32,64) [64,69)
+    assert out.notes and abs(out.perplexity - want_ppl.ppl) / want_ppl.ppl < 5e-3, (out.perplexity, want_ppl.ppl)
+    assert abs(out.ppl_stderr - want_ppl.stderr) / want_ppl.stderr < 2e-2, (out.ppl_stderr, want_ppl.stderr)
+    assert want.kl > 1e-3 and abs(out.kl - want.kl) / want.kl < 5e-2, (out.kl, want.kl)
+    assert abs(out.top1 - want.top1) <= 2 / want.n_tokens, (out.top1, want.top1)
+    assert out.decode_ms_per_token is not None
+    allp = predict_ane(single.path, toks, backend="mil", decode=0)
+    assert allp.decode_ms_per_token is None and abs(allp.perplexity - out.perplexity) / out.perplexity < 5e-3
+    with pytest.raises(MacqError, match="fixed context"):
+        predict_ane(single.path, toks, backend="mil", context=CTX + 1)
     s = AneSession(single.path, backend="mil")
     s.feed(toks[:CTX])
     with pytest.raises(MacqError, match="context"):
