@@ -411,6 +411,8 @@ def bench(
     seq_len: int = typer.Option(256, help="matrix: calibration sequence length"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
     force: bool = typer.Option(False, help="matrix: start over instead of resuming"),
+    file_targets: str = typer.Option("mlx,coreml", help="matrix: export each row to these targets and report the "
+                                     "file's bits/weight and size ('' for none)"),
     latency: bool = typer.Option(False, "--latency", help="latency bench (the default when no --output is given)"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32", help="float32|float16|bfloat16"),
@@ -428,7 +430,7 @@ def bench(
 
         result, md = bench_matrix(model, methods, output, datasets=datasets, max_tokens=max_tokens, context=context,
                                   calib_dataset=calib_dataset, n_calib=n_calib, seq_len=seq_len, threads=threads,
-                                  force=force, progress=not as_json)
+                                  force=force, progress=not as_json, file_targets=file_targets)
         _emit(result, as_json, md)
         return
     from macq.evaluate import bench_latency

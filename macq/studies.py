@@ -39,6 +39,7 @@ CATALOGUE: dict[str, tuple[str, dict[str, Any]]] = {
 BENCH_DEFAULT = "fp16,rtn-int8,rtn-int4,nf4,fp4,kmeans4,gptq4,awq4,smoothquant-w8a8,mixed4"
 ANALYZE_DEFAULT = "rtn-int4,nf4,fp4,kmeans4,rtn-int3,kmeans3"
 BENCH_SCHEMA = "macq.bench/1"
+FILE_TARGETS = ("mlx", "coreml")
 
 
 @dataclass(frozen=True)
@@ -216,10 +217,40 @@ def _save_results(path: Path, settings: dict[str, Any], rows: list[dict[str, Any
     write_json({"schema": BENCH_SCHEMA, "settings": settings, "rows": rows}, path)
 
 
+def file_rates(qm: Any, targets: list[str], tokenizer: Any = None) -> dict[str, Any]:
+    """Export ``qm`` to each target in a temp dir and read what the file holds: bits per weight over the
+    quantized layers as stored (``file_bpw_<target>``, every scale/zero/LUT charged, in the file's dtypes)
+    and the export's size on disk (``file_mib_<target>``). A target that cannot hold the records without
+    re-quantizing them (MLX and lookup tables) gets ``None`` and a note: the bench never re-quantizes."""
+    import tempfile
+
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="macq-bench-files-") as tmp:
+        for t in targets:
+            try:
+                if t == "mlx":
+                    from mlx_backend import export_mlx
+
+                    r = export_mlx(qm, Path(tmp) / "mlx", tokenizer=tokenizer)
+                else:
+                    from converters import export_coreml
+
+                    r = export_coreml(qm, Path(tmp) / "m.mlpackage", context=128)
+                out[f"file_bpw_{t}"], out[f"file_mib_{t}"] = r.bits_per_weight, r.bytes_on_disk / 2**20
+                notes += [f"{t}: {n}" for n in (r.notes or [])]
+            except MacqError as e:
+                out[f"file_bpw_{t}"] = out[f"file_mib_{t}"] = None
+                msg = str(e)
+                notes.append(f"{t}: not exported: {msg if len(msg) <= 160 else msg[:157] + '...'}")
+    out["file_notes"] = notes
+    return out
+
+
 def bench_matrix(model: str | None, methods: str, output: Path, *, datasets: str = "wiki,c4,tinystories",
                  max_tokens: int = 512, context: int = 256, calib_dataset: str = "c4", n_calib: int = 16,
                  seq_len: int = 256, seed: int = 0, threads: int | None = None, force: bool = False,
-                 progress: bool = False) -> tuple[dict[str, Any], str]:
+                 progress: bool = False, file_targets: str = ",".join(FILE_TARGETS)) -> tuple[dict[str, Any], str]:
     """Quantize ``model`` with every method, score each on every text against the fp16-rounded model,
     save after every row (``output/results.json``) and skip rows already there. Then the report + PNGs."""
     import shutil
@@ -236,6 +267,9 @@ def bench_matrix(model: str | None, methods: str, output: Path, *, datasets: str
     from macq.pipeline import quantize
 
     specs = parse_methods(methods)
+    targets = [t for t in file_targets.split(",") if t]
+    if any(t not in FILE_TARGETS for t in targets):
+        raise MacqError(f"--file-targets {file_targets!r}: expected a comma-separated subset of {','.join(FILE_TARGETS)}")
     sets = [d for d in datasets.split(",") if d]
     if not sets:
         raise MacqError("--datasets: empty")
@@ -244,7 +278,8 @@ def bench_matrix(model: str | None, methods: str, output: Path, *, datasets: str
     if max_tokens < 2 or context < 2:
         raise MacqError(f"--max-tokens {max_tokens} / --context {context}: expected >= 2")
     settings = {"model": model or "default", "datasets": sets, "max_tokens": max_tokens, "context": context,
-                "calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed}
+                "calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed,
+                "file_targets": targets}
     if force and output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -284,10 +319,16 @@ def bench_matrix(model: str | None, methods: str, output: Path, *, datasets: str
                                    "size_mib": (qm.nbytes() if qm else fp_params * 2) / 2**20,
                                    "quantize_s": secs, "peak_mib": peak_mib,
                                    "act_quant": bool(qm.act_quant) if qm else False}
+            if qm is not None:
+                t_files = time.perf_counter()
+                row.update(file_rates(qm, targets, tok))
+                row["export_s"] = time.perf_counter() - t_files
+            else:  # the float reference: nothing quantized, every weight stored as fp16 by both exporters
+                row.update({**{f"file_bpw_{t}": 16.0 for t in targets}, "file_notes": []})
             for d in sets:
                 sc = score(qmodel, ids[d], refs[d])
                 row.update({f"ppl_{d}": sc["ppl"], f"kl_{d}": sc["kl"], f"top1_{d}": sc["top1"]})
-            row["eval_s"] = time.perf_counter() - t - secs
+            row["eval_s"] = time.perf_counter() - t - secs - row.get("export_s", 0.0)
             rows.append(row)
             _save_results(results_path, settings, rows)
             del qmodel, qm

@@ -83,14 +83,25 @@ def test_bench_matrix_resumes(tiny_dir, tmp_path, monkeypatch, capsys):
     assert first[1]["bpw"] == pytest.approx(4 + (16 + 4) / 64, rel=1e-9)  # fp16 scale + 4-bit zero per 64
     assert first[1]["ppl_tinystories"] > 1
     assert first[1]["quantize_s"] > 0 and first[1]["peak_mib"] > 0
+    # File rates from the real exports: MLX stores an fp16 scale and an fp16 bias per group of 64; Core ML holds
+    # the record as it is (uint4 codes, fp16 scale, uint4 zero point per block).
+    assert first[1]["file_bpw_mlx"] == pytest.approx(4 + 32 / 64, rel=1e-9)
+    assert first[1]["file_bpw_coreml"] == pytest.approx(first[1]["bpw"], rel=1e-9)
+    assert 0 < first[1]["file_mib_mlx"] and 0 < first[1]["file_mib_coreml"] and first[0]["file_bpw_mlx"] == 16.0
     # Resume: the two rows are read back unchanged, only the new one is measured.
-    code, stdout, err = run_main(monkeypatch, capsys, "bench", tiny_dir, "--methods", "fp16,rtn-int4;r3=rtn:bits=3,group_size=32",
-                                 *common)
+    code, stdout, err = run_main(monkeypatch, capsys, "bench", tiny_dir, "--methods", "fp16,rtn-int4;r3=rtn:bits=3,group_size=32;"
+                                 "k4=kmeans:bits=4,granularity=per_grouped_channel,group_size=16", *common)
     assert code == 0, err
     rows = json.loads(stdout)["rows"]
     assert rows[:2] == first and rows[2]["label"] == "r3" and rows[2]["ppl_wiki"] > 1
+    # a lookup table has no MLX form: no number, a note, never a re-quantized export
+    assert rows[3]["file_bpw_mlx"] is None and any(n.startswith("mlx: not exported") for n in rows[3]["file_notes"])
+    assert rows[3]["file_bpw_coreml"] == pytest.approx(rows[3]["bpw"], rel=1e-9)
     assert "resumed: fp16, rtn-int4" in (out / "report.md").read_text()
     assert (out / "pareto.png").read_bytes()[:8] == PNG and (out / "methods.png").read_bytes()[:8] == PNG
     # Other settings into the same results: refused, one line, exit 2.
     code, _, err = run_main(monkeypatch, capsys, "bench", tiny_dir, "--methods", "fp16", "--max-tokens", "64", "-o", out)
     assert code == 2 and "other settings" in err
+    code, _, err = run_main(monkeypatch, capsys, "bench", tiny_dir, "--methods", "fp16", "--file-targets", "gguf",
+                            "-o", tmp_path / "b2")
+    assert code == 2 and "--file-targets" in err and not (tmp_path / "b2").exists()

@@ -281,12 +281,19 @@ def bench_markdown(rows: list[dict[str, Any]], settings: dict[str, Any], seconds
     sets = settings["datasets"]
     cols = ["label", "bpw", "size_mib"] + [f"ppl_{d}" for d in sets] + [f"kl_{sets[0]}", f"top1_{sets[0]}"]
     cols += [c for d in sets[1:] for c in (f"kl_{d}",)] + ["quantize_s", "peak_mib"]
+    targets = settings.get("file_targets", [])
+    cols[3:3] = [f"file_{k}_{t}" for t in targets for k in ("bpw", "mib")]
     head = (f"# macq bench ({settings['model']})\n\nPerplexity on the first {settings['max_tokens']} tokens of each text's "
             f"evaluation half, windows of {settings['context']}; KL/top-1 against the fp16-rounded model; calibration "
             f"{settings['calib_dataset']} {settings['n_calib']}x{settings['seq_len']}; quantize_s / peak_mib: wall time "
             f"and peak process RSS of quantization. This run: {seconds:.0f} s"
             + (f" (resumed: {', '.join(skipped)} read from results.json)" if skipped else "") + ".\n\n")
-    return head + md_table(rows, cols) + "\n"
+    if targets:
+        head += ("bpw: the record's rate (metadata charged); file_bpw_T / file_mib_T: bits per quantized weight as "
+                 "stored in target T's export (its dtypes and layout) and the export's size on disk; empty where "
+                 "T cannot hold the records without re-quantizing them.\n\n")
+    notes = [f"- {r['label']}: {n}" for r in rows for n in r.get("file_notes") or []]
+    return head + md_table(rows, cols) + "\n" + ("\nExport notes:\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
