@@ -9,6 +9,7 @@ same JSON in a single package's ``macq.ane`` metadata) lists them in run order w
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,11 +55,26 @@ class Manifest:
         return cls(**d)
 
 
-def _layer_bytes(qm, prefix: str) -> int:
-    """Stored bytes of the tensors under ``prefix``: records at their storage rate, float tensors in fp16."""
-    rec = sum((r.storage_bits() + 7) // 8 for n, r in qm.records.items() if n.startswith(prefix))
-    flt = sum(t.numel() * 2 for n, t in qm.float_tensors.items() if n.startswith(prefix) and t.is_floating_point())
-    return rec + flt
+def _bytes_by_prefix(qm, prefixes: list[str]) -> list[int]:
+    """Stored bytes under each prefix: records at their storage rate, float tensors in fp16. One pass, and
+    float sizes from shapes where the store knows them, so a lazily loaded quantization is read once."""
+    out = [0] * len(prefixes)
+
+    def add(name: str, nbytes: int) -> None:
+        for i, p in enumerate(prefixes):
+            if name.startswith(p) or name == p[:-1]:   # "model.embed_tokens." also owns the record of that module
+                out[i] += nbytes
+
+    for n in qm.records:
+        add(n, (qm.records[n].storage_bits() + 7) // 8)
+    ft = qm.float_tensors
+    for n in ft:
+        if hasattr(ft, "shape") and hasattr(ft, "dtype"):   # a lazy TensorStore: metadata only
+            if ft.dtype(n).is_floating_point:
+                add(n, math.prod(ft.shape(n)) * 2)
+        elif ft[n].is_floating_point():
+            add(n, ft[n].numel() * 2)
+    return out
 
 
 def plan_chunks(qm, chunks: int | None, max_chunk_mb: float | None) -> list[ChunkPlan]:
@@ -73,8 +89,9 @@ def plan_chunks(qm, chunks: int | None, max_chunk_mb: float | None) -> list[Chun
         raise MacqError(f"--chunks {chunks}: expected an int in [1, {n}] (the model has {n} layers)")
     if max_chunk_mb is not None and not max_chunk_mb > 0:
         raise MacqError(f"--max-chunk-mb {max_chunk_mb}: expected a positive size")
-    sizes = [_layer_bytes(qm, f"{spec.layers}.{i}.") for i in range(n)]
-    emb, head = _layer_bytes(qm, spec.embed + "."), _layer_bytes(qm, spec.lm_head + ".") + _layer_bytes(qm, spec.final_norm + ".")
+    *sizes, emb, head, norm = _bytes_by_prefix(qm, [f"{spec.layers}.{i}." for i in range(n)]
+                                               + [spec.embed + ".", spec.lm_head + ".", spec.final_norm + "."])
+    head += norm
     if chunks is None and max_chunk_mb is None:
         return [ChunkPlan("model.mlpackage", 0, n, True, True, emb + sum(sizes) + head)]
     if chunks is not None:

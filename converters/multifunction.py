@@ -29,7 +29,7 @@ def chunk_records(qm, plan, vocab_parts) -> dict:
 
     spec = arch_spec(qm.config.model_type)
     prefixes = tuple(f"{spec.layers}.{i}." for i in range(plan.start, plan.stop))
-    out = {n: r for n, r in qm.records.items() if n.startswith(prefixes)}
+    out = {n: qm.records[n] for n in qm.records if n.startswith(prefixes)}   # names first: lazy records read once
     ends = ([spec.embed] if plan.embed else []) + ([spec.lm_head] if plan.head else [])
     for module in ends:
         name = qm.tied.get(module, module)
