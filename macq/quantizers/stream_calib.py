@@ -199,6 +199,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             with stage("io"):
                 for name, rec in head_recs.items():
                     add_record(rw, name, rec)
+            timer.take_layer()   # the per-layer split starts here (capture and heads are in the totals)
             # 2. one decoder layer at a time
             for i in range(plan.n_layers):
                 path = f"{aspec.layers}.{i}"
