@@ -116,26 +116,33 @@ _ACTIVE: list[StageTimes] = []
 class stage:  # noqa: N801 - used as a context manager, like contextlib's
     """``with stage("hessian"): ...`` adds the block's wall time to every active :class:`StageTimes` (the
     device is synchronised first, so asynchronous GPU kernels are charged to the stage that queued them).
-    Nested stages count in both; callers keep them disjoint."""
+    Nested stages are charged to the innermost one only (self time), so the stages add up to the wall time."""
 
-    __slots__ = ("name", "t0")
+    __slots__ = ("name", "t0", "inner")
+    _stack: list["stage"] = []
 
     def __init__(self, name: str):
         self.name = name
         self.t0 = 0.0
+        self.inner = 0.0
 
     def __enter__(self) -> None:
         if _ACTIVE:
             self.t0 = time.perf_counter()
+            self.inner = 0.0
+            stage._stack.append(self)
 
     def __exit__(self, *exc: object) -> None:
-        if not _ACTIVE:
+        if not _ACTIVE or not stage._stack or stage._stack[-1] is not self:
             return
         dev = _ACTIVE[-1].device
         if dev and dev != "cpu":
             from macq.device import synchronize
 
             synchronize(dev)
+        stage._stack.pop()
         dt = time.perf_counter() - self.t0
+        if stage._stack:
+            stage._stack[-1].inner += dt
         for t in _ACTIVE:
-            t.add(self.name, dt)
+            t.add(self.name, dt - self.inner)
