@@ -101,11 +101,13 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torc
     """
     device = H.device
     H = H.cpu() if device.type == "mps" else H
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean = torch.diag(H).mean()
     damp = damp_percent * (10.0 if H.dtype != torch.float64 else 1.0)  # float32 (MPS) starts damper
     for _ in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean * eye)
+        Hd = H.clone()                       # H + λI without an n×n identity (7B down_proj: 1.6 GB each in float64)
+        Hd.diagonal().add_(damp * mean)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info.item() == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info.item() == 0 and torch.isfinite(U).all():
@@ -137,7 +139,8 @@ def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device) -> P
     H[dead, dead] = 1.0
     H0 = H.clone()
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n, device=device)
-    H = H[perm][:, perm]
+    if cfg.act_order:               # the identity permutation would copy H twice for nothing
+        H = H[perm][:, perm]
     with stage("cholesky"):
         Hinv, damp = inverse_hessian_cholesky(H, cfg.damp_percent)
     return PreparedHessian(H0, dead, perm, Hinv, damp)
