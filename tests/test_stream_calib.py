@@ -266,3 +266,20 @@ def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, args, msg):
     r = _cli("quantize", bad, *args, "-o", tmp_path / "q")
     assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_default_model_streamed_gptq_records_unchanged(tmp_path):
+    """On the real default model the streamed GPTQ (float32 activations) gives the in-memory records bit for bit,
+    so the README's GPTQ quality rows hold for the streamed path with --act-dtype float32."""
+    from macq.models import prepare_default_model
+
+    src = prepare_default_model()
+    cal = dict(dataset="c4", n_calib=2, seq_len=64, seed=0)
+    cfg = config_for("gptq", dict(bits=4, group_size=64, act_dtype="float32", n_calib=2, seq_len=64))
+    model, tok = load_model(str(src))
+    ref = quantize(model, tok, "gptq", cfg, cal["dataset"], cal["n_calib"], cal["seq_len"], cal["seed"])
+    del model
+    ids = calibration_ids(tok, cal["dataset"], cal["n_calib"], cal["seq_len"], cal["seed"])
+    stream_calibrate(src, tmp_path / "s", "gptq", cfg, ids)
+    assert_same_records(ref, QuantizedModel.load(tmp_path / "s"))
