@@ -145,6 +145,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
     aspec = arch_spec(model)
     layers = model.get_submodule(aspec.layers)
     job = spec.layer_quantizer()(model, cfg, device)
+    device = job.device            # where the method computes (AWQ: the CPU)
     heads = {n for n in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head)
              if not n.startswith(plan.layers_prefix)} if spec.heads else set()
     hname, hcfg, hfn = head_quantizer(cfg) if heads else ("", None, None)
