@@ -257,14 +257,18 @@ def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path):
     (("--method", "smoothquant", "--stream"), "error: --stream: --method smoothquant runs on the in-memory path"),
 ] + ([(("--method", "gptq", "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")]
      if not torch.cuda.is_available() else []))
-def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, args, msg):
+def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, capsys, args, msg):
     """One line, exit 2, before any weight is read: the checkpoint's weights file here is corrupt, so any
     attempt to read it would fail with a different message."""
+    from macq.cli import main
+
     bad = tmp_path / "m"
     shutil.copytree(ckpts["llama"], bad)
     (bad / "model.safetensors").write_bytes(b"\0" * 16)
-    r = _cli("quantize", bad, *args, "-o", tmp_path / "q")
-    assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(bad), *args, "-o", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(msg) and err.count("\n") == 1, err
     assert not (tmp_path / "q").exists()
 
 
