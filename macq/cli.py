@@ -22,8 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).")
 
 METHOD_HELP = "rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm (default rtn)"
-STREAM_HELP = ("weight methods on a local safetensors checkpoint: one tensor in memory at a time "
-               "(default: on when it applies)")
+STREAM_HELP = ("on a local safetensors checkpoint: weight methods hold one tensor in memory at a time, gptq / awq / "
+               "awq-gptq one decoder layer (default: on when it applies)")
 MODEL_HELP = "HF hub id, local HF directory, .gguf file, or a macq quantization dir (default: embedded SmolLM2-135M)"
 
 
@@ -119,6 +119,13 @@ def _plan(model: str | None, method: str | None, target: str | None, mopts: dict
     cli = {"n_calib": calib["n_calib"], "seq_len": calib["seq_len"], "seed": calib["seed"],
            "dataset": calib["calib_dataset"], "target": target}
     cfg, notes = resolve_config(method, given, config, target, cli)
+    if "device" in given:   # checked here, before any weight is read: a missing accelerator is the user's error
+        from macq.device import resolve_device
+
+        try:
+            resolve_device(cfg.device)
+        except MacqError as e:
+            raise MacqError(f"--device {cfg.device}: {str(e).removeprefix('device: ')}") from None
     return method, cfg, calib, config, notes
 
 
@@ -169,9 +176,27 @@ def quantize(model: str | None, output: Path, method: str | None, target: str | 
                                                "seed": seed}, trust_remote_code)
     if target in TARGETS:
         check_target(target, method, cfg, config)
+    from macq.quantizers import method_spec
     from macq.streaming import stream_quantize, use_streaming
 
     src = use_streaming(model, method, stream)
+    if src is None and (mopts.get("max_memory") is not None or mopts.get("act_dtype") is not None):
+        flag = "--max-memory" if mopts.get("max_memory") is not None else "--act-dtype"
+        raise MacqError(f"{flag} applies to the streamed path (a local safetensors checkpoint, without --no-stream)")
+    if src is not None and method_spec(method).stream:  # calibrated: one decoder layer in memory at a time
+        from macq.pipeline import stream_calibrated
+
+        summary = stream_calibrated(src, output, method, cfg, calib["calib_dataset"], calib["n_calib"],
+                                    calib["seq_len"], calib["seed"], source=model or "default", force=force,
+                                    progress=not as_json, trust_remote_code=trust_remote_code)
+        summary["notes"] = notes
+        t = summary["timings"]
+        _emit(summary, as_json, "\n".join([f"wrote {output} (streamed, calibrated): {summary['layers']} layers, "
+                                           f"{summary['bits_per_weight']:.3f} bits/weight, "
+                                           f"{summary['bytes'] / 2**20:.1f} MiB in {t['total_s']:.0f}s "
+                                           f"({', '.join(f'{k} {v:.1f}' for k, v in t.items() if k != 'total_s')})",
+                                           *_notes(notes)]))
+        return
     if src is not None:  # weight method on a local checkpoint: one tensor in memory at a time
         summary = stream_quantize(src, output, method, cfg, source=model or "default", force=force,
                                   progress=not as_json, trust_remote_code=trust_remote_code)
@@ -343,6 +368,9 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
         method_name, cfg, calib_full, notes = "rtn", None, {k: CALIB_DEFAULTS[k] for k in calib}, []
     else:
         method_name, cfg, calib_full, config, notes = _plan(model, method, target, mopts, calib, trust_remote_code)
+        for k in ("max_memory", "act_dtype"):  # the streamed calibrated engine is quantize's, not export's
+            if mopts.get(k) is not None:
+                raise MacqError(f"--{k.replace('_', '-')} applies to macq quantize --stream (then export the result)")
     if context is None:  # 512, or the model's own maximum if smaller
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
         tgt["context"] = min(512, max_pos)

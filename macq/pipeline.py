@@ -52,6 +52,22 @@ def quantize(model, tokenizer, method: str, options: dict[str, Any] | Any, calib
     return qm
 
 
+def stream_calibrated(src: Path, output: Path, method: str, cfg: Any, calib_dataset: str, n_calib: int, seq_len: int,
+                      seed: int, *, source: str = "", force: bool = False, progress: bool = False,
+                      trust_remote_code: bool = False) -> dict[str, Any]:
+    """A calibrated method on the streaming path (:mod:`macq.quantizers.stream_calib`): the calibration ids come
+    from the checkpoint's tokenizer exactly as :func:`quantize` draws them."""
+    from transformers import AutoTokenizer
+
+    from macq.quantizers.stream_calib import stream_calibrate
+
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    calib = calibration_ids(tok, calib_dataset, n_calib, seq_len, seed)
+    return stream_calibrate(src, output, method, cfg, calib, source=source, force=force, progress=progress,
+                            trust_remote_code=trust_remote_code,
+                            calibration={"dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed})
+
+
 def load_quantized_or_model(path: str | None, trust_remote_code: bool = False):
     """``(QuantizedModel | None, model, tokenizer)``: a macq quantization dir, or a float model."""
     from macq.models import load_model

@@ -80,3 +80,69 @@ class LayerLog:
     def done(self) -> None:
         self._finish()
         self.current = None
+
+
+class StageTimes:
+    """Seconds per named stage (``hessian``, ``cholesky``, ``columns``, ``forward``, ``io`` ...), accumulated
+    over a run and per layer. Methods mark their stages with :func:`stage`; nothing is timed (and nothing
+    synchronised) unless a :class:`StageTimes` is active, so the in-memory path pays nothing."""
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+        self.total: dict[str, float] = {}
+        self.layer: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.total[name] = self.total.get(name, 0.0) + seconds
+        self.layer[name] = self.layer.get(name, 0.0) + seconds
+
+    def take_layer(self) -> str:
+        """This layer's split as text (for the progress line), then start the next layer's."""
+        text = " ".join(f"{k} {v:.1f}s" for k, v in self.layer.items())
+        self.layer = {}
+        return text
+
+    def __enter__(self) -> "StageTimes":
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
+
+
+_ACTIVE: list[StageTimes] = []
+
+
+class stage:  # noqa: N801 - used as a context manager, like contextlib's
+    """``with stage("hessian"): ...`` adds the block's wall time to every active :class:`StageTimes` (the
+    device is synchronised first, so asynchronous GPU kernels are charged to the stage that queued them).
+    Nested stages are charged to the innermost one only (self time), so the stages add up to the wall time."""
+
+    __slots__ = ("name", "t0", "inner")
+    _stack: list["stage"] = []
+
+    def __init__(self, name: str):
+        self.name = name
+        self.t0 = 0.0
+        self.inner = 0.0
+
+    def __enter__(self) -> None:
+        if _ACTIVE:
+            self.t0 = time.perf_counter()
+            self.inner = 0.0
+            stage._stack.append(self)
+
+    def __exit__(self, *exc: object) -> None:
+        if not _ACTIVE or not stage._stack or stage._stack[-1] is not self:
+            return
+        dev = _ACTIVE[-1].device
+        if dev and dev != "cpu":
+            from macq.device import synchronize
+
+            synchronize(dev)
+        stage._stack.pop()
+        dt = time.perf_counter() - self.t0
+        if stage._stack:
+            stage._stack[-1].inner += dt
+        for t in _ACTIVE:
+            t.add(self.name, dt - self.inner)

@@ -149,7 +149,7 @@ def export_streamed(model: str | None, output: Path, method: str, cfg: Any, flag
         res, rec_bpw = export_dir_mlx(model, output, dtype=dtype, force=force, requantize_lut=requantize_lut)
         method_name = None
     else:
-        src = use_streaming(model, method, flag)
+        src = use_streaming(model, method, flag, calibrated=False)
         if src is None:
             return None
         res, rec_bpw = export_checkpoint_mlx(src, output, method, cfg, source=model or "default", dtype=dtype,

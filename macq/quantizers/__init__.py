@@ -28,10 +28,19 @@ class MethodSpec:
     records: str = "affine"  # what it produces: "affine" | "lut" | "any" (chosen per layer), read by target checks
     activations: bool = False  # also quantizes activations (act_quant hooks), which weight-only targets cannot hold
     heads: bool = False  # model method for decoder linears; embedding / lm_head (when asked) get head_records()
+    stream: str = ""     # per-layer step (``layer_quantizer(model, cfg, device) -> LayerJob``) for the streaming engine
 
     def load(self) -> tuple[type, Callable[..., Any]]:
         mod = importlib.import_module(f"macq.quantizers.{self.module}")
         return getattr(mod, self.config), getattr(mod, self.function)
+
+    @property
+    def streams(self) -> bool:
+        """Runs on the streaming path: weight methods tensor by tensor, calibrated ones with a ``stream`` step."""
+        return self.kind == "weight" or bool(self.stream)
+
+    def layer_quantizer(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(f"macq.quantizers.{self.module}"), self.stream)
 
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
@@ -40,9 +49,10 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("fp4", "normalfloat", "FP4Config", "quantize_weight", "weight", records="lut"),
     MethodSpec("kmeans", "palettize", "KMeansConfig", "quantize_weight", "weight", records="lut"),
     MethodSpec("uniform", "palettize", "UniformConfig", "quantize_weight", "weight", records="lut"),
-    MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True, heads=True),
-    MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True, heads=True),
-    MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True, heads=True),
+    MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True, heads=True, stream="layer_quantizer"),
+    MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True, heads=True, stream="layer_quantizer"),
+    MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True, heads=True,
+               stream="layer_quantizer"),
     MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
@@ -114,26 +124,32 @@ def head_records(model: nn.Module, cfg) -> dict[str, Any]:
     RTN on weight error) for affine methods, k-means for LUT methods; so rows compare at equal size.
     """
     from macq.models import get_weight, is_conv1d, quantizable_modules
-    from macq.quantizers.rtn import RTNConfig
-    from macq.quantizers.rtn import quantize_weight as rtn_weight
 
     if not (cfg.include_embeddings or cfg.include_lm_head):
         return {}
     decoder = set(quantizable_modules(model, False, False))
     mods = {n: m for n, m in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head).items()
             if n not in decoder}
+    name_of, hcfg, fn = head_quantizer(cfg)
     out = {}
     for name, mod in mods.items():
-        w = get_weight(mod).detach().float()
-        if hasattr(cfg, "granularity"):
-            from macq.quantizers.palettize import KMeansConfig
-            from macq.quantizers.palettize import quantize_weight as lut_weight
-
-            rec = lut_weight(w, KMeansConfig(bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size,
-                                             n_init=getattr(cfg, "n_init", 4), seed=getattr(cfg, "seed", 0)))
-        else:
-            rec = rtn_weight(w, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                          zero_point="int", mse_clip=True, scale_dtype=cfg.scale_dtype))
+        rec = fn(get_weight(mod).detach().float(), hcfg)
         rec.transposed = is_conv1d(mod)
         out[name] = rec
     return out
+
+
+def head_quantizer(cfg) -> tuple[str, Any, Callable[..., Any]]:
+    """``(weight method, its config, quantize_weight)`` that :func:`head_records` applies to the embedding /
+    lm_head of a calibrated method's ``cfg`` (also used tensor by tensor by the streaming engine)."""
+    if hasattr(cfg, "granularity"):
+        from macq.quantizers.palettize import KMeansConfig
+        from macq.quantizers.palettize import quantize_weight as lut_weight
+
+        return "kmeans", KMeansConfig(bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size,
+                                      n_init=getattr(cfg, "n_init", 4), seed=getattr(cfg, "seed", 0)), lut_weight
+    from macq.quantizers.rtn import RTNConfig
+    from macq.quantizers.rtn import quantize_weight as rtn_weight
+
+    return "rtn", RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, zero_point="int",
+                            mse_clip=True, scale_dtype=cfg.scale_dtype), rtn_weight

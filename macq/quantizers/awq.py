@@ -27,10 +27,12 @@ import torch.nn as nn
 from macq.arch import ArchSpec, arch_spec
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+from macq.progress import stage
 from macq.quantizers import awq_search as S
+from macq.quantizers.activations import StreamOptions
 from macq.quantizers.actquant import InputStats, collect_input_stats, input_groups
 from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inputs
-from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
+from macq.quantizers.calibration import LayerInputs, LayerJob, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 from macq.record import AffineRecord
@@ -39,7 +41,7 @@ SALIENCE = ("mean_abs", "l2")
 
 
 @dataclass
-class AWQConfig(ScaleOptions, QuantConfig):
+class AWQConfig(StreamOptions, ScaleOptions, QuantConfig):
     method = "awq"
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -66,6 +68,7 @@ class AWQConfig(ScaleOptions, QuantConfig):
         check(0.0 <= self.outlier_fraction < 1.0, f"outlier_fraction={self.outlier_fraction}: expected in [0, 1)")
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
+        self.check_stream_options()
 
 
 
@@ -137,13 +140,16 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQCon
     """AWQ one decoder layer in place: search + fold scales, then clip + round every target linear
     (full module paths in ``targets``); fills ``records`` and ``stats``."""
     groups = input_groups(layer, spec.sequence)
-    st = collect_input_stats(layer, inputs, groups, gram=True)
-    search_and_fold(layer, path, groups, st, cfg, spec, stats)
+    with stage("hessian"):   # E|x|, E[x] and the Gram matrix XᵀX of each input group, one pass
+        st = collect_input_stats(layer, inputs, groups, gram=True)
+    with stage("search"):
+        search_and_fold(layer, path, groups, st, cfg, spec, stats)
     for grp, full, mod in target_linears(layer, path, groups, targets):
-        w = get_weight(mod).detach().float()
-        rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
-        rec.transposed = is_conv1d(mod)
-        set_weight(mod, rec.dequantize(torch.float32))
+        with stage("round"):
+            w = get_weight(mod).detach().float()
+            rec, info = _round_linear(w, st[grp], _salience(st[grp], cfg), cfg.group_for(full, w.shape[1]), cfg)
+            rec.transposed = is_conv1d(mod)
+            set_weight(mod, rec.dequantize(torch.float32))
         records[full] = rec
         stats["linears"][full] = info
 
@@ -187,17 +193,10 @@ def fold_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor) -> dic
     return stats["scales"]
 
 
-def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, progress: bool = False,
-                   source: str = ""):
-    """AWQ (or AWQ→GPTQ for :class:`AWQGPTQConfig`) the decoder linears of ``model`` in place.
-
-    Returns a :class:`~macq.qmodel.QuantizedModel` capturing the folded float tensors and the records;
-    ``method["stats"]["scales"]`` holds the chosen α and output errors (AWQ vs α=0, i.e. nearest) per
-    mapping, keyed by its producer; ``method["stats"]["linears"]`` the mean clip (and greedy error ratio).
-    """
-    from macq.qmodel import QuantizedModel
-
-    check_model_inputs("awq", cfg, AWQConfig, calib_ids)
+def layer_quantizer(model: nn.Module, cfg: AWQConfig, device: torch.device | None = None) -> LayerJob:
+    """AWQ's per-layer step for :func:`layerwise` and the streaming engine (:mod:`macq.quantizers.stream_calib`,
+    which materialises one layer of a meta skeleton at a time: ``model`` is only read for its module names
+    and config). Runs on the CPU: the searches build their candidate tensors there."""
     spec = arch_spec(model).resolved(model.config)
     if isinstance(cfg, AWQGPTQConfig):
         try:
@@ -211,7 +210,22 @@ def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, pr
     def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:
         quantize_layer(layer, path, inputs, cfg, spec, targets, records, stats)
 
-    layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description=cfg.method)
+    return LayerJob(fn, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
+
+
+def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, progress: bool = False,
+                   source: str = ""):
+    """AWQ (or AWQ→GPTQ for :class:`AWQGPTQConfig`) the decoder linears of ``model`` in place.
+
+    Returns a :class:`~macq.qmodel.QuantizedModel` capturing the folded float tensors and the records;
+    ``method["stats"]["scales"]`` holds the chosen α and output errors (AWQ vs α=0, i.e. nearest) per
+    mapping, keyed by its producer; ``method["stats"]["linears"]`` the mean clip (and greedy error ratio).
+    """
+    from macq.qmodel import QuantizedModel
+
+    check_model_inputs("awq", cfg, AWQConfig, calib_ids)
+    job = layer_quantizer(model, cfg)
+    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description=cfg.method)
     method = cfg.to_dict()
-    method["stats"] = stats
-    return QuantizedModel.from_model(model, records, method=method, source=source)
+    method["stats"] = job.stats
+    return QuantizedModel.from_model(model, job.records, method=method, source=source)

@@ -54,15 +54,18 @@ def _to(x: Any, device: torch.device) -> Any:
 
 @torch.inference_mode()
 def capture_first_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
-                               device: torch.device | str = "cpu", offload: bool = False) -> LayerInputs:
+                               device: torch.device | str = "cpu", offload: bool = False,
+                               into: LayerInputs | None = None) -> LayerInputs:
     """Run the model up to its first decoder layer for each batch of ``calib_ids [N, L]``.
 
-    Only the modules before the first layer (embeddings, rotary) need to be on ``device``.
+    Only the modules before the first layer (embeddings, rotary) need to be on ``device`` (the decoder
+    layers may be meta tensors: the forward stops before the first one). ``into``: append to these inputs
+    (e.g. a spilling activation store as ``hidden``) instead of new lists.
     """
     device = torch.device(device)
     storage = torch.device("cpu") if offload else device
     layers = decoder_layers(model)
-    captured = LayerInputs(hidden=[], storage=storage)
+    captured = into if into is not None else LayerInputs(hidden=[], storage=storage)
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         hs = args[0] if args else kwargs.pop("hidden_states")
@@ -115,6 +118,21 @@ def module_inputs(layer: nn.Module, names: list[str] | tuple[str, ...],
 
 
 LayerFn = Callable[[int, str, nn.Module, LayerInputs], None]
+
+
+@dataclass
+class LayerJob:
+    """A calibrated method's per-layer step, as both drivers (:func:`layerwise`, in memory, and the streaming
+    engine :mod:`macq.quantizers.stream_calib`) call it: ``fn`` quantizes one decoder layer in place and adds
+    its records (by full module path) to ``records``; ``stats`` is the method's per-module diagnostics,
+    stored in the manifest's ``method["stats"]`` when ``stats_in_manifest``."""
+
+    fn: LayerFn
+    records: dict[str, Any]
+    stats: dict[str, Any]
+    device: torch.device
+    batch_size: int
+    stats_in_manifest: bool = False
 
 
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size: int = 8,

@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 
 from macq.errors import MacqError
+from macq.progress import stage
 from macq.quantizers import grid
+from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 from macq.record import AffineRecord
@@ -31,7 +33,7 @@ MSE_GRID = torch.linspace(1.0, 0.2, 41)  # range shrink factors tried by mse_cli
 
 
 @dataclass
-class GPTQConfig(ScaleOptions, QuantConfig):
+class GPTQConfig(StreamOptions, ScaleOptions, QuantConfig):
     method = "gptq"                # class constant (not a field), as in RTNConfig
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -46,7 +48,8 @@ class GPTQConfig(ScaleOptions, QuantConfig):
                                    # on SmolLM2 down_proj it cut held-out output error 0.89 -> 0.73 (RTN 1.06)
     scale_dtype: str = "float16"
     batch_size: int = 8            # calibration sequences per forward
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata={"help": "cpu|cuda|mps (cuda:N): where layers are quantized; "
+                                                         "the streamed path keeps activations on the CPU"})
     offload: bool = False          # keep activations on CPU, move one layer at a time to ``device``
     n_calib: int = 128             # the CLI's business: calibration ids are passed in
     seq_len: int = 512
@@ -58,6 +61,9 @@ class GPTQConfig(ScaleOptions, QuantConfig):
         check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
         check(self.block_size >= 1, f"--block-size {self.block_size}: expected >= 1")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
+        check(str(self.device).split(":")[0] in ("cpu", "cuda", "mps", "auto"),
+              f"--device {self.device}: expected cpu, cuda, cuda:N, mps or auto")
+        self.check_stream_options()
         check(self.scale_dtype in SCALE_DTYPES,
               f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(not (self.act_order and self.group_size and not self.static_groups),
@@ -95,11 +101,13 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torc
     """
     device = H.device
     H = H.cpu() if device.type == "mps" else H
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean = torch.diag(H).mean()
     damp = damp_percent * (10.0 if H.dtype != torch.float64 else 1.0)  # float32 (MPS) starts damper
     for _ in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean * eye)
+        Hd = H.clone()                       # H + λI without an n×n identity (7B down_proj: 1.6 GB each in float64)
+        Hd.diagonal().add_(damp * mean)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info.item() == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info.item() == 0 and torch.isfinite(U).all():
@@ -109,28 +117,58 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torc
                     "(too little calibration data?)")
 
 
+@dataclass
+class PreparedHessian:
+    """What GPTQ derives from ``H`` alone (damped inverse Cholesky factor, dead columns, column order): the
+    same for every linear that sees this input, so linears sharing an input (q/k/v, gate/up) compute it once."""
+
+    H0: torch.Tensor          # H with dead diagonal entries set to 1 (for the output-error stat)
+    dead: torch.Tensor        # [in] bool: inputs that are always zero
+    perm: torch.Tensor        # column order (act_order: descending diag H)
+    Hinv: torch.Tensor        # upper Cholesky factor of (H[perm][:, perm] + λI)^-1
+    damp: float
+
+
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> tuple[AffineRecord, dict[str, Any]]:
-    """Quantize ``W [out, in]`` given ``H [in, in]`` (= 2/n·Σxxᵀ); returns the record and its stats.
+def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device) -> PreparedHessian:
+    """``H``'s part of :func:`gptq_quantize`, in float64 (float32 on MPS, which has no float64)."""
+    dt = torch.float32 if device.type == "mps" else torch.float64
+    H = H.to(device, dt).clone()
+    n = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H0 = H.clone()
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n, device=device)
+    if cfg.act_order:               # the identity permutation would copy H twice for nothing
+        H = H[perm][:, perm]
+    with stage("cholesky"):
+        Hinv, damp = inverse_hessian_cholesky(H, cfg.damp_percent)
+    return PreparedHessian(H0, dead, perm, Hinv, damp)
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
+                  prepared: PreparedHessian | None = None) -> tuple[AffineRecord, dict[str, Any]]:
+    """Quantize ``W [out, in]`` given ``H [in, in]`` (= 2/n·Σxxᵀ), or ``prepared`` from :func:`prepare_hessian`
+    (shared by the linears that see the same input); returns the record and its stats.
 
     ``stats["loss"]`` is GPTQ's objective ``½·Σ (w−q)²/[H⁻¹]_jj``; ``stats["out_err"]`` is
     ``tr(ΔW H ΔWᵀ)`` (= 2/n·‖XΔWᵀ‖², the layer-output error) for the undamped ``H``.
     """
     dt = torch.float32 if W.device.type == "mps" else torch.float64  # MPS has no float64
-    W, H = W.to(dt).clone(), H.to(W.device, dt).clone()
+    p = prepared if prepared is not None else prepare_hessian(H, cfg, W.device)
+    W = W.to(dt).clone()
     out, n = W.shape
     g = cfg.group_size or n
     if n % g:
         raise MacqError(f"gptq: group_size={g} does not divide the input dim {n}")
-    dead = torch.diag(H) == 0
-    H[dead, dead], W[:, dead] = 1.0, 0.0
-    H0, W0 = H.clone(), W.clone()
+    dead, perm, Hinv, damp, H0 = p.dead, p.perm, p.Hinv, p.damp, p.H0
+    W[:, dead] = 0.0
+    W0 = W.clone()
     static = cfg.static_groups or cfg.group_size == 0   # per-channel params always come from the original W
     empty = W.new_zeros(out, n // g, dtype=torch.float32)
     scale, zero = _params(W.view(out, n // g, g), cfg) if static else (empty, None if cfg.symmetric else empty.clone())
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp = inverse_hessian_cholesky(H, cfg.damp_percent)
+    W = W[:, perm]
     codes, losses = torch.zeros(out, n, dtype=torch.uint8, device=W.device), W.new_zeros(out)
     group_of = (perm // g).tolist()  # group (in the original order) of the j-th quantized column
     for i1 in range(0, n, cfg.block_size):
@@ -210,29 +248,34 @@ def collect_hessians(layer: nn.Module, inputs, names: list[str], device: torch.d
     return {k: a.H for k, a in acc.items()}
 
 
-def gptq_layers(model: nn.Module, cfg: GPTQConfig, calib_ids: torch.Tensor,
-                progress: bool = False) -> tuple[dict[str, AffineRecord], dict[str, dict[str, Any]]]:
-    """Quantize every decoder linear of ``model`` in place (dequantized weights written back, so later
-    layers calibrate on the quantized model's activations); returns ``(records, stats)`` by module path."""
-    from macq.arch import arch_spec
-    from macq.device import resolve_device
-    from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
-    from macq.quantizers.calibration import layerwise
+def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
+    """GPTQ's per-layer step for :func:`~macq.quantizers.calibration.layerwise` and the streaming engine
+    (:mod:`macq.quantizers.stream_calib`), which materialises one layer of a meta skeleton at a time: ``model``
+    is only read for its module names. Returns a :class:`~macq.quantizers.calibration.LayerJob` whose
+    ``records`` / ``stats`` fill as layers are quantized (in place: dequantized weights written back, so
+    later layers calibrate on the quantized model's activations).
 
-    device = resolve_device(cfg.device)
-    if not cfg.offload:
-        model.to(device)
+    One Hessian per input group (``ArchSpec.sequence``: q/k/v share one input, gate/up another) and one
+    damped Cholesky factor per group (:func:`prepare_hessian`), shared by the group's linears. That is exact
+    with ``true_sequential`` too: it re-collects a group's input only after the *previous* groups are
+    quantized, and every member of a group reads the same tensor."""
+    from macq.arch import arch_spec
+    from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+    from macq.quantizers.calibration import LayerJob
+
     spec = arch_spec(model)
     selected = set(quantizable_modules(model, skip=tuple(cfg.skip)))
     records: dict[str, AffineRecord] = {}
     stats: dict[str, dict[str, Any]] = {}
 
     def quantize_group(path: str, layer: nn.Module, names: list[str], H: torch.Tensor) -> None:
+        prepared = prepare_hessian(H, cfg, device)
         for name in names:
             mod = layer.get_submodule(name)
-            rec, st = gptq_quantize(get_weight(mod).detach().to(device), H, cfg)
-            rec.transposed = is_conv1d(mod)
-            set_weight(mod, rec.dequantize().to(device))
+            with stage("columns"):
+                rec, st = gptq_quantize(get_weight(mod).detach().to(device), None, cfg, prepared)
+                rec.transposed = is_conv1d(mod)
+                set_weight(mod, rec.dequantize().to(device))
             records[f"{path}.{name}"], stats[f"{path}.{name}"] = rec, st
 
     def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
@@ -244,16 +287,32 @@ def gptq_layers(model: nn.Module, cfg: GPTQConfig, calib_ids: torch.Tensor,
             raise MacqError(f"gptq: {sorted(missing)[0]} is not in the architecture's linear sequence")
         if cfg.true_sequential:
             for grp in groups:
-                hs = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)
+                with stage("hessian"):
+                    hs = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)
                 quantize_group(path, layer, grp, hs[grp[0]])
         else:
-            hs = collect_hessians(layer, inputs, [grp[0] for grp in groups], device)
+            with stage("hessian"):
+                hs = collect_hessians(layer, inputs, [grp[0] for grp in groups], device)
             for grp in groups:
                 quantize_group(path, layer, grp, hs[grp[0]])
 
-    layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, device=device, offload=cfg.offload,
+    return LayerJob(per_layer, records, stats, device, cfg.batch_size)
+
+
+def gptq_layers(model: nn.Module, cfg: GPTQConfig, calib_ids: torch.Tensor,
+                progress: bool = False) -> tuple[dict[str, AffineRecord], dict[str, dict[str, Any]]]:
+    """Quantize every decoder linear of ``model`` in place (dequantized weights written back, so later
+    layers calibrate on the quantized model's activations); returns ``(records, stats)`` by module path."""
+    from macq.device import resolve_device
+    from macq.quantizers.calibration import layerwise
+
+    device = resolve_device(cfg.device)
+    if not cfg.offload:
+        model.to(device)
+    job = layer_quantizer(model, cfg, device)
+    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, device=device, offload=cfg.offload,
               progress=progress, description="gptq")
-    return records, stats
+    return job.records, job.stats
 
 
 def quantize_model(model: nn.Module, cfg: GPTQConfig, calib_ids: torch.Tensor, progress: bool = False,

@@ -1,0 +1,272 @@
+"""Streaming calibrated quantization (GPTQ, AWQ, AWQ->GPTQ): one decoder layer in memory at a time.
+
+The in-memory path (:func:`macq.quantizers.calibration.layerwise`) loads the whole model in float32 first; an
+8B model needs ~32 GB before any work. Here the model is a skeleton whose *parameters* are meta tensors (no
+storage) and whose buffers are real (rotary frequencies, embedding scales: computed by the modules' own
+constructors, exactly as the in-memory model computes them). Then:
+
+1. the parameters outside the decoder layers that run before the first layer (embeddings; not the final norm
+   or lm_head) are read from the checkpoint in float32 (a quantized embedding, when asked, is written back
+   dequantized first, as the in-memory path does), the calibration batches are run up to the first layer and
+   its inputs captured into an :class:`~macq.quantizers.activations.ActivationStore`; those parameters are
+   dropped again;
+2. for each decoder layer ``i``: its parameters are read from the checkpoint (:class:`~macq.shards.TensorStore`,
+   one tensor at a time) in float32 onto the method's device; the method's own per-layer step runs
+   (``MethodSpec.stream`` -> :class:`~macq.quantizers.calibration.LayerJob`, the same function the in-memory
+   path drives); the quantized layer produces the next layer's inputs (skipped after the last layer); the
+   layer's records and float tensors (AWQ's folded norms and biases included) are appended to the sharded
+   writers; the layer goes back to meta;
+3. the tensors outside the layers are copied (or quantized, for ``--include-embeddings`` / ``--include-lm-head``,
+   with the same data-free quantizer as :func:`macq.quantizers.head_records`) tensor by tensor.
+
+Float tensors keep the checkpoint's dtype where that holds their value exactly (everything GPTQ leaves
+alone), else float32 (AWQ's folded norms): the in-memory path stores float32 copies of the same values.
+With float32 activations the records equal the in-memory path's bit for bit (same ops, same batches, same
+order: tests); fp16 activations round each layer's inputs once (see :mod:`macq.quantizers.activations`).
+The output is the directory :func:`macq.streaming.stream_quantize` writes, inside :func:`macq.atomic.atomic_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from macq.atomic import atomic_dir
+from macq.errors import MacqError
+from macq.progress import LayerLog, StageTimes, stage
+from macq.qmodel import FORMAT_VERSION, SHARD_BYTES, write_records
+from macq.quantizers.activations import ACT_DTYPES, ActivationStore, Budget
+from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs
+from macq.shards import ShardWriter, TensorStore
+from macq.streaming import copy_tokenizer, finite, plan_stream, quantize_stored
+
+TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
+               "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
+
+
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (created, then moved before any
+    initialisation touches them: ``torch.empty`` is never written, so it costs no resident memory); buffers
+    stay real, so non-persistent ones (rotary ``inv_freq``) hold the values their constructors compute."""
+    orig = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        orig(self, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig  # type: ignore[method-assign]
+
+
+def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, pname = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    old = mod._parameters[pname]
+    mod._parameters[pname] = nn.Parameter(value, requires_grad=False if old is None else old.requires_grad)
+
+
+def materialize(module: nn.Module, prefix: str, store: TensorStore, device: torch.device) -> None:
+    """Read every meta parameter of ``module`` (checkpoint key ``prefix + name``) in float32 onto ``device``."""
+    for name, p in list(module.named_parameters(remove_duplicate=False)):
+        if p.device.type != "meta":
+            continue
+        key = prefix + name
+        if key not in store:
+            raise MacqError(f"model: checkpoint lacks tensor {key}")
+        _set_param(module, name, finite(key, store[key]).to(device, torch.float32))
+    for name, b in list(module.named_buffers()):
+        if b.device != device:
+            mod_name, _, bname = name.rpartition(".")
+            owner = module.get_submodule(mod_name) if mod_name else module
+            owner._buffers[bname] = b.to(device)
+
+
+def release(module: nn.Module) -> None:
+    """Parameters back to meta (storage freed)."""
+    for name, p in list(module.named_parameters(remove_duplicate=False)):
+        if p.device.type != "meta":
+            _set_param(module, name, torch.empty_like(p, device="meta"))
+
+
+def _float_out(t: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """The checkpoint's dtype when it holds ``t`` exactly (unchanged tensors), else float32 (folded ones)."""
+    t = t.detach().cpu()
+    if stored != t.dtype and t.is_floating_point() and stored.is_floating_point:
+        narrow = t.to(stored)
+        if torch.equal(narrow.to(t.dtype), t):
+            return narrow
+    return t
+
+
+def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, calib_ids: torch.Tensor, *,
+                     source: str = "", calibration: dict[str, Any] | None = None, force: bool = False,
+                     progress: bool = False, shard_bytes: int = SHARD_BYTES,
+                     trust_remote_code: bool = False) -> dict[str, Any]:
+    """Quantize the checkpoint at ``src`` with a calibrated method into the macq quantization directory
+    ``out``, one decoder layer in memory at a time. Returns the CLI summary (with ``timings`` per stage and
+    the activation store's ``activations`` counts)."""
+    from macq.arch import arch_spec
+    from macq.device import resolve_device
+    from macq.models import quantizable_modules
+    from macq.quantizers import head_quantizer, method_spec
+    from macq.quantizers.base import check_model_inputs
+
+    spec = method_spec(method)
+    if not spec.stream:
+        raise MacqError(f"--method {method}: has no streaming calibrated path")
+    cls, _ = spec.load()
+    check_model_inputs(method, cfg, cls, calib_ids)
+    out = Path(out)
+    if out.exists() and not force:
+        raise MacqError(f"output: {out} exists (pass --force to overwrite)")
+    device = resolve_device(getattr(cfg, "device", "cpu"))
+    plan = plan_stream(src, cfg, trust_remote_code)
+    store = plan.store
+    model = skeleton(plan.config, trust_remote_code)
+    aspec = arch_spec(model)
+    layers = model.get_submodule(aspec.layers)
+    job = spec.layer_quantizer()(model, cfg, device)
+    device = job.device            # where the method computes (AWQ: the CPU)
+    heads = {n for n in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head)
+             if not n.startswith(plan.layers_prefix)} if spec.heads else set()
+    hname, hcfg, hfn = head_quantizer(cfg) if heads else ("", None, None)
+    act_dtype = ACT_DTYPES[cfg.act_dtype]
+    budget = Budget(cfg.max_memory_bytes, out.parent, f".{out.name}.acts-")
+    metas: dict[str, dict[str, Any]] = {}
+    counts = {"bits": 0, "weights": 0, "bytes": 0}
+    t_start = time.perf_counter()
+
+    def add_record(rw: ShardWriter, name: str, rec: Any) -> None:
+        write_records(rw, name, rec)
+        metas[name] = rec.meta()
+        sb = rec.storage_bits()
+        counts["bits"] += sb
+        counts["bytes"] += (sb + 7) // 8
+        counts["weights"] += rec.shape[0] * rec.shape[1]
+
+    def add_float(fw: ShardWriter, key: str, t: torch.Tensor) -> None:
+        fw.add(key, t)
+        if t.is_floating_point():
+            counts["bytes"] += t.numel() * 2
+
+    outside = [(kind, name, key, tr) for kind, name, key, tr in plan.order if not name.startswith(plan.layers_prefix)]
+    log = LayerLog(plan.n_layers, f"{method} (streamed)", enabled=progress)
+    timer = StageTimes(str(device))
+    try:
+        with timer, atomic_dir(out) as tmp:
+            rw = ShardWriter(tmp, "records", shard_bytes)
+            fw = ShardWriter(tmp, "float", shard_bytes)
+            # 1. heads first (the decoder is calibrated on the quantized embedding), then the first layer's inputs
+            head_recs: dict[str, Any] = {}
+            with stage("io"):
+                for kind, name, key, tr in outside:
+                    if kind == "record" and name in heads:
+                        rec = quantize_stored(store, key, tr, hname, hcfg, hfn)
+                        rec.transposed = tr
+                        head_recs[name] = rec
+            with stage("capture"):
+                early = tuple(n + "." for n in (aspec.lm_head, aspec.final_norm) if n)  # run after the layers only
+                outer = [n for n, _ in model.named_parameters(remove_duplicate=False)
+                         if not n.startswith(plan.layers_prefix) and not n.startswith(early)]
+                for n in outer:
+                    _set_param(model, n, finite(n, store[n]).to(device, torch.float32))
+                if aspec.embed in head_recs:
+                    emb = model.get_submodule(aspec.embed)
+                    _set_param(emb, "weight", head_recs[aspec.embed].dequantize(torch.float32).to(device))
+                _move_buffers(model, plan.layers_prefix, device)
+                inputs = LayerInputs(hidden=ActivationStore(act_dtype, budget), storage=torch.device("cpu"))
+                capture_first_layer_inputs(model, calib_ids, job.batch_size, device, offload=True, into=inputs)
+                for n in outer:
+                    _set_param(model, n, torch.empty_like(model.get_parameter(n), device="meta"))
+            with stage("io"):
+                for name, rec in head_recs.items():
+                    add_record(rw, name, rec)
+            timer.take_layer()   # the per-layer split starts here (capture and heads are in the totals)
+            # 2. one decoder layer at a time
+            for i in range(plan.n_layers):
+                path = f"{aspec.layers}.{i}"
+                layer = layers[i]
+                log.layer(i, "read")
+                with stage("io"):
+                    materialize(layer, path + ".", store, device)
+                job.fn(i, path, layer, inputs)
+                if i + 1 < plan.n_layers:
+                    with stage("forward"):
+                        inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
+                with stage("io"):
+                    mine = [k for k in job.records if k.startswith(path + ".")]
+                    for name in mine:
+                        add_record(rw, name, job.records.pop(name))
+                    skip = {f"{name[len(path) + 1:]}.weight" for name in mine}
+                    for k, t in layer.state_dict().items():
+                        if k not in skip:
+                            key = f"{path}.{k}"
+                            add_float(fw, key, _float_out(t, store.dtype(key) if key in store else t.dtype))
+                    release(layer)
+                log.stage = timer.take_layer()
+            inputs.hidden.release()
+            log.done()
+            # 3. the rest outside the layers, tensor by tensor
+            with stage("io"):
+                for kind, name, key, _tr in outside:
+                    if kind == "float":
+                        add_float(fw, name, finite(key, store[key]))
+                rw.close()
+                fw.close()
+            bpw = counts["bits"] / counts["weights"] if counts["weights"] else 16.0
+            mdict = {**cfg.to_dict(), "streamed": True}
+            if job.stats_in_manifest:
+                mdict["stats"] = job.stats
+            if calibration:
+                mdict["calibration"] = calibration
+            manifest = {"format": "macq", "version": FORMAT_VERSION, "source": source or str(src), "method": mdict,
+                        "bits_per_weight": bpw, "tied": plan.tied, "act_quant": {}, "records": metas}
+            plan.config.save_pretrained(tmp)
+            copy_tokenizer(plan.src, tmp)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    finally:
+        budget.cleanup()
+    timings = {TIMING_KEYS.get(k, f"{k}_s"): round(v, 3) for k, v in timer.total.items()}
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    return {"output": str(out), "method": mdict, "layers": len(metas), "bits_per_weight": round(bpw, 4),
+            "bytes": counts["bytes"], "streamed": True, "device": str(device), "timings": timings,
+            "activations": {"dtype": cfg.act_dtype, **budget.summary()}}
+
+
+def _move_buffers(model: nn.Module, layers_prefix: str, device: torch.device) -> None:
+    for name, b in list(model.named_buffers()):
+        if not name.startswith(layers_prefix) and b.device != device:
+            mod_name, _, bname = name.rpartition(".")
+            model.get_submodule(mod_name)._buffers[bname] = b.to(device)
+
+
+@torch.inference_mode()
+def _forward(layer: nn.Module, inputs: LayerInputs, device: torch.device, dtype: torch.dtype,
+             budget: Budget) -> ActivationStore:
+    """The quantized layer's outputs for every batch, into a new store (the same calls as
+    :func:`~macq.quantizers.calibration.run_layer`), then the inputs' store is released."""
+    nxt = ActivationStore(dtype, budget)
+    for hs, kw in zip(inputs.hidden, inputs.kwargs):
+        o = layer(hs.to(device), **_to(kw, device))
+        nxt.append(o[0] if isinstance(o, (tuple, list)) else o)
+    inputs.hidden.release()
+    return nxt
