@@ -116,8 +116,8 @@ def test_fp16_activations_equally_good(ckpts, tmp_path, arch, method):
     model's output error against the float model must stay within 10% of the in-memory path's (measured:
     0.97-1.01x on these models)."""
     extra = dict(n_calib=CAL["n_calib"], seq_len=CAL["seq_len"]) if method == "gptq" else {}
-    cfg = config_for(method, dict(bits=4, group_size=32, batch_size=4, **extra))
-    assert cfg.act_dtype == "float16"   # the default
+    cfg = config_for(method, dict(bits=4, group_size=32, batch_size=4, act_dtype="float16", **extra))
+    assert config_for(method, {}).act_dtype == "float32"   # the default: exact
     ref = _in_memory(ckpts[arch], method, cfg)
     stream_calibrate(ckpts[arch], tmp_path / "s", method, cfg, _ids(ckpts[arch]))
     got = QuantizedModel.load(tmp_path / "s")
@@ -232,7 +232,7 @@ def _cli(*args):
 def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path):
     src = ckpts["llama"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "8", "--seq-len", "32", "--group-size", "32")
-    r = _cli("quantize", src, "--method", "gptq", *cal, "--act-dtype", "float32", "-o", tmp_path / "s", "--json")
+    r = _cli("quantize", src, "--method", "gptq", *cal, "-o", tmp_path / "s", "--json")     # default float32: exact
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["streamed"] is True and res["method"]["act_dtype"] == "float32" and res["layers"] == 14
