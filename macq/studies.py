@@ -243,7 +243,9 @@ def file_rates(qm: Any, targets: list[str], tokenizer: Any = None) -> dict[str, 
                 out[f"file_bpw_{t}"] = out[f"file_mib_{t}"] = None
                 msg = str(e)
                 notes.append(f"{t}: not exported: {msg if len(msg) <= 160 else msg[:157] + '...'}")
-    out["file_notes"] = notes
+    from macq.analysis.report import collapse_notes
+
+    out["file_notes"] = collapse_notes(notes)
     return out
 
 

@@ -105,3 +105,13 @@ def test_bench_matrix_resumes(tiny_dir, tmp_path, monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "bench", tiny_dir, "--methods", "fp16", "--file-targets", "gguf",
                             "-o", tmp_path / "b2")
     assert code == 2 and "--file-targets" in err and not (tmp_path / "b2").exists()
+
+
+def test_collapse_notes_counts_per_layer_notes():
+    from macq.analysis.report import collapse_notes
+
+    notes = [f"coreml: model.layers.{i}.mlp.up_proj: stored as an exact per-block LUT (8.00 bits/weight)" for i in range(3)]
+    notes += ["mlx: not exported: MLX export: 3 layer(s) hold look-up-table codes", "coreml: model.norm: odd"]
+    assert collapse_notes(notes) == ["coreml: 3 layer(s): stored as an exact per-block LUT (8.00 bits/weight)",
+                                     "mlx: not exported: MLX export: 3 layer(s) hold look-up-table codes",
+                                     "coreml: 1 layer(s): odd"]

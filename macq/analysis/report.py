@@ -277,6 +277,18 @@ def write_analysis(res: dict[str, Any], model, out: Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- bench matrix
+def collapse_notes(notes: list[str]) -> list[str]:
+    """Per-layer notes (``target: module.path: text``) folded into one line per distinct text with a count."""
+    import re
+
+    out: dict[str, int] = {}
+    for n in notes:
+        m = re.match(r"^(\w+): ([\w.]+\.[\w.]+): (.*)$", n)
+        key = f"{m.group(1)}: {{}} layer(s): {m.group(3)}" if m else n
+        out[key] = out.get(key, 0) + 1
+    return [k.format(c) if "{}" in k else k for k, c in out.items()]
+
+
 def bench_markdown(rows: list[dict[str, Any]], settings: dict[str, Any], seconds: float, skipped: list[str]) -> str:
     sets = settings["datasets"]
     cols = ["label", "bpw", "size_mib"] + [f"ppl_{d}" for d in sets] + [f"kl_{sets[0]}", f"top1_{sets[0]}"]
@@ -292,7 +304,7 @@ def bench_markdown(rows: list[dict[str, Any]], settings: dict[str, Any], seconds
         head += ("bpw: the record's rate (metadata charged); file_bpw_T / file_mib_T: bits per quantized weight as "
                  "stored in target T's export (its dtypes and layout) and the export's size on disk; empty where "
                  "T cannot hold the records without re-quantizing them.\n\n")
-    notes = [f"- {r['label']}: {n}" for r in rows for n in r.get("file_notes") or []]
+    notes = [f"- {r['label']}: {n}" for r in rows for n in collapse_notes(r.get("file_notes") or [])]
     return head + md_table(rows, cols) + "\n" + ("\nExport notes:\n" + "\n".join(notes) + "\n" if notes else "")
 
 
