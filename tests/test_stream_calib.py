@@ -22,6 +22,7 @@ from macq.quantizers.activations import ActivationStore, Budget, parse_size
 from macq.quantizers.stream_calib import stream_calibrate
 from macq.shards import TensorStore
 from macq.tiny import save_tiny_model, tiny_model, tiny_tokenizer
+from tests.test_streaming import assert_same_records
 
 CAL = dict(dataset="tinystories", n_calib=8, seq_len=32, seed=0)
 
@@ -45,17 +46,6 @@ def _ids(src):
 def _in_memory(src, method, cfg):
     model, tok = load_model(str(src))
     return quantize(model, tok, method, cfg, CAL["dataset"], CAL["n_calib"], CAL["seq_len"], CAL["seed"])
-
-
-def assert_same_records(a: QuantizedModel, b: QuantizedModel) -> None:
-    assert set(a.records) == set(b.records)
-    for k in a.records:
-        ra, rb = a.records[k], b.records[k]
-        assert ra.meta() == rb.meta(), k
-        ta, tb = ra.to_tensors(), rb.to_tensors()
-        assert ta.keys() == tb.keys(), k
-        for f in ta:
-            assert ta[f].dtype == tb[f].dtype and torch.equal(ta[f], tb[f]), f"{k}.{f}"
 
 
 CASES = [
