@@ -11,7 +11,7 @@ that process, nothing sampled); the time split (``timings``: Hessian / statistic
 GPTQ column loop, AWQ search and rounding, layer forward, I/O) and the activation store's counts come from
 the child's ``--json`` result. Per-layer times are the split divided by the number of decoder layers, the
 basis for extrapolating to a larger shape. ``--in-memory`` also runs the old path (``--no-stream``, whole
-model in float32) for the peak-RSS comparison, and with ``--act-dtype float32`` checks that both give the
+model in float32) for the peak-RSS comparison, and with float32 activations (the default) checks that both give the
 same records bit for bit. Numbers are meaningful as ratios measured in the same run: the machine is shared.
 """
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--n-calib", default="32")
     ap.add_argument("--seq-len", default="512")
     ap.add_argument("--calib-dataset", default="c4")
-    ap.add_argument("--act-dtype", default=None, help="float16 (macq's default) | bfloat16 | float32")
+    ap.add_argument("--act-dtype", default=None, help="float32 (macq's default) | float16 | bfloat16")
     ap.add_argument("--max-memory", default=None, help="activation budget, e.g. 512MiB")
     ap.add_argument("--device", default=None, help="gptq: cpu | cuda | mps")
     ap.add_argument("--in-memory", action="store_true", help="also run --no-stream (whole model in float32)")
