@@ -42,9 +42,19 @@ def _plain(x: Any) -> Any:
     return str(x)
 
 
+def _axes(ax, xlabel: str, ylabel: str, legend_size: int = 7) -> None:
+    """The finish every line/scatter plot here shares: axis labels, a light grid, a small legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def _savefig(fig, path: Path, dpi: int = 90) -> None:
+    """Lay out and write the figure atomically (temp file + rename), then free it."""
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
@@ -183,7 +193,6 @@ def plot_histograms(model, res: dict[str, Any], path: Path, names: list[str] | N
         ax.set_ylim(bottom=max(1e-4 / sd, 1e-3))
         ax.set_title(_short(n), fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     _savefig(fig, path)
 
 
@@ -203,11 +212,7 @@ def plot_rd(res: dict[str, Any], path: Path) -> None:
     ax.semilogy(bounds.LM_BITS, lm, "C1s-", ms=4, lw=0.8, label="Lloyd-Max (fitted GGD, no metadata)")
     for i, (lb, m) in enumerate(res["summary"]["methods"].items()):
         ax.semilogy([m["bpw"]], [m["normalized_mse"]], "o", color=f"C{(i + 3) % 10}", label=lb)
-    ax.set_xlabel("bits per weight (effective, metadata charged)")
-    ax.set_ylabel("D / σ² (pooled over layers)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _axes(ax, "bits per weight (effective, metadata charged)", "D / σ² (pooled over layers)", 7)
     _savefig(fig, path)
 
 
@@ -235,11 +240,7 @@ def plot_scatter(res: dict[str, Any], path: Path) -> None:
             g = np.logspace(np.log10(xs[m].min()), np.log10(xs[m].max()), 20)
             ax.loglog(g, 10 ** b * g ** k, "k-", lw=1,
                       label=f"fit slope {k:.2f}; r={c['pearson_loglog']:.2f}, ρ={c['spearman']:.2f}")
-        ax.set_xlabel("weight MSE")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+        _axes(ax, "weight MSE", ylabel, 6)
     _savefig(fig, path)
 
 
@@ -257,7 +258,6 @@ def plot_sensitivity(res: dict[str, Any], path: Path) -> None:
         axes[1].set_xlabel("kind alone (all layers)")
         axes[1].tick_params(axis="x", labelrotation=45)
     fig.suptitle(f"sensitivity: {sens['label']}", fontsize=9)
-    fig.tight_layout()
     _savefig(fig, path)
 
 
@@ -327,11 +327,7 @@ def plot_bench(rows: list[dict[str, Any]], sets: list[str], pareto_path: Path, b
         ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=0.8, label="Pareto front")
-    ax.set_xlabel("deployed size (MiB)")
-    ax.set_ylabel(f"perplexity ({d0})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _axes(ax, "deployed size (MiB)", f"perplexity ({d0})", 7)
     _savefig(fig, pareto_path)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -347,5 +343,4 @@ def plot_bench(rows: list[dict[str, Any]], sets: list[str], pareto_path: Path, b
         ax.set_title(t, fontsize=9)
     axes[0].legend(fontsize=7)
     axes[1].set_yscale("symlog", linthresh=1e-3)
-    fig.tight_layout()
     _savefig(fig, bars_path)
