@@ -184,7 +184,10 @@ def finite(key: str, t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():   # in blocks: isfinite on a whole 113 MB embedding took 190 MB of temporaries
         flat = t.reshape(-1)
         for i in range(0, flat.numel(), ROW_BLOCK_ELEMS):
-            if not bool(torch.isfinite(flat[i:i + ROW_BLOCK_ELEMS]).all()):
+            # min and max propagate NaN and are ±inf iff an element is: one reduction pass, no boolean copy
+            # (isfinite(...).all() on bf16 was 7x slower and a quarter of a streamed RTN export's time)
+            lo, hi = torch.aminmax(flat[i:i + ROW_BLOCK_ELEMS])
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 raise MacqError(f"model: tensor {key} holds NaN or inf values")
     return t
 

@@ -244,3 +244,15 @@ def test_default_model_streamed_records_unchanged(tmp_path):
     streaming.stream_quantize(prepare_default_model(), tmp_path / "s", "rtn", cfg)
     model, tok = load_model(None)
     assert_same_records(quantize(model, tok, "rtn", cfg, copy_model=False), QuantizedModel.load(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_streamed_source_with_nan_or_inf_is_refused(dtype, bad):
+    """``finite`` checks block by block with min/max, which propagate NaN and are infinite iff an element is."""
+    rows = streaming.ROW_BLOCK_ELEMS // 64 + 3     # the bad value in the second block
+    t = torch.randn(rows, 64).to(dtype)
+    assert streaming.finite("w", t) is t
+    t[rows - 1, 5] = bad
+    with pytest.raises(MacqError, match="model: tensor w holds NaN or inf values"):
+        streaming.finite("w", t)
