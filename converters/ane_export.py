@@ -9,7 +9,6 @@ chunk, not the model. Every record is placed exactly (:mod:`converters.weights`)
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from converters.chunks import MANIFEST, Manifest, plan_chunks
 from converters.convert import ExportResult, _check_args
-from converters.mil_io import dir_bytes
+from converters.mil_io import dir_bytes, release_memory
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 
@@ -45,21 +44,22 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
     """Export ``qm`` as one two-function ``.mlpackage`` (default) or a directory of chunk packages + manifest."""
     from converters.ane_model import ane_shape
     from converters.convert import provenance
-    from converters.inspect import inspect_mlpackage
     from converters.multifunction import FUNCTIONS, export_chunk
-    from converters.weights import plan_layouts
+    from converters.weights import check_layouts
 
     out_path = Path(out_path)
     plans = plan_chunks(qm, chunks, max_chunk_mb)   # validates chunks / max_chunk_mb first
     chunked = len(plans) > 1
     _check(qm, out_path, context, prefill_len, chunked, force)
-    _, notes = plan_layouts(qm.records, allow_fallback)  # every record expressible: fail before converting
+    notes = check_layouts(qm.records, allow_fallback)  # every record expressible: fail before converting
+    release_memory()
     s = ane_shape(qm)
     manifest = Manifest(context=context, prefill_len=prefill_len, hidden=s.hidden,
                         vocab_parts=[list(p) for p in s.vocab_parts], functions=list(FUNCTIONS), chunks=plans,
                         source=str(qm.source or ""), model_type=qm.config.model_type)
 
     metadata = dict(provenance(qm), **{"macq.ane": manifest.to_json()})
+    infos = []
     with atomic_dir(out_path) as tmp:
         for plan in plans:
             target = tmp / plan.path if chunked else tmp
@@ -67,12 +67,13 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
                 shutil.rmtree(tmp)
             m = dict(metadata, **{"macq.chunk": json.dumps({"start": plan.start, "stop": plan.stop,
                                                               "embed": plan.embed, "head": plan.head})})
-            export_chunk(qm, plan, context, prefill_len, s.vocab_parts, target, m, allow_fallback)
-            gc.collect()
+            infos.append(export_chunk(qm, plan, context, prefill_len, s.vocab_parts, target, m, allow_fallback))
+            release_memory()
         if chunked:
             (tmp / MANIFEST).write_text(manifest.to_json())
     paths = [out_path / p.path for p in plans] if chunked else [out_path]
-    infos = [inspect_mlpackage(p) for p in paths]
+    for i, p in zip(infos, paths):
+        i["bytes_on_disk"] = dir_bytes(p)   # measured where the package now lies
     n = sum(i["n_weights"] for i in infos)
     bpw = sum(i["bits_per_weight"] * i["n_weights"] for i in infos) / n if n else 16.0
     ops: dict[str, int] = {}

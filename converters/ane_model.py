@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,30 +96,74 @@ def rope_tables(config, context: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------------- weights
 
 class Weights:
-    """Dequantized (fp16-rounded) weights and float tensors of a QuantizedModel, fetched by name on demand
-    so a chunk materialises only its own layers."""
+    """The weights of a QuantizedModel, fetched by name on demand so a chunk materialises only its own layers.
 
-    def __init__(self, qm):
+    Two modes. Reference (``records=None``): the records' dequantized values rounded to fp16 and the float
+    tensors, for running the graph in torch. Export (``records`` = the chunk's records, keyed as
+    :func:`converters.multifunction.chunk_records` keys them): every matrix is a *placeholder* instead, a
+    float32 array of zeros from ``np.zeros`` (calloc: pages that are never written cost no memory, and
+    tracing only reads them) whose first two elements are ``m, -m`` for a marker ``m`` listed in
+    :attr:`slots`. After conversion :func:`converters.weights.place_slots` finds each marked const and puts the
+    record's constexpr ops (or the float tensor's fp16 values) in its place, so the conversion never holds the
+    dense weights, and nothing is matched by value.
+    """
+
+    MAX_MARKER = 2048  # markers are small integers, exact in fp16
+
+    def __init__(self, qm, records: dict | None = None):
         from macq.arch import arch_spec
 
-        self.qm, self.spec = qm, arch_spec(qm.config.model_type)
+        self.qm, self.spec, self.records = qm, arch_spec(qm.config.model_type), records
+        self.slots: dict[int, tuple] = {}   # marker → ("record", key) | ("float", tensor name, row a, row b)
+        self._markers: dict[tuple, int] = {}
 
-    def weight(self, module: str) -> torch.Tensor:
+    def _float_name(self, module: str, name: str) -> str:
+        key = f"{name}.weight"
+        if key not in self.qm.float_tensors and module == self.spec.lm_head:  # tied head, embedding left float
+            key = f"{self.spec.embed}.weight"
+        if key not in self.qm.float_tensors:
+            raise MacqError(f"no weight for {module} in the quantized model")
+        return key
+
+    def weight(self, module: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Module ``module``'s weight ``[out, in]`` (output rows ``rows`` only, for vocabulary parts)."""
         name = self.qm.tied.get(module, module)
+        if self.records is not None:
+            return self._placeholder(module, name, rows)
         rec = self.qm.records.get(name)
         if rec is not None:
-            # the fp16 values the record pass will match (weights.apply_records_to_program hashes these)
-            return rec.dequantize(torch.float32).half().float()
-        t = self.qm.float_tensors.get(f"{name}.weight")
-        if t is None and module == self.spec.lm_head:  # tied head whose embedding stayed float
-            t = self.qm.float_tensors[f"{self.spec.embed}.weight"]
-        if t is None:
-            raise MacqError(f"no weight for {module} in the quantized model")
-        return t.float()
+            t = rec.dequantize(torch.float32).half().float()
+        else:
+            t = self.qm.float_tensors[self._float_name(module, name)].float()
+        return t if rows is None else t[rows[0]:rows[1]]
+
+    def _placeholder(self, module: str, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        key = name if rows is None else f"{name}[{rows[0]}:{rows[1]}]"
+        if key in self.records:
+            slot, shape = ("record", key), tuple(self.records[key].shape)
+        else:
+            tname = self._float_name(module, name)
+            ft = self.qm.float_tensors
+            full = tuple(ft.shape(tname)) if hasattr(ft, "shape") else tuple(ft[tname].shape)
+            a, b = rows or (0, full[0])
+            slot, shape = ("float", tname, a, b), (b - a, *full[1:])
+        m = self._markers.setdefault(slot, len(self._markers) + 1)
+        if m >= self.MAX_MARKER:
+            raise MacqError(f"more than {self.MAX_MARKER - 1} weights in one chunk: export in more chunks")
+        self.slots[m] = slot
+        t = torch.from_numpy(np.zeros(shape, dtype=np.float32))
+        t.view(-1)[:2] = torch.tensor([m, -m], dtype=torch.float32)
+        return t
 
     def tensor(self, name: str) -> torch.Tensor | None:
         t = self.qm.float_tensors.get(name)
         return None if t is None else t.float()
+
+    def float_rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """fp16 values of rows ``[a, b)`` of a float tensor: what the FLOAT16 pass makes of the fp32 const."""
+        ft = self.qm.float_tensors
+        t = ft.get_rows(name, a, b) if hasattr(ft, "get_rows") else ft[name][a:b]
+        return t.to(torch.float32).numpy().astype(np.float16)
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -216,9 +261,8 @@ class Embed(nn.Module):
 
     def __init__(self, w: Weights, s: AneShape):
         super().__init__()
-        table = w.weight(w.spec.embed)
         self.parts = s.vocab_parts
-        self.tables = nn.ParameterList([_param(table[a:b]) for a, b in self.parts])
+        self.tables = nn.ParameterList([_param(w.weight(w.spec.embed, (a, b))) for a, b in self.parts])
 
     def forward(self, ids):
         ids = ids[0]
@@ -239,8 +283,7 @@ class Head(nn.Module):
     def __init__(self, w: Weights, s: AneShape):
         super().__init__()
         self.norm = Norm(w.tensor(f"{w.spec.final_norm}.weight"), s.eps)
-        weight = w.weight(w.spec.lm_head)
-        self.heads = nn.ParameterList([_param(weight[a:b]) for a, b in s.vocab_parts])
+        self.heads = nn.ParameterList([_param(w.weight(w.spec.lm_head, (a, b))) for a, b in s.vocab_parts])
 
     def forward(self, x):
         h = self.norm(x)[0, :, 0, :].t()                            # [S, C]
@@ -253,10 +296,11 @@ class AneChunk(nn.Module):
     Inputs: ``input_ids`` (with embedding) or ``hidden [1,C,1,S]``; with layers also ``position_ids [S]`` and
     ``causal_mask [1,1,S,ctx]``. Outputs: ``hidden_out`` or ``logits_0..``. State: ``key_cache``/``value_cache``."""
 
-    def __init__(self, qm, start: int, stop: int, embed: bool, head: bool, context: int):
+    def __init__(self, qm, start: int, stop: int, embed: bool, head: bool, context: int, records: dict | None = None):
         super().__init__()
         s = ane_shape(qm)
-        w = Weights(qm)
+        w = Weights(qm, records)
+        self.weights = w            # .slots / .float_rows: what converters.weights.place_slots needs
         self.s, self.start, self.stop, self.context = s, start, stop, context
         self.embed = Embed(w, s) if embed else None
         self.layers = nn.ModuleList([Layer(w, i, s) for i in range(start, stop)])

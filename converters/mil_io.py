@@ -31,6 +31,23 @@ def load_program(path: str | Path):
     return load(spec, spec.specificationVersion, str(weights)), spec
 
 
+def release_memory() -> None:
+    """Collect garbage, then hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op
+    elsewhere). Between the chunks of an export, the previous chunk's many small allocations (MIL ops, proto
+    messages) leave free but fragmented heap that glibc would otherwise keep: measured ~170 MiB of RSS
+    carried into every later chunk of the Llama-3.2-1B-shaped export."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):   # not glibc (e.g. musl): nothing to trim
+            pass
+
+
 def dir_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 

@@ -1,17 +1,17 @@
 """Convert one :class:`~converters.ane_model.AneChunk` into a two-function ML Program package.
 
 Each function (``prefill``: a fixed block of ``prefill_len`` tokens; ``decode``: one token) is traced and
-converted with fixed shapes, its records placed as constexpr ops (:mod:`converters.weights`), saved to a
-scratch package, and ``ct.utils.save_multifunction`` merges the two; it stores each weight blob once, as
-both functions hold the same constexpr data, and both functions declare the same ``key_cache`` /
-``value_cache`` state, so a runtime can feed one state object to either.
+converted with fixed shapes from a module whose weights are placeholders, its records placed as constexpr ops
+(:mod:`converters.weights`), and the two programs are saved as one multifunction package; it stores each
+weight blob once, as both functions hold the same constexpr data, and both functions declare the same
+``key_cache`` / ``value_cache`` state, so a runtime can feed one state object to either.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -60,51 +60,86 @@ def _types(chunk, n: int):
     return inputs, states, outputs
 
 
-def convert_function(chunk, n: int, records: dict, layouts: dict):
-    """Trace ``chunk`` for ``n`` tokens, convert (fp16, iOS18, fixed shapes), place the records."""
+def convert_function(chunk, n: int, layouts: dict, float_rows):
+    """Trace ``chunk`` (built with placeholder weights) for ``n`` tokens, convert it (fp16, iOS18, fixed
+    shapes) to a MIL program, put the records and float tensors in place of the placeholders, and run the
+    passes that lowering to an ML Program runs. Conversion never sees the dense weights: its peak is about the
+    chunk's fp16 size (the FLOAT16 pass still writes fp16 zeros for each placeholder before it is replaced),
+    not the fp32 copies (:mod:`converters.fp16_pass`)."""
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
+
+    from converters.fp16_pass import fp16_pipeline
     from converters.mil_io import quiet_ct as _quiet_ct
-    from converters.weights import apply_records
+    from converters.weights import place_slots
 
     ct = _quiet_ct()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(chunk, chunk.example(n), check_trace=False)
         inputs, states, outputs = _types(chunk, n)
-        ml = ct.convert(traced, inputs=inputs, states=states or None, outputs=outputs,
-                        minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
-                        convert_to="mlprogram", skip_model_load=True)
-    del traced
-    if records:
-        ml, _ = apply_records(ml, records, layouts=layouts)
-    return ml
+        prog = ct.convert(traced, inputs=inputs, states=states or None, outputs=outputs,
+                          minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
+                          pass_pipeline=fp16_pipeline(), convert_to="milinternal")
+        del traced
+        gc.collect()
+        place_slots(prog, chunk.weights.slots, layouts, float_rows)
+        main = PassPipeline()   # what mil_convert runs on a milinternal program (the FLOAT16 pass already ran)
+        main.remove_passes({"common::add_fp16_cast", "common::add_int16_cast"})
+        PassPipelineManager.apply_pipeline(prog, main)
+        PassPipelineManager.apply_pipeline(prog, PassPipeline.get_pipeline("backend_mlprogram"))
+    gc.collect()   # the replaced placeholder consts sit in op <-> var cycles: free them before the next function
+    return prog
 
 
-def export_chunk(qm, plan, context: int, prefill_len: int, vocab_parts, out_path: Path, metadata: dict[str, str],
-                 allow_fallback: bool = False) -> None:
-    """Write ``out_path`` (a two-function package); ``out_path`` must not exist (callers write into a temp dir)."""
-    from converters.ane_model import AneChunk
+def save_functions(progs: dict, out_path: Path, default: str) -> dict:
+    """One multifunction package from lowered single-function programs (what ``ct.utils.save_multifunction``
+    does, without writing each function to disk and reading it back): consts equal across functions get
+    one ``weight_id``, so the file stores them once. Returns :func:`converters.inspect.inspect_mlpackage` of
+    the program as saved, read before it is freed (reading the package back would load every weight again)."""
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.converters.mil.mil import Program
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    from converters.inspect import inspect_mlpackage
     from converters.mil_io import quiet_ct as _quiet_ct
 
     ct = _quiet_ct()
-    chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context).eval()
-    records = chunk_records(qm, plan, vocab_parts)
+    mf = Program()
+    for name, prog in progs.items():
+        mf.add_function(name, prog.functions["main"])
+    mf.default_function_name = default
+    PASS_REGISTRY["common::const_deduplication"]._deduplicate_const_across_functions(mf)
+    mf.skip_all_passes, mf.export_as_multifunction = True, True
+    ml = mil_convert(mf, convert_to="mlprogram", convert_from="milinternal", specification_version=ct.target.iOS18,
+                     compute_units=ct.ComputeUnit.ALL, skip_model_load=True)
+    ml.save(str(out_path))
+    return inspect_mlpackage(out_path, loaded=(mf, ml.get_spec()))
+
+
+def export_chunk(qm, plan, context: int, prefill_len: int, vocab_parts, out_path: Path, metadata: dict[str, str],
+                 allow_fallback: bool = False) -> dict:
+    """Write ``out_path`` (a two-function package; it must not exist: callers write into a temp dir) and
+    return its :func:`converters.inspect.inspect_mlpackage` report.
+
+    Both functions are held as MIL programs and saved once: their constexpr data are the same numpy arrays
+    (one layout per record) and their float tensors too (``float_rows`` is cached), so the chunk's weights
+    are in memory once, not once per function."""
+    from converters.ane_model import AneChunk
     from converters.weights import plan_layouts
 
+    records = chunk_records(qm, plan, vocab_parts)
     layouts, _ = plan_layouts(records, allow_fallback)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".mf-") as tmp:
-        desc = ct.utils.MultiFunctionDescriptor()
-        for fn, n in zip(FUNCTIONS, (prefill_len, 1)):
-            p = str(Path(tmp) / f"{fn}.mlpackage")
-            ml = convert_function(chunk, n, records, layouts)
-            ml.save(p)
-            del ml
-            gc.collect()
-            desc.add_function(p, src_function_name="main", target_function_name=fn)
-        desc.default_function_name = "decode"
-        del chunk
-        gc.collect()
-        ct.utils.save_multifunction(desc, str(out_path))
+    chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context, records=records).eval()
+    del records   # the layouts hold what the package needs
+    float_rows = functools.cache(chunk.weights.float_rows)
+    progs = {fn: convert_function(chunk, n, layouts, float_rows) for fn, n in zip(FUNCTIONS, (prefill_len, 1))}
+    del chunk, layouts, float_rows
+    gc.collect()
+    info = save_functions(progs, out_path, default="decode")
+    del progs
+    gc.collect()
     set_metadata(out_path, metadata)
+    return info
 
 
 def set_metadata(path: Path, metadata: dict[str, str]) -> None:

@@ -26,6 +26,7 @@ Layouts (iOS18 opset, ``coremltools/converters/mil/mil/ops/defs/iOS18/compressio
 
 from __future__ import annotations
 
+import gc
 import hashlib
 
 import numpy as np
@@ -177,6 +178,15 @@ def plan_layouts(records: dict, allow_fallback: bool = False) -> tuple[dict[str,
     return {name: record_layout(rec, name, allow_fallback, notes) for name, rec in records.items()}, notes
 
 
+def check_layouts(records, allow_fallback: bool = False) -> list[str]:
+    """:func:`plan_layouts`' checks and notes for a whole model, one record at a time, keeping nothing (a
+    lazy model's records are read one by one: the check costs one record's memory, not the model's)."""
+    notes: list[str] = []
+    for name in records:
+        record_layout(records[name], name, allow_fallback, notes)
+    return notes
+
+
 def apply_records_to_program(prog, records: dict, layouts: dict[str, list]) -> dict[str, list[str]]:
     """Replace matched weight consts in ``prog`` (in place). Returns ``{record: [replaced const names]}``."""
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
@@ -218,6 +228,60 @@ def apply_records_to_program(prog, records: dict, layouts: dict[str, list]) -> d
     missing = [n for n, v in placed.items() if not v]
     if missing:
         raise MacqError(f"records not found in the converted program (weights changed during conversion?): "
+                        f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    return placed
+
+
+def place_slots(prog, slots: dict[int, tuple], layouts: dict[str, list], float_rows) -> dict[int, list[str]]:
+    """Replace the placeholder consts of an ANE chunk's program (in place): see
+    :class:`converters.ane_model.Weights`. A const is a placeholder iff its first two values are ``m, -m`` for a
+    marker ``m`` in ``slots`` and its shape is the slot's. Records become their constexpr ops; float tensors
+    their fp16 values (``float_rows(name, a, b)``). Every slot must be found at least once."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+
+    placed: dict[int, list[str]] = {m: [] for m in slots}
+
+    def _marker(op) -> int | None:
+        val = op.outputs[0].val if op.op_type == "const" else None
+        if not isinstance(val, np.ndarray) or val.dtype != np.float16 or val.ndim not in (2, 4) or val.shape[1] < 2:
+            return None
+        if val.ndim == 4 and val.shape[2:] != (1, 1):   # only 1x1 conv weights [out, in, 1, 1]
+            return None
+        m = float(val.flat[0])
+        return int(m) if m in placed and float(val.flat[1]) == -m else None
+
+    def _place(block, op, m: int) -> None:
+        slot, shape = slots[m], op.outputs[0].shape
+        conv = len(shape) == 4
+        scopes = [ScopeInfo(source=k, data=v) for k, v in op.scopes.items() if k != ScopeSource.COREMLTOOLS_GRAPH_PASS]
+        with mb.scope(*scopes):  # the frontend's scopes, which the program requires of every op
+            if slot[0] == "record":
+                new = _build(layouts[slot[1]], op, op.name, False, conv)
+            else:
+                new = mb.const(val=float_rows(*slot[1:]).reshape(shape), before_op=op, name=f"{op.name}_fp16")
+        if tuple(new.shape) != tuple(shape):
+            raise MacqError(f"{slot[1]}: shape {tuple(new.shape)} in place of a const of shape {tuple(shape)}")
+        block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True)
+        block.remove_ops([op])
+        placed[m].append(op.name)
+
+    @block_context_manager
+    def _visit(block):
+        for op in block.operations:
+            for b in op.blocks:
+                _visit(b)
+        found = [(op, m) for op in block.operations if (m := _marker(op)) is not None]
+        while found:
+            _place(block, *found.pop())
+            gc.collect()   # the removed const (fp16 zeros) sits in an op <-> var cycle: free it now
+
+    for func in prog.functions.values():
+        _visit(func)
+    missing = [slots[m][1] for m, v in placed.items() if not v]
+    if missing:
+        raise MacqError(f"weights not found in the converted program (changed during conversion?): "
                         f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     return placed
 

@@ -19,7 +19,7 @@ from converters import export_coreml
 from converters.ane_report import ane_findings
 from converters.ane_runner import AneSession, predict_ane
 from converters.chunks import plan_chunks, read_manifest
-from converters.inspect import load_program, weight_chains
+from converters.inspect import inspect_mlpackage, load_program, weight_chains
 from converters.multifunction import chunk_records
 from converters.synthetic import affine_record, nf4_record, uniform_lut_record
 from converters.weights import slice_rows
@@ -97,11 +97,16 @@ def test_default_export_passes_the_ane_gate(exports):
         prog, spec = load_program(c["path"])
         assert sorted(prog.functions) == ["decode", "prefill"]
         assert ane_findings(prog, spec) == [], c["path"]
+        # the export reports on its in-memory program; the package read back must say the same
+        info = inspect_mlpackage(c["path"], loaded=(prog, spec))
+        assert (c["ane_findings"], c["bytes"]) == (info["ane_findings"], info["bytes_on_disk"])
         for f in spec.description.functions:
             shapes = {i.name: list(i.type.multiArrayType.shape) for i in f.input}
             n = PREFILL if f.name == "prefill" else 1
             assert shapes.get("causal_mask", [1, 1, n, CTX]) == [1, 1, n, CTX]
             assert [s.name for s in f.state] == (["key_cache", "value_cache"] if "causal_mask" in shapes else [])
+    info = inspect_mlpackage(single.path)
+    assert (single.ops, single.bits_per_weight) == (info["ops"], info["bits_per_weight"])
 
 
 def _h(a: np.ndarray) -> str:
