@@ -232,6 +232,9 @@ def apply_records_to_program(prog, records: dict, layouts: dict[str, list]) -> d
     return placed
 
 
+GC_BYTES = 64 << 20   # collect garbage after replacing this many bytes of placeholders (a full gc costs ~0.3 s)
+
+
 def place_slots(prog, slots: dict[int, tuple], layouts: dict[str, list], float_rows) -> dict[int, list[str]]:
     """Replace the placeholder consts of an ANE chunk's program (in place): see
     :class:`converters.ane_model.Weights`. A const is a placeholder iff its first two values are ``m, -m`` for a
@@ -273,9 +276,15 @@ def place_slots(prog, slots: dict[int, tuple], layouts: dict[str, list], float_r
             for b in op.blocks:
                 _visit(b)
         found = [(op, m) for op in block.operations if (m := _marker(op)) is not None]
+        pending = 0
         while found:
-            _place(block, *found.pop())
-            gc.collect()   # the removed const (fp16 zeros) sits in an op <-> var cycle: free it now
+            op, m = found.pop()
+            pending += op.outputs[0].val.nbytes
+            _place(block, op, m)
+            del op
+            if pending >= GC_BYTES:   # removed consts (fp16 zeros) sit in op <-> var cycles: free them in batches
+                gc.collect()
+                pending = 0
 
     for func in prog.functions.values():
         _visit(func)
