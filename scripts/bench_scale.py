@@ -11,8 +11,9 @@ For each checkpoint, in the same minute and one after the other (never concurren
   work ``mlx_lm.convert -q`` does), and
 * ``mlx_lm.convert --hf-path SRC -q --q-bits 4 --q-group-size 64 --dtype float16``,
 
-each as a child process, measuring wall time and the child's peak RSS (``wait4`` rusage: the kernel's
-high-water mark of that process, nothing sampled). ``--repeats`` alternates the order. It then compares the
+each as a child process, measuring wall time, the child's CPU time (user + system: more than the wall time
+means more than one busy thread) and its peak RSS (``wait4`` rusage: the kernel's high-water mark of that
+process, nothing sampled). ``--repeats`` alternates the order. It then compares the
 two outputs tensor by tensor (how many are byte-identical) and optionally loads macq's export in
 ``mlx_lm.load`` and generates a few tokens. Numbers are only meaningful as ratios measured in the same run: the
 machine is shared.
@@ -43,7 +44,8 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({rc}); see {log}:\n{log.read_text()[-2000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_gib": round(ru.ru_maxrss / 2**20, 3)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+            "peak_rss_gib": round(ru.ru_maxrss / 2**20, 3)}
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -135,7 +137,7 @@ def main() -> None:
                 print(f"  {res[name]}", file=sys.stderr, flush=True)
             row = {"checkpoint": ck.name, "source_gib": round(src_bytes / 2**30, 2), "repeat": rep, **{
                 f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}}
-            row["free_gib_before"] = free_gib
+            row["free_gib_before"], row["load_before"] = free_gib, [round(x, 1) for x in os.getloadavg()]
             if "mlx_lm" in res:
                 row["rss_ratio"] = round(res["macq"]["peak_rss_gib"] / res["mlx_lm"]["peak_rss_gib"], 3)
                 row["wall_ratio"] = round(res["macq"]["wall_s"] / res["mlx_lm"]["wall_s"], 3)
