@@ -56,6 +56,11 @@ class LearnedConfig(ScaleOptions, QuantConfig):
     seed: int = 0
     n_grid: int = 20                 # AWQ init: α grid
     clip_grid: int = 20              # AWQ init: clip grid
+    kl_steps: int = 0                # final stage: Adam steps on every record's scales against the float logits (0 = off)
+    kl_lr: float = 1e-3              # final stage: Adam learning rate on log-scales (relative scale change per step)
+    kl_batch: int = 1                # final stage: calibration sequences per step
+    kl_eval_every: int = 10          # final stage: keep-best checkpoints on the held-out KL
+    kl_holdout: int = 2              # final stage: calibration sequences held out for keep-best (0: judge on the training ones)
 
     def __post_init__(self) -> None:
         check_bits(self.bits, range(2, 9), self.method)
@@ -68,8 +73,11 @@ class LearnedConfig(ScaleOptions, QuantConfig):
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.n_grid >= 1 and self.clip_grid >= 1, "n_grid and clip_grid: expected >= 1")
-
-
+        check(self.kl_steps >= 0, f"--kl-steps {self.kl_steps}: expected >= 0 (0 = no logits stage)")
+        check(self.kl_lr > 0, f"--kl-lr {self.kl_lr}: expected > 0")
+        check(self.kl_batch >= 1, f"--kl-batch {self.kl_batch}: expected >= 1")
+        check(self.kl_eval_every >= 1, f"--kl-eval-every {self.kl_eval_every}: expected >= 1")
+        check(self.kl_holdout >= 0, f"--kl-holdout {self.kl_holdout}: expected >= 0")
 
     def awq_config(self):
         from macq.quantizers.awq import AWQConfig
@@ -269,16 +277,29 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, float_hidde
 
 def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor, progress: bool = False,
                    source: str = ""):
-    """Learned rounding + grid for every decoder linear of ``model`` (in place) → QuantizedModel.
+    """Learned rounding + grid for every decoder linear of ``model`` (in place) → QuantizedModel; then, with
+    ``kl_steps``, every record's scales (embedding / head included) tuned to the float model's logits.
 
-    ``method["stats"]["layers"]`` holds each layer's objective at initialisation and after tuning.
+    The method quantizes its own embedding / head (``head_records``, the registry's data-free choice) rather than
+    letting the registry do it, because the logits stage needs the *float* model's logits (computed here before
+    anything is quantized) and tunes the head's scales too. ``method["stats"]`` holds each layer's objective at
+    initialisation and after tuning, and the logits stage's held-out KL before and after.
     """
+    from macq.models import set_weight
     from macq.qmodel import QuantizedModel
+    from macq.quantizers import head_records
+    from macq.quantizers.learned_kl import teacher_logprobs, tune_logits
 
     check_model_inputs("learned", cfg, LearnedConfig, calib_ids)
+    if cfg.kl_steps:
+        check(cfg.kl_holdout < calib_ids.shape[0],
+              f"--kl-holdout {cfg.kl_holdout}: must leave training sequences of the {calib_ids.shape[0]} calibration ones")
     spec = arch_spec(model).resolved(model.config)
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
-    records: dict[str, Any] = {}
+    teacher = teacher_logprobs(model, calib_ids) if cfg.kl_steps else None
+    records: dict[str, Any] = head_records(model, cfg)      # quantized first: the decoder is calibrated on them
+    for name, rec in records.items():
+        set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
     stats: dict[str, Any] = {"scales": {}, "layers": {}}
     gen = torch.Generator().manual_seed(cfg.seed)
     state: dict[str, Any] = {"float": None}
@@ -292,6 +313,12 @@ def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor
                   f"(best at step {info['best_step']})", flush=True)
 
     layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description="learned")
+    if teacher is not None:
+        records, stats["logits"] = tune_logits(model, records, calib_ids, teacher, steps=cfg.kl_steps, lr=cfg.kl_lr,
+                                               batch_size=cfg.kl_batch, eval_every=cfg.kl_eval_every,
+                                               holdout=cfg.kl_holdout, seed=cfg.seed, progress=progress)
+        for name, rec in records.items():
+            set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
     method = cfg.to_dict()
     method["stats"] = stats
     return QuantizedModel.from_model(model, records, method=method, source=source)
