@@ -22,7 +22,7 @@ its parameters' gradients, and three activation sets (quantized input, float inp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,11 +56,14 @@ class LearnedConfig(ScaleOptions, QuantConfig):
     seed: int = 0
     n_grid: int = 20                 # AWQ init: α grid
     clip_grid: int = 20              # AWQ init: clip grid
-    kl_steps: int = 0                # final stage: Adam steps on every record's scales against the float logits (0 = off)
-    kl_lr: float = 1e-3              # final stage: Adam learning rate on log-scales (relative scale change per step)
-    kl_batch: int = 1                # final stage: calibration sequences per step
-    kl_eval_every: int = 10          # final stage: keep-best checkpoints on the held-out KL
-    kl_holdout: int = 2              # final stage: calibration sequences held out for keep-best (0: judge on the training ones)
+    kl_steps: int = field(default=0, metadata={
+        "help": "logits stage: Adam steps on every record's per-group scales (embedding / head included) against the "
+                "float model's logits, after the block-wise pass (0 = off)"})
+    kl_lr: float = field(default=1e-3, metadata={"help": "logits stage: Adam learning rate on the log-scales"})
+    kl_batch: int = field(default=1, metadata={"help": "logits stage: calibration sequences per step"})
+    kl_eval_every: int = field(default=10, metadata={"help": "logits stage: steps between keep-best checks"})
+    kl_holdout: int = field(default=2, metadata={
+        "help": "logits stage: calibration sequences held out for keep-best (0 = judge on the training ones)"})
 
     def __post_init__(self) -> None:
         check_bits(self.bits, range(2, 9), self.method)
