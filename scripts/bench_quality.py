@@ -8,7 +8,9 @@ embedding/head — from the same calibration tokens, and is scored on three text
 Affine rows (``--group-size`` inputs per group, asymmetric): ``rtn`` is MLX's own algorithm (bit-identical to
 ``mlx_lm.convert -q``, embedding included, as mlx_lm does); ``awq`` / ``gptq`` / ``awq-gptq`` / ``learned`` /
 ``learned-rtn`` quantize the decoder by that method and the embedding by RTN with MSE clipping at the same
-bits and group (:func:`macq.quantizers.head_records`). LUT rows (``--lut-group`` output rows per LUT, 1 =
+bits and group (:func:`macq.quantizers.head_records`); with ``--kl-steps N`` a ``learned`` row is followed by a
+``learned+kl`` row: the method's logits stage run on that block-wise result (``--save`` / ``--load`` keep the
+block-wise quantization, so the stage can be re-run without it). LUT rows (``--lut-group`` output rows per LUT, 1 =
 per-channel): ``kmeans`` (data-free), ``kmeans-cal`` (calibrated), ``ct-skm`` / ``ct-ptp`` (coremltools'
 ``SKMPalettizer`` / ``PostTrainingPalettizer`` on the same model and calibration ids; they skip the
 embedding, so macq's embedding k-means record is applied to their models to keep the tensors equal).
@@ -191,7 +193,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--kl-steps", type=int, default=0,
                     help="learned rows: also score the logits-KL stage run on the block-wise result (row 'learned+kl')")
-    ap.add_argument("--kl-lr", type=float, default=1e-3)
+    ap.add_argument("--kl-lr", type=float, default=3e-3)
     ap.add_argument("--kl-batch", type=int, default=1)
     ap.add_argument("--kl-eval-every", type=int, default=10)
     ap.add_argument("--kl-holdout", type=int, default=2)
@@ -261,7 +263,8 @@ def main() -> None:
                 save_blockwise(qm, tok, info, args.save)
         grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
         qmodel = qm.to_torch()
-        score(f"{row} {args.bits}-bit {grp}", qmodel, info)
+        if not args.load:                                  # a loaded block-wise result was scored when it was saved
+            score(f"{row} {args.bits}-bit {grp}", qmodel, info)
         if args.kl_steps and row.startswith("learned"):
             t1 = time.perf_counter()
             stage, peak = measure_peak_detail(lambda: logits_stage(model, qm, qmodel, calib, args))

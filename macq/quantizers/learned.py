@@ -13,7 +13,10 @@ Per decoder layer (driven by :func:`macq.quantizers.calibration.layerwise`):
    output over random calibration batches, with straight-through rounding;
 4. **keep-best**: the exact objective (output MSE over *all* calibration tokens, with the records' real
    dequantized weights) is measured at the initialisation and every ``eval_every`` steps; the best candidate
-   wins, so the result is never worse than its initialisation on this objective.
+   wins, so the result is never worse than its initialisation on this objective;
+5. optional logits stage (``kl_steps``, :mod:`macq.quantizers.learned_kl`): every record's per-group scales,
+   the embedding / tied head included, tuned together against the float model's final log-probs (KL) on the
+   calibration tokens, keep-best on held-out calibration sequences.
 
 The grid is :mod:`macq.quantizers.grid`'s (integer zero-point, fp16 scale rounded before the codes), so the
 output is a plain :class:`~macq.record.AffineRecord` that both exporters take unchanged. Memory: one layer,
@@ -59,7 +62,7 @@ class LearnedConfig(ScaleOptions, QuantConfig):
     kl_steps: int = field(default=0, metadata={
         "help": "logits stage: Adam steps on every record's per-group scales (embedding / head included) against the "
                 "float model's logits, after the block-wise pass (0 = off)"})
-    kl_lr: float = field(default=1e-3, metadata={"help": "logits stage: Adam learning rate on the log-scales"})
+    kl_lr: float = field(default=3e-3, metadata={"help": "logits stage: Adam learning rate on the log-scales"})
     kl_batch: int = field(default=1, metadata={"help": "logits stage: calibration sequences per step"})
     kl_eval_every: int = field(default=10, metadata={"help": "logits stage: steps between keep-best checks"})
     kl_holdout: int = field(default=2, metadata={
