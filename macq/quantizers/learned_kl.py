@@ -5,12 +5,11 @@ Why a second stage: the block-wise pass fits each decoder layer's output in isol
 weighs every hidden direction alike and cannot see the tied embedding / head at all; the logits are what a user
 samples from. Why only the scales: the block-wise pass has already chosen the codes (and the integer zero-points)
 with every layer's own data; what it cannot do is re-balance the layers against each other for the final
-distribution. One scale per group is a small, well-conditioned parameter set (a few hundred thousand numbers for
-SmolLM2-135M) that does not memorise a few thousand calibration tokens the way free rounding offsets would,
-and the result stays exactly the same :class:`~macq.record.AffineRecord` (fixed codes and integer zero-points,
-fp16 scales). Parametrised as ``log scale`` (Adam steps are relative changes whatever a group's magnitude), cast
-to the record's scale dtype in the forward with a straight-through gradient, so the weights the loss sees are the
-weights the record dequantizes to.
+distribution. One scale per group (one number per 64 weights at g64) is a far smaller parameter set than free
+rounding offsets for the few thousand calibration tokens a CPU can afford, and the result stays exactly the same
+:class:`~macq.record.AffineRecord` (fixed codes and integer zero-points, fp16 scales). Parametrised as
+``log scale`` (Adam steps are relative changes whatever a group's magnitude), cast to the record's scale dtype in
+the forward with a straight-through gradient, so the weights the loss sees are the weights the record dequantizes to.
 
 Keep-best: the KL on held-out calibration sequences (never used for a gradient) is measured with the records' real
 dequantized weights at the start and every ``kl_eval_every`` steps; the best scales win, so the stage never ends
