@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--lut-group", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--n-calib", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-dataset", default="c4")
@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
     ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
     ap.add_argument("--eval-every", type=int, default=8)
-    ap.add_argument("--kl-steps", type=int, default=0,
+    ap.add_argument("--kl-steps", type=int, default=40,
                     help="learned rows: also score the logits-KL stage run on the block-wise result (row 'learned+kl')")
     ap.add_argument("--kl-lr", type=float, default=3e-3)
     ap.add_argument("--kl-batch", type=int, default=1)
