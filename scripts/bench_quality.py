@@ -147,6 +147,7 @@ def logits_stage(model, qm, qmodel, calib: torch.Tensor, args) -> dict[str, Any]
     from macq.models import set_weight
     from macq.quantizers.learned_kl import teacher_logprobs, tune_logits
 
+    calib = calib[:args.kl_rows]
     teacher = teacher_logprobs(model, calib)
     recs, stats = tune_logits(qmodel, qm.records, calib, teacher, steps=args.kl_steps, lr=args.kl_lr,
                               batch_size=args.kl_batch, eval_every=args.kl_eval_every, holdout=args.kl_holdout,
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--kl-batch", type=int, default=1)
     ap.add_argument("--kl-eval-every", type=int, default=10)
     ap.add_argument("--kl-holdout", type=int, default=2)
+    ap.add_argument("--kl-rows", type=int, default=8)
     ap.add_argument("--save", help="learned rows: save the block-wise quantization here (macq dir + bench.json)")
     ap.add_argument("--load", help="learned rows: take the block-wise quantization saved by --save instead of quantizing")
     ap.add_argument("--write-mlx-calibration", action="store_true",

@@ -141,14 +141,17 @@ def test_logits_stage_never_worse_than_its_start(calib6, holdout, lr):
 
 
 def test_logits_stage_config_round_trips_and_fails_fast(calib6):
-    cfg = LearnedConfig(kl_steps=5, kl_lr=2e-3, kl_holdout=1, kl_batch=2, kl_eval_every=4)
+    cfg = LearnedConfig(kl_steps=5, kl_lr=2e-3, kl_holdout=1, kl_batch=2, kl_eval_every=4, kl_rows=3)
     assert LearnedConfig.from_dict(cfg.to_dict()) == cfg
     for kw, msg in [(dict(kl_steps=-1), "--kl-steps"), (dict(kl_lr=0.0), "--kl-lr"), (dict(kl_batch=0), "--kl-batch"),
-                    (dict(kl_holdout=-1), "--kl-holdout"), (dict(kl_eval_every=0), "--kl-eval-every")]:
+                    (dict(kl_holdout=-1), "--kl-holdout"), (dict(kl_eval_every=0), "--kl-eval-every"),
+                    (dict(kl_rows=0), "--kl-rows")]:
         with pytest.raises(MacqError, match=msg):
             LearnedConfig(**kw)
     with pytest.raises(MacqError, match="--kl-holdout 6: must leave training sequences"):
         registry_quantize(tiny_model(), "learned", calib=calib6, kl_steps=1, kl_holdout=6)
+    with pytest.raises(MacqError, match="--kl-holdout 4: must leave training sequences of the 4 calibration"):
+        registry_quantize(tiny_model(), "learned", calib=calib6, kl_steps=1, kl_rows=4, kl_holdout=4)
 
 
 # ------------------------------------------------------------------------------------------ kmeans-cal

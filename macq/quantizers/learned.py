@@ -65,6 +65,9 @@ class LearnedConfig(ScaleOptions, QuantConfig):
     kl_lr: float = field(default=3e-3, metadata={"help": "logits stage: Adam learning rate on the log-scales"})
     kl_batch: int = field(default=1, metadata={"help": "logits stage: calibration sequences per step"})
     kl_eval_every: int = field(default=10, metadata={"help": "logits stage: steps between keep-best checks"})
+    kl_rows: int = field(default=8, metadata={
+        "help": "logits stage: the first N calibration sequences feed it (bounds the float log-probs it keeps: "
+                "N x seq_len x vocab x 2 bytes)"})
     kl_holdout: int = field(default=2, metadata={
         "help": "logits stage: calibration sequences held out for keep-best (0 = judge on the training ones)"})
 
@@ -84,6 +87,7 @@ class LearnedConfig(ScaleOptions, QuantConfig):
         check(self.kl_batch >= 1, f"--kl-batch {self.kl_batch}: expected >= 1")
         check(self.kl_eval_every >= 1, f"--kl-eval-every {self.kl_eval_every}: expected >= 1")
         check(self.kl_holdout >= 0, f"--kl-holdout {self.kl_holdout}: expected >= 0")
+        check(self.kl_rows >= 1, f"--kl-rows {self.kl_rows}: expected >= 1")
 
     def awq_config(self):
         from macq.quantizers.awq import AWQConfig
@@ -297,12 +301,13 @@ def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor
     from macq.quantizers.learned_kl import teacher_logprobs, tune_logits
 
     check_model_inputs("learned", cfg, LearnedConfig, calib_ids)
+    kl_ids = calib_ids[:cfg.kl_rows]
     if cfg.kl_steps:
-        check(cfg.kl_holdout < calib_ids.shape[0],
-              f"--kl-holdout {cfg.kl_holdout}: must leave training sequences of the {calib_ids.shape[0]} calibration ones")
+        check(cfg.kl_holdout < kl_ids.shape[0],
+              f"--kl-holdout {cfg.kl_holdout}: must leave training sequences of the {kl_ids.shape[0]} calibration ones")
     spec = arch_spec(model).resolved(model.config)
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
-    teacher = teacher_logprobs(model, calib_ids) if cfg.kl_steps else None
+    teacher = teacher_logprobs(model, kl_ids) if cfg.kl_steps else None
     records: dict[str, Any] = head_records(model, cfg)      # quantized first: the decoder is calibrated on them
     for name, rec in records.items():
         set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
@@ -320,7 +325,7 @@ def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor
 
     layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description="learned")
     if teacher is not None:
-        records, stats["logits"] = tune_logits(model, records, calib_ids, teacher, steps=cfg.kl_steps, lr=cfg.kl_lr,
+        records, stats["logits"] = tune_logits(model, records, kl_ids, teacher, steps=cfg.kl_steps, lr=cfg.kl_lr,
                                                batch_size=cfg.kl_batch, eval_every=cfg.kl_eval_every,
                                                holdout=cfg.kl_holdout, seed=cfg.seed, progress=progress)
         for name, rec in records.items():
