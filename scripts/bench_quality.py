@@ -8,7 +8,9 @@ embedding/head — from the same calibration tokens, and is scored on three text
 Affine rows (``--group-size`` inputs per group, asymmetric): ``rtn`` is MLX's own algorithm (bit-identical to
 ``mlx_lm.convert -q``, embedding included, as mlx_lm does); ``awq`` / ``gptq`` / ``awq-gptq`` / ``learned`` /
 ``learned-rtn`` quantize the decoder by that method and the embedding by RTN with MSE clipping at the same
-bits and group (:func:`macq.quantizers.head_records`). LUT rows (``--lut-group`` output rows per LUT, 1 =
+bits and group (:func:`macq.quantizers.head_records`); with ``--kl-steps N`` a ``learned`` row is followed by a
+``learned+kl`` row: the method's logits stage run on that block-wise result (``--save`` / ``--load`` keep the
+block-wise quantization, so the stage can be re-run without it). LUT rows (``--lut-group`` output rows per LUT, 1 =
 per-channel): ``kmeans`` (data-free), ``kmeans-cal`` (calibrated), ``ct-skm`` / ``ct-ptp`` (coremltools'
 ``SKMPalettizer`` / ``PostTrainingPalettizer`` on the same model and calibration ids; they skip the
 embedding, so macq's embedding k-means record is applied to their models to keep the tensors equal).
@@ -41,9 +43,10 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
             return "rtn", {**base, "zero_point": "float"}
         if row == "learned-rtn":
             return "learned", {**base, "init": "rtn", "steps": args.steps, "batch_size": args.learned_batch,
-                               "eval_every": args.eval_every}
+                               "eval_every": args.eval_every, "kl_steps": 0}
         if row == "learned":
-            return "learned", {**base, "steps": args.steps, "batch_size": args.learned_batch, "eval_every": args.eval_every}
+            return "learned", {**base, "steps": args.steps, "batch_size": args.learned_batch, "eval_every": args.eval_every,
+                               "kl_steps": 0}
         return row, base
     base = {"bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group,
             "include_embeddings": True, "n_init": args.n_init}
@@ -136,13 +139,47 @@ def write_mlx_calibration(tok, calib: torch.Tensor) -> str:
     return str(path)
 
 
+def logits_stage(model, qm, qmodel, calib: torch.Tensor, args) -> dict[str, Any]:
+    """``--method learned``'s logits stage (:func:`macq.quantizers.learned_kl.tune_logits`, the very function the
+    method calls with ``kl_steps``) run on the block-wise result ``qm``; writes the tuned records into ``qmodel``.
+    Bit-identical to quantizing with ``kl_steps`` (the teacher is the same float model, the stage seeds itself),
+    so one block-wise run gives both rows."""
+    from macq.models import set_weight
+    from macq.quantizers.learned_kl import teacher_logprobs, tune_logits
+
+    calib = calib[:args.kl_rows]
+    teacher = teacher_logprobs(model, calib)
+    recs, stats = tune_logits(qmodel, qm.records, calib, teacher, steps=args.kl_steps, lr=args.kl_lr,
+                              batch_size=args.kl_batch, eval_every=args.kl_eval_every, holdout=args.kl_holdout,
+                              seed=0, progress=True)
+    with torch.no_grad():
+        for name, rec in recs.items():
+            set_weight(qmodel.get_submodule(name), rec.dequantize(torch.float32))
+    return stats
+
+
+def save_blockwise(qm, tok, info: dict[str, Any], path: str) -> None:
+    from pathlib import Path
+
+    qm.save(path, tokenizer=tok, force=True)
+    (Path(path) / "bench.json").write_text(json.dumps(info))
+
+
+def load_blockwise(path: str):
+    from pathlib import Path
+
+    from macq.qmodel import QuantizedModel
+
+    return QuantizedModel.load(path), json.loads((Path(path) / "bench.json").read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=[])
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--lut-group", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--n-calib", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-dataset", default="c4")
@@ -155,6 +192,15 @@ def main() -> None:
     ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
     ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
     ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--kl-steps", type=int, default=40,
+                    help="learned rows: also score the logits-KL stage run on the block-wise result (row 'learned+kl')")
+    ap.add_argument("--kl-lr", type=float, default=3e-3)
+    ap.add_argument("--kl-batch", type=int, default=1)
+    ap.add_argument("--kl-eval-every", type=int, default=10)
+    ap.add_argument("--kl-holdout", type=int, default=2)
+    ap.add_argument("--kl-rows", type=int, default=8)
+    ap.add_argument("--save", help="learned rows: save the block-wise quantization here (macq dir + bench.json)")
+    ap.add_argument("--load", help="learned rows: take the block-wise quantization saved by --save instead of quantizing")
     ap.add_argument("--write-mlx-calibration", action="store_true",
                     help="write the calibration windows to ~/.cache/mlx-lm/calibration_v5.txt and exit")
     ap.add_argument("--json")
@@ -207,13 +253,26 @@ def main() -> None:
                   {"seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
             continue
         method, opts = macq_options(row, args)
-        qm, peak = measure_peak_detail(lambda: quantize(model, tok, method, dict(opts), args.calib_dataset,
-                                                        args.n_calib, args.seq_len, 0, progress=True,
-                                                        copy_model=len(args.rows) > 1))
-        secs = time.perf_counter() - t0
+        if args.load and row.startswith("learned"):
+            qm, info = load_blockwise(args.load)
+        else:
+            qm, peak = measure_peak_detail(lambda: quantize(model, tok, method, dict(opts), args.calib_dataset,
+                                                            args.n_calib, args.seq_len, 0, progress=True,
+                                                            copy_model=len(args.rows) > 1 or args.kl_steps > 0))
+            info = {"bpw": qm.bits_per_weight(), "size_mib": qm.nbytes() / 2**20, "seconds": time.perf_counter() - t0,
+                    "peak_mib": peak.peak_bytes / 2**20}
+            if args.save and row.startswith("learned"):
+                save_blockwise(qm, tok, info, args.save)
         grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
-        score(f"{row} {args.bits}-bit {grp}", qm.to_torch(), {"bpw": qm.bits_per_weight(), "size_mib": qm.nbytes() / 2**20,
-                                                               "seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+        qmodel = qm.to_torch()
+        if not args.load:                                  # a loaded block-wise result was scored when it was saved
+            score(f"{row} {args.bits}-bit {grp}", qmodel, info)
+        if args.kl_steps and row.startswith("learned"):
+            t1 = time.perf_counter()
+            stage, peak = measure_peak_detail(lambda: logits_stage(model, qm, qmodel, calib, args))
+            score(f"{row}+kl {args.bits}-bit {grp}", qmodel,
+                  {**info, "seconds": info["seconds"] + time.perf_counter() - t1,
+                   "peak_mib": max(info["peak_mib"], peak.peak_bytes / 2**20), "kl_stage": stage})
     print(f"Caveat: {DEFAULT_MODEL_CAVEAT}.")
 
 

@@ -102,6 +102,58 @@ def test_learned_bad_config(kw, msg):
     assert "\n" not in str(e.value)
 
 
+def _kl64(model, ids, teacher_model, rows):
+    """Independent of the stage: token-mean KL(float || quantized) in float64 from two plain forwards per row."""
+    tot = 0.0
+    with torch.no_grad():
+        for i in rows:
+            t = torch.log_softmax(teacher_model(input_ids=ids[i:i + 1]).logits[0].double(), -1)
+            q = torch.log_softmax(model(input_ids=ids[i:i + 1]).logits[0].double(), -1)
+            tot += float((t.exp() * (t - q)).sum(-1).mean())
+    return tot / len(rows)
+
+
+@pytest.fixture(scope="module")
+def calib6():
+    return calibration_samples(tiny_tokenizer(), "tinystories", 6, 32, seed=0)
+
+
+@pytest.mark.parametrize("holdout, lr", [(0, 1e-2), (2, 1e-2), (2, 5.0)], ids=["judged-on-train", "held-out", "absurd-lr"])
+def test_logits_stage_never_worse_than_its_start(calib6, holdout, lr):
+    """The logits stage's result, run plainly with the records written in (tied embedding / head: llama3), has a
+    KL to the float model on the keep-best rows <= the block-wise records' it started from; only scales move."""
+    float_model = tiny_model("llama3")
+    kw = dict(calib=calib6, bits=3, group_size=32, steps=2, eval_every=2, init="rtn", include_embeddings=True)
+    start = registry_quantize(tiny_model("llama3"), "learned", kl_steps=0, **kw)
+    tuned = registry_quantize(tiny_model("llama3"), "learned", kl_steps=12, kl_eval_every=3, kl_holdout=holdout,
+                              kl_lr=lr, **kw, seed=0)
+    rows = [4, 5] if holdout else list(range(6))
+    before, after = _kl64(start.to_torch(), calib6, float_model, rows), _kl64(tuned.to_torch(), calib6, float_model, rows)
+    st = tuned.method["stats"]["logits"]
+    assert st["kl_init"] == pytest.approx(before, rel=1e-4) and st["kl"] == pytest.approx(after, rel=1e-4)
+    assert after <= before
+    if holdout == 0 and lr < 1:
+        assert after < 0.95 * before                          # on its own rows the stage does learn
+    assert set(tuned.records) == set(start.records) and "model.embed_tokens" in tuned.records
+    for name, rec in tuned.records.items():
+        assert torch.equal(rec.codes, start.records[name].codes) and torch.equal(rec.zeros, start.records[name].zeros)
+        assert rec.scales.dtype == torch.float16
+
+
+def test_logits_stage_config_round_trips_and_fails_fast(calib6):
+    cfg = LearnedConfig(kl_steps=5, kl_lr=2e-3, kl_holdout=1, kl_batch=2, kl_eval_every=4, kl_rows=3)
+    assert LearnedConfig.from_dict(cfg.to_dict()) == cfg
+    for kw, msg in [(dict(kl_steps=-1), "--kl-steps"), (dict(kl_lr=0.0), "--kl-lr"), (dict(kl_batch=0), "--kl-batch"),
+                    (dict(kl_holdout=-1), "--kl-holdout"), (dict(kl_eval_every=0), "--kl-eval-every"),
+                    (dict(kl_rows=0), "--kl-rows")]:
+        with pytest.raises(MacqError, match=msg):
+            LearnedConfig(**kw)
+    with pytest.raises(MacqError, match="--kl-holdout 6: must leave training sequences"):
+        registry_quantize(tiny_model(), "learned", calib=calib6, kl_steps=1, kl_holdout=6)
+    with pytest.raises(MacqError, match="--kl-holdout 4: must leave training sequences of the 4 calibration"):
+        registry_quantize(tiny_model(), "learned", calib=calib6, kl_steps=1, kl_rows=4, kl_holdout=4)
+
+
 # ------------------------------------------------------------------------------------------ kmeans-cal
 
 def _brute_force_sse(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
@@ -191,7 +243,8 @@ def test_learned_export_loads_in_mlx_lm(tmp_path, calib):
     from mlx_backend.layout import mlx_arch, mlx_name
 
     qm = registry_quantize(tiny_model(), "learned", calib=calib, bits=3, group_size=32, steps=3, eval_every=3,
-                           init="rtn", include_embeddings=True)
+                           init="rtn", include_embeddings=True, kl_steps=2, kl_eval_every=1, kl_holdout=1, kl_lr=0.05)
+    assert qm.method["stats"]["logits"]["best_step"] > 0        # the export holds records the logits stage changed
     export_mlx(qm, tmp_path / "m", tokenizer=tiny_tokenizer(), dtype="float32")
     model, tok = load_mlx(tmp_path / "m")
     for name, rec in qm.records.items():

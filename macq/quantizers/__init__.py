@@ -56,7 +56,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
-    MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True, heads=True),
+    # learned quantizes its own embedding / head (its logits stage needs the float head first and tunes it)
+    MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True),
     MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut", heads=True),
 )}
 

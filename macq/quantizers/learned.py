@@ -13,7 +13,10 @@ Per decoder layer (driven by :func:`macq.quantizers.calibration.layerwise`):
    output over random calibration batches, with straight-through rounding;
 4. **keep-best**: the exact objective (output MSE over *all* calibration tokens, with the records' real
    dequantized weights) is measured at the initialisation and every ``eval_every`` steps; the best candidate
-   wins, so the result is never worse than its initialisation on this objective.
+   wins, so the result is never worse than its initialisation on this objective;
+5. optional logits stage (``kl_steps``, :mod:`macq.quantizers.learned_kl`): every record's per-group scales,
+   the embedding / tied head included, tuned together against the float model's final log-probs (KL) on the
+   calibration tokens, keep-best on held-out calibration sequences.
 
 The grid is :mod:`macq.quantizers.grid`'s (integer zero-point, fp16 scale rounded before the codes), so the
 output is a plain :class:`~macq.record.AffineRecord` that both exporters take unchanged. Memory: one layer,
@@ -22,7 +25,7 @@ its parameters' gradients, and three activation sets (quantized input, float inp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +50,7 @@ class LearnedConfig(ScaleOptions, QuantConfig):
     group_size: int = 64
     symmetric: bool = False
     init: str = "awq"                # "awq": AWQ scales + clip first; "rtn": nearest on the full range
-    steps: int = 24                  # sign-SGD steps per decoder layer (kept small: 2 shared CPU cores)
+    steps: int = 0                   # sign-SGD steps per decoder layer; 0 (the measured best here): AWQ's init, then the logits stage
     lr: float = 0.0                  # 0: AutoRound's default 1/steps
     eval_every: int = 8              # keep-best checkpoints (plus the initialisation and the last step)
     max_shrink: float = 0.5          # range factors live in [1 - max_shrink, 1]
@@ -56,6 +59,17 @@ class LearnedConfig(ScaleOptions, QuantConfig):
     seed: int = 0
     n_grid: int = 20                 # AWQ init: α grid
     clip_grid: int = 20              # AWQ init: clip grid
+    kl_steps: int = field(default=40, metadata={
+        "help": "logits stage: Adam steps on every record's per-group scales (embedding / head included) against the "
+                "float model's logits, after the block-wise pass (0 = off)"})
+    kl_lr: float = field(default=3e-3, metadata={"help": "logits stage: Adam learning rate on the log-scales"})
+    kl_batch: int = field(default=1, metadata={"help": "logits stage: calibration sequences per step"})
+    kl_eval_every: int = field(default=10, metadata={"help": "logits stage: steps between keep-best checks"})
+    kl_rows: int = field(default=8, metadata={
+        "help": "logits stage: the first N calibration sequences feed it (bounds the float log-probs it keeps: "
+                "N x seq_len x vocab x 2 bytes)"})
+    kl_holdout: int = field(default=2, metadata={
+        "help": "logits stage: calibration sequences held out for keep-best (0 = judge on the training ones)"})
 
     def __post_init__(self) -> None:
         check_bits(self.bits, range(2, 9), self.method)
@@ -68,8 +82,12 @@ class LearnedConfig(ScaleOptions, QuantConfig):
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.n_grid >= 1 and self.clip_grid >= 1, "n_grid and clip_grid: expected >= 1")
-
-
+        check(self.kl_steps >= 0, f"--kl-steps {self.kl_steps}: expected >= 0 (0 = no logits stage)")
+        check(self.kl_lr > 0, f"--kl-lr {self.kl_lr}: expected > 0")
+        check(self.kl_batch >= 1, f"--kl-batch {self.kl_batch}: expected >= 1")
+        check(self.kl_eval_every >= 1, f"--kl-eval-every {self.kl_eval_every}: expected >= 1")
+        check(self.kl_holdout >= 0, f"--kl-holdout {self.kl_holdout}: expected >= 0")
+        check(self.kl_rows >= 1, f"--kl-rows {self.kl_rows}: expected >= 1")
 
     def awq_config(self):
         from macq.quantizers.awq import AWQConfig
@@ -269,16 +287,30 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, float_hidde
 
 def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor, progress: bool = False,
                    source: str = ""):
-    """Learned rounding + grid for every decoder linear of ``model`` (in place) → QuantizedModel.
+    """Learned rounding + grid for every decoder linear of ``model`` (in place) → QuantizedModel; then, with
+    ``kl_steps``, every record's scales (embedding / head included) tuned to the float model's logits.
 
-    ``method["stats"]["layers"]`` holds each layer's objective at initialisation and after tuning.
+    The method quantizes its own embedding / head (``head_records``, the registry's data-free choice) rather than
+    letting the registry do it, because the logits stage needs the *float* model's logits (computed here before
+    anything is quantized) and tunes the head's scales too. ``method["stats"]`` holds each layer's objective at
+    initialisation and after tuning, and the logits stage's held-out KL before and after.
     """
+    from macq.models import set_weight
     from macq.qmodel import QuantizedModel
+    from macq.quantizers import head_records
+    from macq.quantizers.learned_kl import teacher_logprobs, tune_logits
 
     check_model_inputs("learned", cfg, LearnedConfig, calib_ids)
+    kl_ids = calib_ids[:cfg.kl_rows]
+    if cfg.kl_steps:
+        check(cfg.kl_holdout < kl_ids.shape[0],
+              f"--kl-holdout {cfg.kl_holdout}: must leave training sequences of the {kl_ids.shape[0]} calibration ones")
     spec = arch_spec(model).resolved(model.config)
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
-    records: dict[str, Any] = {}
+    teacher = teacher_logprobs(model, kl_ids) if cfg.kl_steps else None
+    records: dict[str, Any] = head_records(model, cfg)      # quantized first: the decoder is calibrated on them
+    for name, rec in records.items():
+        set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
     stats: dict[str, Any] = {"scales": {}, "layers": {}}
     gen = torch.Generator().manual_seed(cfg.seed)
     state: dict[str, Any] = {"float": None}
@@ -292,6 +324,12 @@ def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor
                   f"(best at step {info['best_step']})", flush=True)
 
     layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description="learned")
+    if teacher is not None:
+        records, stats["logits"] = tune_logits(model, records, kl_ids, teacher, steps=cfg.kl_steps, lr=cfg.kl_lr,
+                                               batch_size=cfg.kl_batch, eval_every=cfg.kl_eval_every,
+                                               holdout=cfg.kl_holdout, seed=cfg.seed, progress=progress)
+        for name, rec in records.items():
+            set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
     method = cfg.to_dict()
     method["stats"] = stats
     return QuantizedModel.from_model(model, records, method=method, source=source)
