@@ -47,6 +47,8 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
         return row, base
     base = {"bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group,
             "include_embeddings": True, "n_init": args.n_init}
+    if row.startswith("kmeans-cal") and args.refit_rounds is not None:
+        base["refit_rounds"] = args.refit_rounds
     if row == "kmeans-cal-hessian":
         return "kmeans-cal", {**base, "sensitivity": "hessian"}
     return row, base
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--ref-cache", help="directory caching the fp16 reference log-probs")
     ap.add_argument("--wait-ref", action="store_true", help="wait for another process to fill --ref-cache")
     ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
+    ap.add_argument("--refit-rounds", type=int, help="kmeans-cal LUT refits (default: the method's)")
     ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--write-mlx-calibration", action="store_true",
@@ -212,8 +215,14 @@ def main() -> None:
                                                         copy_model=len(args.rows) > 1))
         secs = time.perf_counter() - t0
         grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
-        score(f"{row} {args.bits}-bit {grp}", qm.to_torch(), {"bpw": qm.bits_per_weight(), "size_mib": qm.nbytes() / 2**20,
-                                                               "seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+        extra = {"bpw": qm.bits_per_weight(), "size_mib": qm.nbytes() / 2**20, "seconds": secs,
+                 "peak_mib": peak.peak_bytes / 2**20, "options": opts}
+        linears = qm.method.get("stats", {}).get("linears", {})
+        if linears and all("out_err" in st for st in linears.values()):   # kmeans-cal: layer-output errors
+            extra["out_err"] = {k: sum(st.get(k, 0.0) for st in linears.values()) for k in ("out_err_nearest", "out_err")}
+            extra["refit_kept"] = sum(st["refit"] > 0 for st in linears.values())
+            extra["feedback_kept"] = qm.method["stats"]["feedback_kept"]
+        score(f"{row} {args.bits}-bit {grp}", qm.to_torch(), extra)
     print(f"Caveat: {DEFAULT_MODEL_CAVEAT}.")
 
 
