@@ -84,6 +84,30 @@ def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
     return SKMPalettizer(m, cfg).compress(dataloader=loader(), loss_fn=loss_fn)
 
 
+def lut_file_size(qmodel, model, bits: int, lut_group: int) -> dict[str, float]:
+    """bits/weight and size of a coremltools-palettized torch model *as macq's LUT file would hold it*: each
+    tensor macq quantizes (decoder linears + embedding) whose every ``lut_group`` rows hold at most ``2**bits``
+    distinct values is charged ``bits`` per weight plus an fp16 LUT of ``2**bits`` entries per group (exactly
+    :meth:`LUTRecord.storage_bits`); any other tensor, and every remaining float tensor, 16 bits."""
+    from macq.arch import arch_spec
+    from macq.models import get_weight, quantizable_modules
+
+    names = list(quantizable_modules(model, include_embeddings=True))
+    qbits, n, palettized = 0, 0, 0
+    seen = set()
+    for name in names:
+        w = get_weight(qmodel.get_submodule(name)).detach()
+        seen.add(id(qmodel.get_submodule(name).weight))
+        groups = w.reshape(-1, lut_group * w.shape[-1]) if w.shape[0] % lut_group == 0 else w.reshape(1, -1)
+        ok = all(torch.unique(g).numel() <= 2 ** bits for g in groups)
+        palettized += ok
+        qbits += w.numel() * bits + groups.shape[0] * 2 ** bits * 16 if ok else w.numel() * 16
+        n += w.numel()
+    rest = sum(p.numel() for p in qmodel.parameters() if id(p) not in seen) * 16
+    assert arch_spec(model).embed in names
+    return {"bpw": qbits / n, "size_mib": (qbits + rest) / 8 / 2**20, "palettized_tensors": f"{palettized}/{len(names)}"}
+
+
 @torch.inference_mode()
 def window_logprobs(model, ids: torch.Tensor, context: int = 512) -> list[torch.Tensor]:
     """Log-probs ``[context - 1, vocab]`` of each non-overlapping window (first token of a window unscored)."""
@@ -207,7 +231,8 @@ def main() -> None:
             with torch.no_grad():
                 set_weight(qmodel.get_submodule(emb), rec.dequantize())
             score(f"{row} {args.bits}-bit LUT g{args.lut_group}", qmodel.float().eval(),
-                  {"seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+                  {**lut_file_size(qmodel, model, args.bits, args.lut_group), "seconds": secs,
+                   "peak_mib": peak.peak_bytes / 2**20})
             continue
         method, opts = macq_options(row, args)
         qm, peak = measure_peak_detail(lambda: quantize(model, tok, method, dict(opts), args.calib_dataset,
