@@ -65,6 +65,8 @@ def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
         SKMPalettizerConfig,
     )
 
+    from macq.models import tied_embeddings
+
     m = copy.deepcopy(model)
     op = {"n_bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group}
     if args.lut_group == 1:
@@ -72,7 +74,12 @@ def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
     if row == "ct-ptp":
         cfg = PostTrainingPalettizerConfig.from_dict({"global_config": op})
         return PostTrainingPalettizer(m, cfg).compress()
-    cfg = SKMPalettizerConfig.from_dict({"global_config": op, "calibration_nsamples": calib.shape[0]})
+    # A tied lm_head is the embedding's parameter: SKMPalettizer's sensitivity dict (named_parameters with
+    # duplicates removed) has no "lm_head.weight" and compress() raises KeyError after the whole Fisher pass
+    # (coremltools 8.x). The head is skipped by name; the shared tensor is palettized as the embedding.
+    names = {"lm_head": None} if tied_embeddings(m) else {}
+    cfg = SKMPalettizerConfig.from_dict({"global_config": op, "module_name_configs": names,
+                                         "calibration_nsamples": calib.shape[0]})
 
     def loader():
         for i in range(calib.shape[0]):
@@ -225,14 +232,20 @@ def main() -> None:
 
             qmodel, peak = measure_peak_detail(lambda: coremltools_palettize(model, calib, row, args))
             secs = time.perf_counter() - t0
+            timing = {"seconds": secs, "peak_mib": peak.peak_bytes / 2**20}
+            label = f"{row} {args.bits}-bit LUT g{args.lut_group}"
+            qmodel = qmodel.float().eval()
             emb = arch_spec(model).embed
+            size = lut_file_size(qmodel, model, args.bits, args.lut_group)
+            if size["palettized_tensors"].split("/")[0] == size["palettized_tensors"].split("/")[1]:
+                score(f"{label} (its own embedding LUT)", qmodel, {**size, **timing})   # what the tool gives
+            # the same embedding record as macq's rows, so that only the decoder differs
             rec = quantize_weight(get_weight(model.get_submodule(emb)).detach().float(),
                                   KMeansConfig(bits=args.bits, group_size=args.lut_group, n_init=args.n_init))
             with torch.no_grad():
                 set_weight(qmodel.get_submodule(emb), rec.dequantize())
-            score(f"{row} {args.bits}-bit LUT g{args.lut_group}", qmodel.float().eval(),
-                  {**lut_file_size(qmodel, model, args.bits, args.lut_group), "seconds": secs,
-                   "peak_mib": peak.peak_bytes / 2**20})
+            score(f"{label} (macq k-means embedding)", qmodel,
+                  {**lut_file_size(qmodel, model, args.bits, args.lut_group), **timing})
             continue
         method, opts = macq_options(row, args)
         qm, peak = measure_peak_detail(lambda: quantize(model, tok, method, dict(opts), args.calib_dataset,
