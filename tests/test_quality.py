@@ -205,6 +205,32 @@ def test_kmeans_cal_on_a_tiny_model(calib, sensitivity):
     assert qm.method["stats"]["feedback_kept"] >= 1
 
 
+@pytest.mark.parametrize("weighted_heads", [True, False])
+def test_kmeans_cal_embedding_is_fisher_weighted(calib, weighted_heads):
+    """The embedding record is weighted k-means with the float model's empirical Fisher, recomputed here by a
+    plain autograd loop (mean over sequences of the squared gradient of each sequence's loss); without
+    ``weighted_heads`` it is the data-free k-means every other LUT method uses for heads."""
+    model = tiny_model()
+    cfg = KMeansConfig(bits=3, group_size=4, n_init=1)
+    w = model.model.embed_tokens.weight.detach().clone()
+    fisher = torch.zeros_like(w)
+    for s in range(calib.shape[0]):
+        model.zero_grad()
+        x = calib[s:s + 1]
+        model(input_ids=x, labels=x).loss.backward()
+        fisher += model.model.embed_tokens.weight.grad.pow(2) / calib.shape[0]
+    model.zero_grad()
+    qm = registry_quantize(model, "kmeans-cal", calib=calib, bits=3, group_size=4, n_init=1, refit_rounds=0,
+                           include_embeddings=True, weighted_heads=weighted_heads)
+    got = qm.records["model.embed_tokens"]
+    weighted = quantize_weight(w, KMeansConfig(bits=3, group_size=4, n_init=1, weighted=True), fisher)
+    plain = quantize_weight(w, cfg)
+    want, other = (weighted, plain) if weighted_heads else (plain, weighted)
+    assert torch.equal(got.lut, want.lut) and torch.equal(got.indices, want.indices)
+    assert not torch.equal(got.lut, other.lut)
+    assert torch.equal(qm.to_torch().model.embed_tokens.weight.detach(), got.dequantize())
+
+
 def test_kmeans_cal_bad_config_fails_fast():
     with pytest.raises(MacqError, match="--sensitivity"):
         make_config("kmeans-cal", sensitivity="grad")

@@ -57,7 +57,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
     MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True, heads=True),
-    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut", heads=True),
+    # kmeans-cal quantizes the embedding / head itself (Fisher-weighted k-means: their sensitivity needs the float model)
+    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut"),
 )}
 
 

@@ -46,6 +46,7 @@ class KMeansCalConfig(QuantConfig):
     sensitivity: str = "fisher"    # per-weight k-means weights: "fisher" | "hessian"
     error_feedback: bool = True    # GPTQ-style assignment to the fixed LUT
     refit_rounds: int = 2          # LUT refits to the output error (then feedback reassignment); 0 = off
+    weighted_heads: bool = True    # embedding / lm_head (if included): Fisher-weighted k-means (sensitivity fisher)
     damp_percent: float = 0.01
     block_size: int = 128
     n_iter: int = 300
@@ -192,19 +193,31 @@ def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tens
     from macq.arch import arch_spec
     from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
     from macq.qmodel import QuantizedModel
+    from macq.quantizers import head_records
     from macq.quantizers.calibration import layerwise
     from macq.quantizers.gptq import collect_hessians
+    from macq.quantizers.palettize import quantize_weight
 
     check_model_inputs("kmeans-cal", cfg, KMeansCalConfig, calib_ids)
     spec = arch_spec(model)
     selected = quantizable_modules(model, skip=tuple(cfg.skip))
-    for name, mod in selected.items():   # fail on a bad group size before any slow work
+    heads = {n: m for n, m in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head).items()
+             if n not in quantizable_modules(model)}
+    for name, mod in {**selected, **heads}.items():   # fail on a bad group size before any slow work
         _groups(get_weight(mod).detach()[:, :1], cfg.kmeans_config())
+    fisher_heads = heads if cfg.sensitivity == "fisher" and cfg.weighted_heads else {}
+    head_recs = {} if fisher_heads else _write_heads(model, head_records(model, cfg))
     fisher = None
     if cfg.sensitivity == "fisher":
         from macq.quantizers.sensitivity import fisher_diagonal
 
-        fisher = fisher_diagonal(model, calib_ids, selected, progress=progress)
+        fisher = fisher_diagonal(model, calib_ids, {**selected, **fisher_heads}, progress=progress)
+    if fisher_heads:
+        head_recs = {}
+        for name, mod in fisher_heads.items():
+            head_recs[name] = quantize_weight(get_weight(mod).detach().float(), cfg.kmeans_config(), fisher.pop(name))
+            head_recs[name].transposed = is_conv1d(mod)
+        _write_heads(model, head_recs)
     records: dict[str, LUTRecord] = {}
     stats: dict[str, dict[str, Any]] = {}
 
@@ -227,4 +240,14 @@ def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tens
     layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, progress=progress, description="kmeans-cal")
     method = cfg.to_dict()
     method["stats"] = {"feedback_kept": sum(s["feedback"] for s in stats.values()), "linears": stats}
-    return QuantizedModel.from_model(model, records, method=method, source=source)
+    return QuantizedModel.from_model(model, {**records, **head_recs}, method=method, source=source)
+
+
+def _write_heads(model: nn.Module, recs: dict[str, LUTRecord]) -> dict[str, LUTRecord]:
+    """Write the embedding / head records into ``model`` before the decoder is calibrated, so that every
+    layer sees the inputs it will see at inference."""
+    from macq.models import set_weight
+
+    for name, rec in recs.items():
+        set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
+    return recs
