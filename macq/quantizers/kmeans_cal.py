@@ -11,8 +11,18 @@ the model's loss, so, per SqueezeLLM:
 2. **error feedback while assigning** (``error_feedback=True``): with the LUT fixed, columns are assigned to
    their nearest LUT entry one after another and each column's error is spread over the columns not yet
    assigned through the inverse input Hessian, exactly as GPTQ does for a uniform grid
-   (:func:`lut_gptq`). The assignment with the lower layer-output error ``tr(ΔW H ΔWᵀ)`` (feedback or
-   nearest) is kept, so feedback never makes a linear worse on that measure.
+   (:func:`lut_gptq`).
+3. **LUT refit** (``refit_rounds``, GPTVQ's codebook update): with the indices fixed the layer-output error
+   ``tr(ΔW H ΔWᵀ)`` is quadratic in the LUT entries, so each group's LUT is re-solved exactly
+   (:func:`refit_lut`) and the feedback assignment rerun on the new LUT. Of every candidate (nearest,
+   feedback, each refit and reassignment) the one with the lowest layer-output error is kept, so no step
+   can make a linear worse on that measure.
+
+The embedding / lm_head (``--include-embeddings``) have no input Hessian (a lookup; the head's input is
+outside every decoder layer); with ``sensitivity="fisher"`` and ``weighted_heads`` they get Fisher-weighted
+k-means from the same backward passes on the float model (what ``SKMPalettizer`` does for every tensor),
+otherwise the data-free k-means of :func:`macq.quantizers.head_records`. They are written into the model
+before the decoder is calibrated.
 
 Layer by layer (:func:`macq.quantizers.calibration.layerwise`), true-sequential like GPTQ: each group of
 linears sharing an input sees the already palettized earlier linears. The result is a plain
