@@ -19,10 +19,10 @@ the model's loss, so, per SqueezeLLM:
    can make a linear worse on that measure.
 
 The embedding / lm_head (``--include-embeddings``) have no input Hessian (a lookup; the head's input is
-outside every decoder layer); with ``sensitivity="fisher"`` and ``weighted_heads`` they get Fisher-weighted
-k-means from the same backward passes on the float model (what ``SKMPalettizer`` does for every tensor),
-otherwise the data-free k-means of :func:`macq.quantizers.head_records`. They are written into the model
-before the decoder is calibrated.
+outside every decoder layer). By default they get the data-free k-means of :func:`macq.quantizers.head_records`;
+with ``weighted_heads`` (and ``sensitivity="fisher"``) Fisher-weighted k-means from the same backward passes
+on the float model, as ``SKMPalettizer`` does for every tensor (off by default: not yet measured on a real
+model). They are written into the model before the decoder is calibrated.
 
 Layer by layer (:func:`macq.quantizers.calibration.layerwise`), true-sequential like GPTQ: each group of
 linears sharing an input sees the already palettized earlier linears. The result is a plain
@@ -56,7 +56,7 @@ class KMeansCalConfig(QuantConfig):
     sensitivity: str = "fisher"    # per-weight k-means weights: "fisher" | "hessian"
     error_feedback: bool = True    # GPTQ-style assignment to the fixed LUT
     refit_rounds: int = 2          # LUT refits to the output error (then feedback reassignment); 0 = off
-    weighted_heads: bool = True    # embedding / lm_head (if included): Fisher-weighted k-means (sensitivity fisher)
+    weighted_heads: bool = False   # embedding / lm_head (if included): Fisher-weighted k-means (sensitivity fisher)
     damp_percent: float = 0.01
     block_size: int = 128
     n_iter: int = 300
