@@ -19,8 +19,8 @@ import argparse
 import json
 
 import torch
-
 from bench_quality import one_pass_scores, reference
+
 from macq.data import eval_tokens
 from macq.models import get_weight, load_model, set_weight
 from macq.pipeline import calibration_ids
