@@ -9,8 +9,8 @@ rows, scored like ``bench_quality.py`` (same texts, windows and cached fp16 refe
 
 Default: macq's data-free k-means (what every LUT method gives heads). ``--fisher``: k-means weighted by the
 empirical Fisher of the float model on ``--n-calib`` x ``--seq-len`` tokens of c4 (kmeans-cal's
-``weighted_heads`` path). The numbers in docs/sections/lut.md came from the two scratch scripts this file
-merges (same calls, same order).
+``weighted_heads`` path). In docs/sections/lut.md the data-free row was reproduced with this script
+(identical numbers); the ``--fisher`` row came from the scratch script it merges (same calls, same order).
 """
 
 from __future__ import annotations
