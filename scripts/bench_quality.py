@@ -50,6 +50,10 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
         return row, base
     base = {"bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group,
             "include_embeddings": True, "n_init": args.n_init}
+    if row.startswith("kmeans-cal") and args.refit_rounds is not None:
+        base["refit_rounds"] = args.refit_rounds
+    if row.startswith("kmeans-cal") and args.weighted_heads:
+        base["weighted_heads"] = True
     if row == "kmeans-cal-hessian":
         return "kmeans-cal", {**base, "sensitivity": "hessian"}
     return row, base
@@ -66,6 +70,8 @@ def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
         SKMPalettizerConfig,
     )
 
+    from macq.models import tied_embeddings
+
     m = copy.deepcopy(model)
     op = {"n_bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group}
     if args.lut_group == 1:
@@ -73,7 +79,12 @@ def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
     if row == "ct-ptp":
         cfg = PostTrainingPalettizerConfig.from_dict({"global_config": op})
         return PostTrainingPalettizer(m, cfg).compress()
-    cfg = SKMPalettizerConfig.from_dict({"global_config": op, "calibration_nsamples": calib.shape[0]})
+    # A tied lm_head is the embedding's parameter: SKMPalettizer's sensitivity dict (named_parameters with
+    # duplicates removed) has no "lm_head.weight" and compress() raises KeyError after the whole Fisher pass
+    # (coremltools 8.x). The head is skipped by name; the shared tensor is palettized as the embedding.
+    names = {"lm_head": None} if tied_embeddings(m) else {}
+    cfg = SKMPalettizerConfig.from_dict({"global_config": op, "module_name_configs": names,
+                                         "calibration_nsamples": calib.shape[0]})
 
     def loader():
         for i in range(calib.shape[0]):
@@ -83,6 +94,30 @@ def coremltools_palettize(model, calib: torch.Tensor, row: str, args):
         return mod(input_ids=batch, labels=batch, use_cache=False).loss
 
     return SKMPalettizer(m, cfg).compress(dataloader=loader(), loss_fn=loss_fn)
+
+
+def lut_file_size(qmodel, model, bits: int, lut_group: int) -> dict[str, float]:
+    """bits/weight and size of a coremltools-palettized torch model *as macq's LUT file would hold it*: each
+    tensor macq quantizes (decoder linears + embedding) whose every ``lut_group`` rows hold at most ``2**bits``
+    distinct values is charged ``bits`` per weight plus an fp16 LUT of ``2**bits`` entries per group (exactly
+    :meth:`LUTRecord.storage_bits`); any other tensor, and every remaining float tensor, 16 bits."""
+    from macq.arch import arch_spec
+    from macq.models import get_weight, quantizable_modules
+
+    names = list(quantizable_modules(model, include_embeddings=True))
+    qbits, n, palettized = 0, 0, 0
+    seen = set()
+    for name in names:
+        w = get_weight(qmodel.get_submodule(name)).detach()
+        seen.add(id(qmodel.get_submodule(name).weight))
+        groups = w.reshape(-1, lut_group * w.shape[-1]) if w.shape[0] % lut_group == 0 else w.reshape(1, -1)
+        ok = all(torch.unique(g).numel() <= 2 ** bits for g in groups)
+        palettized += ok
+        qbits += w.numel() * bits + groups.shape[0] * 2 ** bits * 16 if ok else w.numel() * 16
+        n += w.numel()
+    rest = sum(p.numel() for p in qmodel.parameters() if id(p) not in seen) * 16
+    assert arch_spec(model).embed in names
+    return {"bpw": qbits / n, "size_mib": (qbits + rest) / 8 / 2**20, "palettized_tensors": f"{palettized}/{len(names)}"}
 
 
 @torch.inference_mode()
@@ -190,6 +225,8 @@ def main() -> None:
     ap.add_argument("--ref-cache", help="directory caching the fp16 reference log-probs")
     ap.add_argument("--wait-ref", action="store_true", help="wait for another process to fill --ref-cache")
     ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
+    ap.add_argument("--refit-rounds", type=int, help="kmeans-cal LUT refits (default: the method's)")
+    ap.add_argument("--weighted-heads", action="store_true", help="kmeans-cal: Fisher-weighted embedding / head LUT")
     ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--kl-steps", type=int, default=40,
@@ -244,13 +281,20 @@ def main() -> None:
 
             qmodel, peak = measure_peak_detail(lambda: coremltools_palettize(model, calib, row, args))
             secs = time.perf_counter() - t0
+            timing = {"seconds": secs, "peak_mib": peak.peak_bytes / 2**20}
+            label = f"{row} {args.bits}-bit LUT g{args.lut_group}"
+            qmodel = qmodel.float().eval()
             emb = arch_spec(model).embed
+            size = lut_file_size(qmodel, model, args.bits, args.lut_group)
+            if size["palettized_tensors"].split("/")[0] == size["palettized_tensors"].split("/")[1]:
+                score(f"{label} (its own embedding LUT)", qmodel, {**size, **timing})   # what the tool gives
+            # the same embedding record as macq's rows, so that only the decoder differs
             rec = quantize_weight(get_weight(model.get_submodule(emb)).detach().float(),
                                   KMeansConfig(bits=args.bits, group_size=args.lut_group, n_init=args.n_init))
             with torch.no_grad():
                 set_weight(qmodel.get_submodule(emb), rec.dequantize())
-            score(f"{row} {args.bits}-bit LUT g{args.lut_group}", qmodel.float().eval(),
-                  {"seconds": secs, "peak_mib": peak.peak_bytes / 2**20})
+            score(f"{label} (macq k-means embedding)", qmodel,
+                  {**lut_file_size(qmodel, model, args.bits, args.lut_group), **timing})
             continue
         method, opts = macq_options(row, args)
         if args.load and row.startswith("learned"):
@@ -264,6 +308,12 @@ def main() -> None:
             if args.save and row.startswith("learned"):
                 save_blockwise(qm, tok, info, args.save)
         grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
+        info["options"] = opts
+        linears = qm.method.get("stats", {}).get("linears", {})
+        if linears and all("out_err" in st for st in linears.values()):   # kmeans-cal: layer-output errors
+            info["out_err"] = {k: sum(st.get(k, 0.0) for st in linears.values()) for k in ("out_err_nearest", "out_err")}
+            info["refit_kept"] = sum(st["refit"] > 0 for st in linears.values())
+            info["feedback_kept"] = qm.method["stats"]["feedback_kept"]
         qmodel = qm.to_torch()
         if not args.load:                                  # a loaded block-wise result was scored when it was saved
             score(f"{row} {args.bits}-bit {grp}", qmodel, info)

@@ -13,7 +13,7 @@ from macq.models import get_weight, set_weight
 from macq.quantizers import grid, make_config
 from macq.quantizers import quantize_model as registry_quantize
 from macq.quantizers.calibration import capture_first_layer_inputs, run_layer
-from macq.quantizers.kmeans_cal import lut_gptq, lut_rows, output_error
+from macq.quantizers.kmeans_cal import KMeansCalConfig, lut_gptq, lut_rows, output_error, palettize_linear, refit_lut
 from macq.quantizers.learned import LearnedConfig, fake_quant, init_params, layer_objective, to_record, tune_layer
 from macq.quantizers.palettize import KMeansConfig, kmeans_lut, quantize_weight
 from macq.record import AffineRecord, LUTRecord
@@ -200,6 +200,52 @@ def test_lut_gptq_is_nearest_with_identity_hessian_and_helps_with_correlated_inp
     assert output_error(w, fb, H) < 0.8 * output_error(w, rec.dequantize(), H)
 
 
+def _correlated_hessian(n: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(600, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, n, generator=gen, dtype=torch.float64)
+    x = x + 0.1 * torch.randn(600, n, generator=gen, dtype=torch.float64)     # low-rank, correlated inputs
+    return x.T @ x / 600
+
+
+def test_refit_lut_is_the_least_squares_optimum():
+    """Independent reference: per LUT group, ``lstsq`` on the explicit design matrix of ``vec((A_k) L)`` with
+    ``H = L Lᵀ``, i.e. the LUT minimising ``‖(W − Ŵ) L‖²_F = tr(ΔW H ΔWᵀ)`` for the fixed indices."""
+    gen = torch.Generator().manual_seed(0)
+    out, n, gs, k = 8, 12, 4, 4
+    w = torch.randn(out, n, generator=gen, dtype=torch.float64)
+    H = _correlated_hessian(n, gen)
+    rec = quantize_weight(w.float(), KMeansConfig(bits=2, group_size=gs, lut_dtype="float32"))
+    got = refit_lut(w, H, rec.indices, rec.lut.double(), ridge=0.0)
+    L = torch.linalg.cholesky(H)
+    onehot = torch.nn.functional.one_hot(rec.indices.long(), k).double()
+    for g in range(out // gs):
+        rows = slice(g * gs, (g + 1) * gs)
+        design = torch.stack([(onehot[rows, :, j] @ L).reshape(-1) for j in range(k)], 1)
+        want = torch.linalg.lstsq(design, (w[rows] @ L).reshape(-1, 1)).solution[:, 0]
+        assert torch.allclose(got[g], want, rtol=1e-5, atol=1e-5)
+    refit = LUTRecord(indices=rec.indices, lut=got.float(), bits=2).dequantize().double()
+    assert output_error(w, refit, H) < 0.9 * output_error(w, rec.dequantize().double(), H)
+
+
+def test_refit_lut_keeps_unused_entries():
+    w = torch.tensor([[0.0, 1.0, 0.1, 0.9]])
+    idx = torch.tensor([[0, 3, 0, 3]], dtype=torch.uint8)
+    lut = torch.tensor([[0.0, 0.3, 0.6, 1.0]], dtype=torch.float64)
+    got = refit_lut(w, torch.eye(4, dtype=torch.float64), idx, lut)
+    assert torch.allclose(got, torch.tensor([[0.05, 0.3, 0.6, 0.95]], dtype=torch.float64), atol=1e-6)
+
+
+def test_palettize_linear_keeps_the_lowest_output_error():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 48, generator=gen)
+    H = _correlated_hessian(48, gen)
+    imp = torch.ones_like(w)
+    base = palettize_linear(w, H, imp, KMeansCalConfig(bits=2, group_size=16, n_init=1, refit_rounds=0))[1]
+    rec, info = palettize_linear(w, H, imp, KMeansCalConfig(bits=2, group_size=16, n_init=1, refit_rounds=3))
+    assert info["out_err"] == pytest.approx(output_error(w, rec.dequantize(), H), rel=1e-12)
+    assert info["out_err"] == min(v for k, v in info.items() if k.startswith("out_err_"))
+    assert info["refit"] >= 1 and info["out_err"] < 0.95 * base["out_err"]
+
+
 @pytest.mark.parametrize("sensitivity", ["fisher", "hessian"])
 def test_kmeans_cal_on_a_tiny_model(calib, sensitivity):
     qm = registry_quantize(tiny_model(), "kmeans-cal", calib=calib, bits=3, group_size=4, sensitivity=sensitivity,
@@ -207,14 +253,41 @@ def test_kmeans_cal_on_a_tiny_model(calib, sensitivity):
     assert all(isinstance(r, LUTRecord) and r.bits == 3 for r in qm.records.values())
     assert "model.embed_tokens" in qm.records
     for name, st in qm.method["stats"]["linears"].items():
-        kept = st["out_err_feedback"] if st["feedback"] else st["out_err_nearest"]
-        assert kept <= st["out_err_nearest"]
+        assert st["out_err"] <= min(st["out_err_nearest"], st["out_err_feedback"])
     assert qm.method["stats"]["feedback_kept"] >= 1
+
+
+@pytest.mark.parametrize("weighted_heads", [True, False])
+def test_kmeans_cal_embedding_is_fisher_weighted(calib, weighted_heads):
+    """The embedding record is weighted k-means with the float model's empirical Fisher, recomputed here by a
+    plain autograd loop (mean over sequences of the squared gradient of each sequence's loss); without
+    ``weighted_heads`` it is the data-free k-means every other LUT method uses for heads."""
+    model = tiny_model()
+    cfg = KMeansConfig(bits=3, group_size=4, n_init=1)
+    w = model.model.embed_tokens.weight.detach().clone()
+    fisher = torch.zeros_like(w)
+    for s in range(calib.shape[0]):
+        model.zero_grad()
+        x = calib[s:s + 1]
+        model(input_ids=x, labels=x).loss.backward()
+        fisher += model.model.embed_tokens.weight.grad.pow(2) / calib.shape[0]
+    model.zero_grad()
+    qm = registry_quantize(model, "kmeans-cal", calib=calib, bits=3, group_size=4, n_init=1, refit_rounds=0,
+                           include_embeddings=True, weighted_heads=weighted_heads)
+    got = qm.records["model.embed_tokens"]
+    weighted = quantize_weight(w, KMeansConfig(bits=3, group_size=4, n_init=1, weighted=True), fisher)
+    plain = quantize_weight(w, cfg)
+    want, other = (weighted, plain) if weighted_heads else (plain, weighted)
+    assert torch.equal(got.lut, want.lut) and torch.equal(got.indices, want.indices)
+    assert not torch.equal(got.lut, other.lut)
+    assert torch.equal(qm.to_torch().model.embed_tokens.weight.detach(), got.dequantize())
 
 
 def test_kmeans_cal_bad_config_fails_fast():
     with pytest.raises(MacqError, match="--sensitivity"):
         make_config("kmeans-cal", sensitivity="grad")
+    with pytest.raises(MacqError, match="--refit-rounds -1"):
+        make_config("kmeans-cal", refit_rounds=-1)
     with pytest.raises(MacqError, match="--group-size 5"):
         registry_quantize(tiny_model(), "kmeans-cal", calib=torch.zeros(1, 4, dtype=torch.long), group_size=5)
 

@@ -56,9 +56,10 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
-    # learned quantizes its own embedding / head (its logits stage needs the float head first and tunes it)
+    # learned and kmeans-cal quantize their own embedding / head: learned's logits stage needs the float head first
+    # and tunes it; kmeans-cal's Fisher-weighted k-means of the heads needs the float model's sensitivities
     MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True),
-    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut", heads=True),
+    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut"),
 )}
 
 
