@@ -52,8 +52,8 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
             "include_embeddings": True, "n_init": args.n_init}
     if row.startswith("kmeans-cal") and args.refit_rounds is not None:
         base["refit_rounds"] = args.refit_rounds
-    if row.startswith("kmeans-cal") and args.weighted_heads:
-        base["weighted_heads"] = True
+    if row.startswith("kmeans-cal"):
+        base["weighted_heads"] = args.weighted_heads
     if row == "kmeans-cal-hessian":
         return "kmeans-cal", {**base, "sensitivity": "hessian"}
     return row, base
@@ -226,7 +226,9 @@ def main() -> None:
     ap.add_argument("--wait-ref", action="store_true", help="wait for another process to fill --ref-cache")
     ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
     ap.add_argument("--refit-rounds", type=int, help="kmeans-cal LUT refits (default: the method's)")
-    ap.add_argument("--weighted-heads", action="store_true", help="kmeans-cal: Fisher-weighted embedding / head LUT")
+    ap.add_argument("--weighted-heads", action=argparse.BooleanOptionalAction, default=True,
+                    help="kmeans-cal: Fisher-weighted embedding / head LUT (the method's default; --no-weighted-heads: "
+                         "the data-free k-means every other LUT method uses)")
     ap.add_argument("--learned-batch", type=int, default=1, help="calibration sequences per learned step")
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--kl-steps", type=int, default=40,
