@@ -1,10 +1,12 @@
 """The MIL pass that puts each record into the program as a constexpr op, built from the record itself.
 
-Matching: after fp16 conversion, a quantized linear's weight is a ``const`` whose value is exactly
-``record.dequantize().half()`` (the torch model carries those weights; fp32→fp16 is round-to-nearest-even
-in both numpy and torch). So consts are matched to records by a hash of their fp16 bytes, in both
-orientations (GPT-2's Conv1D / a folded transpose). Every record must be placed at least once (a tied
-embedding may be used twice); anything else raises.
+Matching, two ways. The ANE graph (:func:`place_slots`) is traced from placeholder weights that carry a marker,
+so each placeholder const is found by its marker and never compared by value. The transformers-traced graph
+(``--graph hf``, :func:`apply_records_to_program`) carries the real weights: after fp16 conversion a quantized
+linear's weight is a ``const`` whose value is exactly ``record.dequantize().half()`` (fp32→fp16 is
+round-to-nearest-even in both numpy and torch), so consts are matched to records by a hash of their fp16
+bytes, in both orientations (GPT-2's Conv1D / a folded transpose). Either way every record must be placed at
+least once (a tied embedding may be used twice); anything else raises.
 
 Layouts (iOS18 opset, ``coremltools/converters/mil/mil/ops/defs/iOS18/compression.py``):
 
@@ -237,8 +239,9 @@ GC_BYTES = 64 << 20   # collect garbage after replacing this many bytes of place
 
 def place_slots(prog, slots: dict[int, tuple], layouts: dict[str, list], float_rows) -> dict[int, list[str]]:
     """Replace the placeholder consts of an ANE chunk's program (in place): see
-    :class:`converters.ane_model.Weights`. A const is a placeholder iff its first two values are ``m, -m`` for a
-    marker ``m`` in ``slots`` and its shape is the slot's. Records become their constexpr ops; float tensors
+    :class:`converters.ane_model.Weights`. A const is a placeholder iff it is a 2-D (or 1×1-conv 4-D) fp16 const
+    whose first two values are ``m, -m`` for a marker ``m`` in ``slots``; a replacement of another shape raises.
+    Records become their constexpr ops; float tensors
     their fp16 values (``float_rows(name, a, b)``). Every slot must be found at least once."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
