@@ -27,6 +27,7 @@ import torch
 
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
+from macq.prefetch import prefetched
 from macq.progress import LayerLog
 from macq.qmodel import FORMAT_VERSION, SHARD_BYTES, write_records
 from macq.record import AffineRecord, Record
@@ -36,6 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "generation_config.json")
 ROW_BLOCK_ELEMS = 1 << 22   # weights per row block of a row-separable quantizer (16 MiB of float32)
+PREFETCH_BYTES = 32 << 20   # source bytes read ahead of the quantizer (or one piece, if larger)
 
 # Methods whose record rows depend only on the same rows of the weight (so row blocks give the same record).
 ROW_SEPARABLE: dict[str, Callable[[Any], bool]] = {
@@ -192,18 +194,37 @@ def finite(key: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def quantize_stored(store: TensorStore, key: str, transposed: bool, method: str, cfg: Any,
-                    fn: Callable[..., Record]) -> Record:
-    """Quantize ``store[key]``; a row-separable method reads it in row blocks, so the source tensor is never whole
-    in memory either (a 128k-row embedding: 1 GB of bf16 at 8B)."""
+def read_spans(store: TensorStore, key: str, transposed: bool, method: str, cfg: Any) -> list[tuple[int, int]] | None:
+    """The row blocks ``[a, b)`` a row-separable method reads ``store[key]`` in, or None: read it whole."""
     shape = store.shape(key)
     rows_per_block = max(1, ROW_BLOCK_ELEMS // max(1, shape[1]))
     if transposed or shape[0] <= rows_per_block or not ROW_SEPARABLE.get(method, lambda _c: False)(cfg):
-        w = finite(key, store[key])
+        return None
+    return [(r, min(r + rows_per_block, shape[0])) for r in range(0, shape[0], rows_per_block)]
+
+
+def piece_reads(store: TensorStore, key: str, spans: list[tuple[int, int]] | None
+                ) -> list[tuple[int, Callable[[], torch.Tensor]]]:
+    """``(nbytes, read)`` for each piece ``quantize_stored`` consumes (the whole tensor, or its row blocks);
+    each read returns the piece checked finite. Sizes come first so a prefetcher can budget its reads."""
+    if spans is None:
+        return [(store.nbytes(key), lambda: finite(key, store[key]))]
+    row_bytes = store.nbytes(key) // max(1, store.shape(key)[0])
+    return [((b - a) * row_bytes, lambda a=a, b=b: finite(key, store.get_rows(key, a, b))) for a, b in spans]
+
+
+def quantize_stored(store: TensorStore, key: str, transposed: bool, method: str, cfg: Any,
+                    fn: Callable[..., Record], pieces: Iterator[torch.Tensor] | None = None) -> Record:
+    """Quantize ``store[key]``; a row-separable method reads it in row blocks, so the source tensor is never whole
+    in memory either (a 128k-row embedding: 1 GB of bf16 at 8B). ``pieces``: the results of :func:`piece_reads`
+    as a prefetching thread delivers them; by default they are read here."""
+    spans = read_spans(store, key, transposed, method, cfg)
+    if pieces is None:
+        pieces = (read() for _, read in piece_reads(store, key, spans))
+    if spans is None:
+        w = next(pieces)
         return quantize_tensor(w.t() if transposed else w, method, cfg, fn)
-    blocks = (fn(finite(key, store.get_rows(key, r, r + rows_per_block)).float(), cfg)
-              for r in range(0, shape[0], rows_per_block))
-    return _fill_rows(blocks, shape[0])
+    return _fill_rows((fn(next(pieces).float(), cfg) for _ in spans), store.shape(key)[0])
 
 
 def _layer_of(name: str, prefix: str) -> int | None:
@@ -215,22 +236,36 @@ def _layer_of(name: str, prefix: str) -> int | None:
 
 def iter_quantized(plan: StreamPlan, method: str, cfg: Any, progress: bool = False
                    ) -> Iterator[tuple[str, str, Any]]:
-    """``("record", module, Record)`` / ``("float", key, tensor)`` in checkpoint-module order, one at a time."""
+    """``("record", module, Record)`` / ``("float", key, tensor)`` in checkpoint-module order, one at a time.
+    The source tensors are read by a prefetching thread (:mod:`macq.prefetch`), up to ``PREFETCH_BYTES``
+    ahead, so disk reads overlap the quantization of the pieces before them."""
     from macq.quantizers import method_spec
 
     _, fn = method_spec(method).load()
     log = LayerLog(plan.n_layers, f"{method} (streamed)", enabled=progress)
-    for kind, name, src_key, transposed in plan.order:
-        layer = _layer_of(name, plan.layers_prefix)
-        if layer is not None:
-            log.layer(layer, "quantize")
-        if kind == "record":
-            mcfg = cfg.for_module(name) if hasattr(cfg, "for_module") else cfg  # per-module --override
-            rec = quantize_stored(plan.store, src_key, transposed, method, mcfg, fn)
-            rec.transposed = transposed
-            yield "record", name, rec
-        else:
-            yield "float", name, finite(src_key, plan.store[src_key])
+
+    def module_cfg(name: str) -> Any:
+        return cfg.for_module(name) if hasattr(cfg, "for_module") else cfg  # per-module --override
+
+    def reads() -> Iterator[tuple[int, Callable[[], torch.Tensor]]]:
+        for kind, name, src_key, transposed in plan.order:
+            spans = read_spans(plan.store, src_key, transposed, method, module_cfg(name)) if kind == "record" else None
+            yield from piece_reads(plan.store, src_key, spans)
+
+    pieces = prefetched(reads(), PREFETCH_BYTES)
+    try:
+        for kind, name, src_key, transposed in plan.order:
+            layer = _layer_of(name, plan.layers_prefix)
+            if layer is not None:
+                log.layer(layer, "quantize")
+            if kind == "record":
+                rec = quantize_stored(plan.store, src_key, transposed, method, module_cfg(name), fn, pieces)
+                rec.transposed = transposed
+                yield "record", name, rec
+            else:
+                yield "float", name, next(pieces)
+    finally:
+        pieces.close()    # stops the reader thread if the consumer stopped early (an error, an interrupt)
     log.done()
 
 

@@ -13,7 +13,11 @@ For each checkpoint, in the same minute and one after the other (never concurren
 
 each as a child process, measuring wall time, the child's CPU time (user + system: more than the wall time
 means more than one busy thread) and its peak RSS (``wait4`` rusage: the kernel's high-water mark of that
-process, nothing sampled). ``--repeats`` alternates the order. It then compares the
+process, nothing sampled). ``--repeats`` alternates the order. ``--cache`` sets the page-cache state of the
+checkpoint before *each* child, so that the order cannot favour either tool: ``cold`` evicts its files
+(``posix_fadvise(DONTNEED)``: the case of a checkpoint not read recently, and of one larger than the free memory),
+``warm`` reads them once (just read), ``as-is`` leaves whatever the previous child left. Every child starts after
+a ``sync``, so neither pays for the other's write-back. It then compares the
 two outputs tensor by tensor (how many are byte-identical) and optionally loads macq's export in
 ``mlx_lm.load`` and generates a few tokens. Numbers are only meaningful as ratios measured in the same run: the
 machine is shared.
@@ -46,6 +50,27 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({rc}); see {log}:\n{log.read_text()[-2000:]}")
     return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
             "peak_rss_gib": round(ru.ru_maxrss / 2**20, 3)}
+
+
+def set_cache(ck: Path, state: str) -> None:
+    """Put the checkpoint's files in the page-cache ``state`` (see the module docstring); Linux only."""
+    os.sync()
+    if state == "as-is":
+        return
+    for f in sorted(ck.iterdir()):
+        if not f.is_file():
+            continue
+        if state == "cold":
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        else:
+            with open(f, "rb", buffering=0) as fh:
+                buf = bytearray(1 << 24)
+                while fh.readinto(buf):
+                    pass
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -101,6 +126,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP_NUM_THREADS for both children (torch ops; MLX's CPU ops run on their own pool)")
     ap.add_argument("--skip-mlx", action="store_true")
+    ap.add_argument("--cache", choices=["as-is", "cold", "warm"], default="as-is",
+                    help="page-cache state of the checkpoint before each child (cold/warm: Linux)")
     ap.add_argument("--generate-only", type=Path, default=None, help="just load this MLX dir and generate")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
@@ -131,13 +158,15 @@ def main() -> None:
                 if name == "mlx_lm" and a.skip_mlx:
                     continue
                 shutil.rmtree(out, ignore_errors=True)
-                print(f"[{time.strftime('%H:%M:%S')}] {ck.name} {name} ...", file=sys.stderr, flush=True)
+                set_cache(ck, a.cache)
+                print(f"[{time.strftime('%H:%M:%S')}] {ck.name} {name} ({a.cache}) ...", file=sys.stderr, flush=True)
                 res[name] = run_measured(cmd, env, a.out / f"{ck.name}-{name}.log")
                 res[name]["out_bytes"] = dir_bytes(out)
                 print(f"  {res[name]}", file=sys.stderr, flush=True)
             row = {"checkpoint": ck.name, "source_gib": round(src_bytes / 2**30, 2), "repeat": rep, **{
                 f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}}
             row["free_gib_before"], row["load_before"] = free_gib, [round(x, 1) for x in os.getloadavg()]
+            row["cache"] = a.cache
             if "mlx_lm" in res:
                 row["rss_ratio"] = round(res["macq"]["peak_rss_gib"] / res["mlx_lm"]["peak_rss_gib"], 3)
                 row["wall_ratio"] = round(res["macq"]["wall_s"] / res["mlx_lm"]["wall_s"], 3)
