@@ -1,6 +1,7 @@
 """Write a random-weight Hugging Face checkpoint with the exact shape of a public model (no download).
 
     python scripts/make_shapes.py llama-3.2-1b /work/scratch/scale/llama-3.2-1b
+    python scripts/make_shapes.py llama-3.2-3b /work/scratch/scale/llama-3.2-3b-4l --layers 4   # 3B widths, 4 layers
     python scripts/make_shapes.py --list
 
 Quality numbers on these checkpoints mean nothing; cost numbers (time, memory, size) do. The configs are the
@@ -9,6 +10,9 @@ scaling, tying). Tensors are bf16, N(0, 0.02) for matrices and 1 for norm weight
 5 GB shards with an index (the tensor names and shapes come from transformers' own model class built on the meta
 device), so writing an 8B checkpoint needs about one embedding's worth of RAM. The tokenizer is the default
 model's (SmolLM2, vocab 49152): token ids above that decode to nothing, which is fine for cost measurements.
+``--layers N`` keeps every width and only cuts the depth: a calibrated method's per-layer time and peak memory
+are the full model's (every decoder layer has the same shapes), at a fraction of the run; totals extrapolate
+linearly in the number of layers.
 """
 
 from __future__ import annotations
@@ -54,10 +58,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 ROW_BLOCK = 1 << 22
 
 
-def make_config(name: str):
+def make_config(name: str, layers: int | None = None):
     from transformers import AutoConfig
 
     d = dict(SHAPES[name])
+    if layers is not None:
+        d["num_hidden_layers"] = layers
+        if "max_window_layers" in d:
+            d["max_window_layers"] = layers
     model_type = d.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **d)
     cfg.dtype = torch.bfloat16
@@ -86,12 +94,13 @@ def _public_rope_keys(path: Path, shape: dict) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def write_shape(name: str, out: Path, tokenizer_dir: Path | None, seed: int = 0, force: bool = False) -> Path:
+def write_shape(name: str, out: Path, tokenizer_dir: Path | None, seed: int = 0, force: bool = False,
+                layers: int | None = None) -> Path:
     from transformers import AutoModelForCausalLM
 
     if out.exists() and not force:
         raise SystemExit(f"error: {out} exists (pass --force)")
-    cfg = make_config(name)
+    cfg = make_config(name, layers)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(cfg)
     keys = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -111,7 +120,7 @@ def write_shape(name: str, out: Path, tokenizer_dir: Path | None, seed: int = 0,
                 if (tokenizer_dir / f).is_file():
                     shutil.copy2(tokenizer_dir / f, tmp / f)
     n = sum(int(torch.tensor(s).prod()) for s in keys.values())
-    print(json.dumps({"shape": name, "path": str(out), "parameters": n,
+    print(json.dumps({"shape": name, "layers": cfg.num_hidden_layers, "path": str(out), "parameters": n,
                       "bytes": sum(f.stat().st_size for f in out.iterdir()), "seconds": round(time.time() - t0, 1)}))
     return out
 
@@ -123,8 +132,11 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the known shapes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="keep the widths, cut the depth to N decoder layers")
     ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the default model's)")
     a = ap.parse_args()
+    if a.layers is not None and a.layers < 1:
+        raise SystemExit(f"error: --layers: expected a positive number of decoder layers, got {a.layers}")
     if a.list or a.shape is None or a.out is None:
         print("\n".join(sorted(SHAPES)))
         return
@@ -134,7 +146,7 @@ def main() -> None:
 
         tok = prepare_default_model()
     torch.set_num_threads(1)
-    write_shape(a.shape, a.out, tok, a.seed, a.force)
+    write_shape(a.shape, a.out, tok, a.seed, a.force, a.layers)
 
 
 if __name__ == "__main__":
