@@ -325,7 +325,6 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
     """Quantize (or read a macq quantization dir) and export for Core ML or MLX, never re-quantizing."""
     from macq.atomic import check_output
     from macq.evaluate import artifact_kind
-    from macq.exporting import export_any
     from macq.options import given_method_options
     from macq.preflight import check_target, model_config
 
@@ -368,15 +367,40 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
         method_name, cfg, calib_full, notes = "rtn", None, {k: CALIB_DEFAULTS[k] for k in calib}, []
     else:
         method_name, cfg, calib_full, config, notes = _plan(model, method, target, mopts, calib, trust_remote_code)
-        for k in ("max_memory", "act_dtype"):  # the streamed calibrated engine is quantize's, not export's
-            if mopts.get(k) is not None:
-                raise MacqError(f"--{k.replace('_', '-')} applies to macq quantize --stream (then export the result)")
     if context is None:  # 512, or the model's own maximum if smaller
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
         tgt["context"] = min(512, max_pos)
     check_target(target, method_name, cfg, config, output=output, dtype=tgt["dtype"], context=tgt["context"],
                  requantize_lut=tgt["requantize_lut"], allow_fallback=tgt["allow_fallback"],
                  chunked=target == "coreml" and graph == "ane" and (chunks or max_chunk_mb) is not None)
+    from macq.quantizers import method_spec
+    from macq.streaming import use_streaming
+
+    # a calibrated method that streams (or, asked with --stream, any method for Core ML) on a local checkpoint:
+    # streamed quantization into a temporary dir, then the export of its records
+    compose = kind != "macq" and (bool(method_spec(method_name).stream) or (target == "coreml" and bool(stream)))
+    src = use_streaming(model, method_name, stream) if compose else None
+    if src is not None:
+        _export_via_stream(src, model, target, output, method_name, cfg, calib_full, tgt, graph, prefill_len,
+                           chunks, max_chunk_mb, force, trust_remote_code, as_json, notes)
+        return
+    if kind != "macq":
+        for k in ("max_memory", "act_dtype"):
+            if mopts.get(k) is not None:
+                raise MacqError(f"--{k.replace('_', '-')} applies to the streamed path (a local safetensors checkpoint, "
+                                "a method that streams, without --no-stream)")
+    _write_export(model, target, output, method_name, cfg, calib_full, tgt, graph, prefill_len, chunks, max_chunk_mb,
+                  force, trust_remote_code, stream, as_json, notes)
+
+
+def _write_export(model: str | None, target: str, output: Path, method_name: str, cfg: Any, calib_full: dict[str, Any],
+                  tgt: dict[str, Any], graph: str, prefill_len: int | None, chunks: int | None, max_chunk_mb: float | None,
+                  force: bool, trust_remote_code: bool, stream: bool | None, as_json: bool, notes: list[str],
+                  extra: dict[str, Any] | None = None) -> None:
+    """The export itself, once every option is checked: MLX streamed where it applies, else ``export_any``.
+    ``extra``: fields merged into the result (a streamed quantization's summary)."""
+    from macq.exporting import export_any
+
     if target == "coreml" and stream:
         raise MacqError("--stream: the Core ML export traces the whole model; streaming covers --target mlx")
     if target == "mlx" and stream is not False:
@@ -387,7 +411,7 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
                                    trust_remote_code=trust_remote_code)
         if streamed is not None:
             streamed[0]["notes"] = notes + list(streamed[0].get("notes") or [])
-            _emit(streamed[0], as_json, "\n".join([streamed[1], *_notes(notes)]))
+            _emit({**streamed[0], **(extra or {})}, as_json, "\n".join([streamed[1], *_notes(notes)]))
             return
     result, md = export_any(model, target, output, method_name, cfg, calib_dataset=calib_full["calib_dataset"],
                             n_calib=calib_full["n_calib"], seq_len=calib_full["seq_len"], seed=calib_full["seed"],
@@ -397,7 +421,40 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
                             progress=not as_json, graph=graph, prefill_len=prefill_len, chunks=chunks,
                             max_chunk_mb=max_chunk_mb)
     result["notes"] = notes + list(result.get("notes") or [])
-    _emit(result, as_json, "\n".join([md, *_notes(notes)]))
+    _emit({**result, **(extra or {})}, as_json, "\n".join([md, *_notes(notes)]))
+
+
+def _export_via_stream(src: Path, model: str | None, target: str, output: Path, method_name: str, cfg: Any,
+                       calib_full: dict[str, Any], tgt: dict[str, Any], graph: str, prefill_len: int | None,
+                       chunks: int | None, max_chunk_mb: float | None, force: bool, trust_remote_code: bool,
+                       as_json: bool, notes: list[str]) -> None:
+    """``macq quantize --stream`` into a temporary quantization dir beside the output, then the export of that dir
+    (records written as they are), then the dir removed: the two-step recipe as one command, so a calibrated
+    export of an 8B checkpoint holds one decoder layer (quantization) and one chunk or tensor (export) at a time."""
+    import shutil
+    import tempfile
+
+    from macq.pipeline import stream_calibrated
+    from macq.quantizers import method_spec
+    from macq.streaming import stream_quantize
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.quant-", dir=output.parent))
+    try:
+        if method_spec(method_name).stream:
+            summary = stream_calibrated(src, tmp / "q", method_name, cfg, calib_full["calib_dataset"],
+                                        calib_full["n_calib"], calib_full["seq_len"], calib_full["seed"],
+                                        source=model or "default", progress=not as_json,
+                                        trust_remote_code=trust_remote_code)
+        else:
+            summary = stream_quantize(src, tmp / "q", method_name, cfg, source=model or "default",
+                                      progress=not as_json, trust_remote_code=trust_remote_code)
+        notes = [*notes, f"quantized streamed ({method_name}), then exported from its records"]
+        _write_export(str(tmp / "q"), target, output, "rtn", None, calib_full, tgt, graph, prefill_len, chunks,
+                      max_chunk_mb, force, trust_remote_code, None, as_json, notes,
+                      extra={"method": method_name, "quantization": summary})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @app.command()
