@@ -109,7 +109,10 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torc
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hi = torch.cholesky_inverse(L)
+            del L                            # at most three n×n matrices alive here, the input H included
+            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
+            del Hi
             if info.item() == 0 and torch.isfinite(U).all():
                 return U.to(device), damp
         damp *= 10
@@ -137,10 +140,10 @@ def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device) -> P
     n = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H0 = H.clone()
+    H0 = H                          # the Cholesky below copies before damping, so H0 stays H's values
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n, device=device)
     if cfg.act_order:               # the identity permutation would copy H twice for nothing
-        H = H[perm][:, perm]
+        H = H[perm][:, perm]        # (a new tensor: H0 keeps the original order)
     with stage("cholesky"):
         Hinv, damp = inverse_hessian_cholesky(H, cfg.damp_percent)
     return PreparedHessian(H0, dead, perm, Hinv, damp)
