@@ -177,12 +177,13 @@ def quantize(model: str | None, output: Path, method: str | None, target: str | 
     if target in TARGETS:
         check_target(target, method, cfg, config)
     from macq.quantizers import method_spec
-    from macq.streaming import stream_quantize, use_streaming
+    from macq.streaming import stream_quantize, stream_refusal, use_streaming
 
-    src = use_streaming(model, method, stream)
+    src = use_streaming(model, method, stream, cfg=cfg)
     if src is None and (mopts.get("max_memory") is not None or mopts.get("act_dtype") is not None):
         flag = "--max-memory" if mopts.get("max_memory") is not None else "--act-dtype"
-        raise MacqError(f"{flag} applies to the streamed path (a local safetensors checkpoint, without --no-stream)")
+        why = stream_refusal(cfg) or "a local safetensors checkpoint, without --no-stream"
+        raise MacqError(f"{flag} applies to the streamed path ({why})")
     if src is not None and method_spec(method).stream:  # calibrated: one decoder layer in memory at a time
         from macq.pipeline import stream_calibrated
 

@@ -57,7 +57,13 @@ CASES = [
     ("qwen2", "awq", dict(bits=4, group_size=32, include_embeddings=True)),
     ("llama-bf16", "awq", dict(bits=3, group_size=32)),
     ("llama", "awq-gptq", dict(bits=4, group_size=32)),
+    ("llama", "kmeans-cal", dict(bits=3, group_size=8, sensitivity="hessian", include_embeddings=True)),
+    ("qwen2", "kmeans-cal", dict(bits=4, sensitivity="hessian", refit_rounds=1, include_lm_head=True)),
+    ("gpt2", "kmeans-cal", dict(bits=2, group_size=1, sensitivity="hessian", error_feedback=False)),
 ]
+# the stages each method marks (macq.progress.stage), in the streamed summary's timings
+STAGES = {"gptq": {"column_loop_s", "cholesky_s"}, "awq": {"search_s", "round_s"}, "awq-gptq": {"search_s", "round_s"},
+          "kmeans-cal": {"hessian_s", "palettize_s"}}
 
 
 @pytest.mark.parametrize("arch,method,opts", CASES, ids=[f"{a}-{m}" for a, m, _ in CASES])
@@ -83,11 +89,13 @@ def test_streamed_records_equal_in_memory_fp32(ckpts, tmp_path, arch, method, op
     x = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         assert torch.equal(ref.to_torch()(x).logits, got.to_torch()(x).logits)
-    if method == "awq":   # the folded norms are in the output (not the checkpoint's values)
-        assert got.method["stats"]["scales"] == ref.method["stats"]["scales"]
+    if "stats" in ref.method:   # AWQ's scales / kmeans-cal's per-linear output errors: the same numbers
+        assert got.method["stats"] == ref.method["stats"]
+    assert {k: v for k, v in got.method.items() if k not in ("streamed", "stats")} == \
+        {k: v for k, v in ref.method.items() if k not in ("stats", "calibration")}   # (calibration: the CLI's)
     t = summary["timings"]
     assert t["io_s"] > 0 and t["forward_s"] > 0 and t["total_s"] >= sum(v for k, v in t.items() if k != "total_s") * 0.99
-    assert ("column_loop_s" in t and "cholesky_s" in t) if method == "gptq" else ("search_s" in t and "round_s" in t)
+    assert STAGES[method] <= set(t)
 
 
 def test_bf16_checkpoint_awq_folds_into_float32_norms(ckpts, tmp_path):
@@ -238,6 +246,41 @@ def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path):
     assert "streamed, calibrated" in r.stdout
 
 
+def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path):
+    """--sensitivity hessian streams by default (records = --no-stream's); the default Fisher sensitivity needs
+    the whole model, so without --stream it runs in memory."""
+    src = ckpts["qwen2"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "kmeans-cal",
+           "--bits", "3", "--refit-rounds", "1")
+    r = _cli("quantize", src, *cal, "--sensitivity", "hessian", "-o", tmp_path / "s", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
+    assert {"hessian_s", "palettize_s", "forward_s", "io_s", "total_s"} <= set(res["timings"])
+    r = _cli("quantize", src, *cal, "--sensitivity", "hessian", "--no-stream", "-o", tmp_path / "m", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "streamed" not in json.loads(r.stdout)
+    assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "f", "--json")           # fisher: in memory
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert "streamed" not in res and res["method"]["sensitivity"] == "fisher"
+
+
+def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeypatch):
+    def no_read(self, key):
+        raise AssertionError(f"read {key}")
+
+    monkeypatch.setattr(TensorStore, "__getitem__", no_read)
+    cfg = config_for("kmeans-cal", dict(group_size=5, sensitivity="hessian"))
+    with pytest.raises(MacqError, match="--group-size 5 does not divide the output dim"):
+        stream_calibrate(ckpts["llama"], tmp_path / "q", "kmeans-cal", cfg, _ids(ckpts["llama"]))
+    cfg = config_for("kmeans-cal", dict(group_size=8))
+    with pytest.raises(MacqError, match="--stream: kmeans-cal --sensitivity fisher"):
+        stream_calibrate(ckpts["llama"], tmp_path / "q", "kmeans-cal", cfg, _ids(ckpts["llama"]))
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("args,msg", [
     (("--method", "gptq", "--max-memory", "4 XB"), "error: --max-memory '4 XB': expected a size"),
     (("--method", "awq", "--act-dtype", "int8"), "error: --act-dtype int8: expected one of"),
@@ -245,6 +288,12 @@ def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path):
     (("--method", "gptq", "--max-memory", "1GiB", "--no-stream"), "error: --max-memory applies to the streamed path"),
     (("--method", "rtn", "--max-memory", "1GiB"), "error: --max-memory does not apply to --method rtn"),
     (("--method", "smoothquant", "--stream"), "error: --stream: --method smoothquant runs on the in-memory path"),
+    (("--method", "kmeans-cal", "--stream"), "error: --stream: kmeans-cal --sensitivity fisher (its default"),
+    (("--method", "kmeans-cal", "--max-memory", "1GiB"),
+     "error: --max-memory applies to the streamed path (kmeans-cal --sensitivity fisher"),
+    (("--method", "kmeans-cal", "--sensitivity", "fisher", "--weighted-heads", "--include-embeddings", "--stream"),
+     "error: --stream: kmeans-cal --sensitivity fisher (its default; also the --weighted-heads heads) needs gradients "
+     "through the whole model; pass --sensitivity hessian to stream, or --no-stream"),
 ] + ([(("--method", "gptq", "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")]
      if not torch.cuda.is_available() else []))
 def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, capsys, args, msg):

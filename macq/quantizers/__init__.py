@@ -29,6 +29,9 @@ class MethodSpec:
     activations: bool = False  # also quantizes activations (act_quant hooks), which weight-only targets cannot hold
     heads: bool = False  # model method for decoder linears; embedding / lm_head (when asked) get head_records()
     stream: str = ""     # per-layer step (``layer_quantizer(model, cfg, device) -> LayerJob``) for the streaming engine
+    # the method calls head_records() itself in memory (not ``heads``, which the registry applies before the
+    # method runs): the streaming engine quantizes the embedding / lm_head the same way for it
+    stream_heads: bool = False
 
     def load(self) -> tuple[type, Callable[..., Any]]:
         mod = importlib.import_module(f"macq.quantizers.{self.module}")
@@ -57,9 +60,11 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
     # learned and kmeans-cal quantize their own embedding / head: learned's logits stage needs the float head first
-    # and tunes it; kmeans-cal's Fisher-weighted k-means of the heads needs the float model's sensitivities
+    # and tunes it; kmeans-cal's Fisher-weighted k-means of the heads needs the float model's sensitivities. Streamed
+    # (without those whole-model stages: their configs' stream_refusal) the engine gives them head_records().
     MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True),
-    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut"),
+    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut",
+               stream="layer_quantizer", stream_heads=True),
 )}
 
 

@@ -44,7 +44,7 @@ from macq.qmodel import FORMAT_VERSION, SHARD_BYTES, write_records
 from macq.quantizers.activations import ACT_DTYPES, ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs
 from macq.shards import ShardWriter, TensorStore
-from macq.streaming import copy_tokenizer, finite, plan_stream, quantize_stored
+from macq.streaming import copy_tokenizer, finite, plan_stream, quantize_stored, stream_refusal
 
 TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
                "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
@@ -135,6 +135,9 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
         raise MacqError(f"--method {method}: has no streaming calibrated path")
     cls, _ = spec.load()
     check_model_inputs(method, cfg, cls, calib_ids)
+    reason = stream_refusal(cfg)
+    if reason:
+        raise MacqError(f"--stream: {reason}")
     out = Path(out)
     if out.exists() and not force:
         raise MacqError(f"output: {out} exists (pass --force to overwrite)")
@@ -147,7 +150,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
     job = spec.layer_quantizer()(model, cfg, device)
     device = job.device            # where the method computes (AWQ: the CPU)
     heads = {n for n in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head)
-             if not n.startswith(plan.layers_prefix)} if spec.heads else set()
+             if not n.startswith(plan.layers_prefix)} if spec.heads or spec.stream_heads else set()
     hname, hcfg, hfn = head_quantizer(cfg) if heads else ("", None, None)
     act_dtype = ACT_DTYPES[cfg.act_dtype]
     budget = Budget(cfg.max_memory_bytes, out.parent, f".{out.name}.acts-")
