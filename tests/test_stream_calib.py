@@ -60,10 +60,14 @@ CASES = [
     ("llama", "kmeans-cal", dict(bits=3, group_size=8, sensitivity="hessian", include_embeddings=True)),
     ("qwen2", "kmeans-cal", dict(bits=4, sensitivity="hessian", refit_rounds=1, include_lm_head=True)),
     ("gpt2", "kmeans-cal", dict(bits=2, group_size=1, sensitivity="hessian", error_feedback=False)),
+    ("llama", "learned", dict(bits=3, group_size=32, kl_steps=0, steps=4, eval_every=2, include_embeddings=True)),
+    ("qwen2", "learned", dict(bits=4, group_size=16, kl_steps=0, init="rtn", steps=3, include_lm_head=True)),
+    ("gpt2", "learned", dict(bits=4, group_size=32, kl_steps=0, steps=2)),
+    ("llama-bf16", "learned", dict(bits=3, group_size=32, kl_steps=0)),
 ]
 # the stages each method marks (macq.progress.stage), in the streamed summary's timings
 STAGES = {"gptq": {"column_loop_s", "cholesky_s"}, "awq": {"search_s", "round_s"}, "awq-gptq": {"search_s", "round_s"},
-          "kmeans-cal": {"hessian_s", "palettize_s"}}
+          "kmeans-cal": {"hessian_s", "palettize_s"}, "learned": {"target_s", "search_s", "tune_s"}}
 
 
 @pytest.mark.parametrize("arch,method,opts", CASES, ids=[f"{a}-{m}" for a, m, _ in CASES])
@@ -153,6 +157,23 @@ def test_spill_beyond_max_memory_gives_identical_records(ckpts, tmp_path, monkey
     assert not spill_dirs[0].exists()                                  # ... and removed at the end
     assert_same_records(QuantizedModel.load(tmp_path / "a"), QuantizedModel.load(tmp_path / "b"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_learned_float_stream_spills_with_the_budget(ckpts, tmp_path):
+    """learned carries the float model's activations next to the quantized ones; under --max-memory 0 every batch
+    of both spills (AWQ, one stream: the first layer's inputs and one layer's outputs; learned also the float
+    layer's outputs), and the records stay those of the unlimited run."""
+    src, ids = ckpts["llama"], _ids(ckpts["llama"])
+    base = dict(bits=3, group_size=32, batch_size=2, kl_steps=0, steps=2)
+    a = stream_calibrate(src, tmp_path / "a", "learned", config_for("learned", base), ids)
+    b = stream_calibrate(src, tmp_path / "b", "learned", config_for("learned", dict(base, max_memory="0")), ids)
+    c = stream_calibrate(src, tmp_path / "c", "awq", config_for("awq", dict(bits=3, group_size=32, batch_size=2,
+                                                                              max_memory="0")), ids)
+    assert a["activations"]["spilled_batches"] == 0
+    assert c["activations"]["spilled_batches"] == 2 * 4                  # 8 sequences in batches of 2, 2 layers
+    assert b["activations"]["spilled_batches"] == 3 * 4 and b["activations"]["peak_in_memory_bytes"] == 0
+    assert_same_records(QuantizedModel.load(tmp_path / "a"), QuantizedModel.load(tmp_path / "b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
 def test_interrupt_leaves_nothing(ckpts, tmp_path, monkeypatch):
@@ -267,6 +288,21 @@ def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path):
     assert "streamed" not in res and res["method"]["sensitivity"] == "fisher"
 
 
+def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path):
+    src = ckpts["llama"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "learned",
+           "--group-size", "32", "--kl-steps", "0", "--steps", "2")
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
+    assert {"target_s", "hessian_s", "search_s", "tune_s", "forward_s", "io_s"} <= set(res["timings"])
+    assert set(res["method"]["stats"]["layers"]) == {"model.layers.0", "model.layers.1"}
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
+
+
 def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeypatch):
     def no_read(self, key):
         raise AssertionError(f"read {key}")
@@ -289,6 +325,8 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     (("--method", "rtn", "--max-memory", "1GiB"), "error: --max-memory does not apply to --method rtn"),
     (("--method", "smoothquant", "--stream"), "error: --stream: --method smoothquant runs on the in-memory path"),
     (("--method", "kmeans-cal", "--stream"), "error: --stream: kmeans-cal --sensitivity fisher (its default"),
+    (("--method", "learned", "--stream"), "error: --stream: learned --kl-steps 40 (default 40) tunes every record "
+     "against the whole model's logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream"),
     (("--method", "kmeans-cal", "--max-memory", "1GiB"),
      "error: --max-memory applies to the streamed path (kmeans-cal --sensitivity fisher"),
     (("--method", "kmeans-cal", "--sensitivity", "fisher", "--weighted-heads", "--include-embeddings", "--stream"),

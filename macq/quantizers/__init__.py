@@ -62,7 +62,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     # learned and kmeans-cal quantize their own embedding / head: learned's logits stage needs the float head first
     # and tunes it; kmeans-cal's Fisher-weighted k-means of the heads needs the float model's sensitivities. Streamed
     # (without those whole-model stages: their configs' stream_refusal) the engine gives them head_records().
-    MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True),
+    MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True, stream="layer_quantizer",
+               stream_heads=True),
     MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut",
                stream="layer_quantizer", stream_heads=True),
 )}
