@@ -98,7 +98,8 @@ def use_streaming(model: str | None, method: str, flag: bool | None, calibrated:
                         f"macq quantize MODEL --method {method} --stream -o Q, then macq export Q")
     if flag and not spec.streams:
         covered = ", ".join(n for n, s in METHODS.items() if s.streams)
-        raise MacqError(f"--stream: --method {method} runs on the in-memory path only; streaming covers {covered}")
+        why = f" ({spec.whole_model})" if spec.whole_model else ""
+        raise MacqError(f"--stream: --method {method} runs on the in-memory path only{why}; streaming covers {covered}")
     reason = stream_refusal(cfg) if spec.kind != "weight" and calibrated else ""
     if flag and reason:
         raise MacqError(f"--stream: {reason}")

@@ -64,10 +64,15 @@ CASES = [
     ("qwen2", "learned", dict(bits=4, group_size=16, kl_steps=0, init="rtn", steps=3, include_lm_head=True)),
     ("gpt2", "learned", dict(bits=4, group_size=32, kl_steps=0, steps=2)),
     ("llama-bf16", "learned", dict(bits=3, group_size=32, kl_steps=0)),
+    ("llama", "smoothquant", dict()),
+    ("qwen2", "smoothquant", dict(act_mode="per_tensor_static", alpha=0.7, weight_bits=6)),
+    ("gpt2", "smoothquant", dict(act_bits=6)),
+    ("llama-bf16", "smoothquant", dict(act_mode="per_tensor_static")),
 ]
 # the stages each method marks (macq.progress.stage), in the streamed summary's timings
 STAGES = {"gptq": {"column_loop_s", "cholesky_s"}, "awq": {"search_s", "round_s"}, "awq-gptq": {"search_s", "round_s"},
-          "kmeans-cal": {"hessian_s", "palettize_s"}, "learned": {"target_s", "search_s", "tune_s"}}
+          "kmeans-cal": {"hessian_s", "palettize_s"}, "learned": {"target_s", "search_s", "tune_s"},
+          "smoothquant": {"stats_s", "round_s"}}
 
 
 @pytest.mark.parametrize("arch,method,opts", CASES, ids=[f"{a}-{m}" for a, m, _ in CASES])
@@ -79,7 +84,7 @@ def test_streamed_records_equal_in_memory_fp32(ckpts, tmp_path, arch, method, op
     summary = stream_calibrate(ckpts[arch], out, method, cfg, _ids(ckpts[arch]), shard_bytes=20_000)
     got = QuantizedModel.load(out)
     assert_same_records(ref, got)
-    assert got.tied == ref.tied
+    assert got.tied == ref.tied and got.act_quant == ref.act_quant
     assert set(got.float_tensors) == set(ref.float_tensors)
     store = TensorStore.open(ckpts[arch])
     for k, t in ref.float_tensors.items():   # same values; the checkpoint's dtype where it holds them exactly
@@ -303,6 +308,28 @@ def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path):
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
 
 
+def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path):
+    """The streamed W8A8 result carries the same act-quant metadata as the in-memory one (a model that runs
+    with fake-quantized inputs gives the same logits)."""
+    src = ckpts["llama"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "smoothquant",
+           "--act-mode", "per_tensor_static")
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
+    assert {"stats_s", "round_s", "forward_s", "io_s"} <= set(res["timings"])
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    s, m = QuantizedModel.load(tmp_path / "s"), QuantizedModel.load(tmp_path / "m")
+    assert_same_records(m, s)
+    assert s.act_quant == m.act_quant and len(s.act_quant) == 14
+    assert all(a["mode"] == "per_tensor_static" and a["scale"] > 0 for a in s.act_quant.values())
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(s.to_torch()(x).logits, m.to_torch()(x).logits)
+
+
 def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeypatch):
     def no_read(self, key):
         raise AssertionError(f"read {key}")
@@ -323,7 +350,9 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     (("--method", "gptq", "--device", "warp"), "error: --device warp: expected cpu, cuda"),
     (("--method", "gptq", "--max-memory", "1GiB", "--no-stream"), "error: --max-memory applies to the streamed path"),
     (("--method", "rtn", "--max-memory", "1GiB"), "error: --max-memory does not apply to --method rtn"),
-    (("--method", "smoothquant", "--stream"), "error: --stream: --method smoothquant runs on the in-memory path"),
+    (("--method", "dkm", "--stream"), "error: --stream: --method dkm runs on the in-memory path only (it trains every "
+     "layer's clustering end to end through the whole model); streaming covers rtn, nf4, fp4, kmeans, uniform, gptq, "
+     "awq, awq-gptq, smoothquant, learned, kmeans-cal"),
     (("--method", "kmeans-cal", "--stream"), "error: --stream: kmeans-cal --sensitivity fisher (its default"),
     (("--method", "learned", "--stream"), "error: --stream: learned --kl-steps 40 (default 40) tunes every record "
      "against the whole model's logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream"),

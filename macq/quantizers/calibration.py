@@ -125,7 +125,8 @@ class LayerJob:
     """A calibrated method's per-layer step, as both drivers (:func:`layerwise`, in memory, and the streaming
     engine :mod:`macq.quantizers.stream_calib`) call it: ``fn`` quantizes one decoder layer in place and adds
     its records (by full module path) to ``records``; ``stats`` is the method's per-module diagnostics,
-    stored in the manifest's ``method["stats"]`` when ``stats_in_manifest``."""
+    stored in the manifest's ``method["stats"]`` when ``stats_in_manifest``; ``act_quant`` the input
+    quantization of each linear (W8A8 methods: the manifest's ``act_quant``)."""
 
     fn: LayerFn
     records: dict[str, Any]
@@ -133,6 +134,7 @@ class LayerJob:
     device: torch.device
     batch_size: int
     stats_in_manifest: bool = False
+    act_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size: int = 8,

@@ -242,7 +242,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             if calibration:
                 mdict["calibration"] = calibration
             manifest = {"format": "macq", "version": FORMAT_VERSION, "source": source or str(src), "method": mdict,
-                        "bits_per_weight": bpw, "tied": plan.tied, "act_quant": {}, "records": metas}
+                        "bits_per_weight": bpw, "tied": plan.tied, "act_quant": job.act_quant, "records": metas}
             plan.config.save_pretrained(tmp)
             copy_tokenizer(plan.src, tmp)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
