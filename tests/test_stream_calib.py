@@ -68,14 +68,18 @@ CASES = [
     ("qwen2", "smoothquant", dict(act_mode="per_tensor_static", alpha=0.7, weight_bits=6)),
     ("gpt2", "smoothquant", dict(act_bits=6)),
     ("llama-bf16", "smoothquant", dict(act_mode="per_tensor_static")),
+    ("llama", "mixed", dict(target_bpw=3.5, sensitivity="proxy")),
+    ("qwen2", "mixed", dict(target_bpw=3.3, sensitivity="proxy", base_method="gptq", granularity="layer")),
+    ("gpt2", "mixed", dict(target_bpw=4.2, sensitivity="proxy", target="coreml", base_method="gptq")),
+    ("llama", "mixed", dict(recipe="q3_k_m-like", base_method="gptq")),
 ]
 # the stages each method marks (macq.progress.stage), in the streamed summary's timings
 STAGES = {"gptq": {"column_loop_s", "cholesky_s"}, "awq": {"search_s", "round_s"}, "awq-gptq": {"search_s", "round_s"},
           "kmeans-cal": {"hessian_s", "palettize_s"}, "learned": {"target_s", "search_s", "tune_s"},
-          "smoothquant": {"stats_s", "round_s"}}
+          "smoothquant": {"stats_s", "round_s"}, "mixed": {"round_s"}}
 
 
-@pytest.mark.parametrize("arch,method,opts", CASES, ids=[f"{a}-{m}" for a, m, _ in CASES])
+@pytest.mark.parametrize("arch,method,opts", CASES, ids=[f"{a}-{m}-{i}" for i, (a, m, _) in enumerate(CASES)])
 def test_streamed_records_equal_in_memory_fp32(ckpts, tmp_path, arch, method, opts):
     extra = dict(n_calib=CAL["n_calib"], seq_len=CAL["seq_len"]) if method == "gptq" else {}
     cfg = config_for(method, dict(opts, batch_size=3, act_dtype="float32", **extra))  # 8 = 3+3+2: uneven batches
@@ -102,6 +106,9 @@ def test_streamed_records_equal_in_memory_fp32(ckpts, tmp_path, arch, method, op
         assert got.method["stats"] == ref.method["stats"]
     assert {k: v for k, v in got.method.items() if k not in ("streamed", "stats")} == \
         {k: v for k, v in ref.method.items() if k not in ("stats", "calibration")}   # (calibration: the CLI's)
+    if "allocation" in ref.method:   # mixed: a real mixture, decided from the streamed first pass
+        assert len(set(got.method["allocation"].values())) > 1
+        assert ("sensitivity_s" in summary["timings"]) == (opts.get("recipe") is None)
     t = summary["timings"]
     assert t["io_s"] > 0 and t["forward_s"] > 0 and t["total_s"] >= sum(v for k, v in t.items() if k != "total_s") * 0.99
     assert STAGES[method] <= set(t)
@@ -330,6 +337,22 @@ def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path):
         assert torch.equal(s.to_torch()(x).logits, m.to_torch()(x).logits)
 
 
+def test_cli_mixed_streams_in_two_passes(ckpts, tmp_path):
+    src = ckpts["llama"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "mixed",
+           "--target-bpw", "3.5", "--sensitivity", "proxy", "--base-method", "gptq")
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    first = [ln for ln in r.stderr.splitlines() if ln.startswith("mixed (streamed, first pass) layer:")]
+    second = [ln for ln in r.stderr.splitlines() if ln.startswith("mixed (streamed) layer:")]
+    assert len(first) == 2 and len(second) == 2 and "sensitivity" in first[0], r.stderr
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    s, m = QuantizedModel.load(tmp_path / "s"), QuantizedModel.load(tmp_path / "m")
+    assert_same_records(m, s)
+    assert s.method["allocation"] == m.method["allocation"] and s.method["achieved_bpw"] == m.method["achieved_bpw"]
+
+
 def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeypatch):
     def no_read(self, key):
         raise AssertionError(f"read {key}")
@@ -352,10 +375,16 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     (("--method", "rtn", "--max-memory", "1GiB"), "error: --max-memory does not apply to --method rtn"),
     (("--method", "dkm", "--stream"), "error: --stream: --method dkm runs on the in-memory path only (it trains every "
      "layer's clustering end to end through the whole model); streaming covers rtn, nf4, fp4, kmeans, uniform, gptq, "
-     "awq, awq-gptq, smoothquant, learned, kmeans-cal"),
+     "awq, awq-gptq, smoothquant, mixed, learned, kmeans-cal"),
     (("--method", "kmeans-cal", "--stream"), "error: --stream: kmeans-cal --sensitivity fisher (its default"),
     (("--method", "learned", "--stream"), "error: --stream: learned --kl-steps 40 (default 40) tunes every record "
      "against the whole model's logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream"),
+    (("--method", "mixed", "--stream"), "error: --stream: mixed --sensitivity fisher (its default) needs the whole "
+     "model's gradients; pass --sensitivity proxy (or a --recipe) to stream, or --no-stream"),
+    (("--method", "mixed", "--sensitivity", "kl", "--stream"), "error: --stream: mixed --sensitivity kl needs the "
+     "whole model's logits"),
+    (("--method", "mixed", "--sensitivity", "proxy", "--include-embeddings", "--stream"),
+     "error: --stream: mixed --include-embeddings: the embedding / lm_head are sized on the whole model's"),
     (("--method", "kmeans-cal", "--max-memory", "1GiB"),
      "error: --max-memory applies to the streamed path (kmeans-cal --sensitivity fisher"),
     (("--method", "kmeans-cal", "--sensitivity", "fisher", "--weighted-heads", "--include-embeddings", "--stream"),

@@ -60,7 +60,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True,
                stream="layer_quantizer"),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any",
-               whole_model="its sensitivities and bit allocation are computed over the whole model"),
+               stream="layer_quantizer"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut",
                whole_model="it trains every layer's clustering end to end through the whole model"),
     # learned and kmeans-cal quantize their own embedding / head: learned's logits stage needs the float head first

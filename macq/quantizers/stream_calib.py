@@ -186,20 +186,45 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                         rec = quantize_stored(store, key, tr, hname, hcfg, hfn)
                         rec.transposed = tr
                         head_recs[name] = rec
-            with stage("capture"):
-                early = tuple(n + "." for n in (aspec.lm_head, aspec.final_norm) if n)  # run after the layers only
-                outer = [n for n, _ in model.named_parameters(remove_duplicate=False)
-                         if not n.startswith(plan.layers_prefix) and not n.startswith(early)]
-                for n in outer:
-                    _set_param(model, n, finite(n, store[n]).to(device, torch.float32))
-                if aspec.embed in head_recs:
-                    emb = model.get_submodule(aspec.embed)
-                    _set_param(emb, "weight", head_recs[aspec.embed].dequantize(torch.float32).to(device))
-                _move_buffers(model, plan.layers_prefix, device)
-                inputs = LayerInputs(hidden=ActivationStore(act_dtype, budget), storage=torch.device("cpu"))
-                capture_first_layer_inputs(model, calib_ids, job.batch_size, device, offload=True, into=inputs)
-                for n in outer:
-                    _set_param(model, n, torch.empty_like(model.get_parameter(n), device="meta"))
+
+            def capture() -> LayerInputs:
+                with stage("capture"):
+                    early = tuple(n + "." for n in (aspec.lm_head, aspec.final_norm) if n)  # run after the layers only
+                    outer = [n for n, _ in model.named_parameters(remove_duplicate=False)
+                             if not n.startswith(plan.layers_prefix) and not n.startswith(early)]
+                    for n in outer:
+                        _set_param(model, n, finite(n, store[n]).to(device, torch.float32))
+                    if aspec.embed in head_recs:
+                        emb = model.get_submodule(aspec.embed)
+                        _set_param(emb, "weight", head_recs[aspec.embed].dequantize(torch.float32).to(device))
+                    _move_buffers(model, plan.layers_prefix, device)
+                    inputs = LayerInputs(hidden=ActivationStore(act_dtype, budget), storage=torch.device("cpu"))
+                    capture_first_layer_inputs(model, calib_ids, job.batch_size, device, offload=True, into=inputs)
+                    for n in outer:
+                        _set_param(model, n, torch.empty_like(model.get_parameter(n), device="meta"))
+                return inputs
+
+            if job.prepass is not None:
+                # 1b. a method that decides before it quantizes (mixed: sensitivities, then the allocation) first
+                # streams the float model once: each layer read, measured, run for the next one's inputs, dropped
+                inputs = capture()
+                plog = LayerLog(plan.n_layers, f"{method} (streamed, first pass)", enabled=progress)
+                for i in range(plan.n_layers):
+                    path, layer = f"{aspec.layers}.{i}", layers[i]
+                    plog.layer(i, "read")
+                    with stage("io"):
+                        materialize(layer, path + ".", store, device)
+                    job.prepass(i, path, layer, inputs)
+                    if i + 1 < plan.n_layers:
+                        with stage("forward"):
+                            inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
+                    release(layer)
+                    plog.stage = timer.take_layer()
+                inputs.hidden.release()
+                plog.done()
+                if job.after_prepass is not None:
+                    job.after_prepass()
+            inputs = capture()
             with stage("io"):
                 for name, rec in head_recs.items():
                     add_record(rw, name, rec)
@@ -239,6 +264,8 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             mdict = {**cfg.to_dict(), "streamed": True}
             if job.stats_in_manifest:
                 mdict["stats"] = job.stats
+            if job.method_info is not None:
+                mdict.update(job.method_info())
             if calibration:
                 mdict["calibration"] = calibration
             manifest = {"format": "macq", "version": FORMAT_VERSION, "source": source or str(src), "method": mdict,
