@@ -22,8 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).")
 
 METHOD_HELP = "rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm (default rtn)"
-STREAM_HELP = ("on a local safetensors checkpoint: weight methods hold one tensor in memory at a time, gptq / awq / "
-               "awq-gptq one decoder layer (default: on when it applies)")
+STREAM_HELP = ("on a local safetensors checkpoint: weight methods hold one tensor in memory at a time, calibrated "
+               "methods one decoder layer (all but dkm; not kmeans-cal/mixed Fisher or KL sensitivities, learned's "
+               "logits stage) (default: on when it applies)")
 MODEL_HELP = "HF hub id, local HF directory, .gguf file, or a macq quantization dir (default: embedded SmolLM2-135M)"
 
 

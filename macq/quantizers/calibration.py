@@ -1,4 +1,5 @@
-"""Layer-by-layer calibration engine shared by GPTQ, AWQ and SmoothQuant.
+"""Layer-by-layer calibration engine shared by the calibrated methods (GPTQ, AWQ, SmoothQuant, kmeans-cal, learned,
+mixed's GPTQ rounding and proxy sensitivities).
 
 1. Run the calibration batches through the embeddings only, catching what the first decoder layer
    receives (hidden states + the keyword arguments the model passes it: rotary embeddings, masks).

@@ -1,4 +1,9 @@
-"""Streaming calibrated quantization (GPTQ, AWQ, AWQ->GPTQ): one decoder layer in memory at a time.
+"""Streaming calibrated quantization (GPTQ, AWQ, AWQ->GPTQ, SmoothQuant, kmeans-cal, learned, mixed): one decoder
+layer in memory at a time.
+
+Each method plugs in through ``MethodSpec.stream`` (its ``layer_quantizer``, the same per-layer step its in-memory
+path drives) and its config's ``stream_refusal()`` (options that need the whole model at once: Fisher or KL
+sensitivities, learned's logits stage; refused before any weight is read). Nothing here knows a method by name.
 
 The in-memory path (:func:`macq.quantizers.calibration.layerwise`) loads the whole model in float32 first; an
 8B model needs ~32 GB before any work. Here the model is a skeleton whose *parameters* are meta tensors (no
@@ -16,6 +21,8 @@ constructors, exactly as the in-memory model computes them). Then:
    path drives); the quantized layer produces the next layer's inputs (skipped after the last layer); the
    layer's records and float tensors (AWQ's folded norms and biases included) are appended to the sharded
    writers; the layer goes back to meta;
+   A method that must see the whole float model before quantizing (mixed: sensitivities, then one allocation)
+   gets a first pass of the same shape over the float layers (``LayerJob.prepass``), nothing written;
 3. the tensors outside the layers are copied (or quantized, for ``--include-embeddings`` / ``--include-lm-head``,
    with the same data-free quantizer as :func:`macq.quantizers.head_records`) tensor by tensor.
 
