@@ -22,8 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).")
 
 METHOD_HELP = "rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm (default rtn)"
-STREAM_HELP = ("on a local safetensors checkpoint: weight methods hold one tensor in memory at a time, gptq / awq / "
-               "awq-gptq one decoder layer (default: on when it applies)")
+STREAM_HELP = ("on a local safetensors checkpoint: weight methods hold one tensor in memory at a time, calibrated "
+               "methods one decoder layer (all but dkm; not kmeans-cal/mixed Fisher or KL sensitivities, learned's "
+               "logits stage) (default: on when it applies)")
 MODEL_HELP = "HF hub id, local HF directory, .gguf file, or a macq quantization dir (default: embedded SmolLM2-135M)"
 
 
@@ -177,12 +178,13 @@ def quantize(model: str | None, output: Path, method: str | None, target: str | 
     if target in TARGETS:
         check_target(target, method, cfg, config)
     from macq.quantizers import method_spec
-    from macq.streaming import stream_quantize, use_streaming
+    from macq.streaming import stream_quantize, stream_refusal, use_streaming
 
-    src = use_streaming(model, method, stream)
+    src = use_streaming(model, method, stream, cfg=cfg)
     if src is None and (mopts.get("max_memory") is not None or mopts.get("act_dtype") is not None):
         flag = "--max-memory" if mopts.get("max_memory") is not None else "--act-dtype"
-        raise MacqError(f"{flag} applies to the streamed path (a local safetensors checkpoint, without --no-stream)")
+        why = stream_refusal(cfg) or "a local safetensors checkpoint, without --no-stream"
+        raise MacqError(f"{flag} applies to the streamed path ({why})")
     if src is not None and method_spec(method).stream:  # calibrated: one decoder layer in memory at a time
         from macq.pipeline import stream_calibrated
 

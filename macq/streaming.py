@@ -81,11 +81,14 @@ def streamable_source(model: str | None) -> Path | None:
     return None
 
 
-def use_streaming(model: str | None, method: str, flag: bool | None, calibrated: bool = True) -> Path | None:
+def use_streaming(model: str | None, method: str, flag: bool | None, calibrated: bool = True,
+                  cfg: Any = None) -> Path | None:
     """The source directory when the streaming path applies: ``flag`` None = automatically for methods that
     stream (weight methods, and calibrated ones with a per-layer streaming step: ``MethodSpec.streams``) on a
     local safetensors checkpoint; True = demanded (an error if it cannot apply); False = never.
-    ``calibrated=False``: the caller streams weight methods only (``export`` from a checkpoint)."""
+    ``calibrated=False``: the caller streams weight methods only (``export`` from a checkpoint).
+    ``cfg``: a calibrated method's options may need the whole model (``cfg.stream_refusal()``, e.g. kmeans-cal's
+    Fisher sensitivities): then automatically in memory, and an explicit ``--stream`` is refused with the reason."""
     from macq.quantizers import METHODS, method_spec
 
     if flag is False:
@@ -97,10 +100,22 @@ def use_streaming(model: str | None, method: str, flag: bool | None, calibrated:
                         f"macq quantize MODEL --method {method} --stream -o Q, then macq export Q")
     if flag and not spec.streams:
         covered = ", ".join(n for n, s in METHODS.items() if s.streams)
-        raise MacqError(f"--stream: --method {method} runs on the in-memory path only; streaming covers {covered}")
+        why = f" ({spec.whole_model})" if spec.whole_model else ""
+        raise MacqError(f"--stream: --method {method} runs on the in-memory path only{why}; streaming covers {covered}")
+    reason = stream_refusal(cfg) if spec.kind != "weight" and calibrated else ""
+    if flag and reason:
+        raise MacqError(f"--stream: {reason}")
     if flag and src is None:
         raise MacqError(f"--stream: {model} is not a local Hugging Face safetensors checkpoint")
+    if reason:
+        return None
     return src if spec.kind == "weight" or (spec.streams and calibrated) else None
+
+
+def stream_refusal(cfg: Any) -> str:
+    """Why ``cfg`` (a calibrated method's config) cannot stream, or ''."""
+    refusal = getattr(cfg, "stream_refusal", None)
+    return refusal() if refusal is not None else ""
 
 
 def plan_stream(src: str | Path, cfg: Any, trust_remote_code: bool = False) -> StreamPlan:

@@ -1,5 +1,7 @@
 """Real-size cost of the calibrated methods on the streaming path (issue 11): wall time, peak RSS and the time
-split per stage of ``macq quantize SRC --method gptq|awq --stream`` on a checkpoint.
+split per stage of ``macq quantize SRC --method M --stream`` on a checkpoint, for every calibrated method that
+streams (gptq, awq, awq-gptq, kmeans-cal, learned, smoothquant, mixed; kmeans-cal with ``--sensitivity hessian``,
+learned with ``--kl-steps 0`` and mixed with ``--sensitivity proxy``: their whole-model defaults do not stream).
 
     python scripts/bench_scale_calib.py ~/.cache/macq/models/SmolLM2-135M-Instruct --n-calib 4 --seq-len 128
     python scripts/bench_scale_calib.py /work/scratch/scale/llama-3.2-1b --methods gptq awq --n-calib 32 \
@@ -49,29 +51,34 @@ def n_layers(src: Path) -> int:
 
 
 def same_records(a: Path, b: Path) -> bool:
+    """Records bit for bit, float tensors by value (the streamed path may keep a checkpoint's narrower dtype
+    where it holds the value exactly), and the act-quant metadata."""
     import torch
 
     from macq.qmodel import QuantizedModel
 
     qa, qb = QuantizedModel.load(a), QuantizedModel.load(b)
-    if set(qa.records) != set(qb.records):
+    if set(qa.records) != set(qb.records) or set(qa.float_tensors) != set(qb.float_tensors):
+        return False
+    if qa.act_quant != qb.act_quant:
         return False
     for k in qa.records:
         ta, tb = qa.records[k].to_tensors(), qb.records[k].to_tensors()
         if ta.keys() != tb.keys() or not all(torch.equal(ta[f], tb[f]) for f in ta):
             return False
-    return True
+    return all(torch.equal(qa.float_tensors[k].float(), qb.float_tensors[k].float()) for k in qa.float_tensors)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--methods", nargs="+", default=["gptq"], choices=["gptq", "awq", "awq-gptq"])
+    ap.add_argument("--methods", nargs="+", default=["gptq"], choices=list(METHOD_ARGS))
     ap.add_argument("--bits", default="4")
     ap.add_argument("--group-size", default="64")
     ap.add_argument("--n-calib", default="32")
     ap.add_argument("--seq-len", default="512")
     ap.add_argument("--calib-dataset", default="c4")
+    ap.add_argument("--target-bpw", default="4.25", help="mixed: the bits-per-weight budget")
     ap.add_argument("--act-dtype", default=None, help="float32 (macq's default) | float16 | bfloat16")
     ap.add_argument("--max-memory", default=None, help="activation budget, e.g. 512MiB")
     ap.add_argument("--device", default=None, help="gptq: cpu | cuda | mps")
@@ -86,8 +93,8 @@ def main() -> None:
     layers = n_layers(a.checkpoint)
     rows = []
     for method in a.methods:
-        base = [sys.executable, "-m", "macq.cli", "quantize", str(a.checkpoint), "--method", method, "--bits", a.bits,
-                "--group-size", a.group_size, "--n-calib", a.n_calib, "--seq-len", a.seq_len,
+        base = [sys.executable, "-m", "macq.cli", "quantize", str(a.checkpoint), "--method", method,
+                *METHOD_ARGS[method](a), "--n-calib", a.n_calib, "--seq-len", a.seq_len,
                 "--calib-dataset", a.calib_dataset, "--json", "--force"]
         if a.device and method == "gptq":
             base += ["--device", a.device]
@@ -122,8 +129,22 @@ def main() -> None:
         a.json.write_text(json.dumps(rows, indent=1))
 
 
-TIMING_COLS = ("hessian_s", "cholesky_s", "column_loop_s", "search_s", "round_s", "forward_s", "io_s", "capture_s",
-               "total_s")
+TIMING_COLS = ("hessian_s", "stats_s", "sensitivity_s", "cholesky_s", "column_loop_s", "palettize_s", "target_s",
+               "search_s", "tune_s", "round_s", "forward_s", "io_s", "capture_s", "total_s")
+
+
+def _affine(a: argparse.Namespace) -> list[str]:
+    return ["--bits", a.bits, "--group-size", a.group_size]
+
+
+# each method's options: kmeans-cal (group size = output channels per LUT, its default 16) with Hessian sensitivities
+# and learned without the logits stage, the settings that stream; smoothquant is W8A8 (no --bits); mixed allocates
+# --target-bpw from the Hessian proxy (a first streamed pass), then rounds with RTN
+METHOD_ARGS = {"gptq": _affine, "awq": _affine, "awq-gptq": _affine,
+               "kmeans-cal": lambda a: ["--bits", a.bits, "--sensitivity", "hessian"],
+               "learned": lambda a: [*_affine(a), "--kl-steps", "0"],
+               "smoothquant": lambda a: [],
+               "mixed": lambda a: ["--target-bpw", a.target_bpw, "--sensitivity", "proxy"]}
 
 
 if __name__ == "__main__":

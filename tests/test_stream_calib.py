@@ -57,10 +57,29 @@ CASES = [
     ("qwen2", "awq", dict(bits=4, group_size=32, include_embeddings=True)),
     ("llama-bf16", "awq", dict(bits=3, group_size=32)),
     ("llama", "awq-gptq", dict(bits=4, group_size=32)),
+    ("llama", "kmeans-cal", dict(bits=3, group_size=8, sensitivity="hessian", include_embeddings=True)),
+    ("qwen2", "kmeans-cal", dict(bits=4, sensitivity="hessian", refit_rounds=1, include_lm_head=True)),
+    ("gpt2", "kmeans-cal", dict(bits=2, group_size=1, sensitivity="hessian", error_feedback=False)),
+    ("llama", "learned", dict(bits=3, group_size=32, kl_steps=0, steps=4, eval_every=2, include_embeddings=True)),
+    ("qwen2", "learned", dict(bits=4, group_size=16, kl_steps=0, init="rtn", steps=3, include_lm_head=True)),
+    ("gpt2", "learned", dict(bits=4, group_size=32, kl_steps=0, steps=2)),
+    ("llama-bf16", "learned", dict(bits=3, group_size=32, kl_steps=0)),
+    ("llama", "smoothquant", dict()),
+    ("qwen2", "smoothquant", dict(act_mode="per_tensor_static", alpha=0.7, weight_bits=6)),
+    ("gpt2", "smoothquant", dict(act_bits=6)),
+    ("llama-bf16", "smoothquant", dict(act_mode="per_tensor_static")),
+    ("llama", "mixed", dict(target_bpw=3.5, sensitivity="proxy")),
+    ("qwen2", "mixed", dict(target_bpw=3.3, sensitivity="proxy", base_method="gptq", granularity="layer")),
+    ("gpt2", "mixed", dict(target_bpw=4.2, sensitivity="proxy", target="coreml", base_method="gptq")),
+    ("llama", "mixed", dict(recipe="q3_k_m-like", base_method="gptq")),
 ]
+# the stages each method marks (macq.progress.stage), in the streamed summary's timings
+STAGES = {"gptq": {"column_loop_s", "cholesky_s"}, "awq": {"search_s", "round_s"}, "awq-gptq": {"search_s", "round_s"},
+          "kmeans-cal": {"hessian_s", "palettize_s"}, "learned": {"target_s", "search_s", "tune_s"},
+          "smoothquant": {"stats_s", "round_s"}, "mixed": {"round_s"}}
 
 
-@pytest.mark.parametrize("arch,method,opts", CASES, ids=[f"{a}-{m}" for a, m, _ in CASES])
+@pytest.mark.parametrize("arch,method,opts", CASES, ids=[f"{a}-{m}-{i}" for i, (a, m, _) in enumerate(CASES)])
 def test_streamed_records_equal_in_memory_fp32(ckpts, tmp_path, arch, method, opts):
     extra = dict(n_calib=CAL["n_calib"], seq_len=CAL["seq_len"]) if method == "gptq" else {}
     cfg = config_for(method, dict(opts, batch_size=3, act_dtype="float32", **extra))  # 8 = 3+3+2: uneven batches
@@ -69,7 +88,7 @@ def test_streamed_records_equal_in_memory_fp32(ckpts, tmp_path, arch, method, op
     summary = stream_calibrate(ckpts[arch], out, method, cfg, _ids(ckpts[arch]), shard_bytes=20_000)
     got = QuantizedModel.load(out)
     assert_same_records(ref, got)
-    assert got.tied == ref.tied
+    assert got.tied == ref.tied and got.act_quant == ref.act_quant
     assert set(got.float_tensors) == set(ref.float_tensors)
     store = TensorStore.open(ckpts[arch])
     for k, t in ref.float_tensors.items():   # same values; the checkpoint's dtype where it holds them exactly
@@ -83,11 +102,16 @@ def test_streamed_records_equal_in_memory_fp32(ckpts, tmp_path, arch, method, op
     x = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         assert torch.equal(ref.to_torch()(x).logits, got.to_torch()(x).logits)
-    if method == "awq":   # the folded norms are in the output (not the checkpoint's values)
-        assert got.method["stats"]["scales"] == ref.method["stats"]["scales"]
+    if "stats" in ref.method:   # AWQ's scales / kmeans-cal's per-linear output errors: the same numbers
+        assert got.method["stats"] == ref.method["stats"]
+    assert {k: v for k, v in got.method.items() if k not in ("streamed", "stats")} == \
+        {k: v for k, v in ref.method.items() if k not in ("stats", "calibration")}   # (calibration: the CLI's)
+    if "allocation" in ref.method:   # mixed: a real mixture, decided from the streamed first pass
+        assert len(set(got.method["allocation"].values())) > 1
+        assert ("sensitivity_s" in summary["timings"]) == (opts.get("recipe") is None)
     t = summary["timings"]
     assert t["io_s"] > 0 and t["forward_s"] > 0 and t["total_s"] >= sum(v for k, v in t.items() if k != "total_s") * 0.99
-    assert ("column_loop_s" in t and "cholesky_s" in t) if method == "gptq" else ("search_s" in t and "round_s" in t)
+    assert STAGES[method] <= set(t)
 
 
 def test_bf16_checkpoint_awq_folds_into_float32_norms(ckpts, tmp_path):
@@ -145,6 +169,23 @@ def test_spill_beyond_max_memory_gives_identical_records(ckpts, tmp_path, monkey
     assert not spill_dirs[0].exists()                                  # ... and removed at the end
     assert_same_records(QuantizedModel.load(tmp_path / "a"), QuantizedModel.load(tmp_path / "b"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_learned_float_stream_spills_with_the_budget(ckpts, tmp_path):
+    """learned carries the float model's activations next to the quantized ones; under --max-memory 0 every batch
+    of both spills (AWQ, one stream: the first layer's inputs and one layer's outputs; learned also the float
+    layer's outputs), and the records stay those of the unlimited run."""
+    src, ids = ckpts["llama"], _ids(ckpts["llama"])
+    base = dict(bits=3, group_size=32, batch_size=2, kl_steps=0, steps=2)
+    a = stream_calibrate(src, tmp_path / "a", "learned", config_for("learned", base), ids)
+    b = stream_calibrate(src, tmp_path / "b", "learned", config_for("learned", dict(base, max_memory="0")), ids)
+    c = stream_calibrate(src, tmp_path / "c", "awq", config_for("awq", dict(bits=3, group_size=32, batch_size=2,
+                                                                              max_memory="0")), ids)
+    assert a["activations"]["spilled_batches"] == 0
+    assert c["activations"]["spilled_batches"] == 2 * 4                  # 8 sequences in batches of 2, 2 layers
+    assert b["activations"]["spilled_batches"] == 3 * 4 and b["activations"]["peak_in_memory_bytes"] == 0
+    assert_same_records(QuantizedModel.load(tmp_path / "a"), QuantizedModel.load(tmp_path / "b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
 def test_interrupt_leaves_nothing(ckpts, tmp_path, monkeypatch):
@@ -238,13 +279,117 @@ def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path):
     assert "streamed, calibrated" in r.stdout
 
 
+def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path):
+    """--sensitivity hessian streams by default (records = --no-stream's); the default Fisher sensitivity needs
+    the whole model, so without --stream it runs in memory."""
+    src = ckpts["qwen2"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "kmeans-cal",
+           "--bits", "3", "--refit-rounds", "1")
+    r = _cli("quantize", src, *cal, "--sensitivity", "hessian", "-o", tmp_path / "s", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
+    assert {"hessian_s", "palettize_s", "forward_s", "io_s", "total_s"} <= set(res["timings"])
+    r = _cli("quantize", src, *cal, "--sensitivity", "hessian", "--no-stream", "-o", tmp_path / "m", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "streamed" not in json.loads(r.stdout)
+    assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "f", "--json")           # fisher: in memory
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert "streamed" not in res and res["method"]["sensitivity"] == "fisher"
+
+
+def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path):
+    src = ckpts["llama"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "learned",
+           "--group-size", "32", "--kl-steps", "0", "--steps", "2")
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
+    assert {"target_s", "hessian_s", "search_s", "tune_s", "forward_s", "io_s"} <= set(res["timings"])
+    assert set(res["method"]["stats"]["layers"]) == {"model.layers.0", "model.layers.1"}
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
+
+
+def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path):
+    """The streamed W8A8 result carries the same act-quant metadata as the in-memory one (a model that runs
+    with fake-quantized inputs gives the same logits)."""
+    src = ckpts["llama"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "smoothquant",
+           "--act-mode", "per_tensor_static")
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
+    assert {"stats_s", "round_s", "forward_s", "io_s"} <= set(res["timings"])
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    s, m = QuantizedModel.load(tmp_path / "s"), QuantizedModel.load(tmp_path / "m")
+    assert_same_records(m, s)
+    assert s.act_quant == m.act_quant and len(s.act_quant) == 14
+    assert all(a["mode"] == "per_tensor_static" and a["scale"] > 0 for a in s.act_quant.values())
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(s.to_torch()(x).logits, m.to_torch()(x).logits)
+
+
+def test_cli_mixed_streams_in_two_passes(ckpts, tmp_path):
+    src = ckpts["llama"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "mixed",
+           "--target-bpw", "3.5", "--sensitivity", "proxy", "--base-method", "gptq")
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    first = [ln for ln in r.stderr.splitlines() if ln.startswith("mixed (streamed, first pass) layer:")]
+    second = [ln for ln in r.stderr.splitlines() if ln.startswith("mixed (streamed) layer:")]
+    assert len(first) == 2 and len(second) == 2 and "sensitivity" in first[0], r.stderr
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    s, m = QuantizedModel.load(tmp_path / "s"), QuantizedModel.load(tmp_path / "m")
+    assert_same_records(m, s)
+    assert s.method["allocation"] == m.method["allocation"] and s.method["achieved_bpw"] == m.method["achieved_bpw"]
+
+
+def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeypatch):
+    def no_read(self, key):
+        raise AssertionError(f"read {key}")
+
+    monkeypatch.setattr(TensorStore, "__getitem__", no_read)
+    cfg = config_for("kmeans-cal", dict(group_size=5, sensitivity="hessian"))
+    with pytest.raises(MacqError, match="--group-size 5 does not divide the output dim"):
+        stream_calibrate(ckpts["llama"], tmp_path / "q", "kmeans-cal", cfg, _ids(ckpts["llama"]))
+    cfg = config_for("kmeans-cal", dict(group_size=8))
+    with pytest.raises(MacqError, match="--stream: kmeans-cal --sensitivity fisher"):
+        stream_calibrate(ckpts["llama"], tmp_path / "q", "kmeans-cal", cfg, _ids(ckpts["llama"]))
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("args,msg", [
     (("--method", "gptq", "--max-memory", "4 XB"), "error: --max-memory '4 XB': expected a size"),
     (("--method", "awq", "--act-dtype", "int8"), "error: --act-dtype int8: expected one of"),
     (("--method", "gptq", "--device", "warp"), "error: --device warp: expected cpu, cuda"),
     (("--method", "gptq", "--max-memory", "1GiB", "--no-stream"), "error: --max-memory applies to the streamed path"),
     (("--method", "rtn", "--max-memory", "1GiB"), "error: --max-memory does not apply to --method rtn"),
-    (("--method", "smoothquant", "--stream"), "error: --stream: --method smoothquant runs on the in-memory path"),
+    (("--method", "dkm", "--stream"), "error: --stream: --method dkm runs on the in-memory path only (it trains every "
+     "layer's clustering end to end through the whole model); streaming covers rtn, nf4, fp4, kmeans, uniform, gptq, "
+     "awq, awq-gptq, smoothquant, mixed, learned, kmeans-cal"),
+    (("--method", "kmeans-cal", "--stream"), "error: --stream: kmeans-cal --sensitivity fisher (its default"),
+    (("--method", "learned", "--stream"), "error: --stream: learned --kl-steps 40 (default 40) tunes every record "
+     "against the whole model's logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream"),
+    (("--method", "mixed", "--stream"), "error: --stream: mixed --sensitivity fisher (its default) needs the whole "
+     "model's gradients; pass --sensitivity proxy (or a --recipe) to stream, or --no-stream"),
+    (("--method", "mixed", "--sensitivity", "kl", "--stream"), "error: --stream: mixed --sensitivity kl needs the "
+     "whole model's logits"),
+    (("--method", "mixed", "--sensitivity", "proxy", "--include-embeddings", "--stream"),
+     "error: --stream: mixed --include-embeddings: the embedding / lm_head are sized on the whole model's"),
+    (("--method", "kmeans-cal", "--max-memory", "1GiB"),
+     "error: --max-memory applies to the streamed path (kmeans-cal --sensitivity fisher"),
+    (("--method", "kmeans-cal", "--sensitivity", "fisher", "--weighted-heads", "--include-embeddings", "--stream"),
+     "error: --stream: kmeans-cal --sensitivity fisher (its default; also the --weighted-heads heads) needs gradients "
+     "through the whole model; pass --sensitivity hessian to stream, or --no-stream"),
 ] + ([(("--method", "gptq", "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")]
      if not torch.cuda.is_available() else []))
 def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, capsys, args, msg):

@@ -138,8 +138,8 @@ def test_bad_checkpoint_fails_before_work(ckpts, tmp_path):
     with pytest.raises(MacqError, match="missing model.layers.1.mlp.down_proj.weight"):
         streaming.stream_quantize(bad, tmp_path / "o", "rtn", config_for("rtn", dict(group_size=32)))
     assert not (tmp_path / "o").exists()
-    with pytest.raises(MacqError, match="--stream: --method smoothquant runs on the in-memory path only"):
-        streaming.use_streaming(str(ckpts["llama"]), "smoothquant", True)
+    with pytest.raises(MacqError, match="--stream: --method dkm runs on the in-memory path only"):
+        streaming.use_streaming(str(ckpts["llama"]), "dkm", True)
     assert streaming.use_streaming(str(ckpts["llama"]), "gptq", None) == ckpts["llama"]   # calibrated: streams too
     with pytest.raises(MacqError, match="--stream: export with --method gptq runs in memory"):
         streaming.use_streaming(str(ckpts["llama"]), "gptq", True, calibrated=False)
@@ -228,8 +228,8 @@ def test_cli_streams_weight_methods_and_reports_memory(ckpts, tmp_path):
     assert json.loads(r.stdout)["streamed"] is True
     a, b = TensorStore.open(tmp_path / "mlx"), TensorStore.open(tmp_path / "mlx2")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    r = macq("quantize", ckpts["llama"], "--method", "smoothquant", "--stream", "-o", tmp_path / "g", check=False)
-    assert r.returncode == 2 and r.stderr.startswith("error: --stream: --method smoothquant")
+    r = macq("quantize", ckpts["llama"], "--method", "dkm", "--stream", "-o", tmp_path / "g", check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: --stream: --method dkm")
     r = macq("export", ckpts["llama"], "--target", "coreml", "--stream", "-o", tmp_path / "c.mlpackage", check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: --stream: the Core ML export")
 

@@ -29,6 +29,10 @@ class MethodSpec:
     activations: bool = False  # also quantizes activations (act_quant hooks), which weight-only targets cannot hold
     heads: bool = False  # model method for decoder linears; embedding / lm_head (when asked) get head_records()
     stream: str = ""     # per-layer step (``layer_quantizer(model, cfg, device) -> LayerJob``) for the streaming engine
+    # the method calls head_records() itself in memory (not ``heads``, which the registry applies before the
+    # method runs): the streaming engine quantizes the embedding / lm_head the same way for it
+    stream_heads: bool = False
+    whole_model: str = ""  # why the method cannot stream at all (the --stream refusal says so)
 
     def load(self) -> tuple[type, Callable[..., Any]]:
         mod = importlib.import_module(f"macq.quantizers.{self.module}")
@@ -53,13 +57,19 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True, heads=True, stream="layer_quantizer"),
     MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True, heads=True,
                stream="layer_quantizer"),
-    MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True),
-    MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any"),
-    MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut"),
+    MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True,
+               stream="layer_quantizer"),
+    MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any",
+               stream="layer_quantizer"),
+    MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut",
+               whole_model="it trains every layer's clustering end to end through the whole model"),
     # learned and kmeans-cal quantize their own embedding / head: learned's logits stage needs the float head first
-    # and tunes it; kmeans-cal's Fisher-weighted k-means of the heads needs the float model's sensitivities
-    MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True),
-    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut"),
+    # and tunes it; kmeans-cal's Fisher-weighted k-means of the heads needs the float model's sensitivities. Streamed
+    # (without those whole-model stages: their configs' stream_refusal) the engine gives them head_records().
+    MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True, stream="layer_quantizer",
+               stream_heads=True),
+    MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut",
+               stream="layer_quantizer", stream_heads=True),
 )}
 
 

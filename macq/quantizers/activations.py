@@ -65,6 +65,12 @@ class StreamOptions:
         if self.max_memory:
             parse_size(self.max_memory)
 
+    def stream_refusal(self) -> str:
+        """Why this configuration cannot run on the streamed path ('' = it can). A method whose option needs the
+        whole model at once (gradients through every layer, a logits stage) overrides this; the CLI then keeps it
+        in memory by default and refuses an explicit ``--stream`` with this text, before any weight is read."""
+        return ""
+
     @property
     def max_memory_bytes(self) -> int | None:
         return parse_size(self.max_memory) if self.max_memory else None

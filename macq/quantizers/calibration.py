@@ -1,4 +1,5 @@
-"""Layer-by-layer calibration engine shared by GPTQ, AWQ and SmoothQuant.
+"""Layer-by-layer calibration engine shared by the calibrated methods (GPTQ, AWQ, SmoothQuant, kmeans-cal, learned,
+mixed's GPTQ rounding and proxy sensitivities).
 
 1. Run the calibration batches through the embeddings only, catching what the first decoder layer
    receives (hidden states + the keyword arguments the model passes it: rotary embeddings, masks).
@@ -125,7 +126,13 @@ class LayerJob:
     """A calibrated method's per-layer step, as both drivers (:func:`layerwise`, in memory, and the streaming
     engine :mod:`macq.quantizers.stream_calib`) call it: ``fn`` quantizes one decoder layer in place and adds
     its records (by full module path) to ``records``; ``stats`` is the method's per-module diagnostics,
-    stored in the manifest's ``method["stats"]`` when ``stats_in_manifest``."""
+    stored in the manifest's ``method["stats"]`` when ``stats_in_manifest``; ``act_quant`` the input
+    quantization of each linear (W8A8 methods: the manifest's ``act_quant``).
+
+    A method that must measure the whole float model before it can quantize any layer (mixed precision: every
+    unit's sensitivity, then one allocation) sets ``prepass`` (a per-layer step over the *float* layers, which
+    the streaming engine runs in a first pass) and ``after_prepass`` (called between the passes);
+    ``method_info`` returns entries for the manifest's method dict once every layer is done."""
 
     fn: LayerFn
     records: dict[str, Any]
@@ -133,6 +140,10 @@ class LayerJob:
     device: torch.device
     batch_size: int
     stats_in_manifest: bool = False
+    act_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prepass: LayerFn | None = None
+    after_prepass: Callable[[], None] | None = None
+    method_info: Callable[[], dict[str, Any]] | None = None
 
 
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size: int = 8,

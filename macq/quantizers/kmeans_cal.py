@@ -39,7 +39,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from macq.arch import arch_spec
 from macq.errors import MacqError
+from macq.progress import stage
+from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_model_inputs
 from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, KMeansConfig, _groups
 from macq.record import LUTRecord
@@ -48,7 +51,7 @@ SENSITIVITIES = ("fisher", "hessian")
 
 
 @dataclass
-class KMeansCalConfig(QuantConfig):
+class KMeansCalConfig(StreamOptions, QuantConfig):
     method = "kmeans-cal"
     bits: int = 4
     granularity: str = "per_grouped_channel"
@@ -78,6 +81,15 @@ class KMeansCalConfig(QuantConfig):
         check(self.refit_rounds >= 0, f"--refit-rounds {self.refit_rounds}: expected >= 0")
         check(self.n_iter >= 0 and self.n_init >= 1, "n_iter >= 0 and n_init >= 1 expected")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
+        self.check_stream_options()
+
+    def stream_refusal(self) -> str:
+        """Fisher sensitivities (and the Fisher-weighted heads they bring) are squared gradients of the calibration
+        loss: a backward pass through the whole float model, which one decoder layer at a time cannot give."""
+        if self.sensitivity == "fisher":
+            return ("kmeans-cal --sensitivity fisher (its default; also the --weighted-heads heads) needs gradients "
+                    "through the whole model; pass --sensitivity hessian to stream, or --no-stream")
+        return ""
 
     def kmeans_config(self) -> KMeansConfig:
         return KMeansConfig(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
@@ -198,24 +210,79 @@ def hessian_importance(w: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(H).float().clamp_min(0).expand_as(w).clone()
 
 
+def _check_groups(model: nn.Module, cfg: KMeansCalConfig) -> None:
+    """Fail on a group size that does not divide some selected linear's (or head's) output dim, before any slow
+    work; reads shapes only (works on a meta skeleton)."""
+    from macq.models import get_weight, quantizable_modules
+
+    decoder = quantizable_modules(model)
+    heads = {n: m for n, m in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head).items()
+             if n not in decoder}
+    for mod in {**quantizable_modules(model, skip=tuple(cfg.skip)), **heads}.values():
+        _groups(get_weight(mod).detach()[:, :1], cfg.kmeans_config())
+
+
+def layer_job(model: nn.Module, cfg: KMeansCalConfig, fisher: dict[str, torch.Tensor] | None = None):
+    """kmeans-cal's per-layer step (one input Hessian per group of linears sharing an input, collected after the
+    earlier groups are palettized; weighted k-means, feedback assignment, LUT refit per linear), as
+    :func:`~macq.quantizers.calibration.layerwise` and the streaming engine drive it. ``fisher``: per-weight
+    importance by module path (popped as used); None = the Hessian diagonal. ``model`` is only read for its
+    module names (a meta skeleton will do)."""
+    from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+    from macq.quantizers.calibration import LayerJob
+    from macq.quantizers.gptq import collect_hessians
+
+    spec = arch_spec(model)
+    selected = set(quantizable_modules(model, skip=tuple(cfg.skip)))
+    records: dict[str, LUTRecord] = {}
+    linears: dict[str, dict[str, Any]] = {}
+    stats: dict[str, Any] = {"feedback_kept": 0, "linears": linears}
+
+    def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
+        groups = [[n for n in grp if f"{path}.{n}" in selected] for grp in spec.sequence]
+        for grp in (g for g in groups if g):
+            with stage("hessian"):
+                H = collect_hessians(layer, inputs, [grp[0]], torch.device("cpu"), stop_early=True)[grp[0]]
+            for name in grp:
+                full, mod = f"{path}.{name}", layer.get_submodule(name)
+                with stage("palettize"):
+                    w = get_weight(mod).detach().float()
+                    imp = fisher.pop(full) if fisher is not None else hessian_importance(w, H)
+                    rec, info = palettize_linear(w, H, imp, cfg)
+                    rec.transposed = is_conv1d(mod)
+                    set_weight(mod, rec.dequantize())
+                records[full], linears[full] = rec, info
+                stats["feedback_kept"] += int(info["feedback"])
+        missing = {m for m in selected if m.startswith(path + ".")} - set(records)
+        if missing:
+            raise MacqError(f"kmeans-cal: {sorted(missing)[0]} is not in the architecture's linear sequence")
+
+    return LayerJob(per_layer, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
+
+
+def layer_quantizer(model: nn.Module, cfg: KMeansCalConfig, device: torch.device | None = None):
+    """The streaming engine's entry (:mod:`macq.quantizers.stream_calib`): Hessian sensitivities only (Fisher
+    needs the whole model, :meth:`KMeansCalConfig.stream_refusal`); the embedding / lm_head get the data-free
+    k-means of :func:`macq.quantizers.head_records` from the engine, as the in-memory path gives them."""
+    check(cfg.sensitivity == "hessian", f"--stream: {cfg.stream_refusal()}")
+    _check_groups(model, cfg)
+    return layer_job(model, cfg)
+
+
 def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tensor, progress: bool = False,
                    source: str = ""):
     """Calibrated palettization of every decoder linear of ``model`` (in place) → QuantizedModel."""
-    from macq.arch import arch_spec
-    from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+    from macq.models import get_weight, is_conv1d, quantizable_modules
     from macq.qmodel import QuantizedModel
     from macq.quantizers import head_records
     from macq.quantizers.calibration import layerwise
-    from macq.quantizers.gptq import collect_hessians
     from macq.quantizers.palettize import quantize_weight
 
     check_model_inputs("kmeans-cal", cfg, KMeansCalConfig, calib_ids)
-    spec = arch_spec(model)
     selected = quantizable_modules(model, skip=tuple(cfg.skip))
     heads = {n: m for n, m in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head).items()
              if n not in quantizable_modules(model)}
-    for name, mod in {**selected, **heads}.items():   # fail on a bad group size before any slow work
-        _groups(get_weight(mod).detach()[:, :1], cfg.kmeans_config())
+    _check_groups(model, cfg)
     fisher_heads = heads if cfg.sensitivity == "fisher" and cfg.weighted_heads else {}
     head_recs = {} if fisher_heads else _write_heads(model, head_records(model, cfg))
     fisher = None
@@ -229,29 +296,11 @@ def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tens
             head_recs[name] = quantize_weight(get_weight(mod).detach().float(), cfg.kmeans_config(), fisher.pop(name))
             head_recs[name].transposed = is_conv1d(mod)
         _write_heads(model, head_recs)
-    records: dict[str, LUTRecord] = {}
-    stats: dict[str, dict[str, Any]] = {}
-
-    def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
-        groups = [[n for n in grp if f"{path}.{n}" in selected] for grp in spec.sequence]
-        for grp in (g for g in groups if g):
-            H = collect_hessians(layer, inputs, [grp[0]], torch.device("cpu"), stop_early=True)[grp[0]]
-            for name in grp:
-                full, mod = f"{path}.{name}", layer.get_submodule(name)
-                w = get_weight(mod).detach().float()
-                imp = fisher.pop(full) if fisher is not None else hessian_importance(w, H)
-                rec, info = palettize_linear(w, H, imp, cfg)
-                rec.transposed = is_conv1d(mod)
-                set_weight(mod, rec.dequantize())
-                records[full], stats[full] = rec, info
-        missing = {m for m in selected if m.startswith(path + ".")} - set(records)
-        if missing:
-            raise MacqError(f"kmeans-cal: {sorted(missing)[0]} is not in the architecture's linear sequence")
-
-    layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, progress=progress, description="kmeans-cal")
+    job = layer_job(model, cfg, fisher)
+    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description="kmeans-cal")
     method = cfg.to_dict()
-    method["stats"] = {"feedback_kept": sum(s["feedback"] for s in stats.values()), "linears": stats}
-    return QuantizedModel.from_model(model, {**records, **head_recs}, method=method, source=source)
+    method["stats"] = job.stats
+    return QuantizedModel.from_model(model, {**job.records, **head_recs}, method=method, source=source)
 
 
 def _write_heads(model: nn.Module, recs: dict[str, LUTRecord]) -> dict[str, LUTRecord]:

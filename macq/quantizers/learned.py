@@ -34,7 +34,9 @@ from torch.func import functional_call
 
 from macq.arch import ArchSpec, arch_spec
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+from macq.progress import stage
 from macq.quantizers import awq_search as S
+from macq.quantizers.activations import ActivationStore, StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inputs
 from macq.quantizers.calibration import LayerInputs, layerwise, run_layer, target_linears
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
@@ -44,7 +46,7 @@ _TINY = 2.0 ** -24
 
 
 @dataclass
-class LearnedConfig(ScaleOptions, QuantConfig):
+class LearnedConfig(StreamOptions, ScaleOptions, QuantConfig):
     method = "learned"
     bits: int = 3
     group_size: int = 64
@@ -88,6 +90,15 @@ class LearnedConfig(ScaleOptions, QuantConfig):
         check(self.kl_eval_every >= 1, f"--kl-eval-every {self.kl_eval_every}: expected >= 1")
         check(self.kl_holdout >= 0, f"--kl-holdout {self.kl_holdout}: expected >= 0")
         check(self.kl_rows >= 1, f"--kl-rows {self.kl_rows}: expected >= 1")
+        self.check_stream_options()
+
+    def stream_refusal(self) -> str:
+        """The logits stage backpropagates the KL of the final log-probs through every layer at once (all records'
+        scales tuned together): it needs the whole model in memory; the block-wise pass before it streams."""
+        if self.kl_steps:
+            return (f"learned --kl-steps {self.kl_steps} (default 40) tunes every record against the whole model's "
+                    "logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream")
+        return ""
 
     def awq_config(self):
         from macq.quantizers.awq import AWQConfig
@@ -253,36 +264,89 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, float_hidde
     from macq.quantizers.awq import search_and_fold
 
     f_inputs = LayerInputs(hidden=float_hidden, kwargs=inputs.kwargs, storage=inputs.storage)
-    f_out = run_layer(layer, f_inputs)                            # targets: float layer on float inputs
+    with stage("target"):
+        f_out = run_layer(layer, f_inputs)                        # targets: float layer on float inputs
     groups = input_groups(layer, spec.sequence)
     linears = list(target_linears(layer, path, groups, targets_set))
     params: dict[str, LinearParams] = {}
     if cfg.init == "awq":
         acfg = cfg.awq_config()
-        st = collect_input_stats(layer, inputs, groups, gram=True)
-        search_and_fold(layer, path, groups, st, acfg, spec, stats)
-    for grp, full, mod in linears:
-        w = get_weight(mod).detach().float()
-        g = cfg.group_for(full, w.shape[1])
-        clip: torch.Tensor | float = 1.0
-        if cfg.init == "awq" and acfg.clip_search:
-            clip = S.search_clip(w, st[grp].gram.float(), cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype,
-                                 cfg.clip_grid, acfg.max_shrink)
-        params[full[len(path) + 1:]] = init_params(w, g, clip)
+        with stage("hessian"):
+            st = collect_input_stats(layer, inputs, groups, gram=True)
+        with stage("search"):
+            search_and_fold(layer, path, groups, st, acfg, spec, stats)
+    with stage("search"):
+        for grp, full, mod in linears:
+            w = get_weight(mod).detach().float()
+            g = cfg.group_for(full, w.shape[1])
+            clip: torch.Tensor | float = 1.0
+            if cfg.init == "awq" and acfg.clip_search:
+                clip = S.search_clip(w, st[grp].gram.float(), cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype,
+                                     cfg.clip_grid, acfg.max_shrink)
+            params[full[len(path) + 1:]] = init_params(w, g, clip)
     hidden = [_plain(h) for h in inputs.hidden]
     kwargs = [_plain(k) for k in inputs.kwargs]
     targets = [_plain(t) for t in f_out]
     for p_ in layer.parameters():
         p_.requires_grad_(False)
-    info = tune_layer(layer, params, hidden, kwargs, targets, cfg, gen)
-    stats["layers"][path] = info
-    for name, p in params.items():
-        mod = layer.get_submodule(name)
-        rec = to_record(p, cfg.bits, cfg.symmetric, cfg.torch_scale_dtype)
-        rec.transposed = is_conv1d(mod)
-        set_weight(mod, rec.dequantize(torch.float32))
-        records[f"{path}.{name}"] = rec
+    with stage("tune"):
+        info = tune_layer(layer, params, hidden, kwargs, targets, cfg, gen)
+        stats["layers"][path] = info
+        for name, p in params.items():
+            mod = layer.get_submodule(name)
+            rec = to_record(p, cfg.bits, cfg.symmetric, cfg.torch_scale_dtype)
+            rec.transposed = is_conv1d(mod)
+            set_weight(mod, rec.dequantize(torch.float32))
+            records[f"{path}.{name}"] = rec
     return f_out
+
+
+def layer_job(model: nn.Module, cfg: LearnedConfig, records: dict[str, Any] | None = None, progress: bool = False):
+    """The block-wise pass's per-layer step, as :func:`~macq.quantizers.calibration.layerwise` and the streaming
+    engine (:mod:`macq.quantizers.stream_calib`) drive it; ``model`` is only read for module names and config
+    (a meta skeleton will do). The float activation stream (the float layers' outputs on the float inputs)
+    lives in the job, next to the driver's quantized stream: a list in memory, or, when the driver's stream is
+    an :class:`~macq.quantizers.activations.ActivationStore`, a sibling store in the same dtype and memory
+    budget (spilling with it). ``records``: the dict to add to (the heads may already be in it)."""
+    from macq.quantizers.calibration import LayerJob
+
+    spec = arch_spec(model).resolved(model.config)
+    targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
+    n_layers = len(model.get_submodule(spec.layers))
+    records = {} if records is None else records
+    stats: dict[str, Any] = {"scales": {}, "layers": {}}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state: dict[str, Any] = {"float": None}
+
+    def fn(i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:
+        prev = state["float"]
+        fh = prev if prev is not None else list(inputs.hidden)
+        f_out = quantize_layer(layer, path, inputs, fh, cfg, spec, targets, records, stats, gen)
+        if isinstance(prev, ActivationStore):
+            prev.release()
+        if i + 1 == n_layers:              # the last layer's float outputs feed nothing
+            state["float"] = None
+        elif isinstance(inputs.hidden, ActivationStore):
+            store = ActivationStore(inputs.hidden.dtype, inputs.hidden.budget)
+            for t in f_out:
+                store.append(t)
+            state["float"] = store
+        else:
+            state["float"] = f_out
+        if progress:
+            info = stats["layers"][path]
+            print(f"  {path}: output MSE {info['objective_init']:.4g} -> {info['objective']:.4g} "
+                  f"(best at step {info['best_step']})", flush=True)
+
+    return LayerJob(fn, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
+
+
+def layer_quantizer(model: nn.Module, cfg: LearnedConfig, device: torch.device | None = None):
+    """The streaming engine's entry: the block-wise pass only (the logits stage needs the whole model:
+    :meth:`LearnedConfig.stream_refusal`); the engine gives the embedding / lm_head the data-free
+    :func:`macq.quantizers.head_records`, as the in-memory path does."""
+    check(not cfg.kl_steps, f"--stream: {cfg.stream_refusal()}")
+    return layer_job(model, cfg)
 
 
 def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor, progress: bool = False,
@@ -305,25 +369,13 @@ def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor
     if cfg.kl_steps:
         check(cfg.kl_holdout < kl_ids.shape[0],
               f"--kl-holdout {cfg.kl_holdout}: must leave training sequences of the {kl_ids.shape[0]} calibration ones")
-    spec = arch_spec(model).resolved(model.config)
-    targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
     teacher = teacher_logprobs(model, kl_ids) if cfg.kl_steps else None
     records: dict[str, Any] = head_records(model, cfg)      # quantized first: the decoder is calibrated on them
     for name, rec in records.items():
         set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
-    stats: dict[str, Any] = {"scales": {}, "layers": {}}
-    gen = torch.Generator().manual_seed(cfg.seed)
-    state: dict[str, Any] = {"float": None}
-
-    def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:
-        fh = state["float"] if state["float"] is not None else list(inputs.hidden)
-        state["float"] = quantize_layer(layer, path, inputs, fh, cfg, spec, targets, records, stats, gen)
-        if progress:
-            info = stats["layers"][path]
-            print(f"  {path}: output MSE {info['objective_init']:.4g} -> {info['objective']:.4g} "
-                  f"(best at step {info['best_step']})", flush=True)
-
-    layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description="learned")
+    job = layer_job(model, cfg, records, progress)
+    stats = job.stats
+    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description="learned")
     if teacher is not None:
         records, stats["logits"] = tune_logits(model, records, kl_ids, teacher, steps=cfg.kl_steps, lr=cfg.kl_lr,
                                                batch_size=cfg.kl_batch, eval_every=cfg.kl_eval_every,

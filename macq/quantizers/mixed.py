@@ -29,6 +29,8 @@ import torch.nn as nn
 from macq.arch import arch_spec, decoder_layers
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+from macq.progress import stage
+from macq.quantizers.activations import StreamOptions
 from macq.quantizers.allocate import Allocation, allocate
 from macq.quantizers.base import QuantConfig, check
 from macq.quantizers.formats import TARGET_FORMATS, Format, candidate_formats, to_bias_form
@@ -44,7 +46,7 @@ from macq.record import Record
 
 
 @dataclass
-class MixedConfig(QuantConfig):
+class MixedConfig(StreamOptions, QuantConfig):
     method = "mixed"
     target_bpw: float = 4.0
     target: str = "mlx"                 # mlx | coreml | any: which formats are candidates
@@ -75,6 +77,22 @@ class MixedConfig(QuantConfig):
             from macq.quantizers.recipes import get_recipe
             get_recipe(self.recipe)
         candidate_formats(self.target, self.formats)  # validates names against the target
+        self.check_stream_options()
+
+    def stream_refusal(self) -> str:
+        """Streamed: the Hessian proxy (one float pass, layer by layer) or a fixed recipe decide the formats; the
+        Fisher / KL sensitivities need gradients or logits of the whole model, and the embedding / lm_head's
+        errors need the whole model's token statistics and final hidden states."""
+        if self.include_embeddings or self.include_lm_head:
+            flag = "--include-embeddings" if self.include_embeddings else "--include-lm-head"
+            return (f"mixed {flag}: the embedding / lm_head are sized on the whole model's statistics; "
+                    "drop it to stream the decoder linears, or --no-stream")
+        if self.recipe is None and self.sensitivity != "proxy":
+            default = " (its default)" if self.sensitivity == "fisher" else ""
+            return (f"mixed --sensitivity {self.sensitivity}{default} needs the whole model's "
+                    f"{'gradients' if self.sensitivity == 'fisher' else 'logits'}; pass --sensitivity proxy "
+                    "(or a --recipe) to stream, or --no-stream")
+        return ""
 
     def candidate_formats(self) -> list[Format]:
         return candidate_formats(self.target, self.formats)
@@ -131,11 +149,25 @@ def _gptq_records(model: nn.Module, assignment: dict[str, Format], mods: dict[st
                   calib_ids: torch.Tensor, cfg: MixedConfig, progress: bool) -> dict[str, Record]:
     """GPTQ each decoder linear at its own format, true-sequentially (the model is modified in place)."""
     from macq.quantizers.calibration import layerwise
-    from macq.quantizers.gptq import GPTQConfig, collect_hessians, gptq_quantize
 
     device = torch.device(cfg.device)
-    spec = arch_spec(model)
     records: dict[str, Record] = {}
+    per_layer = _gptq_layer_step(arch_spec(model), assignment, cfg, device, records)
+    layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, device=device, progress=progress,
+              description="mixed gptq")
+    for m in assignment:
+        if m not in records:            # embeddings / lm_head: outside the layerwise engine
+            records[m] = _rtn_record(mods[m], assignment[m])
+    missing = set(assignment) - set(records)
+    if missing:
+        raise MacqError(f"mixed gptq: {sorted(missing)[0]} is not in the architecture's linear sequence")
+    return records
+
+
+def _gptq_layer_step(spec: Any, assignment: dict[str, Format], cfg: MixedConfig, device: torch.device,
+                     records: dict[str, Record]):
+    """One decoder layer's linears, each GPTQ'd at its own format (palettes: k-means), true-sequentially."""
+    from macq.quantizers.gptq import GPTQConfig, collect_hessians, gptq_quantize
 
     def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
         for grp in spec.sequence:
@@ -148,26 +180,88 @@ def _gptq_records(model: nn.Module, assignment: dict[str, Format], mods: dict[st
                 w = get_weight(mod).detach().float()
                 if fmt.kind == "affine":
                     if H is None:
-                        H = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)[grp[0]]
+                        with stage("hessian"):
+                            H = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)[grp[0]]
                     gcfg = GPTQConfig(bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric,
                                       damp_percent=cfg.damp_percent)
-                    rec = gptq_quantize(w, H, gcfg)[0]
+                    with stage("round"):
+                        rec = gptq_quantize(w, H, gcfg)[0]
                     rec = to_bias_form(rec) if fmt.zero == "bias" else rec
                 else:
-                    rec = fmt.quantize(w)
+                    with stage("round"):
+                        rec = fmt.quantize(w)
                 rec.transposed = is_conv1d(mod)
                 set_weight(mod, rec.dequantize())
                 records[f"{path}.{n}"] = rec
 
-    layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, device=device, progress=progress,
-              description="mixed gptq")
-    for m in assignment:
-        if m not in records:            # embeddings / lm_head: outside the layerwise engine
-            records[m] = _rtn_record(mods[m], assignment[m])
-    missing = set(assignment) - set(records)
-    if missing:
-        raise MacqError(f"mixed gptq: {sorted(missing)[0]} is not in the architecture's linear sequence")
-    return records
+    return per_layer
+
+
+def layer_quantizer(model: nn.Module, cfg: MixedConfig, device: torch.device | None = None):
+    """Mixed precision on the streaming engine (``model``: a meta skeleton, read for names and shapes), in two
+    passes: the first streams the float model and measures every decoder linear's Hessian-proxy error at every
+    format (:func:`~macq.quantizers.sensitivity.proxy_layer_step`, the in-memory pass's own step); between them
+    the allocation runs on the whole table (a fixed ``--recipe`` needs no first pass); the second rounds each
+    linear in its format (RTN, or GPTQ true-sequentially on the quantized model's inputs, as in memory)."""
+    from macq.quantizers.calibration import LayerJob
+    from macq.quantizers.sensitivity import proxy_layer_step, proxy_table
+
+    check(not cfg.stream_refusal(), f"--stream: {cfg.stream_refusal()}")
+    spec = arch_spec(model)
+    mods = _modules(model, cfg)
+    dev = torch.device(cfg.device)
+    records: dict[str, Record] = {}
+    errs: dict[str, list[float]] = {}
+    state: dict[str, Any] = {"assignment": None, "info": {}, "notes": []}
+    counts = {"bits": 0, "weights": 0}
+
+    def decide() -> None:
+        if cfg.recipe is not None:
+            assignment = recipe_plan(model, cfg)
+            state["notes"].append(f"fixed recipe {cfg.recipe}: target_bpw not used")
+        else:
+            table = proxy_table(mods, cfg.candidate_formats(), errs)
+            if cfg.granularity != "module":
+                table = table.grouped(make_units(list(mods), cfg.granularity, spec.layers))
+            assignment, alloc = plan(table, cfg.target_bpw, cfg.resolution)
+            state["notes"] += table.notes + alloc.notes
+            state["info"] = {"allocated_bpw": alloc.bpw, "floor_bpw": alloc.floor_bpw,
+                             "ceiling_bpw": alloc.ceiling_bpw, "total_error": alloc.error}
+        if cfg.base_method == "gptq" and any(f.kind == "lut" for f in assignment.values()):
+            state["notes"].append("palettized (lut) modules use k-means, not GPTQ")
+        state["assignment"] = assignment
+        state["gptq"] = _gptq_layer_step(spec, assignment, cfg, dev, records)
+
+    def fn(i: int, path: str, layer: nn.Module, inputs) -> None:
+        mine = [m for m in state["assignment"] if m.startswith(path + ".")]
+        if cfg.base_method == "gptq":
+            state["gptq"](i, path, layer, inputs)
+        else:
+            with stage("round"):
+                for m in mine:
+                    records[m] = _rtn_record(layer.get_submodule(m[len(path) + 1:]), state["assignment"][m])
+        missing = [m for m in mine if m not in records]
+        if missing:
+            raise MacqError(f"mixed gptq: {missing[0]} is not in the architecture's linear sequence")
+        for m in mine:
+            counts["bits"] += records[m].storage_bits()
+            counts["weights"] += records[m].shape[0] * records[m].shape[1]
+
+    def method_info() -> dict[str, Any]:
+        info = state["info"]
+        achieved = counts["bits"] / counts["weights"] if counts["weights"] else 16.0
+        if "allocated_bpw" in info and abs(achieved - info["allocated_bpw"]) > 1e-9:
+            raise MacqError(f"mixed: records store {achieved:.6f} bpw but the allocation costed "
+                            f"{info['allocated_bpw']:.6f} (format cost rule out of step with the records)")
+        return {**info, "achieved_bpw": achieved, "notes": state["notes"],
+                "allocation": {m: f.name for m, f in state["assignment"].items()}}
+
+    if cfg.recipe is not None:        # shapes only: a recipe that does not fit fails before any weight is read
+        decide()
+        return LayerJob(fn, records, {}, dev, cfg.batch_size, method_info=method_info)
+    prepass = proxy_layer_step(spec, set(mods), cfg.candidate_formats(), dev, errs)
+    return LayerJob(fn, records, {}, dev, cfg.batch_size, prepass=prepass, after_prepass=decide,
+                    method_info=method_info)
 
 
 def _rtn_record(mod: nn.Module, fmt: Format) -> Record:

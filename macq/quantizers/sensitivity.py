@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ import torch.nn as nn
 from macq.arch import arch_spec
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
-from macq.progress import track
+from macq.progress import stage, track
 from macq.quantizers.formats import Format
 
 GRANULARITIES = ("module", "sublayer", "layer")
@@ -125,27 +126,13 @@ def proxy_sensitivity(model: nn.Module, calib_ids: torch.Tensor, formats: list[F
                       progress: bool = False) -> SensitivityTable:
     """Hessian-weighted error of every module in ``modules`` at every format (weights left untouched)."""
     from macq.quantizers.calibration import layerwise
-    from macq.quantizers.gptq import collect_hessians
 
     device = torch.device(device)
     spec = arch_spec(model)
     names = list(modules)
     errs: dict[str, list[float]] = {}
-
-    def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
-        groups = [[n for n in grp if f"{path}.{n}" in modules] for grp in spec.sequence]
-        groups = [g for g in groups if g]
-        if not groups:
-            return
-        hs = collect_hessians(layer, inputs, [g[0] for g in groups], device)
-        for grp in groups:
-            H = hs[grp[0]]
-            for n in grp:
-                w = get_weight(layer.get_submodule(n)).detach().float()
-                errs[f"{path}.{n}"] = _errors_for(w, formats, lambda wh: hessian_error(w, wh, H))
-
-    layerwise(model, calib_ids, per_layer, batch_size=batch_size, device=device, progress=progress,
-              description="sensitivity (proxy)")
+    layerwise(model, calib_ids, proxy_layer_step(spec, set(modules), formats, device, errs), batch_size=batch_size,
+              device=device, progress=progress, description="sensitivity (proxy)")
     outside = [n for n in names if n not in errs]
     if outside:
         tied = tied_embeddings(model)
@@ -163,6 +150,35 @@ def proxy_sensitivity(model: nn.Module, calib_ids: torch.Tensor, formats: list[F
                     e = float(((w - wh).pow(2).sum(1).double() * freq).sum())
                     return e + (hessian_error(w, wh, H) if tied else 0.0)
                 errs[n] = _errors_for(w, formats, emb_err)
+    return proxy_table(modules, formats, errs)
+
+
+def proxy_layer_step(spec: Any, modules: set[str], formats: list[Format], device: torch.device,
+                     errs: dict[str, list[float]]):
+    """The per-layer step of :func:`proxy_sensitivity` (weights left untouched), shared with the streaming
+    engine's first pass: ``errs[module]`` gets each format's Hessian-weighted error."""
+    from macq.quantizers.gptq import collect_hessians
+
+    def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
+        groups = [[n for n in grp if f"{path}.{n}" in modules] for grp in spec.sequence]
+        groups = [g for g in groups if g]
+        if not groups:
+            return
+        with stage("hessian"):
+            hs = collect_hessians(layer, inputs, [g[0] for g in groups], device)
+        with stage("sensitivity"):
+            for grp in groups:
+                H = hs[grp[0]]
+                for n in grp:
+                    w = get_weight(layer.get_submodule(n)).detach().float()
+                    errs[f"{path}.{n}"] = _errors_for(w, formats, lambda wh: hessian_error(w, wh, H))
+
+    return per_layer
+
+
+def proxy_table(modules: dict[str, nn.Module], formats: list[Format], errs: dict[str, list[float]]) -> SensitivityTable:
+    """The sensitivity table of ``errs`` (module -> error per format), costs from the modules' shapes."""
+    names = list(modules)
     shapes = [tuple(get_weight(modules[n]).shape) for n in names]
     return SensitivityTable(names, {n: [n] for n in names}, list(formats),
                             torch.tensor([errs[n] for n in names], dtype=torch.float64),

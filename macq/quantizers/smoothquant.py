@@ -28,6 +28,8 @@ import torch.nn as nn
 from macq.arch import ArchSpec, arch_spec
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
+from macq.progress import stage
+from macq.quantizers.activations import StreamOptions
 from macq.quantizers.actquant import ACT_MODES, InputStats, collect_input_stats, input_groups, install_act_quant
 from macq.quantizers.base import QuantConfig, check, check_model_inputs
 from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
@@ -37,7 +39,7 @@ from macq.record import AffineRecord
 
 
 @dataclass
-class SmoothQuantConfig(QuantConfig):
+class SmoothQuantConfig(StreamOptions, QuantConfig):
     method = "smoothquant"
     alpha: float = 0.5               # migration strength: 0 = all range to activations, 1 = all to weights
     smooth: bool = True              # False: plain W8A8 with no smoothing (the baseline SmoothQuant fixes)
@@ -56,6 +58,7 @@ class SmoothQuantConfig(QuantConfig):
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
         check(not self.include_embeddings and not self.include_lm_head,
               "smoothquant quantizes the decoder linears only (embeddings / lm_head: use rtn)")
+        self.check_stream_options()
 
 
 def smoothing_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -97,12 +100,14 @@ def int8_record(w: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> AffineR
     return AffineRecord(codes=codes, scales=scale.to(scale_dtype), bits=bits, group_size=w.shape[1])
 
 
-def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Tensor, progress: bool = False,
-                   source: str = ""):
-    """SmoothQuant W8A8 ``model`` in place; returns a QuantizedModel with records and ``act_quant``."""
-    from macq.qmodel import QuantizedModel
+def layer_quantizer(model: nn.Module, cfg: SmoothQuantConfig, device: torch.device | None = None):
+    """SmoothQuant's per-layer step, as :func:`~macq.quantizers.calibration.layerwise` and the streaming engine
+    (:mod:`macq.quantizers.stream_calib`) drive it (``model`` is only read for module names and config): input
+    ranges, smoothing folded into the producers, int8 records, and the act-quant hooks installed on the layer so
+    that the next layer is calibrated on W8A8 outputs. ``job.act_quant`` fills with each linear's input
+    quantization (the manifest's ``act_quant``); ``job.stats`` with each mapping's outlier ratios."""
+    from macq.quantizers.calibration import LayerJob
 
-    check_model_inputs("smoothquant", cfg, SmoothQuantConfig, calib_ids)
     spec = arch_spec(model).resolved(model.config)
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
     sd = SCALE_DTYPES[cfg.scale_dtype]
@@ -114,25 +119,38 @@ def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Te
     @torch.no_grad()
     def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:
         groups = input_groups(layer, spec.sequence)
-        st = collect_input_stats(layer, inputs, groups)
-        if cfg.smooth:
-            stats.update(smooth_layer(layer, spec, st, cfg.alpha, path))
-        layer_aq: dict[str, dict[str, Any]] = {}
-        for grp, full, mod in target_linears(layer, path, groups, targets):
-            rec = int8_record(get_weight(mod).detach(), cfg.weight_bits, sd)
-            rec.transposed = is_conv1d(mod)
-            set_weight(mod, rec.dequantize(torch.float32))
-            records[full] = rec
-            aq: dict[str, Any] = {"bits": cfg.act_bits, "mode": cfg.act_mode}
-            if cfg.act_mode == "per_tensor_static":
-                aq["scale"] = max(float(st[grp].absmax.max()) / qmax, 1e-8)
-            act_quant[full] = layer_aq[full[len(path) + 1:]] = aq
-        install_act_quant(layer, layer_aq)
+        with stage("stats"):
+            st = collect_input_stats(layer, inputs, groups)
+        with stage("round"):
+            if cfg.smooth:
+                stats.update(smooth_layer(layer, spec, st, cfg.alpha, path))
+            layer_aq: dict[str, dict[str, Any]] = {}
+            for grp, full, mod in target_linears(layer, path, groups, targets):
+                rec = int8_record(get_weight(mod).detach(), cfg.weight_bits, sd)
+                rec.transposed = is_conv1d(mod)
+                set_weight(mod, rec.dequantize(torch.float32))
+                records[full] = rec
+                aq: dict[str, Any] = {"bits": cfg.act_bits, "mode": cfg.act_mode}
+                if cfg.act_mode == "per_tensor_static":
+                    aq["scale"] = max(float(st[grp].absmax.max()) / qmax, 1e-8)
+                act_quant[full] = layer_aq[full[len(path) + 1:]] = aq
+            install_act_quant(layer, layer_aq)
 
-    layerwise(model, calib_ids, fn, batch_size=cfg.batch_size, progress=progress, description="smoothquant")
+    return LayerJob(fn, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True,
+                    act_quant=act_quant)
+
+
+def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Tensor, progress: bool = False,
+                   source: str = ""):
+    """SmoothQuant W8A8 ``model`` in place; returns a QuantizedModel with records and ``act_quant``."""
+    from macq.qmodel import QuantizedModel
+
+    check_model_inputs("smoothquant", cfg, SmoothQuantConfig, calib_ids)
+    job = layer_quantizer(model, cfg)
+    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description="smoothquant")
     method = cfg.to_dict()
-    method["stats"] = stats
-    return QuantizedModel.from_model(model, records, method=method, act_quant=act_quant, source=source)
+    method["stats"] = job.stats
+    return QuantizedModel.from_model(model, job.records, method=method, act_quant=job.act_quant, source=source)
 
 
 @torch.no_grad()

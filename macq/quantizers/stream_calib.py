@@ -1,4 +1,9 @@
-"""Streaming calibrated quantization (GPTQ, AWQ, AWQ->GPTQ): one decoder layer in memory at a time.
+"""Streaming calibrated quantization (GPTQ, AWQ, AWQ->GPTQ, SmoothQuant, kmeans-cal, learned, mixed): one decoder
+layer in memory at a time.
+
+Each method plugs in through ``MethodSpec.stream`` (its ``layer_quantizer``, the same per-layer step its in-memory
+path drives) and its config's ``stream_refusal()`` (options that need the whole model at once: Fisher or KL
+sensitivities, learned's logits stage; refused before any weight is read). Nothing here knows a method by name.
 
 The in-memory path (:func:`macq.quantizers.calibration.layerwise`) loads the whole model in float32 first; an
 8B model needs ~32 GB before any work. Here the model is a skeleton whose *parameters* are meta tensors (no
@@ -16,6 +21,8 @@ constructors, exactly as the in-memory model computes them). Then:
    path drives); the quantized layer produces the next layer's inputs (skipped after the last layer); the
    layer's records and float tensors (AWQ's folded norms and biases included) are appended to the sharded
    writers; the layer goes back to meta;
+   A method that must see the whole float model before quantizing (mixed: sensitivities, then one allocation)
+   gets a first pass of the same shape over the float layers (``LayerJob.prepass``), nothing written;
 3. the tensors outside the layers are copied (or quantized, for ``--include-embeddings`` / ``--include-lm-head``,
    with the same data-free quantizer as :func:`macq.quantizers.head_records`) tensor by tensor.
 
@@ -44,7 +51,7 @@ from macq.qmodel import FORMAT_VERSION, SHARD_BYTES, write_records
 from macq.quantizers.activations import ACT_DTYPES, ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs
 from macq.shards import ShardWriter, TensorStore
-from macq.streaming import copy_tokenizer, finite, plan_stream, quantize_stored
+from macq.streaming import copy_tokenizer, finite, plan_stream, quantize_stored, stream_refusal
 
 TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
                "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
@@ -135,6 +142,9 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
         raise MacqError(f"--method {method}: has no streaming calibrated path")
     cls, _ = spec.load()
     check_model_inputs(method, cfg, cls, calib_ids)
+    reason = stream_refusal(cfg)
+    if reason:
+        raise MacqError(f"--stream: {reason}")
     out = Path(out)
     if out.exists() and not force:
         raise MacqError(f"output: {out} exists (pass --force to overwrite)")
@@ -147,7 +157,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
     job = spec.layer_quantizer()(model, cfg, device)
     device = job.device            # where the method computes (AWQ: the CPU)
     heads = {n for n in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head)
-             if not n.startswith(plan.layers_prefix)} if spec.heads else set()
+             if not n.startswith(plan.layers_prefix)} if spec.heads or spec.stream_heads else set()
     hname, hcfg, hfn = head_quantizer(cfg) if heads else ("", None, None)
     act_dtype = ACT_DTYPES[cfg.act_dtype]
     budget = Budget(cfg.max_memory_bytes, out.parent, f".{out.name}.acts-")
@@ -183,20 +193,45 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                         rec = quantize_stored(store, key, tr, hname, hcfg, hfn)
                         rec.transposed = tr
                         head_recs[name] = rec
-            with stage("capture"):
-                early = tuple(n + "." for n in (aspec.lm_head, aspec.final_norm) if n)  # run after the layers only
-                outer = [n for n, _ in model.named_parameters(remove_duplicate=False)
-                         if not n.startswith(plan.layers_prefix) and not n.startswith(early)]
-                for n in outer:
-                    _set_param(model, n, finite(n, store[n]).to(device, torch.float32))
-                if aspec.embed in head_recs:
-                    emb = model.get_submodule(aspec.embed)
-                    _set_param(emb, "weight", head_recs[aspec.embed].dequantize(torch.float32).to(device))
-                _move_buffers(model, plan.layers_prefix, device)
-                inputs = LayerInputs(hidden=ActivationStore(act_dtype, budget), storage=torch.device("cpu"))
-                capture_first_layer_inputs(model, calib_ids, job.batch_size, device, offload=True, into=inputs)
-                for n in outer:
-                    _set_param(model, n, torch.empty_like(model.get_parameter(n), device="meta"))
+
+            def capture() -> LayerInputs:
+                with stage("capture"):
+                    early = tuple(n + "." for n in (aspec.lm_head, aspec.final_norm) if n)  # run after the layers only
+                    outer = [n for n, _ in model.named_parameters(remove_duplicate=False)
+                             if not n.startswith(plan.layers_prefix) and not n.startswith(early)]
+                    for n in outer:
+                        _set_param(model, n, finite(n, store[n]).to(device, torch.float32))
+                    if aspec.embed in head_recs:
+                        emb = model.get_submodule(aspec.embed)
+                        _set_param(emb, "weight", head_recs[aspec.embed].dequantize(torch.float32).to(device))
+                    _move_buffers(model, plan.layers_prefix, device)
+                    inputs = LayerInputs(hidden=ActivationStore(act_dtype, budget), storage=torch.device("cpu"))
+                    capture_first_layer_inputs(model, calib_ids, job.batch_size, device, offload=True, into=inputs)
+                    for n in outer:
+                        _set_param(model, n, torch.empty_like(model.get_parameter(n), device="meta"))
+                return inputs
+
+            if job.prepass is not None:
+                # 1b. a method that decides before it quantizes (mixed: sensitivities, then the allocation) first
+                # streams the float model once: each layer read, measured, run for the next one's inputs, dropped
+                inputs = capture()
+                plog = LayerLog(plan.n_layers, f"{method} (streamed, first pass)", enabled=progress)
+                for i in range(plan.n_layers):
+                    path, layer = f"{aspec.layers}.{i}", layers[i]
+                    plog.layer(i, "read")
+                    with stage("io"):
+                        materialize(layer, path + ".", store, device)
+                    job.prepass(i, path, layer, inputs)
+                    if i + 1 < plan.n_layers:
+                        with stage("forward"):
+                            inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
+                    release(layer)
+                    plog.stage = timer.take_layer()
+                inputs.hidden.release()
+                plog.done()
+                if job.after_prepass is not None:
+                    job.after_prepass()
+            inputs = capture()
             with stage("io"):
                 for name, rec in head_recs.items():
                     add_record(rw, name, rec)
@@ -236,10 +271,12 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             mdict = {**cfg.to_dict(), "streamed": True}
             if job.stats_in_manifest:
                 mdict["stats"] = job.stats
+            if job.method_info is not None:
+                mdict.update(job.method_info())
             if calibration:
                 mdict["calibration"] = calibration
             manifest = {"format": "macq", "version": FORMAT_VERSION, "source": source or str(src), "method": mdict,
-                        "bits_per_weight": bpw, "tied": plan.tied, "act_quant": {}, "records": metas}
+                        "bits_per_weight": bpw, "tied": plan.tied, "act_quant": job.act_quant, "records": metas}
             plan.config.save_pretrained(tmp)
             copy_tokenizer(plan.src, tmp)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
