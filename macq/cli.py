@@ -381,7 +381,7 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
     # a calibrated method that streams (or, asked with --stream, any method for Core ML) on a local checkpoint:
     # streamed quantization into a temporary dir, then the export of its records
     compose = kind != "macq" and (bool(method_spec(method_name).stream) or (target == "coreml" and bool(stream)))
-    src = use_streaming(model, method_name, stream) if compose else None
+    src = use_streaming(model, method_name, stream, cfg=cfg) if compose else None
     if src is not None:
         _export_via_stream(src, model, target, output, method_name, cfg, calib_full, tgt, graph, prefill_len,
                            chunks, max_chunk_mb, force, trust_remote_code, as_json, notes)
