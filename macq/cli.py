@@ -312,7 +312,9 @@ def _export_options(
                                                   help="Core ML: fall back where a record is not exactly expressible"),
     force: bool = typer.Option(False, help="replace an existing output that macq wrote"),
     trust_remote_code: bool = typer.Option(False),
-    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="MLX: " + STREAM_HELP),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
+                                          help=STREAM_HELP + "; calibrated methods (and, with --stream, any method "
+                                          "for Core ML) quantize into a temp dir first, then export its records"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None: ...
 
