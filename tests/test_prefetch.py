@@ -132,3 +132,21 @@ def test_streamed_records_equal_without_prefetch(tmp_path, monkeypatch):
                 assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
             else:
                 assert torch.equal(a, b)
+
+
+def test_one_handle_per_file_for_sequential_reads(tmp_path, monkeypatch):
+    """Row blocks of a tensor are read through one kept handle (the kernel's readahead state lives in it), with
+    the same bytes as a fresh read; close() drops it and a later read reopens."""
+    from macq.shards import SafetensorsFile
+
+    t = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48).to(torch.bfloat16)
+    save_file({"w": t, "b": torch.ones(5)}, tmp_path / "m.safetensors")
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    blocks = [f.get_rows("w", r, r + 7) for r in range(0, 64, 7)]
+    assert torch.equal(torch.cat(blocks), t) and torch.equal(f.get("b"), torch.ones(5))
+    assert len(opened) == 1
+    f.close()
+    assert torch.equal(f.get("w"), t) and len(opened) == 2
