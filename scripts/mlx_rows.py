@@ -54,8 +54,10 @@ def cli_flags(opts: dict[str, Any]) -> list[str]:
 
 
 def macq_cmd(method: str, opts: dict[str, Any], args, out: Path) -> list[str]:
+    """``macq quantize`` of the default model (or ``args.model``, a local HF dir: the tests' tiny model)."""
     macq = str(Path(PY).with_name("macq"))
-    return [macq, "quantize", "--method", method, *cli_flags(opts), "--calib-dataset", args.calib_dataset,
+    model = [str(args.model)] if getattr(args, "model", None) else []
+    return [macq, "quantize", *model, "--method", method, *cli_flags(opts), "--calib-dataset", args.calib_dataset,
             "--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len), "--seed", "0", "--no-stream", "-o", str(out)]
 
 

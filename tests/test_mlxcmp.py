@@ -101,9 +101,9 @@ def test_macq_row_command_builds_the_config_it_stands_for(tmp_path):
     accepts for the row's options and rejects for any other bits or calibration (``--reuse`` relies on it)."""
     hf = save_tiny_model(tmp_path / "hf", "llama3")
     opts = {"bits": 4, "group_size": 32, "symmetric": False, "include_embeddings": True}
-    cmd = rows.macq_cmd("awq", opts, _Args, tmp_path / "q")
-    cmd.insert(2, str(hf))
-    res = rows.run_child(cmd, tmp_path / "log")
+    class A(_Args):
+        model = hf
+    res = rows.run_child(rows.macq_cmd("awq", opts, A, tmp_path / "q"), tmp_path / "log")
     assert res["rc"] == 0, res["tail"]
     assert res["peak_mib"] > 50 and res["seconds"] > 0
     assert rows.same_settings(tmp_path / "q", "awq", opts, _Args)
@@ -210,3 +210,22 @@ def test_dense_mlx_scores_equal_quantized_kernels(tmp_path):
     assert d["ppl"] == pytest.approx(q["ppl"], rel=1e-5)
     assert d["kl"] == pytest.approx(q["kl"], rel=1e-4, abs=1e-6)
     assert d["top1"] == q["top1"]
+
+
+def test_build_row_makes_scores_and_reuses(tmp_path):
+    """bench's glue for one macq row and one mlx-lm row on a tiny tied Llama: child run, export, MLX dir that
+    mlx_lm loads, info with the child's rusage; a second call with ``--reuse`` runs nothing."""
+    hf = save_tiny_model(tmp_path / "hf", "llama3")
+    np.save(tmp_path / "ids.npy", np.zeros((2, 32), np.int32))
+
+    class A(_Args):
+        model, reuse = hf, True
+    opts = {"bits": 4, "group_size": 32, "symmetric": False, "include_embeddings": True}
+    for row, method in (("awq", "awq"), ("mlx-convert", None)):
+        mdir, info = rows.build_row(row, method, opts if method else None, A, hf, tmp_path / "ids.npy", tmp_path / "w")
+        assert mdir is not None and info["rc"] == 0 and "reused" not in info, info["tail"]
+        assert rows.mlx_file_size(mdir)["bpw"] == pytest.approx(5.0)
+        load_mlx(mdir, "float32")
+        again, info2 = rows.build_row(row, method, opts if method else None, A, hf, tmp_path / "ids.npy",
+                                      tmp_path / "w")
+        assert again == mdir and info2["reused"] and info2["seconds"] == info["seconds"]
