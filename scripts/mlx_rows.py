@@ -55,10 +55,13 @@ def cli_flags(opts: dict[str, Any]) -> list[str]:
 
 def macq_cmd(method: str, opts: dict[str, Any], args, out: Path) -> list[str]:
     """``macq quantize`` of the default model (or ``args.model``, a local HF dir: the tests' tiny model)."""
+    from macq.quantizers import method_spec
+
     macq = str(Path(PY).with_name("macq"))
     model = [str(args.model)] if getattr(args, "model", None) else []
-    return [macq, "quantize", *model, "--method", method, *cli_flags(opts), "--calib-dataset", args.calib_dataset,
-            "--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len), "--seed", "0", "--no-stream", "-o", str(out)]
+    calib = ["--calib-dataset", args.calib_dataset, "--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len),
+             "--seed", "0"] if method_spec(method).needs_calibration else []   # the CLI refuses them otherwise
+    return [macq, "quantize", *model, "--method", method, *cli_flags(opts), *calib, "--no-stream", "-o", str(out)]
 
 
 def tool_cmd(row: str, args, hf_dir: Path, ids_path: Path, out: Path) -> list[str]:

@@ -221,11 +221,11 @@ def test_build_row_makes_scores_and_reuses(tmp_path):
     class A(_Args):
         model, reuse = hf, True
     opts = {"bits": 4, "group_size": 32, "symmetric": False, "include_embeddings": True}
-    for row, method in (("awq", "awq"), ("mlx-convert", None)):
-        mdir, info = rows.build_row(row, method, opts if method else None, A, hf, tmp_path / "ids.npy", tmp_path / "w")
+    rtn = {**opts, "zero_point": "float"}                # uncalibrated: the command must carry no calibration flags
+    for row, method, o in (("awq", "awq", opts), ("rtn", "rtn", rtn), ("mlx-convert", None, None)):
+        mdir, info = rows.build_row(row, method, o, A, hf, tmp_path / "ids.npy", tmp_path / "w")
         assert mdir is not None and info["rc"] == 0 and "reused" not in info, info["tail"]
         assert rows.mlx_file_size(mdir)["bpw"] == pytest.approx(5.0)
         load_mlx(mdir, "float32")
-        again, info2 = rows.build_row(row, method, opts if method else None, A, hf, tmp_path / "ids.npy",
-                                      tmp_path / "w")
+        again, info2 = rows.build_row(row, method, o, A, hf, tmp_path / "ids.npy", tmp_path / "w")
         assert again == mdir and info2["reused"] and info2["seconds"] == info["seconds"]
