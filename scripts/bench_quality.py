@@ -120,20 +120,36 @@ def lut_file_size(qmodel, model, bits: int, lut_group: int) -> dict[str, float]:
     return {"bpw": qbits / n, "size_mib": (qbits + rest) / 8 / 2**20, "palettized_tensors": f"{palettized}/{len(names)}"}
 
 
+def torch_forward(model):
+    """``ids [T] -> logits [T, vocab]`` of a torch causal LM (one sequence, no cache)."""
+    return lambda x: model(input_ids=x[None], use_cache=False).logits[0]
+
+
+def mlx_forward(loaded):
+    """``ids [T] -> logits [T, vocab]`` (float32) through mlx_lm: an ``mlx_lm.load``-ed ``(model, tokenizer)``."""
+    from mlx_backend.runner import logits_fn
+
+    fn = logits_fn(loaded)
+    return lambda x: torch.from_numpy(fn(x[None].numpy())[0])
+
+
 @torch.inference_mode()
-def window_logprobs(model, ids: torch.Tensor, context: int = 512) -> list[torch.Tensor]:
-    """Log-probs ``[context - 1, vocab]`` of each non-overlapping window (first token of a window unscored)."""
-    return [torch.log_softmax(model(input_ids=ids[s:s + context][None], use_cache=False).logits[0, :-1].float(), -1)
+def window_logprobs(model, ids: torch.Tensor, context: int = 512, forward=None) -> list[torch.Tensor]:
+    """Log-probs ``[context - 1, vocab]`` of each non-overlapping window (first token of a window unscored).
+    ``forward`` (``ids [T] -> logits [T, vocab]``) replaces the torch ``model`` call, e.g. :func:`mlx_forward`."""
+    fwd = forward or torch_forward(model)
+    return [torch.log_softmax(fwd(ids[s:s + context])[:-1].float(), -1)
             for s in range(0, ids.numel() - 1, context) if ids[s:s + context].numel() > 1]
 
 
 @torch.inference_mode()
-def one_pass_scores(model, ids: torch.Tensor, ref: list[torch.Tensor], context: int = 512) -> dict[str, float]:
+def one_pass_scores(model, ids: torch.Tensor, ref: list[torch.Tensor], context: int = 512,
+                    forward=None) -> dict[str, float]:
     """Perplexity, mean KL(ref || model) and top-1 agreement from one forward per window (the CPU is scarce)."""
     nll, kl, top1, n = 0.0, 0.0, 0.0, 0
     for s, r in zip(range(0, ids.numel() - 1, context), ref):
         chunk = ids[s:s + context]
-        lp = window_logprobs(model, chunk, context)[0]
+        lp = window_logprobs(model, chunk, context, forward)[0]
         tgt = chunk[1:]
         nll += float(-lp.gather(1, tgt[:, None]).sum())
         kl += float((r.exp() * (r - lp)).sum())
@@ -208,6 +224,53 @@ def load_blockwise(path: str):
     return QuantizedModel.load(path), json.loads((Path(path) / "bench.json").read_text())
 
 
+def mlx_rows(args, calib: torch.Tensor, score, out: list[dict[str, Any]]) -> None:
+    """``--runtime mlx``: each row's MLX directory from a child process (:mod:`mlx_rows`), scored through mlx_lm
+    on the same windows and against the same reference as the torch rows."""
+    from pathlib import Path
+
+    import numpy as np
+    from compare_mlx import rope_patched_copy
+    from mlx_rows import MLX_TOOLS, build_row, dense_mlx, mlx_file_size
+
+    from macq.models import default_model_dir
+    from mlx_backend.runner import load_mlx
+
+    work = Path(args.mlx_work)
+    work.mkdir(parents=True, exist_ok=True)
+    ids_path = work / f"calib-{args.calib_dataset}-{args.n_calib}x{args.seq_len}.npy"
+    np.save(ids_path, calib.numpy().astype(np.int32))
+    hf_dir = rope_patched_copy(default_model_dir(), work)
+    for row in args.rows:
+        method, opts = (None, None) if row in MLX_TOOLS else mlx_macq_options(row, args)
+        mdir, info = build_row(row, method, opts, args, hf_dir, ids_path, work)
+        label = f"{row} {args.bits}-bit g{args.group_size}"
+        if mdir is None:
+            r = {"method": label, "failed": True, **info}
+            out.append(r)
+            print(json.dumps(r), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=1))
+            continue
+        from mlx_backend.runner import default_compute_dtype
+
+        loaded = load_mlx(mdir, default_compute_dtype())
+        if args.mlx_dense:
+            dense_mlx(loaded)
+        score(label, None, {**mlx_file_size(mdir), **info, "mlx_dir": str(mdir), "options": opts,
+                            "mlx_dense": args.mlx_dense}, forward=mlx_forward(loaded))
+
+
+def mlx_macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
+    """A macq row's CLI options under ``--runtime mlx``: as :func:`macq_options`, but ``learned`` runs whole
+    (block-wise pass and logits stage in one ``macq quantize``, as a user runs it)."""
+    method, opts = macq_options(row, args)
+    if method == "learned":
+        opts = {**opts, "kl_steps": args.kl_steps, "kl_lr": args.kl_lr, "kl_batch": args.kl_batch,
+                "kl_eval_every": args.kl_eval_every, "kl_holdout": args.kl_holdout, "kl_rows": args.kl_rows}
+    return method, opts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=[])
@@ -242,8 +305,29 @@ def main() -> None:
     ap.add_argument("--load", help="learned rows: take the block-wise quantization saved by --save instead of quantizing")
     ap.add_argument("--write-mlx-calibration", action="store_true",
                     help="write the calibration windows to ~/.cache/mlx-lm/calibration_v5.txt and exit")
+    ap.add_argument("--runtime", choices=("torch", "mlx"), default="torch",
+                    help="mlx: every row is quantized by a child process, written as an MLX directory and scored "
+                         "through mlx_lm (scripts/mlx_rows.py); rows mlx-convert/mlx-awq/mlx-gptq/mlx-dwq need it")
+    ap.add_argument("--mlx-work", help="--runtime mlx: directory keeping each row's quantization, MLX dir and log")
+    ap.add_argument("--reuse", action="store_true",
+                    help="--runtime mlx: reuse a row's MLX dir made by the same command (mlx-lm rows) or a macq "
+                         "quantization whose manifest records the same config and calibration (macq rows)")
+    ap.add_argument("--mlx-dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="--runtime mlx: score with the quantized layers dequantized by mlx (mlx_rows.dense_mlx; the "
+                         "CPU build's quantized matmul is ~25x slower); --no-mlx-dense: mlx's quantized kernels")
+    ap.add_argument("--dwq-lr", type=float, default=1e-6, help="mlx-dwq: --learning-rate (the tool's default 1e-6)")
+    ap.add_argument("--dwq-repeat", type=int, default=1,
+                    help="mlx-dwq: passes over the training sequences (the tool makes one pass over its data)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    from mlx_rows import MLX_TOOLS
+
+    if any(r in MLX_TOOLS for r in args.rows) and args.runtime != "mlx":
+        ap.error(f"rows {sorted(MLX_TOOLS)} need --runtime mlx")
+    if args.runtime == "mlx" and not args.mlx_work:
+        ap.error("--runtime mlx needs --mlx-work DIR")
+    if args.runtime == "mlx" and any(r not in AFFINE and r not in MLX_TOOLS for r in args.rows):
+        ap.error("--runtime mlx: only affine rows (MLX has no LUT format)")
     torch.set_num_threads(args.threads)
     from macq.benchmark import fp16_copy
     from macq.data import eval_tokens
@@ -259,12 +343,12 @@ def main() -> None:
     ref_lp: dict[str, list[torch.Tensor]] = {}   # filled when the first row is scored (quantize first, then wait)
     out: list[dict[str, Any]] = []
 
-    def score(label: str, qmodel, extra: dict[str, Any]) -> None:
+    def score(label: str, qmodel, extra: dict[str, Any], forward=None) -> None:
         r = {"method": label, **extra}
         for d, ids in evals.items():
             if d not in ref_lp:
                 ref_lp[d] = reference(ref, ids, d, args)
-            r.update({f"{d}_{k}": v for k, v in one_pass_scores(qmodel, ids, ref_lp[d]).items()})
+            r.update({f"{d}_{k}": v for k, v in one_pass_scores(qmodel, ids, ref_lp[d], forward=forward).items()})
         out.append(r)
         print(json.dumps(r), flush=True)
         if args.json:
@@ -274,6 +358,10 @@ def main() -> None:
     if args.fp16_row:
         score("fp16", ref, {"bpw": 16.0, "size_mib": sum(p.numel() for p in model.parameters()) * 2 / 2**20})
     calib = calibration_ids(tok, args.calib_dataset, args.n_calib, args.seq_len, 0)
+    if args.runtime == "mlx":
+        mlx_rows(args, calib, score, out)
+        print(f"Caveat: {DEFAULT_MODEL_CAVEAT}.")
+        return
     for row in args.rows:
         t0 = time.perf_counter()
         if row.startswith("ct-"):

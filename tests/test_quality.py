@@ -358,3 +358,35 @@ def test_kmeans_cal_record_reads_back_bit_exact_from_core_ml(calib):
     assert len(ops) == 1
     got = np.asarray(ops[0].materialized_val_inference())
     assert np.array_equal(got.view(np.uint16), np.ascontiguousarray(w.T).view(np.uint16))
+
+
+def test_learned_awq_init_is_awq_bit_for_bit():
+    """``learned`` with no block-wise steps and no logits stage is AWQ's initialisation alone: at AWQ's engine batch
+    (8 calibration sequences per layer forward) it gives ``--method awq``'s quantization exactly -- the same records
+    (codes, fp16 scales, zero-points; embedding included) and the same folded float tensors. At learned's default
+    ``batch_size=1`` (its sign-SGD batch, which is also the layer engine's batch) AWQ's input statistics are summed
+    in another order: the folded norms move by float32 ulps (the records happen to agree on this tiny model). On
+    the 30-layer model such ulps can flip AWQ's discrete alpha / clip choices, which is why the README's
+    ``learned --steps 0`` and ``awq`` rows differ; not a different algorithm."""
+    from macq.pipeline import quantize
+
+    model, tok = tiny_model("llama3"), tiny_tokenizer()
+    base = {"bits": 3, "group_size": 32, "symmetric": False, "include_embeddings": True}
+    a = quantize(model, tok, "awq", base, "c4", 8, 64, 0)
+    folded = [k for k in a.float_tensors if "layernorm" in k and not torch.equal(a.float_tensors[k], model.state_dict()[k])]
+    assert folded
+    for bs in (8, 1):
+        b = quantize(model, tok, "learned", {**base, "steps": 0, "kl_steps": 0, "batch_size": bs}, "c4", 8, 64, 0)
+        assert a.records.keys() == b.records.keys() and "model.embed_tokens" in a.records
+        for k, ra in a.records.items():
+            rb = b.records[k]
+            assert torch.equal(ra.codes, rb.codes) and torch.equal(ra.scales, rb.scales), k
+            assert torch.equal(ra.zeros, rb.zeros), k
+        assert a.float_tensors.keys() == b.float_tensors.keys()
+        same = [torch.equal(a.float_tensors[k], b.float_tensors[k]) for k in folded]
+        if bs == 8:
+            assert all(same)
+        else:
+            assert not all(same)
+            for k in folded:
+                torch.testing.assert_close(a.float_tensors[k], b.float_tensors[k], rtol=2.5e-7, atol=0)
