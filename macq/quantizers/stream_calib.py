@@ -211,24 +211,40 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                         _set_param(model, n, torch.empty_like(model.get_parameter(n), device="meta"))
                 return inputs
 
-            if job.prepass is not None:
-                # 1b. a method that decides before it quantizes (mixed: sensitivities, then the allocation) first
-                # streams the float model once: each layer read, measured, run for the next one's inputs, dropped
-                inputs = capture()
-                plog = LayerLog(plan.n_layers, f"{method} (streamed, first pass)", enabled=progress)
+            def walk(inputs: LayerInputs, step: Any, log: LayerLog, done: Any) -> None:
+                """Every decoder layer in turn: read, ``step``, run it for the next layer's inputs, ``done``
+                (write its tensors, or nothing), back to meta."""
                 for i in range(plan.n_layers):
                     path, layer = f"{aspec.layers}.{i}", layers[i]
-                    plog.layer(i, "read")
+                    log.layer(i, "read")
                     with stage("io"):
                         materialize(layer, path + ".", store, device)
-                    job.prepass(i, path, layer, inputs)
+                    step(i, path, layer, inputs)
                     if i + 1 < plan.n_layers:
                         with stage("forward"):
                             inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
-                    release(layer)
-                    plog.stage = timer.take_layer()
+                    with stage("io"):
+                        done(path, layer)
+                        release(layer)
+                    log.stage = timer.take_layer()
                 inputs.hidden.release()
-                plog.done()
+                log.done()
+
+            def write_layer(path: str, layer: nn.Module) -> None:
+                mine = [k for k in job.records if k.startswith(path + ".")]
+                for name in mine:
+                    add_record(rw, name, job.records.pop(name))
+                skip = {f"{name[len(path) + 1:]}.weight" for name in mine}
+                for k, t in layer.state_dict().items():
+                    if k not in skip:
+                        key = f"{path}.{k}"
+                        add_float(fw, key, _float_out(t, store.dtype(key) if key in store else t.dtype))
+
+            if job.prepass is not None:
+                # 1b. a method that decides before it quantizes (mixed: sensitivities, then the allocation) first
+                # streams the float model once: each layer read, measured, run for the next one's inputs, dropped
+                walk(capture(), job.prepass, LayerLog(plan.n_layers, f"{method} (streamed, first pass)",
+                                                       enabled=progress), lambda _p, _l: None)
                 if job.after_prepass is not None:
                     job.after_prepass()
             inputs = capture()
@@ -237,29 +253,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                     add_record(rw, name, rec)
             timer.take_layer()   # the per-layer split starts here (capture and heads are in the totals)
             # 2. one decoder layer at a time
-            for i in range(plan.n_layers):
-                path = f"{aspec.layers}.{i}"
-                layer = layers[i]
-                log.layer(i, "read")
-                with stage("io"):
-                    materialize(layer, path + ".", store, device)
-                job.fn(i, path, layer, inputs)
-                if i + 1 < plan.n_layers:
-                    with stage("forward"):
-                        inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
-                with stage("io"):
-                    mine = [k for k in job.records if k.startswith(path + ".")]
-                    for name in mine:
-                        add_record(rw, name, job.records.pop(name))
-                    skip = {f"{name[len(path) + 1:]}.weight" for name in mine}
-                    for k, t in layer.state_dict().items():
-                        if k not in skip:
-                            key = f"{path}.{k}"
-                            add_float(fw, key, _float_out(t, store.dtype(key) if key in store else t.dtype))
-                    release(layer)
-                log.stage = timer.take_layer()
-            inputs.hidden.release()
-            log.done()
+            walk(inputs, job.fn, log, write_layer)
             # 3. the rest outside the layers, tensor by tensor
             with stage("io"):
                 for kind, name, key, _tr in outside:
