@@ -44,7 +44,7 @@ from macq.errors import MacqError
 from macq.progress import stage
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_model_inputs
-from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, KMeansConfig, _groups
+from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, SOLVERS, KMeansConfig, _groups
 from macq.record import LUTRecord
 
 SENSITIVITIES = ("fisher", "hessian")
@@ -63,6 +63,7 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
     weighted_heads: bool = True    # embedding / lm_head (if included): Fisher-weighted k-means (sensitivity fisher)
     damp_percent: float = 0.01
     block_size: int = 128
+    solver: str = "exact"          # k-means: "exact" optimal 1-D DP per group, or "lloyd" (see palettize)
     n_iter: int = 300
     n_init: int = 4
     seed: int = 0
@@ -80,6 +81,7 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
         check(self.block_size >= 1, f"--block-size {self.block_size}: expected >= 1")
         check(self.refit_rounds >= 0, f"--refit-rounds {self.refit_rounds}: expected >= 0")
         check(self.n_iter >= 0 and self.n_init >= 1, "n_iter >= 0 and n_init >= 1 expected")
+        check(self.solver in SOLVERS, f"--solver {self.solver}: expected one of {', '.join(SOLVERS)}")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
         self.check_stream_options()
 
@@ -94,7 +96,7 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
     def kmeans_config(self) -> KMeansConfig:
         return KMeansConfig(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
                             lut_dtype=self.lut_dtype, n_iter=self.n_iter, seed=self.seed, n_init=self.n_init,
-                            weighted=True)
+                            weighted=True, solver=self.solver)
 
 
 def lut_rows(rec: LUTRecord) -> torch.Tensor:

@@ -3,10 +3,12 @@
 One LUT of ``2**bits`` entries serves either the whole tensor (``per_tensor``) or each group of
 ``group_size`` consecutive *output* channels (``per_grouped_channel``, Core ML's layout). Two ways to pick it:
 
-* k-means (:func:`kmeans_lut`): k-means++ seedings (plus an exact-DP seeding on a coreset), then Lloyd on all
-  groups at once. The data is 1-D, so each row is sorted once; assignment is then a ``searchsorted`` of the
-  centroid midpoints into the sorted row and the update is prefix-sum differences: O(K log n) per step.
-  Optional per-weight importance turns it into weighted k-means (e.g. Fisher / Hessian-diagonal weights).
+* k-means, ``solver="exact"`` (the default, :mod:`macq.quantizers.exact1d`): the globally optimal LUT of every
+  group by a 1-D dynamic program. ``solver="lloyd"`` (:func:`kmeans_lut`): k-means++ seedings (plus an exact-DP
+  seeding on a coreset), then Lloyd on all groups at once. The data is 1-D, so each row is sorted once;
+  assignment is then a ``searchsorted`` of the centroid midpoints into the sorted row and the update is prefix-sum
+  differences: O(K log n) per step. Lloyd is several times faster but stops in local optima that cost perplexity
+  (see ``exact1d``). Optional per-weight importance makes either weighted k-means (Fisher / Hessian diagonal).
 * uniform (:func:`uniform_lut`): ``linspace(min, max, 2**bits)`` per group, coremltools' "uniform" mode.
 
 The LUT is stored in ``lut_dtype`` (fp16 by default, as Core ML stores it), so the final indices are the
@@ -22,10 +24,12 @@ from typing import Iterator
 import torch
 
 from macq.quantizers.base import QuantConfig, check
+from macq.quantizers.exact1d import exact_centroids
 from macq.record import LUTRecord
 
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SOLVERS = ("exact", "lloyd")
 _SEED_POINTS = 8192  # k-means++ seeds from at most this many points per group
 _DP_MAX_K = 32       # the coreset-DP seeding (O(K·m²) per group) runs up to 5 bits
 _DP_CHUNK = 128      # groups per DP batch
@@ -50,13 +54,15 @@ class UniformConfig(QuantConfig):
 @dataclass
 class KMeansConfig(UniformConfig):
     method = "kmeans"
-    n_iter: int = 300              # Lloyd steps at most (stops once no assignment changes); O(K log n) each
+    solver: str = "exact"          # "exact": optimal 1-D DP per group; "lloyd": seeded Lloyd (faster, local optima)
+    n_iter: int = 300              # lloyd: steps at most (stops once no assignment changes); O(K log n) each
     seed: int = 0
-    n_init: int = 4                # k-means++ restarts; each group keeps its best
+    n_init: int = 4                # lloyd: k-means++ restarts; each group keeps its best
     weighted: bool = False         # needs per-weight importance passed to quantize_weight
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.solver in SOLVERS, f"--solver {self.solver}: expected one of {', '.join(SOLVERS)}")
         check(self.n_iter >= 0, f"--n-iter {self.n_iter}: expected >= 0")
         check(self.n_init >= 1, f"--n-init {self.n_init}: expected >= 1")
 
@@ -263,7 +269,11 @@ def quantize_weight(w: torch.Tensor, cfg: UniformConfig, importance: torch.Tenso
             check(tuple(importance.shape) == (out, inp),
                   f"importance has shape {tuple(importance.shape)}, expected {(out, inp)}")
         wts = _groups(importance.float(), cfg) if cfg.weighted else None
-        lut, idx = kmeans_lut(x, cfg.bits, wts, cfg.n_iter, cfg.seed, dt, cfg.n_init)
+        if cfg.solver == "exact":
+            lut = exact_centroids(x, 2 ** cfg.bits, wts).to(dt)
+            idx = nearest_indices(x, lut).to(torch.uint8)
+        else:
+            lut, idx = kmeans_lut(x, cfg.bits, wts, cfg.n_iter, cfg.seed, dt, cfg.n_init)
     else:
         lut, idx = uniform_lut(x, cfg.bits, dt)
     return LUTRecord(indices=idx.reshape(out, inp), lut=lut, bits=cfg.bits)
