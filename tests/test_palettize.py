@@ -135,3 +135,57 @@ def test_real_layers_vs_coremltools() -> None:
                 ours = lut_mse(w, quantize_weight(w, KMeansConfig(bits=bits, granularity=gran)))
                 ref = (coreml_palettize(w, bits, "kmeans", gran) - w).pow(2).mean().item()
                 assert ours <= ref * 1.01, (gran, bits, ours / ref)
+
+
+# ------------------------------------------------------------------------------------------ exact solver
+
+def _sse_all_assignments(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
+    """float64 minimum of Σ w (x − c)² over every assignment of the points to k clusters (c = weighted means)."""
+    import itertools
+
+    best = float("inf")
+    for a in itertools.product(range(k), repeat=x.numel()):
+        a = torch.tensor(a)
+        sse = sum(float((w[a == c] * (x[a == c] - (w[a == c] * x[a == c]).sum() / w[a == c].sum()) ** 2).sum())
+                  for c in range(k) if bool((a == c).any()))
+        best = min(best, sse)
+    return best
+
+
+@pytest.mark.parametrize("k, n, seed, weighted", [(2, 8, 0, False), (2, 8, 1, True), (3, 7, 2, True), (4, 6, 3, False)])
+def test_exact_solver_reaches_the_brute_force_optimum(k, n, seed, weighted):
+    from macq.quantizers.exact1d import exact_centroids
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.distributions.StudentT(3.0).sample((1, n)) if seed % 2 else torch.randn(1, n, generator=g)
+    w = torch.rand(1, n, generator=g) * 10 + 0.01 if weighted else torch.ones(1, n)
+    c = exact_centroids(x, k, w if weighted else None)[0]
+    assert c.shape == (k,) and bool((c[1:] >= c[:-1]).all())
+    got = float((w[0].double() * (x[0].double()[:, None] - c[None]).pow(2).min(1).values).sum())
+    assert got == pytest.approx(_sse_all_assignments(x[0].double(), w[0].double(), k), rel=1e-9, abs=1e-12)
+
+
+def test_exact_solver_never_loses_to_lloyd_and_beats_it_on_heavy_tails() -> None:
+    w = _tensors()["student_t3"]
+    sse = {}
+    for solver in ("exact", "lloyd"):
+        cfg = KMeansConfig(bits=4, group_size=4, solver=solver, lut_dtype="float32")
+        rec = quantize_weight(w, cfg)
+        sse[solver] = (rec.dequantize() - w).double().pow(2).reshape(16, -1).sum(1)
+    assert bool((sse["exact"] <= sse["lloyd"] * (1 + 1e-6)).all())          # optimal in every group
+    assert float(sse["exact"].sum()) < float(sse["lloyd"].sum()) * (1 - 1e-5)   # Lloyd's local optima
+
+
+def test_exact_solver_options_and_degenerate_groups() -> None:
+    from macq.quantizers.exact1d import exact_centroids
+
+    assert KMeansConfig.from_dict(KMeansConfig(solver="lloyd").to_dict()).solver == "lloyd"
+    assert KMeansConfig().solver == "exact"
+    with pytest.raises(MacqError, match="--solver kmeans1d"):
+        KMeansConfig(solver="kmeans1d")
+    x = torch.tensor([[-1.0, 0.25, 2.0, 2.0, 0.25, -1.0]])      # 3 distinct values, 8 clusters, 6 points
+    c = exact_centroids(x, 8)
+    assert c.shape == (1, 8) and bool(torch.isfinite(c).all())
+    assert set(c[0].tolist()) == {-1.0, 0.25, 2.0}
+    zero = exact_centroids(x, 2, torch.zeros_like(x))            # all-zero weights: solved unweighted
+    assert torch.equal(zero, exact_centroids(x, 2))

@@ -31,11 +31,14 @@ def _solver():
 
 
 def _one(args: tuple[np.ndarray, np.ndarray | None, int]) -> np.ndarray:
-    """Sorted optimal centroids of one group (padded by repeating the last one if the group has < k points)."""
+    """Sorted optimal centroids of one group. With fewer distinct values than ``k`` the solver leaves clusters
+    empty (centroid 0.0, which nearest assignment could then pick): those repeat a used centroid instead."""
     row, wts, k = args
     res = _solver().cluster(row, k) if wts is None else _solver().cluster(row, k, weights=wts)
     cents = np.asarray(res.centroids, dtype=np.float64)
-    return np.pad(cents, (0, k - cents.size), mode="edge") if cents.size < k else cents
+    used = np.bincount(np.asarray(res.clusters), minlength=cents.size) > 0
+    cents = cents[used]
+    return np.sort(np.pad(cents, (0, k - cents.size), mode="edge"))
 
 
 def exact_centroids(x: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
