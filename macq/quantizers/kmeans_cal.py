@@ -33,7 +33,7 @@ is a per-channel LUT), which the Core ML exporter writes as ``constexpr_lut_to_d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,7 +63,8 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
     weighted_heads: bool = True    # embedding / lm_head (if included): Fisher-weighted k-means (sensitivity fisher)
     damp_percent: float = 0.01
     block_size: int = 128
-    solver: str = "exact"          # k-means: "exact" optimal 1-D DP per group, or "lloyd" (see palettize)
+    solver: str = field(default="exact", metadata={"help": "k-means solver: exact (optimal LUT per group, 1-D DP) | "
+                                                           "lloyd (seeded Lloyd: faster, local optima)"})
     n_iter: int = 300
     n_init: int = 4
     seed: int = 0

@@ -18,7 +18,7 @@ nearest entries of the *rounded* LUT: ``record.dequantize()`` is then exactly wh
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -54,7 +54,8 @@ class UniformConfig(QuantConfig):
 @dataclass
 class KMeansConfig(UniformConfig):
     method = "kmeans"
-    solver: str = "exact"          # "exact": optimal 1-D DP per group; "lloyd": seeded Lloyd (faster, local optima)
+    solver: str = field(default="exact", metadata={"help": "k-means solver: exact (optimal LUT per group, 1-D DP) | "
+                                                           "lloyd (seeded Lloyd: faster, local optima)"})
     n_iter: int = 300              # lloyd: steps at most (stops once no assignment changes); O(K log n) each
     seed: int = 0
     n_init: int = 4                # lloyd: k-means++ restarts; each group keeps its best
