@@ -120,3 +120,35 @@ def test_per_channel_weighted_kmeans_near_the_weighted_optimum() -> None:
     gap = _sse(x, lut, w) / _sse(x, _exact(x, 16, w), w) - 1
     assert float(gap.mean()) < 3e-3
     assert float(gap.min()) > -1e-6
+
+
+def test_per_channel_kmeans_cal_record_reads_back_bit_exact_from_core_ml() -> None:
+    """A per-channel (group_size=1) kmeans-cal record holds one LUT per output row and is written unchanged as
+    ``constexpr_lut_to_dense``: Core ML's own value inference gives back exactly the record's fp16 weights."""
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from converters.weights import apply_records_to_program, plan_layouts
+    from macq.data import calibration_samples
+    from macq.quantizers import quantize_model
+    from macq.tiny import tiny_model, tiny_tokenizer
+
+    calib = calibration_samples(tiny_tokenizer(), "tinystories", 4, 32, seed=0)
+    qm = quantize_model(tiny_model(), "kmeans-cal", calib=calib, bits=4, group_size=1, sensitivity="hessian", n_init=1)
+    name = next(n for n in qm.records if n.endswith("mlp.down_proj"))
+    rec = qm.records[name]
+    assert rec.n_lut_groups == rec.shape[0] and tuple(rec.lut.shape) == (rec.shape[0], 16)
+    w = rec.dequantize(torch.float32).half().numpy()
+    wt = np.ascontiguousarray(w.T)                                   # the program holds [in, out]
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, wt.shape[0]), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.matmul(x=x, y=wt, name="mm")
+
+    layouts, _ = plan_layouts({name: rec})
+    apply_records_to_program(prog, {name: rec}, layouts)
+    ops = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
+    assert len(ops) == 1
+    got = np.asarray(ops[0].materialized_val_inference())
+    assert np.array_equal(got.view(np.uint16), wt.view(np.uint16))
