@@ -225,6 +225,7 @@ def test_hf_export_reads_back_bit_exact_and_runs(tmp_path):
         assert c["bits"] == rec.storage_bits(), name          # the file holds what the record charges
     ops = [op for op in prog.functions["main"].operations]
     assert not [op for op in ops if op.op_type == "linear" and op.weight.op.op_type == "add"]
+    assert any("sparse fp16 outliers summed by a runtime add" in line for line in res.ane_report)
     ids = np.array([[5, 17, 200, 3, 99, 410]], dtype=np.int32)
     with torch.no_grad():
         ref = qm.to_torch(torch.float32)(torch.from_numpy(ids).long()).logits[0].numpy()
