@@ -24,7 +24,7 @@ from macq.errors import MacqError
 from macq.models import get_weight, quantizable_modules
 from macq.qmodel import QuantizedModel
 from macq.quantizers.kmeans_cal import KMeansCalConfig, lut_gptq, lut_rows, output_error, palettize_linear, refit_lut
-from macq.quantizers.outliers import attach_outliers, outlier_mask, select_outliers
+from macq.quantizers.outliers import attach_outliers, outlier_mask
 from macq.quantizers.palettize import KMeansConfig, _groups, quantize_weight
 from macq.record import LUTRecord, bits_per_weight
 from macq.tiny import tiny_model
@@ -120,12 +120,17 @@ def test_kmeans_outliers_are_kept_exactly_and_left_out_of_the_fit():
     assert bits_per_weight(rec) == pytest.approx(bits_per_weight(plain) + 1 + 16 * 0.01, abs=1e-3)
 
 
-def test_sensitivity_weighted_selection():
+def test_weighted_fit_selects_by_distance_not_sensitivity():
     w = torch.randn(16, 64)
     imp = torch.ones(16, 64)
-    imp[3, 5] = 1e6                                        # a small weight that matters a lot
-    mask = select_outliers(w, w.reshape(1, -1), 2 / w.numel(), imp)
-    assert mask[3, 5] and int(mask.sum()) == 2
+    imp[3, 5] = 1e6                                        # a weight that matters a lot: weighted in the fit...
+    w[3, 5] = w.mean()
+    rec = quantize_weight(w, KMeansConfig(bits=2, granularity="per_tensor", weighted=True, outlier_frac=2 / w.numel(),
+                                          n_init=1), imp)
+    mask = outlier_mask(rec)
+    dev = (w - w.mean()).abs()
+    assert not mask[3, 5] and int(mask.sum()) == 2 and dev[mask].min() >= dev[~mask].max()   # ...not an outlier
+    assert (rec.lut.float() - w[3, 5]).abs().min() < 1e-3 * dev.max()     # the heavy weight owns a LUT entry
 
 
 def test_attach_outliers_picks_an_index_whose_fp16_sum_is_exact():

@@ -278,7 +278,7 @@ def quantize_weight(w: torch.Tensor, cfg: UniformConfig, importance: torch.Tenso
         if cfg.outlier_frac > 0:
             from macq.quantizers.outliers import fit_weights, select_outliers
 
-            mask = select_outliers(w, x, cfg.outlier_frac, imp)
+            mask = select_outliers(w, x, cfg.outlier_frac)
             imp = fit_weights(mask, imp)
         wts = _groups(imp, cfg) if imp is not None else None
         lut, idx = kmeans_lut(x, cfg.bits, wts, cfg.n_iter, cfg.seed, dt, cfg.n_init)
