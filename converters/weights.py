@@ -192,6 +192,8 @@ def dynamic_weight_consumers(var) -> None:
     ``matmul(x, var, transpose_y=True)`` (+ bias): MIL's ``linear`` only accepts a compile-time weight."""
     from coremltools.converters.mil import Builder as mb
 
+    if var.op is None or var.op.op_type == "const" or var.op.op_type.startswith("constexpr_"):
+        return   # a compile-time weight: linear takes it as is
     for op in list(var.child_ops):
         if op.op_type != "linear" or op.weight is not var:
             continue
