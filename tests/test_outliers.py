@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -212,7 +213,7 @@ def _outlier_qm(arch: str = "llama", seed: int = 0) -> QuantizedModel:
     model = tiny_model(arch, seed=seed)
     cfg = KMeansConfig(bits=4, group_size=16, outlier_frac=0.02, n_init=1)
     recs = {n: quantize_weight(get_weight(m).detach().float(), cfg) for n, m in quantizable_modules(model).items()}
-    recs["lm_head"] = quantize_weight(model.lm_head.weight.detach().float(), cfg)
+    recs["lm_head"] = quantize_weight(model.lm_head.weight.detach().float(), replace(cfg, outlier_frac=0.0))
     return QuantizedModel.from_model(model, recs)
 
 
@@ -224,12 +225,16 @@ def test_hf_export_reads_back_bit_exact_and_runs(tmp_path):
     assert len(chains) == len(qm.records)
     for name, rec in qm.records.items():
         (c,) = [c for c in chains if name.replace(".", "_") + "_" in c["name"]]
-        assert c["kind"] == "lut_to_dense+sparse_to_dense" and c["code_dtype"] == "uint4", name
+        kind = "lut_to_dense+sparse_to_dense" if rec.n_outliers else "lut_to_dense"
+        assert c["kind"] == kind and c["code_dtype"] == "uint4", name
         got, want = chain_value(c), rec.dequantize(torch.float32).half().numpy()
         assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16), want.view(np.uint16)), name
         assert c["bits"] == rec.storage_bits(), name          # the file holds what the record charges
     ops = [op for op in prog.functions["main"].operations]
     assert not [op for op in ops if op.op_type == "linear" and op.weight.op.op_type == "add"]
+    # only runtime weights leave linear: the head's plain LUT (a compile-time constexpr) still feeds a linear
+    (head,) = [c for c in chains if c["kind"] == "lut_to_dense"]
+    assert {u.op_type for u in head["op"].outputs[0].child_ops} == {"linear"}
     assert any("sparse fp16 outliers summed by a runtime add" in line for line in res.ane_report)
     ids = np.array([[5, 17, 200, 3, 99, 410]], dtype=np.int32)
     with torch.no_grad():
@@ -252,7 +257,7 @@ def test_ane_export_reads_back_bit_exact_and_runs(tmp_path):
     want = {h(r.dequantize(torch.float32).half().numpy()) for r in qm.records.values()}
     for fn in ("prefill", "decode"):
         chains = weight_chains(prog, fn)
-        assert {c["kind"] for c in chains} == {"lut_to_dense+sparse_to_dense"}
+        assert {c["kind"] for c in chains} == {"lut_to_dense+sparse_to_dense", "lut_to_dense"}
         assert {h(chain_value(c)) for c in chains} == want
     ids = np.array([11, 250, 3, 77, 5, 9, 100, 200, 300, 1], dtype=np.int64)
     s = AneSession(res.path, backend="mil")
