@@ -110,6 +110,11 @@ def ane_notes(prog, spec) -> list[str]:
                    "likely decompressed at load (memory win only) or moved off the ANE")
     if lut_scale:
         out.append(f"{lut_scale} weight(s) LUT + per-block/channel scale chain: GPU-oriented format, same caveat")
+    dense_sparse = sum(1 for op in prog.functions[main_function(prog, spec)].operations if op.op_type == "add"
+                       and all(v.op is not None and v.op.op_type.startswith("constexpr") for v in (op.x, op.y)))
+    if dense_sparse:
+        out.append(f"{dense_sparse} weight(s) LUT + sparse fp16 outliers summed by a runtime add: not a compile-time "
+                   "constant, so Core ML may compute the add per call (or fold it at load); unmeasured on device")
     descs = list(spec.description.functions[:1]) or [spec.description]
     for s in descs[0].state:
         shape = list(s.type.stateType.arrayType.shape)

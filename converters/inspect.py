@@ -15,7 +15,7 @@ import numpy as np
 from converters.ane_report import ane_findings, ane_report
 from converters.mil_io import dir_bytes, function_description, load_program, main_function
 
-__all__ = ["load_program", "inspect_mlpackage", "weight_chains", "dtype_name"]
+__all__ = ["load_program", "inspect_mlpackage", "weight_chains", "chain_value", "dtype_name"]
 
 CONSTEXPR = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "constexpr_sparse_to_dense",
              "constexpr_affine_dequantize", "constexpr_cast")
@@ -55,11 +55,39 @@ def weight_chains(prog, function: str | None = None) -> list[dict]:
                     bits += int(np.prod(inp.shape)) * _var_bits(inp)
         kinds = "+".join(o.op_type.removeprefix("constexpr_") for o in reversed(ops))
         first = ops[-1]
-        code_var = first.inputs.get("indices", first.inputs.get("data"))
+        code_var = first.inputs.get("indices", first.inputs.get("data", first.inputs.get("nonzero_data")))
         chains.append({"name": op.name, "kind": kinds, "shape": tuple(out.shape), "numel": int(np.prod(out.shape)),
-                       "code_dtype": dtype_name(code_var), "bits": bits, "op": op,
+                       "code_dtype": dtype_name(code_var), "bits": bits, "op": op, "parts": [op],
                        "bits_per_weight": bits / int(np.prod(out.shape))})
-    return chains
+    return _merge_dense_sparse(chains)
+
+
+def _merge_dense_sparse(chains: list[dict]) -> list[dict]:
+    """A LUT record with outliers is two chains summed by an ``add`` (dense LUT + ``sparse_to_dense``): one weight,
+    charged both chains' bits (the sparse part's 1-bit mask over every weight and its fp16 values)."""
+    by_op = {c["op"]: c for c in chains}
+    merged, used = [], set()
+    for c in chains:
+        for user in c["op"].outputs[0].child_ops:
+            if user.op_type != "add" or user.x.op not in by_op or user.y.op not in by_op or id(c) in used:
+                continue
+            a, b = by_op[user.x.op], by_op[user.y.op]
+            if a is b or id(a) in used or id(b) in used:
+                continue
+            used.update((id(a), id(b)))
+            merged.append({**a, "name": user.name, "kind": f"{a['kind']}+{b['kind']}", "bits": a["bits"] + b["bits"],
+                           "op": user, "parts": [a["op"], b["op"]],
+                           "bits_per_weight": (a["bits"] + b["bits"]) / a["numel"]})
+    return [c for c in chains if id(c) not in used] + merged
+
+
+def chain_value(chain: dict) -> np.ndarray:
+    """The weight a chain gives the program: the constexpr's value, or for a dense + sparse pair their fp16 sum as
+    the ``add`` computes it (a sum of two fp16 values rounded once to fp16)."""
+    vals = [np.asarray(op.materialized_val_inference()) for op in chain["parts"]]
+    if len(vals) == 1:
+        return vals[0]
+    return (vals[0].astype(np.float32) + vals[1].astype(np.float32)).astype(vals[0].dtype)
 
 
 def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:

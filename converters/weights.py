@@ -19,6 +19,17 @@ Layouts (iOS18 opset, ``coremltools/converters/mil/mil/ops/defs/iOS18/compressio
   ``shift_scale(tiled LUT) → lut_to_dense`` (the reverse order "was fixed in iOS26"), which tiles the
   LUT per block anyway (8.25 bits/weight) — measured here, so the plain per-block LUT is the honest
   smallest exact iOS18 form.
+* LUT record with outliers (SqueezeLLM's dense-and-sparse, :mod:`macq.quantizers.outliers`) → the LUT form above
+  ``add`` ``constexpr_sparse_to_dense(nonzero_data fp16 [n], mask uint1 [out, in])`` of the residuals
+  ``r = fp16(v − lut[idx])`` (:meth:`~macq.record.LUTRecord.outlier_residuals`; the quantizer picks ``idx`` so that
+  ``fp16(lut[idx] + r) == v``, so the fp16 ``add`` is bit-exact; a record where it is not is refused). Core ML has
+  no overwrite-by-mask constexpr and no constexpr that adds two constexprs, so the sum is a runtime ``add`` whose
+  result is no longer a compile-time constant: ``linear`` requires a const weight, so its consumers become
+  ``matmul(x, W, transpose_y=True)`` (+ bias); ``conv`` (the ANE graph), ``matmul`` and ``gather`` take it as is.
+  Storage: the 1-bit mask over every weight + 16 bits per outlier. Rejected: coremltools' joint forms
+  (``constexpr_lut_to_sparse`` → ``sparse_to_dense``) palettize the *non-zeros of a pruned* weight — zeros
+  elsewhere, not a dense LUT plus a few fp16 values; two of them (dense-minus-outliers and outliers) would cost two
+  masks.
 * Affine record → ``constexpr_blockwise_shift_scale(data, scale fp16 [out, in/g], offset)``: zero-point
   records use unsigned data + unsigned integer offset; symmetric ones signed data (``q − 2^(b−1)``) and no
   offset. Data types exist only for 4 and 8 bits: 1–3 bit codes go in a 4-bit container, 5–7 in 8 bits
@@ -73,14 +84,32 @@ def lut_layout(rec: LUTRecord, name: str, notes: list[str]) -> list[tuple[str, d
     lut = _np(rec.lut.float())
     scales = rec.block_scales()
     if scales is None:
-        return [("lut", dict(indices=idx, lut=lut.astype(np.float16).reshape(rec.n_lut_groups, 1, k, 1)))]
+        return [("lut", dict(indices=idx, lut=lut.astype(np.float16).reshape(rec.n_lut_groups, 1, k, 1)))] \
+            + outlier_steps(rec, name)
     # per-block LUT: entry [o, j, c] = fp16(lut[group(o), c] * scale[o, j]), computed in fp32 like dequantize
     rows = rec.lut.float().repeat_interleave(out // rec.n_lut_groups, dim=0)           # [out, K]
     table = (rows.unsqueeze(1) * scales.unsqueeze(-1)).half()                           # [out, in/blk, K]
     notes.append(f"{name}: LUT × per-block scale stored as an exact per-block LUT ({k} fp16 entries per "
                  f"{rec.block_size} weights, {b + 16 * k / rec.block_size:.2f} bits/weight); iOS18 has no "
                  "compact exact form")
-    return [("lut", dict(indices=idx, lut=_np(table).reshape(out, inp // rec.block_size, k, 1)))]
+    return [("lut", dict(indices=idx, lut=_np(table).reshape(out, inp // rec.block_size, k, 1)))] + outlier_steps(rec, name)
+
+
+def outlier_steps(rec: LUTRecord, name: str) -> list[tuple[str, dict]]:
+    """The sparse step of a record with outliers: the fp16 residuals as a dense ``[out, in]`` array (zero elsewhere;
+    the non-zeros are taken in mask order once the array is in its final orientation) and the uint1 mask."""
+    if not rec.n_outliers:
+        return []
+    r, exact = rec.outlier_residuals()
+    if not bool(exact.all()):
+        raise MacqError(f"{name}: {int((~exact).sum())} of {rec.n_outliers} outliers cannot be written exactly as "
+                        "LUT + fp16 residual (no LUT entry of their group admits an exact fp16 sum)")
+    values = np.zeros(rec.shape, dtype=np.float16)
+    mask = np.zeros(rec.shape, dtype=np.uint8)
+    pos = _np(rec.outlier_pos.long())
+    values.reshape(-1)[pos] = _np(r)
+    mask.reshape(-1)[pos] = 1
+    return [("sparse", dict(values=values, mask=_sub_byte(mask, "uint1")))]
 
 
 def affine_layout(rec: AffineRecord, allow_fallback: bool, name: str, notes: list[str]) -> list[tuple[str, dict]]:
@@ -158,6 +187,24 @@ def _conv_step(kind: str, kw: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- the pass
 
+def dynamic_weight_consumers(var) -> None:
+    """Rewrite every ``linear`` that takes ``var`` (a runtime value: LUT + outliers) as its weight into
+    ``matmul(x, var, transpose_y=True)`` (+ bias): MIL's ``linear`` only accepts a compile-time weight."""
+    from coremltools.converters.mil import Builder as mb
+
+    if var.op is None or var.op.op_type == "const" or var.op.op_type.startswith("constexpr_"):
+        return   # a compile-time weight: linear takes it as is
+    for op in list(var.child_ops):
+        if op.op_type != "linear" or op.weight is not var:
+            continue
+        block = op.enclosing_block
+        y = mb.matmul(x=op.x, y=var, transpose_y=True, before_op=op, name=f"{op.name}_mm")
+        if op.bias is not None and not (op.bias.val is not None and not np.any(op.bias.val)):
+            y = mb.add(x=y, y=op.bias, before_op=op, name=f"{op.name}_bias")
+        block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=y)
+        block.remove_ops([op])
+
+
 def _build(steps, before_op, name: str, transposed: bool, conv: bool = False):
     from coremltools.converters.mil import Builder as mb
 
@@ -167,6 +214,11 @@ def _build(steps, before_op, name: str, transposed: bool, conv: bool = False):
         kw = _conv_step(kind, kw) if conv else kw
         if kind == "lut":
             var = mb.constexpr_lut_to_dense(**kw, before_op=before_op, name=f"{name}_lut")
+        elif kind == "sparse":
+            nz = kw["values"][kw["mask"].view(np.uint8) != 0]          # row-major order of the final mask
+            sp = mb.constexpr_sparse_to_dense(nonzero_data=nz, mask=kw["mask"], before_op=before_op,
+                                              name=f"{name}_outliers")
+            var = mb.add(x=var, y=sp, before_op=before_op, name=f"{name}_dense_sparse")
         else:
             if var is not None:
                 kw["data"] = var
@@ -222,6 +274,7 @@ def apply_records_to_program(prog, records: dict, layouts: dict[str, list]) -> d
             block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
                                                no_check_var_types=True)
             block.remove_ops([op])
+            dynamic_weight_consumers(new)
             for other, _ in hit:
                 placed[other].append(op.name)
 
@@ -271,6 +324,8 @@ def place_slots(prog, slots: dict[int, tuple], layouts: dict[str, list], float_r
             raise MacqError(f"{slot[1]}: shape {tuple(new.shape)} in place of a const of shape {tuple(shape)}")
         block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True)
         block.remove_ops([op])
+        with mb.scope(*scopes):
+            dynamic_weight_consumers(new)
         placed[m].append(op.name)
 
     @block_context_manager
@@ -310,8 +365,14 @@ def slice_rows(rec, start: int, stop: int):
             raise MacqError(f"rows [{start}, {stop}) split a LUT group of {per} rows")
         lut = rec.lut if rec.n_lut_groups == 1 else rec.lut[start // per:stop // per]
         scales = rec.block_scales()
+        pos, vals = rec.outlier_pos, rec.outlier_values
+        if pos is not None:   # flat positions: keep those inside the rows, shifted to the slice's origin
+            inp = rec.shape[1]
+            keep = (pos >= start * inp) & (pos < stop * inp)
+            pos, vals = (pos[keep] - start * inp, vals[keep]) if bool(keep.any()) else (None, None)
         return replace(rec, indices=rec.indices[start:stop], lut=lut,
-                       scales=None if scales is None else scales[start:stop], double_quant=None)
+                       scales=None if scales is None else scales[start:stop], double_quant=None,
+                       outlier_pos=pos, outlier_values=vals)
     if isinstance(rec, AffineRecord):
         if rec.per_tensor:
             return replace(rec, codes=rec.codes[start:stop])

@@ -29,7 +29,8 @@ from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, record
 from macq.shards import ShardWriter, TensorStore
 
 FORMAT_VERSION = 1
-RECORD_FIELDS = ("codes", "scales", "zeros", "biases", "indices", "lut", "dq_codes", "dq_code_lut", "dq_absmax")
+RECORD_FIELDS = ("codes", "scales", "zeros", "biases", "indices", "lut", "dq_codes", "dq_code_lut", "dq_absmax",
+                 "outlier_pos", "outlier_values")
 SHARD_BYTES = 2 << 30
 
 

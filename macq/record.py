@@ -8,7 +8,9 @@ Two kinds cover the whole product:
   MLX stores). Symmetric records carry neither: their zero is the implicit ``2**(bits-1)``.
 * :class:`LUTRecord`: indices into a look-up table shared by a group of output channels
   (k-means / uniform palettization, Core ML ``constexpr_lut_to_dense``), optionally times a scale per
-  block of the input dim (NF4 / FP4 absmax), whose scales may themselves be quantized (double quant).
+  block of the input dim (NF4 / FP4 absmax), whose scales may themselves be quantized (double quant),
+  optionally with a sparse part of fp16 outliers that *overwrite* the dense value at their positions
+  (SqueezeLLM's dense-and-sparse decomposition; Core ML: ``constexpr_sparse_to_dense`` added to the LUT).
 
 Weights are always held in ``nn.Linear`` orientation ``[out, in]``; ``transposed`` remembers that the
 source module (GPT-2's ``Conv1D``) stores ``[in, out]``. Groups and blocks run along the input dim.
@@ -201,12 +203,26 @@ class DoubleQuant:
                 + self.code_lut.numel() * _dtype_bits(self.code_lut) + 32)
 
 
+def _fp16_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` of two fp16 tensors rounded once to fp16, as Core ML's fp16 ``add`` computes it (the fp32 sum of
+    two fp16 values is within one rounding of exact, and fp32 has > 2·11+2 bits, so fp32-then-fp16 is exact IEEE)."""
+    return (a.half().float() + b.half().float()).half()
+
+
 @dataclass
 class LUTRecord:
-    """Indices into per-output-group look-up tables, optionally scaled per input block.
+    """Indices into per-output-group look-up tables, optionally scaled per input block, optionally with outliers.
 
     ``lut`` is ``[n_lut_groups, 2**bits]``; output channel ``i`` uses row ``i // (out // n_lut_groups)``.
     ``scales`` (if any) is ``[out, in // block_size]``; with ``double_quant`` it is derived from it.
+
+    Outliers (SqueezeLLM's sparse part): ``outlier_pos`` holds strictly increasing flat positions into the
+    ``[out, in]`` weight (int64), ``outlier_values`` their fp16 values, which **overwrite** the dense LUT value
+    there. Overwrite, not add, so an outlier's value is independent of the LUT (a LUT refit cannot move it) and
+    ``dequantize()`` at those positions is exactly the stored fp16 value. Core ML has no overwrite constexpr; the
+    exporter writes ``lut_dense + sparse_to_dense(mask, r)`` with ``r = fp16(v - lut[idx])``
+    (:meth:`outlier_residuals`), which is exact when ``fp16(lut[idx] + r) == v``; quantizers pick the dense index
+    at outlier positions so that it is (:func:`macq.quantizers.outliers.attach_outliers`).
     """
 
     indices: torch.Tensor
@@ -216,6 +232,8 @@ class LUTRecord:
     block_size: int | None = None
     double_quant: DoubleQuant | None = None
     transposed: bool = False
+    outlier_pos: torch.Tensor | None = None
+    outlier_values: torch.Tensor | None = None
     kind: str = field(default="lut", init=False)
 
     def __post_init__(self) -> None:
@@ -236,6 +254,51 @@ class LUTRecord:
             _check_codes("dq_codes", self.double_quant.codes, 8)
             _check_float("dq_code_lut", self.double_quant.code_lut)
             _check_float("dq_absmax", self.double_quant.absmax)
+        self._check_outliers()
+
+    def _check_outliers(self) -> None:
+        pos, val = self.outlier_pos, self.outlier_values
+        if pos is None and val is None:
+            return
+        if pos is None or val is None:
+            raise MacqError("record outliers: outlier_pos and outlier_values come together")
+        if pos.dim() != 1 or val.dim() != 1 or pos.numel() != val.numel():
+            raise MacqError(f"record outliers: outlier_pos {tuple(pos.shape)} and outlier_values {tuple(val.shape)} "
+                            "must be 1-D of equal length")
+        if pos.is_floating_point() or pos.dtype == torch.bool:
+            raise MacqError(f"record outlier_pos: dtype {_dtype_name(pos.dtype)}, expected an integer dtype")
+        if val.dtype != torch.float16:
+            raise MacqError(f"record outlier_values: dtype {_dtype_name(val.dtype)}, expected float16 (what Core ML stores)")
+        _check_float("outlier_values", val)
+        n = self.indices.numel()
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+            raise MacqError(f"record outlier_pos: positions in [{int(pos.min())}, {int(pos.max())}] outside the "
+                            f"{n} weights")
+        if pos.numel() > 1 and not bool((pos[1:] > pos[:-1]).all()):
+            raise MacqError("record outlier_pos: positions must be strictly increasing (sorted, no duplicates)")
+
+    @property
+    def n_outliers(self) -> int:
+        return 0 if self.outlier_pos is None else self.outlier_pos.numel()
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The LUT (× block scale) part alone, outliers not applied."""
+        out, inp = self.shape
+        rows_per_group = out // self.n_lut_groups
+        lut_rows = self.lut.float().repeat_interleave(rows_per_group, dim=0)  # [out, K]
+        w = torch.gather(lut_rows, 1, self.indices.long())
+        s = self.block_scales()
+        if s is not None:
+            w = (w.view(out, -1, self.block_size) * s.unsqueeze(-1)).view(out, inp)
+        return w.to(dtype)
+
+    def outlier_residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r, exact)``: the fp16 addends ``r = fp16(v - fp16(dense))`` that Core ML's ``add`` of the dense LUT
+        and ``sparse_to_dense(mask, r)`` needs, and per outlier whether ``fp16(fp16(dense) + r) == v``."""
+        d = self.dense().reshape(-1)[self.outlier_pos.long()].half()
+        v = self.outlier_values
+        r = (v.float() - d.float()).half()
+        return r, _fp16_add(d, r) == v
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -253,17 +316,17 @@ class LUTRecord:
         return None if self.scales is None else self.scales.float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out, inp = self.shape
-        rows_per_group = out // self.n_lut_groups
-        lut_rows = self.lut.float().repeat_interleave(rows_per_group, dim=0)  # [out, K]
-        w = torch.gather(lut_rows, 1, self.indices.long())
-        s = self.block_scales()
-        if s is not None:
-            w = (w.view(out, -1, self.block_size) * s.unsqueeze(-1)).view(out, inp)
+        w = self.dense()
+        if self.outlier_pos is not None:
+            w.view(-1)[self.outlier_pos.long()] = self.outlier_values.float()
         return w.to(dtype)
 
     def storage_bits(self) -> int:
+        """What the Core ML file holds. Outliers: ``constexpr_sparse_to_dense`` (iOS18) stores a 1-bit mask over
+        *every* weight plus one fp16 value per outlier, so any outliers cost 1 bit/weight + 16 bits each."""
         bits = self.indices.numel() * self.bits + self.lut.numel() * _dtype_bits(self.lut)
+        if self.outlier_pos is not None:
+            bits += self.indices.numel() + 16 * self.n_outliers
         if self.double_quant is not None:
             bits += self.double_quant.storage_bits()
         elif self.scales is not None:
@@ -279,6 +342,8 @@ class LUTRecord:
         if self.double_quant is not None:
             dq = self.double_quant
             out.update({"dq_codes": dq.codes, "dq_code_lut": dq.code_lut, "dq_absmax": dq.absmax})
+        if self.outlier_pos is not None:
+            out.update({"outlier_pos": self.outlier_pos.to(torch.int64), "outlier_values": self.outlier_values})
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -300,7 +365,7 @@ class LUTRecord:
                              offset=meta["dq_offset"], block_size=meta["dq_block_size"])
         return cls(indices=unpack_bits(t["indices"], meta["bits"], inp), lut=t["lut"], bits=meta["bits"],
                    scales=t.get("scales"), block_size=meta["block_size"], double_quant=dq,
-                   transposed=meta["transposed"])
+                   transposed=meta["transposed"], outlier_pos=t.get("outlier_pos"), outlier_values=t.get("outlier_values"))
 
 
 Record = Union[AffineRecord, LUTRecord]

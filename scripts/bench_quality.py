@@ -50,6 +50,8 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
         return row, base
     base = {"bits": args.bits, "granularity": "per_grouped_channel", "group_size": args.lut_group,
             "include_embeddings": True, "n_init": args.n_init}
+    if row.startswith("kmeans") and args.outlier_frac:
+        base["outlier_frac"] = args.outlier_frac
     if row.startswith("kmeans-cal") and args.refit_rounds is not None:
         base["refit_rounds"] = args.refit_rounds
     if row.startswith("kmeans-cal"):
@@ -289,6 +291,8 @@ def main() -> None:
     ap.add_argument("--wait-ref", action="store_true", help="wait for another process to fill --ref-cache")
     ap.add_argument("--n-init", type=int, default=1, help="k-means restarts (kmeans, kmeans-cal rows)")
     ap.add_argument("--refit-rounds", type=int, help="kmeans-cal LUT refits (default: the method's)")
+    ap.add_argument("--outlier-frac", type=float, default=0.0,
+                    help="kmeans / kmeans-cal rows: fraction of each tensor kept in fp16 (dense-and-sparse)")
     ap.add_argument("--weighted-heads", action=argparse.BooleanOptionalAction, default=True,
                     help="kmeans-cal: Fisher-weighted embedding / head LUT (the method's default; --no-weighted-heads: "
                          "the data-free k-means every other LUT method uses)")
@@ -398,6 +402,8 @@ def main() -> None:
             if args.save and row.startswith("learned"):
                 save_blockwise(qm, tok, info, args.save)
         grp = f"g{args.group_size}" if row in AFFINE else f"LUT g{args.lut_group}"
+        if opts.get("outlier_frac"):
+            grp += f" + {100 * opts['outlier_frac']:g}% fp16 outliers"
         info["options"] = opts
         linears = qm.method.get("stats", {}).get("linears", {})
         if linears and all("out_err" in st for st in linears.values()):   # kmeans-cal: layer-output errors

@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--fisher", action="store_true")
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--outlier-frac", type=float, default=0.0, help="fraction of the embedding kept in fp16")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(None)
@@ -44,13 +45,14 @@ def main() -> None:
     if args.fisher:
         calib = calibration_ids(tok, "c4", args.n_calib, args.seq_len, 0)
         fisher = fisher_diagonal(model, calib, {name: emb}, progress=True)[name]
-        rec = quantize_weight(w, KMeansCalConfig(bits=4, group_size=16, n_init=1).kmeans_config(), fisher)
+        rec = quantize_weight(w, KMeansCalConfig(bits=4, group_size=16, n_init=1, outlier_frac=args.outlier_frac).kmeans_config(), fisher)
     else:
-        rec = quantize_weight(w, KMeansConfig(bits=4, group_size=16, n_init=1))
+        rec = quantize_weight(w, KMeansConfig(bits=4, group_size=16, n_init=1, outlier_frac=args.outlier_frac))
     with torch.no_grad():
         set_weight(emb, rec.dequantize())
     ref_args = argparse.Namespace(ref_cache=args.ref_cache, wait_ref=False)
-    r = {"method": f"float decoder, embedding/head only: {'Fisher-weighted ' if args.fisher else ''}kmeans 4-bit g16"}
+    r = {"method": f"float decoder, embedding/head only: {'Fisher-weighted ' if args.fisher else ''}kmeans 4-bit g16"
+                              f"{f' + {100 * args.outlier_frac:g}% outliers' if args.outlier_frac else ''}"}
     for d in ["wiki", "c4", "tinystories"]:
         ids = eval_tokens(tok, d, 1024)
         r.update({f"{d}_{k}": v for k, v in one_pass_scores(model.eval(), ids, reference(None, ids, d, ref_args)).items()})

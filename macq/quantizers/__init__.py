@@ -159,7 +159,8 @@ def head_quantizer(cfg) -> tuple[str, Any, Callable[..., Any]]:
         from macq.quantizers.palettize import quantize_weight as lut_weight
 
         return "kmeans", KMeansConfig(bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size,
-                                      n_init=getattr(cfg, "n_init", 4), seed=getattr(cfg, "seed", 0)), lut_weight
+                                      n_init=getattr(cfg, "n_init", 4), seed=getattr(cfg, "seed", 0),
+                                      outlier_frac=getattr(cfg, "outlier_frac", 0.0)), lut_weight
     from macq.quantizers.rtn import RTNConfig
     from macq.quantizers.rtn import quantize_weight as rtn_weight
 

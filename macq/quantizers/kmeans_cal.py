@@ -44,7 +44,7 @@ from macq.errors import MacqError
 from macq.progress import stage
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_model_inputs
-from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, SOLVERS, KMeansConfig, _groups
+from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, OUTLIER_HELP, SOLVERS, KMeansConfig, _groups, check_outlier_frac
 from macq.record import LUTRecord
 
 SENSITIVITIES = ("fisher", "hessian")
@@ -69,6 +69,7 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
     n_init: int = 4
     seed: int = 0
     batch_size: int = 8
+    outlier_frac: float = field(default=0.0, metadata={"help": OUTLIER_HELP})
 
     def __post_init__(self) -> None:
         check(1 <= self.bits <= 8, f"--bits {self.bits}: kmeans-cal supports 1..8")
@@ -84,6 +85,7 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
         check(self.n_iter >= 0 and self.n_init >= 1, "n_iter >= 0 and n_init >= 1 expected")
         check(self.solver in SOLVERS, f"--solver {self.solver}: expected one of {', '.join(SOLVERS)}")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
+        check_outlier_frac(self.outlier_frac)
         self.check_stream_options()
 
     def stream_refusal(self) -> str:
@@ -97,7 +99,7 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
     def kmeans_config(self) -> KMeansConfig:
         return KMeansConfig(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
                             lut_dtype=self.lut_dtype, n_iter=self.n_iter, seed=self.seed, n_init=self.n_init,
-                            weighted=True, solver=self.solver)
+                            weighted=True, solver=self.solver, outlier_frac=self.outlier_frac)
 
 
 def lut_rows(rec: LUTRecord) -> torch.Tensor:
@@ -112,10 +114,12 @@ def _nearest_in_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent: float = 0.01,
-             block_size: int = 128) -> torch.Tensor:
+             block_size: int = 128, fixed: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ's column-by-column error feedback onto a fixed LUT: indices ``[out, in]`` (int64).
 
     ``rows [out, K]`` is each output row's LUT. With ``H = I`` this is exactly nearest assignment.
+    ``fixed [out, in]`` (bool, the record's outliers) are held at their value: error 0, no feedback from them
+    (their index is meaningless and is replaced when the outliers are attached).
     """
     from macq.quantizers.gptq import inverse_hessian_cholesky
 
@@ -133,6 +137,8 @@ def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent:
             w, d = W1[:, i], Hinv1[i, i]
             k = _nearest_in_rows(w, rows64)
             q = rows64.gather(1, k.unsqueeze(1)).squeeze(1)
+            if fixed is not None:
+                q = torch.where(fixed[:, i1 + i], w, q)
             idx[:, i1 + i] = k
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
@@ -148,8 +154,8 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
 
 
 @torch.no_grad()
-def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Tensor, ridge: float = 1e-9
-              ) -> torch.Tensor:
+def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Tensor, ridge: float = 1e-9,
+              fixed: torch.Tensor | None = None) -> torch.Tensor:
     """The LUT minimising ``tr(ΔW H ΔWᵀ)`` for fixed indices (GPTVQ's codebook update), ``[G, K]`` float64.
 
     With ``Ŵ[r] = A_r c_g`` (``A_r`` the one-hot ``[in, K]`` of row ``r``'s indices, ``c_g`` its group's LUT) the
@@ -157,10 +163,14 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     The k-means LUT is optimal for the *weight* error of nearest assignment; once GPTQ's feedback has chosen
     indices that are not nearest, and measured by the *output* error, other entries are better. A ridge
     ``ridge·mean(diag M)`` pulls towards the current ``lut`` so that unused entries keep their value.
+    ``fixed [out, in]`` (outliers, held in the sparse part): no LUT entry there, so their one-hot rows are zero and
+    ``w`` there must be what the sparse part does not hold (``w - v``, the fp16 rounding of the outlier ``v``).
     """
     out, n = w.shape
     g, k = lut.shape
     onehot = torch.nn.functional.one_hot(idx.long(), k).float()                       # [out, in, K]
+    if fixed is not None:
+        onehot = onehot.masked_fill(fixed.unsqueeze(-1), 0.0)
     ha = (H.float() @ onehot.permute(1, 0, 2).reshape(n, out * k)).reshape(n, out, k)  # H A_r for every row
     m = torch.einsum("irk,ril->rkl", ha, onehot).double()                              # A_rᵀ H A_r
     b = torch.einsum("rik,ri->rk", onehot.double(), w.double() @ H.double())           # A_rᵀ H w_r
@@ -179,6 +189,19 @@ def palettize_linear(w: torch.Tensor, H: torch.Tensor, importance: torch.Tensor,
 
     rec = quantize_weight(w, cfg.kmeans_config(), importance)
     dt = rec.lut.dtype
+    fixed, pos, vals, w_fix = None, rec.outlier_pos, rec.outlier_values, w
+    if pos is not None:
+        from macq.quantizers.outliers import attach_outliers, outlier_mask
+
+        fixed = outlier_mask(rec)
+        wf = w.clone().reshape(-1)
+        wf[pos] = vals.float()                      # the outliers' stored (fp16) values are what they hold fixed
+        w_fix = wf.view_as(w)
+    w_lut = w if fixed is None else torch.where(fixed, w - w_fix, w)    # the part the LUT must hold
+
+    def make(idx: torch.Tensor, lut: torch.Tensor) -> LUTRecord:
+        cand = LUTRecord(indices=idx.to(torch.uint8), lut=lut, bits=rec.bits)
+        return cand if pos is None else attach_outliers(cand, pos, vals)
     best_err = err_nearest = output_error(w, rec.dequantize(), H)
     info: dict[str, Any] = {"out_err_nearest": err_nearest, "feedback": False, "refit": 0}
 
@@ -192,15 +215,15 @@ def palettize_linear(w: torch.Tensor, H: torch.Tensor, importance: torch.Tensor,
         return False
 
     if cfg.error_feedback:
-        idx = lut_gptq(w, H, lut_rows(rec), cfg.damp_percent, cfg.block_size)
-        info["feedback"] = consider(LUTRecord(indices=idx.to(torch.uint8), lut=rec.lut, bits=rec.bits), "out_err_feedback")
+        idx = lut_gptq(w_fix, H, lut_rows(rec), cfg.damp_percent, cfg.block_size, fixed)
+        info["feedback"] = consider(make(idx, rec.lut), "out_err_feedback")
     for r in range(cfg.refit_rounds):
-        lut = refit_lut(w, H, rec.indices, rec.lut).to(dt)
-        improved = consider(LUTRecord(indices=rec.indices, lut=lut, bits=rec.bits), f"out_err_refit{r}")
+        lut = refit_lut(w_lut, H, rec.indices, rec.lut, fixed=fixed).to(dt)
+        improved = consider(make(rec.indices, lut), f"out_err_refit{r}")
         if cfg.error_feedback:
-            idx = lut_gptq(w, H, lut_rows(LUTRecord(indices=rec.indices, lut=lut, bits=rec.bits)),
-                           cfg.damp_percent, cfg.block_size)
-            improved |= consider(LUTRecord(indices=idx.to(torch.uint8), lut=lut, bits=rec.bits), f"out_err_reassign{r}")
+            idx = lut_gptq(w_fix, H, lut_rows(make(rec.indices, lut)),
+                           cfg.damp_percent, cfg.block_size, fixed)
+            improved |= consider(make(idx, lut), f"out_err_reassign{r}")
         if not improved:
             break
         info["refit"] = r + 1

@@ -34,6 +34,9 @@ _SEED_POINTS = 8192  # k-means++ seeds from at most this many points per group
 _DP_MAX_K = 32       # the coreset-DP seeding (O(K·m²) per group) runs up to 5 bits
 _DP_CHUNK = 32       # groups per DP batch: [32, 257, 257] float64 tables (17 MB) stay cache-friendly;
                      # 128 was 4x slower per group
+MAX_OUTLIER_FRAC = 0.1
+OUTLIER_HELP = ("fraction of each tensor's weights kept exactly in fp16 and left out of the LUT fit (SqueezeLLM's "
+                "dense-and-sparse; Core ML: + constexpr_sparse_to_dense, 1 bit/weight mask + 16 bits per outlier)")
 
 
 @dataclass
@@ -61,12 +64,18 @@ class KMeansConfig(UniformConfig):
     seed: int = 0
     n_init: int = 4                # lloyd: k-means++ restarts; each group keeps its best
     weighted: bool = False         # needs per-weight importance passed to quantize_weight
+    outlier_frac: float = field(default=0.0, metadata={"help": OUTLIER_HELP})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.solver in SOLVERS, f"--solver {self.solver}: expected one of {', '.join(SOLVERS)}")
         check(self.n_iter >= 0, f"--n-iter {self.n_iter}: expected >= 0")
         check(self.n_init >= 1, f"--n-init {self.n_init}: expected >= 1")
+        check_outlier_frac(self.outlier_frac)
+
+
+def check_outlier_frac(frac: float) -> None:
+    check(0.0 <= frac < MAX_OUTLIER_FRAC, f"--outlier-frac {frac}: expected a fraction in [0, {MAX_OUTLIER_FRAC})")
 
 
 # ------------------------------------------------------------------------------------------ LUT fitting
@@ -266,6 +275,8 @@ def quantize_weight(w: torch.Tensor, cfg: UniformConfig, importance: torch.Tenso
     """``w [out, in]`` -> LUTRecord(indices [out, in], lut [n_groups, 2**bits]).
 
     ``importance [out, in]`` (k-means only, with ``weighted=True``) weights each element's squared error.
+    With ``outlier_frac`` the selected outliers (:mod:`macq.quantizers.outliers`) get weight 0 in the fit and are
+    kept in the record's sparse part at their fp16 values.
     """
     out, inp = w.shape
     x = _groups(w.float(), cfg)
@@ -275,12 +286,24 @@ def quantize_weight(w: torch.Tensor, cfg: UniformConfig, importance: torch.Tenso
             check(importance is not None, "--weighted: k-means needs per-weight importance (none was given)")
             check(tuple(importance.shape) == (out, inp),
                   f"importance has shape {tuple(importance.shape)}, expected {(out, inp)}")
-        wts = _groups(importance.float(), cfg) if cfg.weighted else None
+        imp = importance.float() if cfg.weighted else None
+        mask = None
+        if cfg.outlier_frac > 0:
+            from macq.quantizers.outliers import fit_weights, select_outliers
+
+            mask = select_outliers(w, x, cfg.outlier_frac)
+            imp = fit_weights(mask, imp)
+        wts = _groups(imp, cfg) if imp is not None else None
         if cfg.solver == "exact":
             lut = exact_centroids(x, 2 ** cfg.bits, wts).to(dt)
             idx = nearest_indices(x, lut).to(torch.uint8)
         else:
             lut, idx = kmeans_lut(x, cfg.bits, wts, cfg.n_iter, cfg.seed, dt, cfg.n_init)
+        if mask is not None:
+            from macq.quantizers.outliers import outliers_from_mask
+
+            rec = LUTRecord(indices=idx.reshape(out, inp), lut=lut, bits=cfg.bits)
+            return outliers_from_mask(rec, w.float(), mask)
     else:
         lut, idx = uniform_lut(x, cfg.bits, dt)
     return LUTRecord(indices=idx.reshape(out, inp), lut=lut, bits=cfg.bits)
