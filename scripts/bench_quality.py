@@ -32,7 +32,7 @@ import torch
 
 from macq.models import DEFAULT_MODEL_CAVEAT, load_model
 
-AFFINE = {"rtn", "awq", "gptq", "awq-gptq", "learned", "learned-rtn"}
+AFFINE = {"rtn", "awq", "gptq", "awq-gptq", "awq-gptq-dynamic", "learned", "learned-rtn"}
 LUT = {"kmeans", "kmeans-cal", "kmeans-cal-hessian", "ct-skm", "ct-ptp"}
 
 
@@ -41,6 +41,8 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
         base = {"bits": args.bits, "group_size": args.group_size, "symmetric": False, "include_embeddings": True}
         if row == "rtn":
             return "rtn", {**base, "zero_point": "float"}
+        if row == "awq-gptq-dynamic":      # the chaining before static_grid (issue 13's "AWQ→GPTQ trails AWQ")
+            return "awq-gptq", {**base, "static_grid": False}
         if row == "learned-rtn":
             return "learned", {**base, "init": "rtn", "steps": args.steps, "batch_size": args.learned_batch,
                                "eval_every": args.eval_every, "kl_steps": 0}

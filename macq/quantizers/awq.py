@@ -81,10 +81,14 @@ class AWQGPTQConfig(AWQConfig):
     damp_percent: float = 0.01       # GPTQ's damping (λ = damp_percent · mean diag H); same name as GPTQConfig's
     block_size: int = 128
     act_order: bool = False
+    static_grid: bool = field(default=True, metadata={"help": (
+        "awq-gptq: GPTQ rounds onto AWQ's clipped per-group grid held fixed (off: each group's grid is re-derived "
+        "from its error-updated weights, which undoes part of AWQ's clip)")})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(not self.greedy_rounding, "greedy_rounding applies to nearest rounding, not to awq-gptq")
+        check(self.static_grid or not self.act_order, "--act-order needs --static-grid (MLX / Core ML hold no g_idx)")
         check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
 
     def gptq_config(self):
@@ -93,7 +97,7 @@ class AWQGPTQConfig(AWQConfig):
         return GPTQConfig.from_kwargs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
                                       scale_dtype=self.scale_dtype, damp_percent=self.damp_percent,
                                       block_size=self.block_size, act_order=self.act_order,
-                                      static_groups=self.act_order, mse_clip=False)
+                                      static_groups=self.static_grid, mse_clip=False)
 
 
 # ---------------------------------------------------------------------------------------------- one linear
