@@ -192,3 +192,25 @@ def test_bad_inputs(calib):
     with pytest.raises(MacqError):
         quantize_model(tiny_model("gpt2"), AWQConfig(), None)
     assert isinstance(make_config("awq", bits=3, group_size=64), AWQConfig)
+
+
+def test_awq_gptq_static_grid_keeps_awqs_clipped_grid():
+    """static_grid (the default): GPTQ rounds onto the per-group grid of AWQ's clipped weights, computed
+    independently here with grid.affine_params; the re-derived (dynamic) grid moves away from it."""
+    from macq.quantizers import grid
+    from macq.quantizers.awq_search import clamp_to_clip
+    from macq.quantizers.gptq import gptq_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 128) * 0.05
+    x = torch.randn(512, 8) @ torch.randn(8, 128) + 0.1 * torch.randn(512, 128)   # correlated inputs
+    h = (x.T @ x).double() / 512
+    clamped = clamp_to_clip(w, torch.full((16, 2), 0.8), 64, False)
+    want, _, _ = grid.affine_params(clamped.double().view(16, 2, 64), 3, False, "int", torch.float16)
+    static = gptq_quantize(clamped, h, AWQGPTQConfig(bits=3, group_size=64).gptq_config())[0]
+    dynamic = gptq_quantize(clamped, h, AWQGPTQConfig(bits=3, group_size=64, static_grid=False).gptq_config())[0]
+    assert torch.equal(static.scales.float().view(16, 2), want.float().view(16, 2))
+    assert not torch.equal(dynamic.scales.float().view(16, 2), want.float().view(16, 2))
+    assert AWQGPTQConfig().static_grid and AWQGPTQConfig.from_dict(AWQGPTQConfig(static_grid=False).to_dict()).static_grid is False
+    with pytest.raises(MacqError, match="--act-order needs --static-grid"):
+        AWQGPTQConfig(act_order=True, static_grid=False)
