@@ -284,19 +284,7 @@ def test_mlx_refuses_then_requantizes_the_outliers_too():
     assert (rec.dense()[mask] - rec.dequantize()[mask]).abs().min() > step
 
 
-def _run_main(monkeypatch, capsys, *args):
-    import sys
-
-    from macq.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["macq", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    res = capsys.readouterr()
-    return code, res.out, res.err
+from tests.test_cli import run_main as _run_main  # noqa: E402  (the same in-process CLI runner)
 
 
 def test_cli_option_and_bad_value(tmp_path, monkeypatch, capsys):

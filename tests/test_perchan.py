@@ -59,45 +59,6 @@ def test_coreset_dp_on_single_point_atoms_is_the_exact_optimum(kind: str, weight
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
 
 
-def _dp_old_layout(xs: torch.Tensor, csums: tuple[torch.Tensor, ...], k: int, m: int = 256) -> torch.Tensor:
-    """The coreset DP as written before the per-channel work ([G, i, j] tables, min over the middle dim),
-    kept verbatim as the reference that the faster layout must reproduce bit for bit."""
-    g, n = xs.shape
-    half = m // 2
-    by_count = torch.linspace(0, n, half + 1).round().long().expand(g, -1)
-    lo, hi = xs[:, :1], xs[:, -1:]
-    edges = lo + (hi - lo) * torch.linspace(0, 1, half + 1)
-    by_width = torch.searchsorted(xs, edges.contiguous())
-    pos = torch.cat([by_count, by_width[:, 1:-1]], 1).sort(1).values
-    s1, s0, s2 = (torch.gather(c, 1, pos) for c in csums)
-    d1, d0, d2 = (a.unsqueeze(1) - a.unsqueeze(2) for a in (s1, s0, s2))
-    sse = torch.where(d0 > 0, d2 - d1 * d1 / d0.clamp_min(1e-300), torch.zeros_like(d2)).clamp_min(0)
-    mm = pos.shape[1]
-    sse = sse.masked_fill(~torch.ones(mm, mm, dtype=torch.bool).triu(1), float("inf"))
-    cost, back = sse[:, 0, :], []
-    for _ in range(1, k):
-        cost, arg = (cost.unsqueeze(2) + sse).min(1)
-        back.append(arg)
-    cuts, j = [], torch.full((g,), mm - 1, dtype=torch.long)
-    for arg in reversed(back):
-        j = arg.gather(1, j.unsqueeze(1)).squeeze(1)
-        cuts.append(j)
-    bnd = torch.stack([torch.zeros_like(j)] + cuts[::-1] + [torch.full_like(j, mm - 1)], 1)
-    num = s1.gather(1, bnd[:, 1:]) - s1.gather(1, bnd[:, :-1])
-    den = s0.gather(1, bnd[:, 1:]) - s0.gather(1, bnd[:, :-1])
-    fallback = xs.gather(1, pos.gather(1, bnd[:, :-1]).clamp_max(n - 1)).double()
-    return torch.where(den > 0, num / den.clamp_min(1e-300), fallback).float()
-
-
-@pytest.mark.parametrize("n", [16 * 96, 600])
-def test_coreset_dp_layout_change_is_bit_identical(n: int) -> None:
-    """Groups of 16 rows must give the same LUTs as before: the [G, j, i] DP equals the old [G, i, j] one."""
-    x = _rows("heavy", 40, n, seed=3)
-    w = torch.rand(40, n, generator=torch.Generator().manual_seed(4))
-    xs, csums = _sums(x, w)
-    assert torch.equal(_coreset_dp_init(xs, csums, 16), _dp_old_layout(xs, csums, 16))
-
-
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
 def test_per_channel_kmeans_within_a_tenth_percent_of_the_exact_optimum(kind: str) -> None:
     """One LUT per 576-weight row (per-channel, 4 bits): mean SSE within 0.15% of kmeans1d's exact optimum,
@@ -120,35 +81,3 @@ def test_per_channel_weighted_kmeans_near_the_weighted_optimum() -> None:
     gap = _sse(x, lut, w) / _sse(x, _exact(x, 16, w), w) - 1
     assert float(gap.mean()) < 3e-3
     assert float(gap.min()) > -1e-6
-
-
-def test_per_channel_kmeans_cal_record_reads_back_bit_exact_from_core_ml() -> None:
-    """A per-channel (group_size=1) kmeans-cal record holds one LUT per output row and is written unchanged as
-    ``constexpr_lut_to_dense``: Core ML's own value inference gives back exactly the record's fp16 weights."""
-    ct = pytest.importorskip("coremltools")
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
-
-    from converters.weights import apply_records_to_program, plan_layouts
-    from macq.data import calibration_samples
-    from macq.quantizers import quantize_model
-    from macq.tiny import tiny_model, tiny_tokenizer
-
-    calib = calibration_samples(tiny_tokenizer(), "tinystories", 4, 32, seed=0)
-    qm = quantize_model(tiny_model(), "kmeans-cal", calib=calib, bits=4, group_size=1, sensitivity="hessian", n_init=1)
-    name = next(n for n in qm.records if n.endswith("mlp.down_proj"))
-    rec = qm.records[name]
-    assert rec.n_lut_groups == rec.shape[0] and tuple(rec.lut.shape) == (rec.shape[0], 16)
-    w = rec.dequantize(torch.float32).half().numpy()
-    wt = np.ascontiguousarray(w.T)                                   # the program holds [in, out]
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(2, wt.shape[0]), dtype=types.fp16)], opset_version=ct.target.iOS18)
-    def prog(x):
-        return mb.matmul(x=x, y=wt, name="mm")
-
-    layouts, _ = plan_layouts({name: rec})
-    apply_records_to_program(prog, {name: rec}, layouts)
-    ops = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
-    assert len(ops) == 1
-    got = np.asarray(ops[0].materialized_val_inference())
-    assert np.array_equal(got.view(np.uint16), wt.view(np.uint16))

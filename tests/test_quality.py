@@ -332,7 +332,8 @@ def test_learned_export_loads_in_mlx_lm(tmp_path, calib):
     assert float(np.abs(mlx_logits((model, tok), ids) - ref).max() / np.abs(ref).max()) < 1e-4
 
 
-def test_kmeans_cal_record_reads_back_bit_exact_from_core_ml(calib):
+@pytest.mark.parametrize("group_size", [16, 1])     # 1: a per-channel LUT, one per output row
+def test_kmeans_cal_record_reads_back_bit_exact_from_core_ml(calib, group_size):
     pytest.importorskip("coremltools")
     import coremltools as ct
     import numpy as np
@@ -341,10 +342,11 @@ def test_kmeans_cal_record_reads_back_bit_exact_from_core_ml(calib):
 
     from converters.weights import apply_records_to_program, plan_layouts
 
-    qm = registry_quantize(tiny_model(), "kmeans-cal", calib=calib, bits=4, group_size=16, sensitivity="hessian",
-                           n_init=1)
+    qm = registry_quantize(tiny_model(), "kmeans-cal", calib=calib, bits=4, group_size=group_size,
+                           sensitivity="hessian", n_init=1)
     name = next(n for n in qm.records if n.endswith("mlp.down_proj"))
     rec = qm.records[name]
+    assert rec.n_lut_groups == rec.shape[0] // group_size and tuple(rec.lut.shape) == (rec.n_lut_groups, 16)
     w = rec.dequantize(torch.float32).half().numpy()
     wt = np.ascontiguousarray(w.T)                                   # the program holds [in, out]
 
