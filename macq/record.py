@@ -426,7 +426,11 @@ def _stored_bits(words: int, n: int) -> str:
 
 def check_stored(meta: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     """``meta`` (one manifest entry) against the stored tensors' shapes and dtypes (a safetensors header holds
-    both, so this runs before any tensor data is read). Raises a MacqError naming the field and the lie."""
+    both, so this runs before any tensor data is read). Raises a MacqError naming the field and the lie.
+
+    ``bits`` is pinned by the packed width, ``ceil(in·bits/32)`` words per row, which is one-to-one whenever
+    ``in`` is a multiple of 32 (every real model); widths that share a word count (``in·bits < 32``) are
+    told apart by the zero padding after the last code when the record is built (:func:`_check_padding`)."""
     from macq.packing import packed_words
 
     if not isinstance(meta, dict):
@@ -455,8 +459,8 @@ def check_stored(meta: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], 
         raise MacqError(f"stored {packed} have dtype {_dtype_name(pdtype)}, expected uint32 words")
     words = packed_words(inp, bits)
     if len(pshape) == 2 and pshape[0] == out and pshape[1] != words:
-        raise MacqError(f"manifest bits={bits} disagrees with the stored {packed}: {pshape[1]} words per row of "
-                        f"{inp} codes is {_stored_bits(pshape[1], inp)}, {bits} bits needs {words}")
+        raise MacqError(f"manifest bits={bits}, shape [{out}, {inp}] disagree with the stored {packed}: {pshape[1]} "
+                        f"words per row of {inp} codes is {_stored_bits(pshape[1], inp)}, {bits} bits needs {words}")
     expect(packed, (out, words), f"shape [{out}, {inp}], bits={bits}")
     if kind == "affine":
         per_tensor = _meta_bool(meta, "per_tensor")
