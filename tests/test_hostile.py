@@ -472,10 +472,12 @@ ROWS = [
         xfail=GUARD + " (refused by atomic_dir only after the whole study ran; its progress fills stderr)"),
     row("analyze {uq} --plot {uq}/config.json", r"--plot .*exists", xfail=GUARD),
     # ---- prepare-model (MACQ_CACHE points at a user's directory or at something odd)
-    row("prepare-model", r"SmolLM2-135M-Instruct.*not written by macq", setup=_cache_user_dir(False), xfail=GUARD),
+    row("prepare-model", r"SmolLM2-135M-Instruct.*not written by macq", setup=_cache_user_dir(False), xfail=GUARD,
+        note="MACQ_CACHE: a user dir at the cache path"),
     row("prepare-model --force", r"SmolLM2-135M-Instruct.*not written by macq", setup=_cache_user_dir(True),
-        xfail=GUARD),
-    row("prepare-model", r"MACQ_CACHE|plain\.txt", setup=_cache_at("plain.txt"), xfail=BOUNDARY),
+        xfail=GUARD, note="MACQ_CACHE: a user dir with a config.json at the cache path"),
+    row("prepare-model", r"MACQ_CACHE|plain\.txt", setup=_cache_at("plain.txt"), xfail=BOUNDARY + " (NotADirectoryError)",
+        note="MACQ_CACHE: a file"),
     # ---- corrupt exports, a full disk
     row("eval {fake_mlx} " + EVAL_Q, r"model\.safetensors", xfail=BOUNDARY + " (mlx's own error on a corrupt file)"),
     row("generate {fake_mlx}", r"model\.safetensors", xfail=BOUNDARY + " (mlx's own error on a corrupt file)"),
