@@ -65,6 +65,12 @@ def _method_help() -> str:
     return "; ".join(f"{n}: {s.summary}" for n, s in METHODS.items()) + " (default rtn; see macq methods)"
 
 
+def _targets_help() -> str:
+    from macq.targets import RUNTIMES
+
+    return " | ".join(RUNTIMES) + " (see macq targets)"
+
+
 def _generated(fixed: Callable[..., None], targets: bool = False):
     """A typer command whose signature is ``fixed``'s parameters followed by every method option generated
     from the config dataclasses (:mod:`macq.options`): ``quantize`` and ``export`` get the same flags.
@@ -108,7 +114,7 @@ def _run(req: Any, dry_run: bool, as_json: bool) -> None:
     _emit(result, as_json, markdown(plan, result))
 
 
-@app.command("prepare-model")
+@app.command("prepare-model", epilog="Example: macq prepare-model")
 def prepare_model(force: bool = typer.Option(False, "--force", help="convert again (replaces only what macq wrote)")) -> None:
     """Convert the embedded default model (SmolLM2-135M GGUF) into an HF checkpoint in the cache."""
     from macq.models import prepare_default_model
@@ -132,7 +138,7 @@ def _quantize_options(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="output directory (written atomically)", rich_help_panel=P_OUT),
     method: Optional[str] = typer.Option(None, "--method", "-m", help=_method_help(), rich_help_panel=P_METHOD),
-    target: Optional[str] = typer.Option(None, help="runtime the quantization is for (mlx|coreml): its preferred "
+    target: Optional[str] = typer.Option(None, help=f"runtime the quantization is for ({_targets_help()}): its preferred "
                                          "defaults and limits apply; mixed: whose formats to choose from (or any)",
                                          rich_help_panel=P_TARGET),
     calib_dataset: Optional[str] = typer.Option(None, help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME (default c4)",
@@ -166,7 +172,7 @@ def quantize(model: str | None, output: Path, method: str | None, target: str | 
     _run(req, dry_run, as_json)
 
 
-@app.command()
+@app.command(epilog="Example: macq methods --json")
 def methods(as_json: bool = typer.Option(False, "--json")) -> None:
     """Every quantization method: what it does, the records it writes, the targets that hold them, its cost."""
     from macq.quantizers import METHODS
@@ -185,7 +191,7 @@ def methods(as_json: bool = typer.Option(False, "--json")) -> None:
     _emit({"methods": rows}, as_json, "\n".join(md))
 
 
-@app.command()
+@app.command(epilog="Example: macq targets")
 def targets(as_json: bool = typer.Option(False, "--json")) -> None:
     """Every export target: what it writes, the records it holds exactly, its options."""
     from macq.targets import OPTIONS, TARGETS
@@ -198,7 +204,7 @@ def targets(as_json: bool = typer.Option(False, "--json")) -> None:
     _emit({"targets": rows}, as_json, "\n".join(md))
 
 
-@app.command()
+@app.command(epilog="Example: macq info smol-gptq4")
 def info(path: Path = typer.Argument(..., help="macq quantization directory"),
          as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-layer formats and bits per weight of a macq quantization directory."""
@@ -218,7 +224,7 @@ def info(path: Path = typer.Argument(..., help="macq quantization directory"),
     _emit(data, as_json, "\n".join(lines))
 
 
-@app.command("eval")
+@app.command("eval", epilog="Example: macq eval smol-mlx --dataset c4 --out runs/mlx-c4.json")
 def eval_cmd(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP + ", an MLX export dir, or a .mlpackage"),
     dataset: str = typer.Option("wiki", help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME"),
@@ -266,7 +272,7 @@ def eval_cmd(
 
 def _export_options(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    target: str = typer.Option(..., "--target", "-t", help="mlx | coreml (see macq targets)", rich_help_panel=P_TARGET),
+    target: str = typer.Option(..., "--target", "-t", help=_targets_help(), rich_help_panel=P_TARGET),
     output: Path = typer.Option(..., "-o", "--output", help="MLX directory, FILE.mlpackage, or a chunked export's "
                                 "directory (written atomically)", rich_help_panel=P_OUT),
     method: Optional[str] = typer.Option(None, "--method", "-m", help=_method_help(), rich_help_panel=P_METHOD),
@@ -294,19 +300,18 @@ def export(model: str | None, target: str, output: Path, method: str | None, cal
     """Quantize (or read a macq quantization dir) and export for a target, never re-quantizing."""
     from macq.options import given_method_options
     from macq.plan import Request
-    from macq.targets import OPTIONS
+    from macq.targets import OPTIONS, target_spec
 
     req = Request(model=model, output=output, target=target, method=method,
                   options=given_method_options({k: v for k, v in opts.items() if k not in OPTIONS}),
                   target_options={k: v for k, v in opts.items() if k in OPTIONS and v is not None},
                   stream=stream, force=force, trust_remote_code=trust_remote_code,
                   calibration={"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed})
-    if req.target == "macq":
-        raise MacqError("--target macq: use macq quantize to write a quantization directory")
+    target_spec(target, runtimes_only=True)   # a quantization directory is macq quantize's output
     _run(req, dry_run, as_json)
 
 
-@app.command()
+@app.command(epilog="Example: macq generate smol-mlx -p 'What is the capital of France?'")
 def generate(path: str = typer.Argument(..., help="MLX export dir, Core ML ANE export (.mlpackage or chunk dir), or an HF/macq dir"),
              prompt: str = typer.Option("What is the capital of France?", "--prompt", "-p"),
              max_tokens: int = typer.Option(64), chat: bool = typer.Option(True, "--chat/--raw"),
@@ -320,7 +325,7 @@ def generate(path: str = typer.Argument(..., help="MLX export dir, Core ML ANE e
     typer.echo(generate_any(path, prompt, max_tokens, chat, compute_units=compute_units))
 
 
-@app.command()
+@app.command(epilog="Example: macq inspect smol.mlpackage")
 def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage or a chunked Core ML export dir"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Ops histogram, weight formats, size, bits/weight and ANE report of a Core ML package."""
@@ -330,7 +335,7 @@ def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage or a chunked C
     _emit(data, as_json, md)
 
 
-@app.command()
+@app.command(epilog="Example: macq bench -o bench-out --methods 'rtn-int4,gptq4'")
 def bench(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
@@ -380,7 +385,7 @@ def bench(
     _emit(result, as_json, md)
 
 
-@app.command()
+@app.command(epilog="Example: macq baseline --runner bnb-nf4 --out runs/bnb-nf4.json")
 def baseline(
     model: Optional[str] = typer.Argument(None, help="local HF directory (default: embedded SmolLM2-135M)"),
     runner: str = typer.Option(..., "--runner", help="bnb-nf4 | bnb-fp4 | bnb-int8 | gptq | awq | fp16"),
@@ -424,7 +429,7 @@ def baseline(
     _emit(run.to_dict(), as_json, markdown_table([table_row(run)]) + "".join(f"\nnote: {n}" for n in run.notes))
 
 
-@app.command()
+@app.command(epilog="Example: macq report runs/*.json -o report")
 def report(
     runs: list[Path] = typer.Argument(..., help="RUN.json files (macq.run schema) from any machines"),
     output: Path = typer.Option(..., "-o", "--output", help="report directory (written atomically)"),
@@ -439,7 +444,7 @@ def report(
     _emit(data, as_json, md)
 
 
-@app.command()
+@app.command(epilog="Example: macq analyze smol-gptq4 --plot distortion.png")
 def analyze(
     paths: Optional[list[str]] = typer.Argument(None, help="macq quantization directories (of one model)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
