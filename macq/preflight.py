@@ -90,6 +90,9 @@ def resolve_config(method: str, given: dict[str, Any], config, target: str | Non
     notes: list[str] = []
     cfg = cls.from_kwargs(**opts)  # validates every value (one line naming the flag)
     shapes = quantized_shapes(config, cfg)
+    from macq.integrity import check_config_selection  # a --skip / --override that selects nothing is refused
+
+    check_config_selection(cfg, quantized_shapes(config, replace(cfg, skip=())) if getattr(cfg, "skip", ()) else shapes)
     for fname in _input_group_fields(cls):
         if fname in given:
             continue

@@ -26,7 +26,7 @@ import torch.nn as nn
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
-from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, record_from_tensors
+from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, check_stored, record_from_tensors
 from macq.shards import ShardWriter, TensorStore
 
 FORMAT_VERSION = 1
@@ -44,6 +44,19 @@ class LazyRecords(Mapping):
         self.store = store
         self.where = where
 
+    def check_headers(self) -> None:
+        """Every manifest entry against its stored tensors' shapes and dtypes (safetensors headers only, no
+        tensor data): a lie in ``bits``, ``group_size``, ``shape`` or the layout is refused at load, naming
+        the record, before any work."""
+        if not isinstance(self.metas, dict):
+            raise MacqError(f"{self.where}/manifest.json: records is {type(self.metas).__name__}, expected an object")
+        for name, meta in self.metas.items():
+            keys = [f"{name}.{f}" for f in RECORD_FIELDS if f"{name}.{f}" in self.store]
+            try:
+                check_stored(meta, {k[len(name) + 1:]: (self.store.shape(k), self.store.dtype(k)) for k in keys})
+            except MacqError as e:
+                raise MacqError(f"{Path(self.where) / 'manifest.json'}: record {name}: {e}") from None
+
     def __getitem__(self, name: str) -> Record:
         meta = self.metas[name]
         keys = [f"{name}.{f}" for f in RECORD_FIELDS if f"{name}.{f}" in self.store]
@@ -52,7 +65,7 @@ class LazyRecords(Mapping):
             return record_from_tensors(meta, {k[len(name) + 1:]: self.store[k] for k in keys})
         except MacqError as e:
             raise MacqError(f"{where}: record {name}: {e}") from None
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, ArithmeticError, AttributeError) as e:
             raise MacqError(f"{where}: record {name} is incomplete or malformed ({e!s:.120})") from None
 
     def __iter__(self) -> Iterator[str]:
@@ -188,6 +201,7 @@ class QuantizedModel:
             ver = manifest.get("version") if isinstance(manifest, dict) else "?"
             raise MacqError(f"{path}/manifest.json: unsupported format {got} v{ver}")
         records = LazyRecords(manifest.get("records", {}), TensorStore.open(path, "records"), path)
+        records.check_headers()
         floats = TensorStore.open(path, "float")
         try:
             config = AutoConfig.from_pretrained(path)
