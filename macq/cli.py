@@ -247,7 +247,7 @@ def eval_cmd(
 
     A .mlpackage runs through Core ML on macOS; on Linux its saved program is executed by MIL value
     inference (a graph check, labelled so, not a speed figure)."""
-    from macq.evaluate import evaluate_any
+    from macq.evaluate import artifact_kind, evaluate_any
 
     if context is not None and context < 2:
         raise MacqError(f"--context {context}: expected at least 2 tokens per window")
@@ -258,6 +258,12 @@ def eval_cmd(
     if max_tokens is not None and max_tokens < 2:
         raise MacqError(f"--max-tokens {max_tokens}: expected at least 2 tokens")
     _guard_file(out, force, [model, reference, tokenizer])
+    if artifact_kind(model) in ("model", "macq"):   # the tokenizer loads and fits the embedding, before any work
+        from macq.integrity import check_tokenizer
+        from macq.models import resolve_model_path
+        from macq.preflight import model_config
+
+        check_tokenizer(resolve_model_path(model), model_config(model))
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
                               progress=not as_json, tokenizer=tokenizer, decode_tokens=decode_tokens)
@@ -532,6 +538,27 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+def _interruptible_commands() -> None:
+    """A KeyboardInterrupt raised inside a command (a library that installs its own SIGINT handler) becomes
+    :class:`Interrupted` before click sees it: click would print a blank line and abort."""
+    import functools
+
+    for c in app.registered_commands:
+        fn = c.callback
+        if fn is None or getattr(fn, "_macq_interruptible", False):
+            continue
+
+        @functools.wraps(fn)
+        def wrapped(*a: Any, _fn: Callable[..., Any] = fn, **k: Any) -> Any:
+            try:
+                return _fn(*a, **k)
+            except KeyboardInterrupt:
+                raise Interrupted(signal.SIGINT) from None
+
+        wrapped._macq_interruptible = True  # type: ignore[attr-defined]
+        c.callback = wrapped
+
+
 def _click_errors() -> tuple[type, ...]:
     """Usage-error types of the click that typer uses (typer >= 0.29 vendors its own ``typer._click``)."""
     out: list[type] = []
@@ -575,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("MACQ_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     _quiet_libraries()
+    _interruptible_commands()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:

@@ -25,8 +25,11 @@ def artifact_kind(path: str | None) -> str:
     if (p / "manifest.json").is_file():
         return "macq"
     cfg = p / "config.json"
-    if cfg.is_file() and "quantization" in json.loads(cfg.read_text()):
-        return "mlx"
+    try:
+        if cfg.is_file() and "quantization" in json.loads(cfg.read_text()):
+            return "mlx"
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return "model"   # a broken config.json: reading it as a model says so in one line, naming the file
     return "model"
 
 

@@ -26,9 +26,16 @@ def generate_coreml(path: str, prompt: str, max_tokens: int, chat: bool, compute
     from converters.chunks import is_ane_export, read_manifest
     from macq.models import resolve_model_path
 
-    if not is_ane_export(path):
+    try:
+        ane = is_ane_export(path)
+        src = read_manifest(path)[0].source if ane else ""
+    except MacqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged package is the user's input: one line naming it
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise MacqError(f"generate: {path} is not a readable Core ML package ({first})") from None
+    if not ane:
         raise MacqError(f"generate: {path} is not an ANE-graph Core ML export (re-export with --graph ane)")
-    src = read_manifest(path)[0].source
     if not src:
         raise MacqError(f"generate: {path} does not record its source model (tokenizer)")
     tok = AutoTokenizer.from_pretrained(resolve_model_path(None if src == "default" else src))

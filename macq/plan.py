@@ -150,6 +150,8 @@ def _route(plan: Plan) -> str:
 def make_plan(req: Request) -> Plan:
     """Decide everything about ``req`` and check it, reading only ``config.json`` and file headers."""
     from macq.evaluate import artifact_kind
+    from macq.integrity import check_tokenizer
+    from macq.models import resolve_model_path
     from macq.preflight import model_config, resolve_config
 
     target = target_spec(req.target)
@@ -191,6 +193,8 @@ def make_plan(req: Request) -> Plan:
             except MacqError as e:
                 raise MacqError(f"--device {cfg.device}: {str(e).removeprefix('device: ')}") from None
         plan = Plan(req, target, runtime, "model", "memory", method, cfg, calib, config, topts, notes=notes)
+    check_tokenizer(req.model if plan.source == "quantization" else resolve_model_path(req.model), plan.config,
+                    req.trust_remote_code)   # loads, and fits the embedding: on every route, before any work
     if "context" in topts and topts["context"] is None:   # 512, or the model's own maximum when smaller
         max_pos = getattr(plan.config, "max_position_embeddings", None) or getattr(plan.config, "n_positions", None)
         topts["context"] = min(512, max_pos or 512)
