@@ -108,6 +108,23 @@ def check_tokenizer(tokenizer_or_dir: Any, config: Any, trust_remote_code: bool 
     return tok
 
 
+# ----------------------------------------------------------------------------------------- files
+def check_safetensors_dir(directory: str | Path, stem: str = "model") -> None:
+    """Every ``{stem}*.safetensors`` of a directory (an MLX export, an HF checkpoint) has a sound header and the
+    size / SHA-256 its index records, if it records them: call before handing the directory to a library whose
+    own error on a damaged file names neither the file nor the problem (mlx's JSON parser, for one)."""
+    from macq.shards import TensorStore
+
+    d = Path(directory)
+    if not TensorStore.exists(d, stem):
+        raise MacqError(f"{d}: neither {stem}.safetensors.index.json nor {stem}.safetensors")
+    TensorStore.open(d, stem)                      # headers parsed, sizes checked, checksums verified
+    from macq.shards import SafetensorsFile
+
+    for f in sorted(d.glob(f"{stem}*.safetensors")):   # shards the index does not list are read by mlx_lm too
+        SafetensorsFile(f)
+
+
 # ----------------------------------------------------------------------------------------- selections
 def _flag(key: str) -> str:
     k = key.strip().lstrip("-").replace("_", "-")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from macq.errors import MacqError
-from macq.integrity import check_config_selection, check_selection, check_tokenizer
+from macq.integrity import check_config_selection, check_safetensors_dir, check_selection, check_tokenizer
 from macq.record import AffineRecord, DoubleQuant, LUTRecord, record_from_tensors
 from macq.shards import CHECKSUMS, ShardWriter, TensorStore
 
@@ -321,3 +321,18 @@ def test_shadowed_override_skipped_target_and_layers(names):
     with pytest.raises(MacqError, match=r"unknown selection flag --only"):
         check_selection({"--only": ["x"]}, names)
     check_selection({"--skip": ["", "mlp"], "--override": []}, names)    # empty parts are dropped, as the CLI does
+
+
+def test_check_safetensors_dir(tmp_path):
+    ts, paths = _write(tmp_path)
+    check_safetensors_dir(tmp_path, "records")                 # sound: passes
+    with pytest.raises(MacqError, match="neither model.safetensors.index.json nor model.safetensors"):
+        check_safetensors_dir(tmp_path)
+    paths[0].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}")
+    with pytest.raises(MacqError, match=re.escape(paths[0].name) + r": \d+ bytes"):   # the index's size check
+        check_safetensors_dir(tmp_path, "records")
+    (tmp_path / "records.safetensors.index.json").unlink()
+    single = tmp_path / "records.safetensors"
+    single.write_bytes(paths[0].read_bytes())
+    with pytest.raises(MacqError, match=re.escape(str(single)) + ": corrupt or truncated safetensors file"):
+        check_safetensors_dir(tmp_path, "records")

@@ -236,13 +236,13 @@ def test_c4_calibration_half_is_smaller_than_the_default_request():
 # ------------------------------------------------------------------------------------------ signals
 _WRAPPER = textwrap.dedent("""
     import pathlib, sys, time
-    import safetensors.torch as st
-    real = st.save_file
-    def slow(*a, **k):  # the export is writing: tell the test, then wait to be interrupted
+    from macq.shards import ShardWriter
+    real = ShardWriter.add
+    def slow(self, *a, **k):  # the export is writing: tell the test, then wait to be interrupted
         pathlib.Path(sys.argv[1]).write_text("writing")
         time.sleep(120)
-        return real(*a, **k)
-    st.save_file = slow
+        return real(self, *a, **k)
+    ShardWriter.add = slow
     from macq.cli import main
     main(sys.argv[2:])
 """)
