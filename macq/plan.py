@@ -201,10 +201,13 @@ def make_plan(req: Request) -> Plan:
     target.check(plan)
     plan.route = _route(plan)
     if plan.route != "stream-layers":
+        from macq.streaming import stream_refusal
+
+        why = (stream_refusal(plan.cfg) if plan.cfg is not None else "") or \
+            "a calibrated method, one decoder layer at a time, on a local safetensors checkpoint, without --no-stream"
         for k in STREAM_ONLY:
             if req.options.get(k) is not None:
-                raise MacqError(f"--{k.replace('_', '-')} applies to the streamed path of calibrated methods (one decoder "
-                                "layer at a time, on a local safetensors checkpoint, without --no-stream)")
+                raise MacqError(f"--{k.replace('_', '-')} applies to the streamed path ({why})")
     if plan.route == "stream-layers" and target.name != "macq":
         plan.notes.append(f"quantized streamed ({plan.method}) into a temporary directory, then exported from its records")
     return plan
@@ -279,7 +282,8 @@ def markdown(plan: Plan, result: dict[str, Any]) -> str:
     """The lines a command prints for ``result``."""
     path = result.get("output") or result.get("path")
     if plan.target.name == "macq":
-        lines = [f"wrote {path}{' (streamed)' if result['streamed'] else ''}: {result['layers']} layers, "
+        how = {"stream": " (streamed)", "stream-layers": " (streamed, calibrated)"}.get(plan.route, "")
+        lines = [f"wrote {path}{how}: {result['layers']} layers, "
                  f"{result['bits_per_weight']:.3f} bits/weight, {result['bytes'] / 2**20:.1f} MiB"]
         t = result.get("timings")
         if t:
