@@ -42,7 +42,7 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
                       chunks: int | None = None, max_chunk_mb: float | None = None, force: bool = False,
                       allow_fallback: bool = False) -> ExportResult:
     """Export ``qm`` as one two-function ``.mlpackage`` (default) or a directory of chunk packages + manifest."""
-    from converters.ane_model import ane_shape
+    from converters.ane_model import aligned, ane_shape
     from converters.convert import provenance
     from converters.multifunction import FUNCTIONS, export_chunk
     from converters.weights import check_layouts
@@ -56,7 +56,8 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
     s = ane_shape(qm)
     manifest = Manifest(context=context, prefill_len=prefill_len, hidden=s.hidden,
                         vocab_parts=[list(p) for p in s.vocab_parts], functions=list(FUNCTIONS), chunks=plans,
-                        source=str(qm.source or ""), model_type=qm.config.model_type)
+                        source=str(qm.source or ""), model_type=qm.config.model_type,
+                        kv_len=aligned(context))
 
     metadata = dict(provenance(qm), **{"macq.ane": manifest.to_json()})
     infos = []

@@ -87,7 +87,7 @@ class AneSession:
         """One call of ``fn`` on ``ids [n]`` (n = the function's fixed length) at positions pos..pos+n-1."""
         n = ids.size
         pos = np.arange(self.pos, self.pos + n, dtype=np.int32)
-        mask = causal_mask(n, self.pos, self.context)
+        mask = causal_mask(n, self.pos, self.manifest.mask_len)
         x: dict = {"input_ids": ids.reshape(1, n).astype(np.int32)}
         for i, c in enumerate(self.manifest.chunks):
             feed = dict(x)

@@ -42,6 +42,11 @@ class Manifest:
     format: str = FORMAT
     version: int = 1
     extra: dict = field(default_factory=dict)
+    kv_len: int = 0               # KV slots = causal mask width (context rounded up to 32); 0: = context
+
+    @property
+    def mask_len(self) -> int:
+        return self.kv_len or self.context
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

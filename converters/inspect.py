@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.ane_report import ane_findings, ane_report
+from converters.ane_report import ane_findings, ane_report, package_findings
 from converters.mil_io import dir_bytes, function_description, load_program, main_function
 
 __all__ = ["load_program", "inspect_mlpackage", "weight_chains", "chain_value", "dtype_name"]
@@ -118,5 +118,5 @@ def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
             "inputs": {i.name: str(i.type.WhichOneof("Type")) for i in desc.input},
             "states": [s.name for s in desc.state], "functions": sorted(prog.functions), "n_weights": n,
             "spec_version": spec.specificationVersion,
-            "ane_findings": ane_findings(prog, spec),
+            "ane_findings": ane_findings(prog, spec) + package_findings(path, spec),
             "ane_report": ane_report(path, (prog, spec))}

@@ -12,8 +12,9 @@ from macq.evaluate import artifact_kind, md_table
 
 
 def _quantized(model: str | None, method: str, opts: dict[str, Any], progress: bool, trust_remote_code: bool,
-               **calib: Any):
-    """``(QuantizedModel, tokenizer)`` from a macq quantization dir, or by quantizing ``model``."""
+               coreml_output: Path | None = None, **calib: Any):
+    """``(QuantizedModel, tokenizer)`` from a macq quantization dir, or by quantizing ``model``
+    (``coreml_output``: for a Core ML export, weight methods on a local checkpoint quantize streamed)."""
     from macq.pipeline import load_quantized_or_model, quantize
 
     if model is not None and artifact_kind(model) == "macq":
@@ -22,6 +23,13 @@ def _quantized(model: str | None, method: str, opts: dict[str, Any], progress: b
         from macq.qmodel import QuantizedModel
 
         return QuantizedModel.load(model), AutoTokenizer.from_pretrained(model)
+    if coreml_output is not None:
+        from converters.staging import staged_quantization, streamable
+
+        src = streamable(model, method)
+        if src is not None:
+            return staged_quantization(src, coreml_output, method, opts, model or "default", progress,
+                                       trust_remote_code), None
     _, fp, tok = load_quantized_or_model(model, trust_remote_code)
     qm = quantize(fp, tok, method, opts, progress=progress, source=model or "default", copy_model=False, **calib)
     return qm, tok
@@ -33,7 +41,8 @@ def export_any(model: str | None, target: str, output: Path, method: str, opts: 
                requantize_lut: bool = False, allow_fallback: bool = False, force: bool = False,
                trust_remote_code: bool = False, progress: bool = False, graph: str = "ane",
                prefill_len: int | None = None, chunks: int | None = None, max_chunk_mb: float | None = None):
-    qm, tok = _quantized(model, method, opts, progress, trust_remote_code, calib_dataset=calib_dataset,
+    qm, tok = _quantized(model, method, opts, progress, trust_remote_code,
+                         coreml_output=output if target == "coreml" else None, calib_dataset=calib_dataset,
                          n_calib=n_calib, seq_len=seq_len, seed=seed)
     if target == "mlx":
         from mlx_backend import export_mlx
