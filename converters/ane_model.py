@@ -40,6 +40,7 @@ from macq.errors import MacqError
 
 MAX_DIM = 16384
 STATE_ALIGN = 32
+FP16_TINY = 2.0 ** -14   # smallest normal fp16: constants below it may be flushed to zero on the ANE
 
 
 def aligned(n: int, m: int = STATE_ALIGN) -> int:
@@ -196,7 +197,7 @@ class Conv1x1(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dim: int) -> torch.Tensor:
     """fp16-safe RMSNorm along ``dim`` (see module doc): scale by max|x| before squaring."""
-    m = x.abs().amax(dim=dim, keepdim=True).clamp_min(1e-6)
+    m = x.abs().amax(dim=dim, keepdim=True).clamp_min(FP16_TINY)   # a normal fp16 floor (1e-6 is subnormal)
     y = x / m
     e = (eps ** 0.5) / m
     return y * torch.rsqrt((y * y).mean(dim=dim, keepdim=True) + e * e) * weight
