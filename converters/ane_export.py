@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from converters.chunks import MANIFEST, Manifest, plan_chunks
+from converters.chunks import MANIFEST, MAX_FILE_MB, Manifest, check_written, plan_chunks
 from converters.convert import ExportResult, _check_args
 from converters.mil_io import dir_bytes, release_memory
 from macq.atomic import atomic_dir
@@ -69,6 +69,7 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
             m = dict(metadata, **{"macq.chunk": json.dumps({"start": plan.start, "stop": plan.stop,
                                                               "embed": plan.embed, "head": plan.head})})
             infos.append(export_chunk(qm, plan, context, prefill_len, s.vocab_parts, target, m, allow_fallback))
+            check_written(target, MAX_FILE_MB if max_chunk_mb is None else max_chunk_mb)
             release_memory()
         if chunked:
             (tmp / MANIFEST).write_text(manifest.to_json())
