@@ -163,3 +163,28 @@ def test_decode_traffic_counts_weights_once_and_the_whole_cache(export):
     c, v = cfg.hidden_size, cfg.vocab_size
     floats = (v * c + v + c * (2 * cfg.num_hidden_layers + 1) + c + 2 * 16) * 2   # head, bias, norms, rows
     assert recs + floats <= t["weights"] <= 1.02 * (recs + floats), (t["weights"], recs, floats)
+
+
+def test_staged_records_equal_the_in_memory_quantization_and_are_removed(tmp_path):
+    """A Core ML export from a checkpoint reads streamed records: the same bits as quantizing the loaded model,
+    kept in a private directory beside the output that goes away with the QuantizedModel."""
+    import gc
+
+    from converters.staging import staged_quantization, streamable
+    from macq.pipeline import config_for, load_quantized_or_model, quantize
+    from macq.tiny import save_tiny_model
+
+    src = save_tiny_model(tmp_path / "ckpt", "llama")
+    assert streamable(str(src), "rtn") == src and streamable(str(src), "gptq") is None
+    cfg = config_for("rtn", {"bits": 4, "group_size": 32})
+    qm = staged_quantization(src, tmp_path / "out" / "m.mlpackage", "rtn", cfg, str(src))
+    staged = [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".m.mlpackage.records-")]
+    assert len(staged) == 1
+    _, fp, tok = load_quantized_or_model(str(src))
+    ref = quantize(fp, tok, "rtn", cfg, source=str(src), copy_model=False)
+    assert sorted(qm.records) == sorted(ref.records)
+    for n in ref.records:
+        assert torch.equal(qm.records[n].dequantize(torch.float32), ref.records[n].dequantize(torch.float32)), n
+    del qm
+    gc.collect()
+    assert not staged[0].exists() and not (tmp_path / "out" / "m.mlpackage").exists()
