@@ -275,16 +275,19 @@ class Layer(nn.Module):
 
 
 class Embed(nn.Module):
-    """``input_ids [1, S]`` → ``[1, C, 1, S]``; tables over MAX_DIM rows are gathered part by part."""
+    """``input_ids [1, S]`` → ``[1, C, 1, S]``; tables over MAX_DIM rows are gathered part by part. With
+    ``parts`` (a subset of the vocabulary parts, when the embedding is split over packages) tokens outside
+    them give zero rows, so the packages' outputs add up to the embedding."""
 
-    def __init__(self, w: Weights, s: AneShape):
+    def __init__(self, w: Weights, s: AneShape, parts: list[int] | None = None):
         super().__init__()
-        self.parts = s.vocab_parts
+        self.whole = parts is None or len(parts) == len(s.vocab_parts)
+        self.parts = s.vocab_parts if parts is None else [s.vocab_parts[i] for i in parts]
         self.tables = nn.ParameterList([_param(w.weight(w.spec.embed, (a, b))) for a, b in self.parts])
 
     def forward(self, ids):
         ids = ids[0]
-        if len(self.parts) == 1:
+        if len(self.parts) == 1 and self.whole:
             e = self.tables[0][ids]
         else:
             e = 0
@@ -298,10 +301,11 @@ class Embed(nn.Module):
 class Head(nn.Module):
     """Final norm + LM head by vocabulary part: outputs ``logits_i [1, S, part]``."""
 
-    def __init__(self, w: Weights, s: AneShape):
+    def __init__(self, w: Weights, s: AneShape, parts: list[int] | None = None):
         super().__init__()
         self.norm = Norm(w.tensor(f"{w.spec.final_norm}.weight"), s.eps)
-        self.heads = nn.ParameterList([_param(w.weight(w.spec.lm_head, (a, b))) for a, b in s.vocab_parts])
+        self.index = list(range(len(s.vocab_parts))) if parts is None else list(parts)   # logits_i names
+        self.heads = nn.ParameterList([_param(w.weight(w.spec.lm_head, s.vocab_parts[i])) for i in self.index])
 
     def forward(self, x):
         h = self.norm(x)[0, :, 0, :].t()                            # [S, C]
@@ -314,16 +318,17 @@ class AneChunk(nn.Module):
     Inputs: ``input_ids`` (with embedding) or ``hidden [1,C,1,S]``; with layers also ``position_ids [S]`` and
     ``causal_mask [1,1,S,kv_len]``. Outputs: ``hidden_out`` or ``logits_0..``. State: ``key_cache``/``value_cache``."""
 
-    def __init__(self, qm, start: int, stop: int, embed: bool, head: bool, context: int, records: dict | None = None):
+    def __init__(self, qm, start: int, stop: int, embed: bool, head: bool, context: int, records: dict | None = None,
+                 parts: list[int] | None = None):
         super().__init__()
         s = ane_shape(qm)
         w = Weights(qm, records)
         self.weights = w            # .slots / .float_rows: what converters.weights.place_slots needs
         self.s, self.start, self.stop, self.context = s, start, stop, context
         self.kv_len = aligned(context)   # cache slots (and causal mask width): context rounded up to 32
-        self.embed = Embed(w, s) if embed else None
+        self.embed = Embed(w, s, parts) if embed else None
         self.layers = nn.ModuleList([Layer(w, i, s) for i in range(start, stop)])
-        self.head = Head(w, s) if head else None
+        self.head = Head(w, s, parts) if head else None
         if self.layers:
             cos, sin = rope_tables(qm.config, context)
             self.register_buffer("cos", cos)
@@ -338,7 +343,7 @@ class AneChunk(nn.Module):
         return first + (["position_ids", "causal_mask"] if self.layers else [])
 
     def output_names(self) -> list[str]:
-        return [f"logits_{i}" for i in range(len(self.s.vocab_parts))] if self.head is not None else ["hidden_out"]
+        return [f"logits_{i}" for i in self.head.index] if self.head is not None else ["hidden_out"]
 
     def example(self, n: int) -> tuple[torch.Tensor, ...]:
         first = torch.zeros(1, n, dtype=torch.int32) if self.embed is not None else torch.zeros(1, self.s.hidden, 1, n)

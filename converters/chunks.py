@@ -29,6 +29,7 @@ class ChunkPlan:
     embed: bool
     head: bool
     est_bytes: int = 0            # stored size estimate (records at their storage rate, floats fp16)
+    parts: list[int] | None = None  # embedding / head package: the vocabulary parts it holds (None: all)
 
 
 @dataclass
@@ -86,7 +87,8 @@ def _bytes_by_prefix(qm, prefixes: list[str]) -> list[int]:
 
 def _check_sizes(plans: list[ChunkPlan], limit_mb: float, given: bool) -> None:
     """Every package's estimated weight file under the limit, checked before anything is converted. The
-    embedding and the head are one package each: larger than the limit, they are refused (not split)."""
+    embedding and the head are split by vocabulary part (:func:`_vocab_packages`); one layer, or one
+    vocabulary part, over the limit is refused."""
     for p in plans:
         if p.est_bytes <= limit_mb * 2**20:
             continue
@@ -94,10 +96,34 @@ def _check_sizes(plans: list[ChunkPlan], limit_mb: float, given: bool) -> None:
         if p.stop > p.start and not given:
             raise MacqError(f"--chunks: package {p.path} would hold {mb} of weights, over the {limit_mb:g} MB "
                             "weight-file limit: use more chunks or --max-chunk-mb")
-        what = f"layers {p.start}..{p.stop - 1}" if p.stop > p.start else "the embedding" if p.embed else "the head"
+        what = (f"layers {p.start}..{p.stop - 1}" if p.stop > p.start else
+                ("the embedding" if p.embed else "the head") + (f" vocabulary part {p.parts[0]}" if p.parts else ""))
         flag = f"--max-chunk-mb {limit_mb:g}" if given else f"the {limit_mb:g} MB weight-file limit"
         raise MacqError(f"{flag}: {what} alone would hold {mb} of weights in one package (not split further)"
                         + ("; use a larger limit" if given else ""))
+
+
+def _vocab_packages(qm, kind: str, nbytes: int, limit: float, first: int, n: int) -> list[ChunkPlan]:
+    """The embedding (``kind="embed"``) or head package, or, when its table is over ``limit``, several, each
+    holding consecutive vocabulary parts (sizes in proportion to their rows) under the limit. The runner adds
+    the embedding packages' outputs (each token's row comes from exactly one of them, the others give zeros:
+    exact) and concatenates the head packages' logits."""
+    embed = kind == "embed"
+    start = 0 if embed else n
+    if nbytes <= limit:
+        return [ChunkPlan(f"{first:02d}_{kind}.mlpackage", start, start, embed, not embed, nbytes)]
+    from converters.ane_model import ane_shape
+
+    parts = ane_shape(qm).vocab_parts
+    vocab = parts[-1][1]
+    per = [nbytes * (b - a) / vocab for a, b in parts]
+    groups: list[list[int]] = [[]]
+    for i, b in enumerate(per):
+        if groups[-1] and sum(per[j] for j in groups[-1]) + b > limit:
+            groups.append([])
+        groups[-1].append(i)
+    return [ChunkPlan(f"{first + k:02d}_{kind}_{g[0]}-{g[-1]}.mlpackage", start, start, embed, not embed,
+                      int(sum(per[j] for j in g)), parts=g) for k, g in enumerate(groups)]
 
 
 def plan_chunks(qm, chunks: int | None, max_chunk_mb: float | None) -> list[ChunkPlan]:
@@ -131,10 +157,11 @@ def plan_chunks(qm, chunks: int | None, max_chunk_mb: float | None) -> list[Chun
                 acc = 0
             acc += b
         bounds.append(n)
-    plans = [ChunkPlan("00_embed.mlpackage", 0, 0, True, False, emb)]
-    for j, (a, b) in enumerate(zip(bounds, bounds[1:]), start=1):
-        plans.append(ChunkPlan(f"{j:02d}_layers_{a}-{b - 1}.mlpackage", a, b, False, False, sum(sizes[a:b])))
-    plans.append(ChunkPlan(f"{len(plans):02d}_head.mlpackage", n, n, False, True, head))
+    limit = MAX_FILE_MB * 2**20 if max_chunk_mb is None else max_chunk_mb * 2**20
+    plans = _vocab_packages(qm, "embed", emb, limit, 0, n)
+    for a, b in zip(bounds, bounds[1:]):
+        plans.append(ChunkPlan(f"{len(plans):02d}_layers_{a}-{b - 1}.mlpackage", a, b, False, False, sum(sizes[a:b])))
+    plans += _vocab_packages(qm, "head", head, limit, len(plans), n)
     _check_sizes(plans, MAX_FILE_MB if max_chunk_mb is None else max_chunk_mb, max_chunk_mb is not None)
     return plans
 

@@ -36,7 +36,7 @@ def chunk_records(qm, plan, vocab_parts) -> dict:
         rec = qm.records.get(name)
         if rec is None:
             continue
-        for a, b in vocab_parts:
+        for a, b in [vocab_parts[i] for i in plan.parts] if plan.parts is not None else vocab_parts:
             out[f"{name}[{a}:{b}]"] = rec if (a, b) == (0, rec.shape[0]) else slice_rows(rec, a, b)
     return out
 
@@ -164,7 +164,8 @@ def export_chunk(qm, plan, context: int, prefill_len: int, vocab_parts, out_path
 
     records = chunk_records(qm, plan, vocab_parts)
     layouts, _ = plan_layouts(records, allow_fallback)
-    chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context, records=records).eval()
+    chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context, records=records,
+                     parts=plan.parts).eval()
     del records   # the layouts hold what the package needs
     float_rows = functools.cache(chunk.weights.float_rows)
     progs = {fn: convert_function(chunk, n, layouts, float_rows) for fn, n in zip(FUNCTIONS, (prefill_len, 1))}

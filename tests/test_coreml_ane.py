@@ -208,13 +208,13 @@ def test_chunk_plans_and_bad_arguments(tmp_path):
     with pytest.MonkeyPatch.context() as mp:   # the float embedding (64 KiB) alone, so layers split one by one
         mp.setattr(chunks_mod, "_check_sizes", lambda *a: None)
         assert [(p.start, p.stop) for p in plan_chunks(qm, None, per_layer / 2**20)] == [(0, 0), (0, 1), (1, 2), (2, 2)]
-    with pytest.raises(MacqError, match=r"--max-chunk-mb .*: the embedding alone would hold"):
+    with pytest.raises(MacqError, match=r"--max-chunk-mb .*: the embedding vocabulary part 0 alone would hold"):
         plan_chunks(qm, None, per_layer / 2**20)   # over the limit, one package: refused before converting
     with pytest.MonkeyPatch.context() as mp:   # a single package over the weight-file limit: refused
         mp.setattr(chunks_mod, "MAX_FILE_MB", 0.05)
         with pytest.raises(MacqError, match="weight-file limit of one package"):
             plan_chunks(qm, None, None)
-        with pytest.raises(MacqError, match="the 0.05 MB weight-file limit: the embedding alone"):
+        with pytest.raises(MacqError, match="the 0.05 MB weight-file limit: the embedding vocabulary part 0 alone"):
             plan_chunks(qm, 1, None)
     assert [(p.start, p.stop) for p in plan_chunks(qm, None, 100.0)] == [(0, 0), (0, 2), (2, 2)]
     with pytest.raises(MacqError, match="--chunks 3"):

@@ -188,3 +188,33 @@ def test_staged_records_equal_the_in_memory_quantization_and_are_removed(tmp_pat
     del qm
     gc.collect()
     assert not staged[0].exists() and not (tmp_path / "out" / "m.mlpackage").exists()
+
+
+def test_embedding_and_head_split_by_vocabulary_under_max_chunk_mb(tmp_path, monkeypatch):
+    """Under a --max-chunk-mb smaller than the (float) embedding and head, both are split into packages of
+    whole vocabulary parts; every weight file stays under the limit and the chained logits equal the single
+    package's bit for bit (the embedding packages' outputs add a row and zeros)."""
+    import converters.ane_model as ane_model
+    from converters.chunks import plan_chunks, read_manifest
+
+    monkeypatch.setattr(ane_model, "MAX_DIM", 200)   # 512 tokens -> 3 parts, as 128,256 -> 8 at 16384
+    qm = _qm()
+    emb = plan_chunks(qm, 1, None)[0].est_bytes
+    limit = emb * 0.5 / 2**20
+    single = export_coreml(qm, tmp_path / "one.mlpackage", context=32, prefill_len=PREFILL)
+    split = export_coreml(qm, tmp_path / "split", context=32, prefill_len=PREFILL, max_chunk_mb=limit)
+    m, root = read_manifest(split.path)
+    assert [(c.embed, c.head, c.parts) for c in m.chunks if c.stop == c.start] == \
+        [(True, False, [0]), (True, False, [1]), (True, False, [2]), (False, True, [0]), (False, True, [1]), (False, True, [2])]
+    for c in m.chunks:
+        assert (root / c.path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size <= limit * 2**20
+    assert split.ane_report[-1] == "ANE gate: no findings"
+    ids = np.array([3, 17, 200, 5, 9, 41, 7, 8, 300, 2, 11, 12, 450, 190], dtype=np.int64)
+    got = []
+    for path in (single.path, split.path):
+        s = AneSession(path, backend="mil")
+        got.append(np.concatenate([s.feed(ids[:10]), s.feed(ids[10:], prefill=False)]))
+    assert np.array_equal(got[0], got[1])
+    with torch.no_grad():
+        ref = qm.to_torch(torch.float32)(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert np.abs(got[1] - ref).max() < 3e-2
