@@ -3,8 +3,9 @@
 A single package (embedding + all layers + head) is the default; ``chunks=N`` or ``max_chunk_mb=M`` gives an
 embedding package, N layer-range packages, and a head package, converted one after another so conversion
 holds one chunk's weights at a time. Every weight file stays under ``max_chunk_mb`` (default
-:data:`MAX_FILE_MB`, 1 GiB): an embedding or head over it is split into packages of whole vocabulary parts. The manifest (``coreml_manifest.json`` in the output directory; the
-same JSON in a single package's ``macq.ane`` metadata) lists them in run order with their inputs/outputs.
+:data:`MAX_FILE_MB`, 1 GiB): an embedding or head over it is split into packages of whole vocabulary parts.
+The manifest (``coreml_manifest.json`` in the output directory; the same JSON in a single package's
+``macq.ane`` metadata) lists them in run order with their inputs/outputs.
 """
 
 from __future__ import annotations
