@@ -65,18 +65,21 @@ def generate_any(path: str, prompt: str, max_tokens: int = 64, chat: bool = True
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def inspect_coreml(path: Path):
+def inspect_coreml(path: Path, expect: bool = True):
     from converters.chunks import MANIFEST, read_manifest
+    from converters.expect import what_to_expect
     from converters.inspect import inspect_mlpackage
 
     if path.is_dir() and (path / MANIFEST).is_file():  # chunked ANE export: one report per package
         manifest, root = read_manifest(path)
         datas, mds = [], []
         for c in manifest.chunks:
-            d, md = inspect_coreml(root / c.path)
+            d, md = inspect_coreml(root / c.path, expect=False)
             datas.append(dict(d, path=str(root / c.path)))
             mds.append(md)
-        return {"chunks": datas, "ane_findings": [f for d in datas for f in d["ane_findings"]]}, "\n\n".join(mds)
+        e, emd = what_to_expect(datas, [root / c.path for c in manifest.chunks])
+        return ({"chunks": datas, "ane_findings": [f for d in datas for f in d["ane_findings"]], "expect": e},
+                "\n\n".join(mds + [emd]))
     if path.suffix != ".mlpackage" or not path.exists():
         raise MacqError(f"inspect: {path} is not an existing .mlpackage or chunked Core ML export")
     try:
@@ -91,4 +94,7 @@ def inspect_coreml(path: Path):
           f"{data.get('bits_per_weight', float('nan')):.3f} bits/weight over compressed weights", "",
           md_table(rows, ["op", "count"])]
     md += [f"ANE: {line}" for line in data.get("ane_report", []) or []]
+    if expect:
+        data["expect"], emd = what_to_expect([data], [path])
+        md += ["", emd]
     return data, "\n".join(md)
