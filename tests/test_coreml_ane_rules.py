@@ -185,8 +185,8 @@ def test_checkpoint_export_streams_records_through_a_scratch_dir(tmp_path):
     run_plan(streamed)
     run_plan(memory)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.mlpackage"]
-    a = weight_chains(load_program(tmp_path / "out" / "m.mlpackage"))
-    b = weight_chains(load_program(tmp_path / "mem" / "m.mlpackage"))
+    a = weight_chains(load_program(tmp_path / "out" / "m.mlpackage")[0])
+    b = weight_chains(load_program(tmp_path / "mem" / "m.mlpackage")[0])
     assert [c["name"] for c in a] == [c["name"] for c in b] and len(a) > 0
     for ca, cb in zip(a, b):
         assert np.array_equal(chain_value(ca), chain_value(cb)), ca["name"]
