@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The baselines table of docs/sections/baselines.md: reference libraries (bitsandbytes, llm-compressor, fp16)
+# The baselines table of docs/results/baselines.md: reference libraries (bitsandbytes, llm-compressor, fp16)
 # next to macq's NF4 / FP4 / GPTQ / AWQ at the same settings, on the default model, one eval text.
 #   bash scripts/baselines_table.sh [OUT_DIR] [DEVICE]      # DEVICE cpu (default) or cuda
 # Short, affordable settings: wiki eval split, first 2048 tokens, 512-token windows; calibration 16 x 256

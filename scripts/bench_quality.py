@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality at equal size (issue 13): every row quantizes the same tensors — decoder linears *and* the tied
+"""Quality at equal size: every row quantizes the same tensors — decoder linears *and* the tied
 embedding/head — from the same calibration tokens, and is scored on three texts.
 
     python scripts/bench_quality.py --rows rtn awq learned --bits 3 --json out.json
@@ -41,7 +41,7 @@ def macq_options(row: str, args) -> tuple[str, dict[str, Any]]:
         base = {"bits": args.bits, "group_size": args.group_size, "symmetric": False, "include_embeddings": True}
         if row == "rtn":
             return "rtn", {**base, "zero_point": "float"}
-        if row == "awq-gptq-dynamic":      # the chaining before static_grid (issue 13's "AWQ→GPTQ trails AWQ")
+        if row == "awq-gptq-dynamic":      # the chaining before static_grid ("AWQ→GPTQ trails AWQ")
             return "awq-gptq", {**base, "static_grid": False}
         if row == "learned-rtn":
             return "learned", {**base, "init": "rtn", "steps": args.steps, "batch_size": args.learned_batch,

@@ -1,4 +1,4 @@
-"""Real-size cost benchmark (issue 11): macq's streamed RTN export vs ``mlx_lm.convert`` on the same checkpoint.
+"""Real-size cost benchmark: macq's streamed RTN export vs ``mlx_lm.convert`` on the same checkpoint.
 
     python scripts/make_shapes.py llama-3.2-1b /work/scratch/scale/llama-3.2-1b     # once per shape
     python scripts/bench_scale.py /work/scratch/scale/llama-3.2-1b /work/scratch/scale/llama-3.2-3b \

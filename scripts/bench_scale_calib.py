@@ -1,4 +1,4 @@
-"""Real-size cost of the calibrated methods on the streaming path (issue 11): wall time, peak RSS and the time
+"""Real-size cost of the calibrated methods on the streaming path: wall time, peak RSS and the time
 split per stage of ``macq quantize SRC --method M --stream`` on a checkpoint, for every calibrated method that
 streams (gptq, awq, awq-gptq, kmeans-cal, learned, smoothquant, mixed; kmeans-cal with ``--sensitivity hessian``,
 learned with ``--kl-steps 0`` and mixed with ``--sensitivity proxy``: their whole-model defaults do not stream).

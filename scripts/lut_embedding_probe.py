@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue 13 diagnostic: how much of a 4-bit LUT row's loss is the tied embedding/head alone?
+"""Diagnostic: how much of a 4-bit LUT row's loss is the tied embedding/head alone?
 
 The float model with ONLY the embedding (tied: also the head) replaced by a 4-bit LUT record of groups of 16
 rows, scored like ``bench_quality.py`` (same texts, windows and cached fp16 reference):
@@ -9,8 +9,7 @@ rows, scored like ``bench_quality.py`` (same texts, windows and cached fp16 refe
 
 Default: macq's data-free k-means (what every LUT method gives heads). ``--fisher``: k-means weighted by the
 empirical Fisher of the float model on ``--n-calib`` x ``--seq-len`` tokens of c4 (kmeans-cal's
-``weighted_heads`` path). In docs/sections/lut.md the data-free row was reproduced with this script
-(identical numbers); the ``--fisher`` row came from the scratch script it merges (same calls, same order).
+``weighted_heads`` path). Its rows are in docs/results/lut-g16.md and docs/results/lut-outliers.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``scripts/bench_quality.py --runtime mlx`` (issue 13, measured through mlx_lm): the mlx scoring agrees with the
+"""``scripts/bench_quality.py --runtime mlx`` (measured through mlx_lm): the mlx scoring agrees with the
 torch scoring of the same records, the metrics equal a float64 recomputation, the MLX file size is MLX's
 published layout, the macq CLI command a row runs builds the config the row stands for, and mlx-lm's own
 quantizers run offline on given ids through ``scripts/mlx_lm_quant.py`` (and refuse what they refuse)."""
