@@ -21,7 +21,7 @@ TARGETS_MARKER = "<!-- macq:targets -->"
 # What each record kind can be written to without re-quantizing (the targets' rules, stated once here).
 TARGETS = {
     "affine": "MLX, Core ML",
-    "lut": "Core ML (MLX only with `--requantize-lut`, which re-quantizes to affine)",
+    "lut": "Core ML (MLX: only re-quantized, `--requantize-lut`)",
     "any": "per layer: MLX when every layer's format is one MLX stores, Core ML when every layer's is one Core ML stores",
 }
 

@@ -105,3 +105,39 @@ def test_no_issue_numbers_or_session_talk():
     hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if FORBIDDEN.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("macq_bench_harness", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_harness_covers_every_benchmark_and_page():
+    bench = _bench()
+    modules = {p.stem for p in (ROOT / "scripts" / "benchmarks").iterdir() if p.suffix in (".py", ".sh")}
+    assert modules == set(bench.STUDIES) | set(bench.HELPERS), modules ^ (set(bench.STUDIES) | set(bench.HELPERS))
+    for name, (page, _) in bench.STUDIES.items():
+        assert (DOCS / "results" / page).resolve().is_file(), (name, page)
+    used = set()
+    for path in _markdown_files():
+        used |= set(re.findall(r"scripts/bench\.py ([a-z_-]+)", path.read_text(encoding="utf-8")))
+    used.discard("--list")
+    assert used and used <= set(bench.STUDIES) | set(bench.HELPERS), sorted(used - set(bench.STUDIES))
+    # scripts/ holds the harness and the set-up / lock tools, nothing else
+    top = {p.name for p in (ROOT / "scripts").iterdir() if p.is_file()}
+    assert top == {"bench.py", "setup.sh", "check_lock.py", "format_lock.py", "drift.sh", "setup_reference_venv.sh"}, top
+
+
+def test_bench_harness_dispatches_and_refuses_unknown(capsys):
+    import subprocess
+    import sys
+
+    bench = _bench()
+    assert bench.main(["no_such_study"]) == 2
+    assert "unknown sub-command 'no_such_study'" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "make-shapes", "--list"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "llama-3.1-8b" in out.stdout

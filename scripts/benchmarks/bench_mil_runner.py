@@ -1,6 +1,6 @@
 """The MIL graph check's speed, old runner vs current, in one process on the same export (same machine state).
 
-    python scripts/bench_mil_runner.py EXPORT [--old REV] [--repeats 2]
+    python scripts/bench.py bench_mil_runner EXPORT [--old REV] [--repeats 2]
 
 EXPORT is an ANE-graph Core ML export (one package or a chunk directory). ``--old REV`` names the git revision
 whose ``converters/mil_runner.py`` is the anchor (default dc62960, before fp32 linear/matmul and cached
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

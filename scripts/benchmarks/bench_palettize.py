@@ -5,7 +5,7 @@ time of each and the speed ratio. coremltools runs as a Core ML pipeline runs it
 k-means is then the optimal 1-D ``kmeans1d`` for groups of >= 10000 weights and scikit-learn below that
 (``--ct-dtype float32`` forces scikit-learn everywhere).
 
-    python scripts/bench_palettize.py [--bits 2 3 4] [--layers 0 14 29]
+    python scripts/bench.py bench_palettize [--bits 2 3 4] [--layers 0 14 29]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Why does AWQ→GPTQ trail AWQ alone? Per-linear output error on calibration *and* held-out tokens.
 
-    python scripts/awq_gptq_probe.py --layers 0 14 29 --n-calib 16 --seq-len 256 --bits 3 --group-size 64
+    python scripts/bench.py awq_gptq_probe --layers 0 14 29 --n-calib 16 --seq-len 256 --bits 3 --group-size 64
 
 For each linear of the chosen layers of the float default model, the input Gram matrices ``H`` are collected
 on the calibration windows (c4, seed 0) and on held-out windows (c4, seed 1, and wiki). Each rounding of the

@@ -1,10 +1,10 @@
-"""``scripts/bench_quality.py --runtime mlx``: every row is an MLX directory made by a child process and scored
+"""``scripts/benchmarks/bench_quality.py --runtime mlx``: every row is an MLX directory made by a child process and scored
 through ``mlx_lm.load`` (mlx's forward, float32 arithmetic on the stored fp16 values).
 
 * macq rows (``rtn``, ``awq``, ``gptq``, ``learned``, ...): ``macq quantize`` in a child process (the CLI a user
   runs, on the same calibration ids: the CLI and the benchmark both draw them with ``calibration_samples``),
   then macq's MLX exporter (records copied bit-exactly) in this process;
-* mlx-lm rows (``mlx-convert``, ``mlx-awq``, ``mlx-gptq``, ``mlx-dwq``): ``scripts/mlx_lm_quant.py`` in a child
+* mlx-lm rows (``mlx-convert``, ``mlx-awq``, ``mlx-gptq``, ``mlx-dwq``): ``scripts/benchmarks/mlx_lm_quant.py`` in a child
   process, i.e. the tool's own ``main()`` fed the benchmark's calibration ids (see that script).
 
 Wall time, CPU time and peak RSS are those of the child (``os.wait4``'s rusage), so every row is measured the

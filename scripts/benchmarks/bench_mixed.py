@@ -8,7 +8,7 @@ Caveat printed in the header: the default model's linear weights are dequantized
 asymmetric, blocks of 32), so 4-bit g32 re-quantization is nearly free; the interesting range is below
 4 bpw.
 
-    python scripts/bench_mixed.py --targets 3.0 3.5 4.0 4.5 --kl-formats a3g64b a4g64b
+    python scripts/bench.py bench_mixed --targets 3.0 3.5 4.0 4.5 --kl-formats a3g64b a4g64b
 """
 
 from __future__ import annotations

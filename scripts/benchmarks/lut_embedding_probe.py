@@ -4,8 +4,8 @@
 The float model with ONLY the embedding (tied: also the head) replaced by a 4-bit LUT record of groups of 16
 rows, scored like ``bench_quality.py`` (same texts, windows and cached fp16 reference):
 
-    PYTHONPATH=.:scripts python scripts/lut_embedding_probe.py --ref-cache /work/scratch/quality/ref
-    PYTHONPATH=.:scripts python scripts/lut_embedding_probe.py --ref-cache /work/scratch/quality/ref --fisher
+    python scripts/bench.py lut_embedding_probe --ref-cache /work/scratch/quality/ref
+    python scripts/bench.py lut_embedding_probe --ref-cache /work/scratch/quality/ref --fisher
 
 Default: macq's data-free k-means (what every LUT method gives heads). ``--fisher``: k-means weighted by the
 empirical Fisher of the float model on ``--n-calib`` x ``--seq-len`` tokens of c4 (kmeans-cal's

@@ -2,10 +2,10 @@
 with ``macq.streaming.PREFETCH_BYTES`` at its default and at 0 (reads inline, the previous behaviour),
 interleaved, each as a child process, with the checkpoint's page cache in the same state before every child.
 
-    python scripts/bench_prefetch.py /work/scratch/scale/llama-3.2-1b --out /work/scratch/ab --repeats 2 --cache cold
+    python scripts/bench.py bench_prefetch /work/scratch/scale/llama-3.2-1b --out /work/scratch/ab --repeats 2 --cache cold
 
 Prints one JSON line per run (wall s, CPU s, peak RSS from the child's ``wait4`` rusage) and the ratios
-inline / prefetched of the medians. The export is the one ``scripts/bench_scale.py`` times against mlx_lm.
+inline / prefetched of the medians. The export is the one ``scripts/benchmarks/bench_scale.py`` times against mlx_lm.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scale import run_measured, set_cache  # noqa: E402
 

@@ -2,8 +2,8 @@
 """Quality at equal size: every row quantizes the same tensors — decoder linears *and* the tied
 embedding/head — from the same calibration tokens, and is scored on three texts.
 
-    python scripts/bench_quality.py --rows rtn awq learned --bits 3 --json out.json
-    python scripts/bench_quality.py --rows kmeans kmeans-cal ct-skm ct-ptp --bits 4 --json lut.json
+    python scripts/bench.py bench_quality --rows rtn awq learned --bits 3 --json out.json
+    python scripts/bench.py bench_quality --rows kmeans kmeans-cal ct-skm ct-ptp --bits 4 --json lut.json
 
 Affine rows (``--group-size`` inputs per group, asymmetric): ``rtn`` is MLX's own algorithm (bit-identical to
 ``mlx_lm.convert -q``, embedding included, as mlx_lm does); ``awq`` / ``gptq`` / ``awq-gptq`` / ``learned`` /
@@ -313,7 +313,7 @@ def main() -> None:
                     help="write the calibration windows to ~/.cache/mlx-lm/calibration_v5.txt and exit")
     ap.add_argument("--runtime", choices=("torch", "mlx"), default="torch",
                     help="mlx: every row is quantized by a child process, written as an MLX directory and scored "
-                         "through mlx_lm (scripts/mlx_rows.py); rows mlx-convert/mlx-awq/mlx-gptq/mlx-dwq need it")
+                         "through mlx_lm (scripts/benchmarks/mlx_rows.py); rows mlx-convert/mlx-awq/mlx-gptq/mlx-dwq need it")
     ap.add_argument("--mlx-work", help="--runtime mlx: directory keeping each row's quantization, MLX dir and log")
     ap.add_argument("--reuse", action="store_true",
                     help="--runtime mlx: reuse a row's MLX dir made by the same command (mlx-lm rows) or a macq "

@@ -1,7 +1,7 @@
 """Real-size cost benchmark: macq's streamed RTN export vs ``mlx_lm.convert`` on the same checkpoint.
 
-    python scripts/make_shapes.py llama-3.2-1b /work/scratch/scale/llama-3.2-1b     # once per shape
-    python scripts/bench_scale.py /work/scratch/scale/llama-3.2-1b /work/scratch/scale/llama-3.2-3b \
+    python scripts/bench.py make_shapes llama-3.2-1b /work/scratch/scale/llama-3.2-1b     # once per shape
+    python scripts/bench.py bench_scale /work/scratch/scale/llama-3.2-1b /work/scratch/scale/llama-3.2-3b \
         --out /work/scratch/scale/bench --json bench.json
 
 For each checkpoint, in the same minute and one after the other (never concurrently), it runs
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

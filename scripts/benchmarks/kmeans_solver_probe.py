@@ -4,10 +4,10 @@ For every decoder linear (and the embedding), groups of ``--lut-group`` output r
 macq ``--solver lloyd``, macq ``--solver exact`` and coremltools' own clustering routine (the one
 ``PostTrainingPalettizer`` runs per block), then the perplexity / KL / top-1 of the model whose decoder holds each
 solver's LUTs (the embedding float, or ``--embedding lloyd|exact``), with the evaluation of
-``scripts/bench_quality.py`` (first 1024 tokens of wiki, c4, tinystories; 512-token windows).
+``scripts/benchmarks/bench_quality.py`` (first 1024 tokens of wiki, c4, tinystories; 512-token windows).
 
-    python scripts/kmeans_solver_probe.py --ref-cache /work/scratch/quality/ref --json probe.json
-    python scripts/kmeans_solver_probe.py --layers 2 --no-eval       # a quick look at the SSE gap only
+    python scripts/bench.py kmeans_solver_probe --ref-cache /work/scratch/quality/ref --json probe.json
+    python scripts/bench.py kmeans_solver_probe --layers 2 --no-eval       # a quick look at the SSE gap only
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Calibrated methods on the default model: RTN vs GPTQ vs AWQ (vs AWQ→GPTQ), perplexity on held-out wiki,
 KL vs fp16, bits per weight, wall time and peak process memory of quantization (calibration included).
 
-    python scripts/table_calibrated.py [--n-calib 128] [--seq-len 512] [--bits 4 3] [--json out.json]
+    python scripts/bench.py table_calibrated [--n-calib 128] [--seq-len 512] [--bits 4 3] [--json out.json]
 
 Calibration: c4 (second half of the bundled sample); evaluation: the first 4096 tokens of the first half
 of the bundled wiki text, context 512 — never the same tokens. Groups are 64: the default model's

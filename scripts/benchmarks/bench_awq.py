@@ -13,8 +13,8 @@ perplexity and KL(fp ‖ quantized) per token on the same positions (macq.eval).
 and zero-point. SmoothQuant rows are evaluated with the activation fake-quant hooks installed
 (``QuantizedModel.to_torch``), so they are honest W8A8 numbers.
 
-    python scripts/bench_awq.py --n 16 --seq-len 512            # the modest config used in the report
-    python scripts/bench_awq.py --configs 3:64 --methods rtn,awq
+    python scripts/bench.py bench_awq --n 16 --seq-len 512            # the modest config used in the report
+    python scripts/bench.py bench_awq --configs 3:64 --methods rtn,awq
 """
 
 from __future__ import annotations

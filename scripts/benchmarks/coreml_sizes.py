@@ -2,7 +2,7 @@
 """Benchmark (not a test): Core ML package size vs fp16 for k-means 4-bit, NF4 and int4 g32 records on the
 default model, and macq's k-means vs coremltools' own ``palettize_weights`` (weight MSE, wall time).
 
-    python scripts/coreml_sizes.py [--context 256] [--out /tmp/coreml_sizes] [--skip-ct]
+    python scripts/bench.py coreml_sizes [--context 256] [--out /tmp/coreml_sizes] [--skip-ct]
 
 Prints Markdown. Sizes are whole packages (the fp16 tied embedding, ~56 MB for SmolLM2, is in every row);
 bits/weight is over the compressed weights only, read back from each file.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The baselines table of docs/results/baselines.md: reference libraries (bitsandbytes, llm-compressor, fp16)
 # next to macq's NF4 / FP4 / GPTQ / AWQ at the same settings, on the default model, one eval text.
-#   bash scripts/baselines_table.sh [OUT_DIR] [DEVICE]      # DEVICE cpu (default) or cuda
+#   python scripts/bench.py baselines_table [OUT_DIR] [DEVICE]      # DEVICE cpu (default) or cuda
 # Short, affordable settings: wiki eval split, first 2048 tokens, 512-token windows; calibration 16 x 256
 # tokens of c4 (seed 0, the same ids for macq and llm-compressor); latency prompt 128, 32 new tokens,
 # median of 3 after 1 warm-up, 1 torch thread. GPU rows need DEVICE=cuda on a CUDA machine.
@@ -9,7 +9,7 @@
 # exported to Core ML (the default ANE graph, context 512) and run by MIL value inference on Linux (the graph
 # check: every window through the prefill function; decode is checked by the tests) or Core ML on a Mac.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${1:-out/baselines}
 DEV=${2:-cpu}
 MACQ=${MACQ:-macq}

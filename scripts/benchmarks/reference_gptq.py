@@ -18,8 +18,8 @@ first, then ``llmcompressor==0.14.0.1``). This script, run from macq's venv:
    a Markdown table with the wall-time ratio. Both run on this machine's CPU in the same session, so
    their times compare (each with ``--threads`` torch threads).
 
-    python scripts/reference_gptq.py --setup                       # once (~1 min, PyPI)
-    python scripts/reference_gptq.py --bits 3 --group-size 64 --n 16 --seq-len 512
+    python scripts/bench.py reference_gptq --setup                       # once (~1 min, PyPI)
+    python scripts/bench.py reference_gptq --bits 3 --group-size 64 --n 16 --seq-len 512
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-llmc"
 
 

@@ -2,12 +2,12 @@
 """Run one of mlx-lm's own quantizers (``mlx_lm.convert`` RTN, ``mlx_lm.awq``, ``mlx_lm.gptq``, ``mlx_lm.dwq``)
 on a local HF checkpoint with *macq's* calibration token ids, offline, on a CPU.
 
-    python scripts/mlx_lm_quant.py awq --model HF_DIR --calib ids.npy --out DIR -- --bits 3 --group-size 64 ...
+    python scripts/bench.py mlx_lm_quant awq --model HF_DIR --calib ids.npy --out DIR -- --bits 3 --group-size 64 ...
 
 Everything after ``--`` is passed to the tool's own ``main()`` (its CLI flags), which runs unchanged except for
 three module-level names it imported, replaced here and nowhere else:
 
-* ``load_data`` -> the ``[n, seq_len]`` token ids in ``--calib`` (``scripts/bench_quality.py --write-mlx-ids``),
+* ``load_data`` -> the ``[n, seq_len]`` token ids in ``--calib`` (``scripts/benchmarks/bench_quality.py --write-mlx-ids``),
   in their order. The tools' own loaders read ``~/.cache/mlx-lm/calibration_v5.txt`` (a download) and
   re-tokenise it into random chunks (awq/gptq), or a Hugging Face dataset (dwq); going through text would not
   give exactly the same ids (token merges across window boundaries), so the ids are handed over directly.
@@ -25,7 +25,7 @@ and the result, which on this CPU means the slow path); its result is then cast 
 
 ``convert`` calls ``mlx_lm.convert.convert(..., quantize=True, dtype="float16")`` itself (RTN, embedding
 included). The checkpoint should carry ``rope_theta`` at the top level of config.json (transformers 5 nests it;
-mlx_lm 0.32's llama would silently use 10000): ``scripts/compare_mlx.py``'s ``rope_patched_copy``.
+mlx_lm 0.32's llama would silently use 10000): ``scripts/benchmarks/compare_mlx.py``'s ``rope_patched_copy``.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ split per stage of ``macq quantize SRC --method M --stream`` on a checkpoint, fo
 streams (gptq, awq, awq-gptq, kmeans-cal, learned, smoothquant, mixed; kmeans-cal with ``--sensitivity hessian``,
 learned with ``--kl-steps 0`` and mixed with ``--sensitivity proxy``: their whole-model defaults do not stream).
 
-    python scripts/bench_scale_calib.py ~/.cache/macq/models/SmolLM2-135M-Instruct --n-calib 4 --seq-len 128
-    python scripts/bench_scale_calib.py /work/scratch/scale/llama-3.2-1b --methods gptq awq --n-calib 32 \
+    python scripts/bench.py bench_scale_calib ~/.cache/macq/models/SmolLM2-135M-Instruct --n-calib 4 --seq-len 128
+    python scripts/bench.py bench_scale_calib /work/scratch/scale/llama-3.2-1b --methods gptq awq --n-calib 32 \
         --seq-len 512 --json bench.json
 
 Each run is a child process (``python -m macq.cli quantize ... --json``) with ``OMP_NUM_THREADS`` set; wall
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

@@ -1,8 +1,8 @@
 """Write a random-weight Hugging Face checkpoint with the exact shape of a public model (no download).
 
-    python scripts/make_shapes.py llama-3.2-1b /work/scratch/scale/llama-3.2-1b
-    python scripts/make_shapes.py llama-3.2-3b /work/scratch/scale/llama-3.2-3b-4l --layers 4   # 3B widths, 4 layers
-    python scripts/make_shapes.py --list
+    python scripts/bench.py make_shapes llama-3.2-1b /work/scratch/scale/llama-3.2-1b
+    python scripts/bench.py make_shapes llama-3.2-3b /work/scratch/scale/llama-3.2-3b-4l --layers 4   # 3B widths, 4 layers
+    python scripts/bench.py make_shapes --list
 
 Quality numbers on these checkpoints mean nothing; cost numbers (time, memory, size) do. The configs are the
 published ``config.json`` values (hidden, intermediate, layers, heads, KV heads, head dim, vocab, RoPE base and
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from macq.atomic import atomic_dir  # noqa: E402
 from macq.shards import ShardWriter  # noqa: E402
