@@ -96,6 +96,8 @@ def methods_markdown() -> str:
         facts = [f"config `{cls.__module__}.{cls.__name__}`", f"kind: {spec.kind}",
                  "calibrated" if spec.needs_calibration else "calibration-free",
                  "streams from a checkpoint" if spec.streams else f"in memory only ({spec.whole_model or 'whole model'})"]
+        if getattr(spec, "cost", ""):
+            facts.append(f"cost: {spec.cost}")
         out += ["*" + "; ".join(facts) + ".*", "", "| flag | type | default | what it does |", "|---|---|---|---|"]
         for f in fields(cls):
             if f.name in CLI_FIELDS or f.name not in opts:
