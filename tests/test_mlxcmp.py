@@ -1,7 +1,7 @@
-"""``scripts/bench_quality.py --runtime mlx`` (issue 13, measured through mlx_lm): the mlx scoring agrees with the
+"""``scripts/benchmarks/bench_quality.py --runtime mlx`` (measured through mlx_lm): the mlx scoring agrees with the
 torch scoring of the same records, the metrics equal a float64 recomputation, the MLX file size is MLX's
 published layout, the macq CLI command a row runs builds the config the row stands for, and mlx-lm's own
-quantizers run offline on given ids through ``scripts/mlx_lm_quant.py`` (and refuse what they refuse)."""
+quantizers run offline on given ids through ``scripts/benchmarks/mlx_lm_quant.py`` (and refuse what they refuse)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "benchmarks"
 sys.path.insert(0, str(SCRIPTS))
 bench = importlib.import_module("bench_quality")
 rows = importlib.import_module("mlx_rows")

@@ -1,4 +1,4 @@
-"""Per-channel LUTs (issue 13): many small k-means groups, checked against coremltools' exact 1-D k-means.
+"""Per-channel LUTs: many small k-means groups, checked against coremltools' exact 1-D k-means.
 
 ``coremltools._deps._kmeans1d`` is an independent exact optimum (a C dynamic program over every point), so the
 SSE of macq's LUT for each row can be compared with the true minimum.

@@ -1,4 +1,4 @@
-"""Issue 13: learned rounding (``learned``), calibrated palettization (``kmeans-cal``), embeddings for every method."""
+"""Learned rounding (``learned``), calibrated palettization (``kmeans-cal``), embeddings for every method."""
 
 from __future__ import annotations
 
@@ -368,7 +368,7 @@ def test_learned_awq_init_is_awq_bit_for_bit():
     (codes, fp16 scales, zero-points; embedding included) and the same folded float tensors. At learned's default
     ``batch_size=1`` (its sign-SGD batch, which is also the layer engine's batch) AWQ's input statistics are summed
     in another order: the folded norms move by float32 ulps (the records happen to agree on this tiny model). On
-    the 30-layer model such ulps can flip AWQ's discrete alpha / clip choices, which is why the README's
+    the 30-layer model such ulps can flip AWQ's discrete alpha / clip choices, which is why the documented
     ``learned --steps 0`` and ``awq`` rows differ; not a different algorithm."""
     from macq.pipeline import quantize
 

@@ -1,4 +1,4 @@
-"""Failure paths that lose nothing (issue 12) and the CLI generated from the method configs (issue 10)."""
+"""Failure paths that lose nothing and the CLI generated from the method configs."""
 
 from __future__ import annotations
 
@@ -316,7 +316,7 @@ def test_quantize_and_export_share_every_method_option():
         cls, _ = spec.load()
         fields |= set(cls.__dataclass_fields__)
     assert set(method_options()) == fields - {"n_calib", "seq_len", "seed", "dataset", "target"}
-    for f in ("--steps", "--lr", "--mse-clip", "--damp-percent", "--alpha", "--override"):  # issue 10's missing ones
+    for f in ("--steps", "--lr", "--mse-clip", "--damp-percent", "--alpha", "--override"):  # flags once missing from one of the commands
         assert f in flags["quantize"] and f in flags["export"]
 
 

@@ -1,4 +1,4 @@
-"""Streaming calibrated quantization (issue 11: GPTQ / AWQ one decoder layer at a time) on tiny checkpoints.
+"""Streaming calibrated quantization (GPTQ / AWQ one decoder layer at a time) on tiny checkpoints.
 
 Reference: the in-memory path (whole float32 model, ``layerwise``). With float32 activations the streamed
 records must equal it bit for bit; with fp16 activations the result is a different but equally good
@@ -410,7 +410,7 @@ def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, capsys, args, 
 @pytest.mark.slow
 def test_default_model_streamed_gptq_records_unchanged(tmp_path):
     """On the real default model the streamed GPTQ (float32 activations) gives the in-memory records bit for bit,
-    so the README's GPTQ quality rows hold for the streamed path with --act-dtype float32."""
+    so the documented GPTQ quality rows hold for the streamed path with --act-dtype float32."""
     from macq.models import prepare_default_model
 
     src = prepare_default_model()

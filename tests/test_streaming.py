@@ -1,4 +1,4 @@
-"""Streaming quantization and MLX export (issue 11) on tiny checkpoints: the streamed path must give the
+"""Streaming quantization and MLX export on tiny checkpoints: the streamed path must give the
 in-memory path's records bit for bit, write valid sharded safetensors, stay within one tensor of memory, and
 leave nothing behind when interrupted."""
 

@@ -3,7 +3,7 @@
 Why not Lloyd: on the default model's 210 decoder linears (4-bit, groups of 16 rows) macq's Lloyd, seeded by an
 exact DP on a coreset, converges (more steps change nothing) to LUTs whose weight SSE is only 0.05% above the
 optimum, yet the palettized model's perplexity is 11-15% worse than with this solver's LUTs (wiki 55.2 vs 48.9,
-c4 153.9 vs 133.6, tinystories 26.3 vs 23.5, float embedding; scripts/kmeans_solver_probe.py, README issue 13).
+c4 153.9 vs 133.6, tinystories 26.3 vs 23.5, float embedding; scripts/benchmarks/kmeans_solver_probe.py, docs/results/lut-g16.md).
 Which near-optimal LUT suits the outputs varies by layer (not established why), but over a whole model the SSE
 optimum won on every text measured.
 

@@ -5,7 +5,7 @@
 2. Each allocation unit (a linear, an attention/MLP block, or a decoder layer) gets an error per format:
    the Fisher-weighted error (default; one backward per calibration sequence), the Hessian proxy (one
    calibration pass; it sums layer-output errors as if equally harmful at every depth, and on SmolLM2 its
-   allocations lost to uniform formats: see scripts/bench_mixed.py) or the KL of the next-token distribution with that unit
+   allocations lost to uniform formats: see scripts/benchmarks/bench_mixed.py) or the KL of the next-token distribution with that unit
    alone quantized (one forward per unit per format) (:mod:`macq.quantizers.sensitivity`).
 3. :func:`macq.quantizers.allocate.allocate` picks one format per unit minimising the summed error with
    the average bpw at most the target (met to 0.01 bpw from below when reachable; a target below the
@@ -51,7 +51,7 @@ class MixedConfig(StreamOptions, QuantConfig):
     target_bpw: float = 4.0
     target: str = "mlx"                 # mlx | coreml | any: which formats are candidates
     base_method: str = "rtn"            # rounding once formats are chosen: rtn | gptq
-    # fisher (default: measured best, see scripts/bench_mixed.py) | proxy (Hessian-weighted layer-output error,
+    # fisher (default: measured best, see scripts/benchmarks/bench_mixed.py) | proxy (Hessian-weighted layer-output error,
     # which ranks layers poorly across depth) | kl (one forward per unit x format)
     sensitivity: str = "fisher"
     recipe: str | None = None           # a fixed recipe name instead of the allocator (target_bpw unused)

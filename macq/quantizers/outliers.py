@@ -9,7 +9,7 @@ to the rest. Here:
   weight the fit of the rest. Measured: selecting by ``sensitivity · (w − mean)²`` instead was much worse on the
   default model's tied embedding/head (float decoder, Fisher-weighted 4-bit g16 head, 0.5%: wiki / c4 / tinystories
   perplexity 21.64 / 118.6 / 11.19 against 18.86 / 61.5 / 10.32 by distance, 21.45 / 84.4 / 11.61 without
-  outliers; ``scripts/lut_embedding_probe.py``): a noisy Fisher diagonal from few tokens picks weights that are
+  outliers; ``scripts/benchmarks/lut_embedding_probe.py``): a noisy Fisher diagonal from few tokens picks weights that are
   not outliers of the LUT at all.
 * The k-means fit gives them weight 0 (:func:`fit_weights`); kmeans-cal's error feedback holds them fixed.
 * :func:`attach_outliers` writes them into the :class:`~macq.record.LUTRecord` (their values *overwrite* the dense
