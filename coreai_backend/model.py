@@ -187,27 +187,34 @@ class CHead(nn.Module):
         return [s() for s in self.sources]
 
 
-def _source(chunk: AneChunk, placeholder: torch.Tensor, rank: int) -> nn.Module:
+def _source(chunk: AneChunk, placeholder: torch.Tensor, rank: int, made: dict) -> nn.Module:
+    """The weight source for a placeholder; one module per slot and rank, so a tied embedding / LM head reads
+    the very same buffers (stored once)."""
     w = chunk.weights
     slot = w.slots[int(placeholder.reshape(-1)[0])]
-    if slot[0] == "record":
-        return weight_source(w.records[slot[1]], slot[1], rank)
-    _, tname, a, b = slot
-    return FloatWeight(w.float_rows(tname, a, b), rank)
+    key = (slot, rank)
+    if key not in made:
+        if slot[0] == "record":
+            made[key] = weight_source(w.records[slot[1]], slot[1], rank)
+        else:
+            _, tname, a, b = slot
+            made[key] = FloatWeight(w.float_rows(tname, a, b), rank)
+    return made[key]
 
 
 def coreai_chunk(qm, plan, context: int, records: dict) -> AneChunk:
     """The chunk ``plan`` of ``qm`` in fp16 with Core AI weight sources; ``records`` as
     :func:`converters.multifunction.chunk_records` keys them."""
     chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context, records=records)
+    made: dict = {}
     for layer in chunk.layers:
         for name, mod in list(layer.named_children()):
             if isinstance(mod, Conv1x1):
-                setattr(layer, name, CConv(_source(chunk, mod.weight, 4), mod.bias))
+                setattr(layer, name, CConv(_source(chunk, mod.weight, 4, made), mod.bias))
     if chunk.embed is not None:
-        chunk.embed = CEmbed(chunk.embed.parts, [_source(chunk, t, 2) for t in chunk.embed.tables])
+        chunk.embed = CEmbed(chunk.embed.parts, [_source(chunk, t, 2, made) for t in chunk.embed.tables])
     if chunk.head is not None:
-        chunk.head = CHead(chunk.head.norm, [_source(chunk, t, 2) for t in chunk.head.heads])
+        chunk.head = CHead(chunk.head.norm, [_source(chunk, t, 2, made) for t in chunk.head.heads])
     return chunk.half().eval()
 
 
