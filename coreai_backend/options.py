@@ -3,9 +3,10 @@ checks that refuse a bad request before any weight is read (:func:`check_coreai`
 
 Why these limits (coreai-torch 0.4.3, ``coreai_torch/_compression``):
 
-* LUT records become ``coreai::lut_to_dense``, whose indices have types uint1/2/3/4/6/8. A 5- or 7-bit record
-  is held exactly in the next width (6 / 8 bits) with its LUT padded by repeating the last entry: the indices
-  never point at the padding, so the dense weight is unchanged; the file charges the wider index.
+* LUT records become ``coreai::lut_to_dense``, whose indices the op types as uint1/2/3/4/6/8, but coreai-torch
+  0.4.3 packs only uint1/2/4/6 (and plain uint8): "only uint1/2/4/6 is supported yet, nbits=3". A 3-, 5- or 7-bit
+  record is held exactly in the next width (4 / 6 / 8 bits) with its LUT padded by repeating the last entry: the
+  indices never point at the padding, so the dense weight is unchanged; the file charges the wider index.
 * Affine records become ``coreai::constexpr_blockwise_shift_scale`` (the op coreai-opt's int4 block-32
   ``Quantizer`` emits), whose data types are int2/int4/int8: codes of 1-2 / 3-4 / 5-8 bits go in the 2 / 4 / 8-bit
   container (stored as ``q - 2^(b-1)``, signed, like coreai-opt's), a zero-point as ``z - 2^(b-1)`` in the same
@@ -23,7 +24,7 @@ from typing import Any
 from macq.errors import MacqError
 
 HARDWARE = ("any", "neural_engine", "gpu")
-LUT_WIDTHS = (1, 2, 3, 4, 6, 8)        # coreai::lut_to_dense index types
+LUT_WIDTHS = (1, 2, 4, 6, 8)           # coreai::lut_to_dense index types coreai-torch 0.4.3 can pack
 AFFINE_WIDTHS = (2, 4, 8)              # coreai::constexpr_blockwise_shift_scale data types
 
 # The records the target holds, for the target table (macq/targets.py) and the docs.
@@ -36,8 +37,8 @@ COREAI_CAPS: dict[str, Any] = {
         "zero_point": ("none (symmetric)", "int (in code range)", "float bias form w = s*q + b (fp16 b)"),
     },
     "lut": {
-        "bits": (1, 2, 3, 4, 5, 6, 7, 8),           # stored at width 1/2/3/4/6/8 (5 -> 6, 7 -> 8)
-        "stored_width": {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 6, 7: 8, 8: 8},
+        "bits": (1, 2, 3, 4, 5, 6, 7, 8),           # stored at width 1/2/4/6/8 (3 -> 4, 5 -> 6, 7 -> 8)
+        "stored_width": {1: 1, 2: 2, 3: 4, 4: 4, 5: 6, 6: 6, 7: 8, 8: 8},
         "lut_groups": "any number of output-channel groups dividing the output dim (per tensor .. per channel)",
         "block_scales": "fp16 scale per input block (NF4/FP4 absmax) as lut_to_dense -> blockwise_shift_scale",
         "double_quant": False,
@@ -157,6 +158,10 @@ def check_coreai(config, method_records_kind: str | None, options: CoreAIOptions
         width = lut_width(bits) if method_records_kind == "lut" else affine_width(bits)
         if width != bits:
             notes.append(f"--bits {bits}: stored in Core AI's {width}-bit type (exact, {width} bits per code)")
+    if cfg is not None and method_records_kind == "lut" and getattr(cfg, "block_size", None):
+        raise MacqError(f"--method {type(cfg).__name__.removesuffix('Config').lower()}: its code book times a per-block "
+                        "scale is exact in Core AI only with fp16 code-book values, which NF4/FP4 do not have; use "
+                        "kmeans/uniform palettization or an affine method")
     if cfg is not None and getattr(cfg, "double_quant", False):
         raise MacqError("--double-quant: double-quantized scales have no exact Core AI form; drop --double-quant")
     if cfg is not None and (getattr(cfg, "outliers", 0) or 0) > 0:
