@@ -32,8 +32,8 @@ def test_default_model_export_reads_back_and_runs(tmp_path):
     rb = read_back(res.path, qm)
     assert rb.n_records == 210 and rb.n_stored == 420 and rb.dense_copies == []
     n_codes = sum(r.codes.numel() for r in qm.records.values())
-    # one stored copy of the int4 data plus the int4 zero-points (one per group of 32), shared by both functions
-    assert rb.storage_types["Int4"] == n_codes + n_codes // 32
+    # one stored copy of the int4 codes, although both functions use them (symmetric: offsets are splat zeros)
+    assert n_codes <= rb.storage_types["Int4"] < 1.01 * n_codes
     assert res.bytes_on_disk < 1.05 * (qm.nbytes() + 64 * 2 ** 10)
     ids = np.array([1, 504, 3937, 314, 260, 3575, 282, 4649, 47, 2], dtype=np.int64)
     with torch.no_grad():
