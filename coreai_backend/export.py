@@ -92,7 +92,7 @@ def _check_output(out: Path, options: CoreAIOptions) -> None:
             raise MacqError(f"--output {out} exists and is not a macq Core AI export; --force only replaces macq outputs")
 
 
-def _convert_chunk(qm, plan: ChunkPlan, options: CoreAIOptions, s, target: Path, manifest: Manifest) -> dict:
+def export_chunk(qm, plan: ChunkPlan, options: CoreAIOptions, s, target: Path, manifest: Manifest) -> dict:
     """Build, export (prefill + decode), convert and save one chunk asset; returns its row."""
     import coreai_torch
     import torch
@@ -159,7 +159,7 @@ def export_coreai(qm, out_path: str | os.PathLike, options: CoreAIOptions | None
             else:
                 shutil.rmtree(tmp)
                 target = tmp
-            rows.append(_convert_chunk(qm, plan, options, s, target, manifest))
+            rows.append(export_chunk(qm, plan, options, s, target, manifest))
             release_memory()
         if chunked:
             (tmp / MANIFEST).write_text(manifest.to_json())
