@@ -139,7 +139,8 @@ def check_coreai(config, method_records_kind: str | None, options: CoreAIOptions
                  activations: bool = False) -> list[str]:
     """Refuse, before any weight is read, what the Core AI target cannot hold; returns notes.
 
-    ``method_records_kind``: the kind of records the method writes (``"affine"``, ``"lut"``), or ``None`` when
+    ``method_records_kind``: the kind of records the method writes (``"affine"``, ``"lut"``, ``"any"`` = chosen
+    per layer, e.g. ``mixed``), or ``None`` when
     exporting existing records (then :func:`check_records` checks each record's metadata). ``cfg``: the method's
     config, read for ``bits`` / ``double_quant`` / ``outliers`` when present. ``activations``: the method
     quantizes activations."""
@@ -149,7 +150,7 @@ def check_coreai(config, method_records_kind: str | None, options: CoreAIOptions
         raise MacqError("activation quantization cannot be expressed in a Core AI weight-only export")
     if method_records_kind is None:
         return notes
-    if method_records_kind not in ("affine", "lut"):
+    if method_records_kind not in ("affine", "lut", "any"):
         raise MacqError(f"records of kind {method_records_kind!r}: the Core AI target holds affine and lut records")
     bits = getattr(cfg, "bits", getattr(cfg, "weight_bits", None)) if cfg is not None else None
     if bits is not None and not 1 <= bits <= 8:
