@@ -38,7 +38,7 @@ def main() -> None:
     qm = quantize_model(model, "rtn", make_config("rtn", bits=4, group_size=32))
     print(f"quantized: {time.perf_counter() - t:.1f} s, {qm.bits_per_weight():.3f} bits/weight")
     del model
-    out = Path(args.out or tempfile.mkdtemp()) / "smol.aimodel" if args.out is None else Path(args.out)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "smol.aimodel"
     t = time.perf_counter()
     res = export_coreai(qm, out, CoreAIOptions(context=args.context, prefill_len=64, force=True))
     print(f"export: {time.perf_counter() - t:.1f} s, {res.bytes_on_disk} bytes, peak RSS of this process "
