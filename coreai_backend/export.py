@@ -169,3 +169,46 @@ def export_coreai(qm, out_path: str | os.PathLike, options: CoreAIOptions | None
     chunk_rows = [{"path": str(p), "bytes": _dir_bytes(p), "layers": [pl.start, pl.stop], "embed": pl.embed,
                    "head": pl.head} for p, pl in zip(paths, plans)]
     return CoreAIResult(path=out, bytes_on_disk=_dir_bytes(out), bits_per_weight=bpw, chunks=chunk_rows)
+
+
+# ------------------------------------------------------------------ the target table's row (macq/targets.py)
+
+def options_from(target_options: dict, config=None, force: bool = False) -> CoreAIOptions:
+    """:class:`CoreAIOptions` from the table's option dict (``context`` None: 512, or the model's maximum if
+    smaller)."""
+    context = target_options.get("context")
+    if context is None:
+        max_pos = getattr(config, "max_position_embeddings", None) if config is not None else None
+        context = min(512, max_pos) if max_pos else 512
+    return CoreAIOptions(context=context, prefill_len=target_options.get("prefill_len"),
+                         chunks=target_options.get("chunks"), max_chunk_mb=target_options.get("max_chunk_mb"),
+                         hardware=target_options.get("hardware") or "any", force=force)
+
+
+def precheck(plan) -> None:
+    """The ``coreai`` row's pre-check, on the options and ``config.json`` alone (``plan``: the planner's object
+    with ``target_options``, ``request.output``, ``config``, ``method``, ``cfg``)."""
+    from coreai_backend.options import check_coreai
+    from macq.quantizers import method_spec
+
+    opts = options_from(plan.target_options, plan.config)
+    out = Path(plan.request.output)
+    if opts.chunked and out.suffix == ".aimodel":
+        raise MacqError(f"--output {out}: a chunked export is a directory of assets (drop .aimodel)")
+    if not opts.chunked and out.suffix != ".aimodel":
+        raise MacqError(f"--output {out}: a Core AI export must end in .aimodel (a chunked one is a directory)")
+    spec = method_spec(plan.method) if plan.cfg is not None else None
+    check_coreai(plan.config, spec.records if spec else None, opts, plan.cfg,
+                 activations=bool(spec and spec.activations))
+
+
+def write_records(records, out: Path, options: dict, force: bool = False) -> dict:
+    """The ``coreai`` row's writer: ``records.qmodel()`` (read lazily, chunk by chunk) written with the row's options."""
+    from dataclasses import asdict
+
+    qm = records.qmodel() if hasattr(records, "qmodel") else records
+    res = export_coreai(qm, out, options_from(options, qm.config, force))
+    data = asdict(res)
+    data["path"] = str(res.path)
+    data.update({"method": qm.method.get("method"), "record_bits_per_weight": qm.bits_per_weight()})
+    return data
