@@ -250,3 +250,29 @@ def test_export_refuses_before_writing(tmp_path):
         export_coreai(qm_bad, tmp_path / "bad.aimodel", opts)
     assert not (tmp_path / "bad.aimodel").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["mine.aimodel"]   # no temp dir left behind
+
+
+def test_target_table_precheck_and_options(tmp_path):
+    """The adapters the target table calls: ``precheck(plan)`` on config and options alone, ``options_from``."""
+    from types import SimpleNamespace
+
+    from coreai_backend.export import options_from, precheck
+    from macq.quantizers import make_config
+
+    cfg = tiny_config("llama")
+
+    def plan(output, method="rtn", qcfg=None, **topts):
+        o = {"context": None, "prefill_len": None, "chunks": None, "max_chunk_mb": None, "hardware": "any", **topts}
+        return SimpleNamespace(target_options=o, request=SimpleNamespace(output=str(output)), config=cfg,
+                               method=method, cfg=qcfg)
+
+    precheck(plan(tmp_path / "m.aimodel", qcfg=make_config("rtn", bits=4, group_size=32)))
+    precheck(plan(tmp_path / "dir", chunks=2))
+    with pytest.raises(MacqError, match=r"must end in \.aimodel"):
+        precheck(plan(tmp_path / "m.mlpackage"))
+    with pytest.raises(MacqError, match=r"a chunked export is a directory of assets"):
+        precheck(plan(tmp_path / "m.aimodel", max_chunk_mb=10.0))
+    with pytest.raises(MacqError, match="activation quantization cannot be expressed"):
+        precheck(plan(tmp_path / "m.aimodel", method="smoothquant", qcfg=make_config("smoothquant")))
+    assert options_from({"context": None}, cfg).context == 256           # the tiny model's maximum (< 512)
+    assert options_from({"context": 64, "hardware": "gpu"}).hardware == "gpu"
