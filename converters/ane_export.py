@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from converters.chunks import MANIFEST, Manifest, plan_chunks
+from converters.chunks import MANIFEST, MAX_FILE_MB, Manifest, check_written, plan_chunks
 from converters.convert import ExportResult, _check_args
 from converters.mil_io import dir_bytes, release_memory
 from macq.atomic import atomic_dir
@@ -42,7 +42,7 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
                       chunks: int | None = None, max_chunk_mb: float | None = None, force: bool = False,
                       allow_fallback: bool = False) -> ExportResult:
     """Export ``qm`` as one two-function ``.mlpackage`` (default) or a directory of chunk packages + manifest."""
-    from converters.ane_model import ane_shape
+    from converters.ane_model import aligned, ane_shape
     from converters.convert import provenance
     from converters.multifunction import FUNCTIONS, export_chunk
     from converters.weights import check_layouts
@@ -56,7 +56,8 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
     s = ane_shape(qm)
     manifest = Manifest(context=context, prefill_len=prefill_len, hidden=s.hidden,
                         vocab_parts=[list(p) for p in s.vocab_parts], functions=list(FUNCTIONS), chunks=plans,
-                        source=str(qm.source or ""), model_type=qm.config.model_type)
+                        source=str(qm.source or ""), model_type=qm.config.model_type,
+                        kv_len=aligned(context))
 
     metadata = dict(provenance(qm), **{"macq.ane": manifest.to_json()})
     infos = []
@@ -68,6 +69,7 @@ def export_coreml_ane(qm, out_path: str | os.PathLike, context: int = 512, prefi
             m = dict(metadata, **{"macq.chunk": json.dumps({"start": plan.start, "stop": plan.stop,
                                                               "embed": plan.embed, "head": plan.head})})
             infos.append(export_chunk(qm, plan, context, prefill_len, s.vocab_parts, target, m, allow_fallback))
+            check_written(target, MAX_FILE_MB if max_chunk_mb is None else max_chunk_mb)
             release_memory()
         if chunked:
             (tmp / MANIFEST).write_text(manifest.to_json())

@@ -12,9 +12,15 @@ Why each choice (Apple, "Deploying Transformers on the Apple Neural Engine", 202
 * RoPE from precomputed ``cos``/``sin`` tables ``[context, head_dim]`` (transformers' own rotary module, so
   llama3 / yarn scaling come out as the reference has them), read by ``gather`` at the ``position_ids`` input:
   no ``range``/``shape`` op in the graph.
-* KV cache as two state tensors ``[layers_in_chunk, kv_heads, context, head_dim]`` written through a one-hot
+* KV cache as two state tensors ``[layers_in_chunk, kv_heads, kv_len, head_pad]`` written through a one-hot
   ``[S, context]`` matrix built from ``position_ids`` (``cache·(1 − hits) + onehotᵀ @ new``): exact in fp16
-  (each slot is 1·value + 0s), and no dynamic slice.
+  (each slot is 1·value + 0s), and no dynamic slice: the ANE compiler rejects state writes at runtime offsets
+  (``slice_update`` with a computed ``begin``; coremltools #2553 / #2600, coreai-torch #6), and a stateful
+  decode it rejects runs on the CPU.
+* State dimensions padded to multiples of :data:`STATE_ALIGN` (coremltools #2631: state dims not multiples
+  of 32 fail or pad on the ANE): ``kv_len`` = context rounded up (the causal mask hides the extra slots, as
+  it hides every future slot) and ``head_pad`` = head_dim rounded up (keys and queries carry zero columns,
+  which add nothing to ``q·k``; values' zero columns are sliced off the attention output).
 * Grouped-query attention by viewing the ``G`` query heads of one KV head as ``G·S`` query rows: KV is never
   repeated.
 * Vocabulary-sized tensors split into parts of fewer than :data:`MAX_DIM` rows (embedding gather, LM head,
@@ -33,6 +39,13 @@ import torch.nn.functional as F
 from macq.errors import MacqError
 
 MAX_DIM = 16384
+STATE_ALIGN = 32
+FP16_TINY = 2.0 ** -14   # smallest normal fp16: constants below it may be flushed to zero on the ANE
+
+
+def aligned(n: int, m: int = STATE_ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``m``."""
+    return -(-n // m) * m
 
 
 @dataclass(frozen=True)
@@ -184,7 +197,7 @@ class Conv1x1(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dim: int) -> torch.Tensor:
     """fp16-safe RMSNorm along ``dim`` (see module doc): scale by max|x| before squaring."""
-    m = x.abs().amax(dim=dim, keepdim=True).clamp_min(1e-6)
+    m = x.abs().amax(dim=dim, keepdim=True).clamp_min(FP16_TINY)   # a normal fp16 floor (1e-6 is subnormal)
     y = x / m
     e = (eps ** 0.5) / m
     return y * torch.rsqrt((y * y).mean(dim=dim, keepdim=True) + e * e) * weight
@@ -240,15 +253,20 @@ class Layer(nn.Module):
         v = self._heads(self.v(h), s.kv_heads, None)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        pad = aligned(s.head_dim) - s.head_dim
+        if pad:   # zero columns: the state's last dim a multiple of 32, q·k unchanged
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         # cache write: slot p(i) of every KV head gets token i; other slots unchanged
         kc = kc * keep + torch.matmul(onehot.t(), k[0])            # [kv, ctx, D]
         vc = vc * keep + torch.matmul(onehot.t(), v[0])
         g = s.heads // s.kv_heads
         n = q.shape[2]
-        qg = q.reshape(1, s.kv_heads, g * n, s.head_dim)            # query heads of one KV head as rows
+        qg = q.reshape(1, s.kv_heads, g * n, s.head_dim + pad)      # query heads of one KV head as rows
         att = torch.matmul(qg, kc.unsqueeze(0).transpose(2, 3)) * (s.head_dim ** -0.5) + mask
         att = torch.softmax(att, dim=-1)
-        o = torch.matmul(att, vc.unsqueeze(0))                      # [1, kv, g·S, D]
+        o = torch.matmul(att, vc.unsqueeze(0))                      # [1, kv, g·S, D (+ pad)]
+        if pad:
+            o = o[..., :s.head_dim]
         o = o.reshape(1, s.heads, n, s.head_dim).transpose(2, 3).reshape(1, s.heads * s.head_dim, 1, n)
         x = x + self.o(o)
         h = self.ln2(x)
@@ -257,16 +275,19 @@ class Layer(nn.Module):
 
 
 class Embed(nn.Module):
-    """``input_ids [1, S]`` → ``[1, C, 1, S]``; tables over MAX_DIM rows are gathered part by part."""
+    """``input_ids [1, S]`` → ``[1, C, 1, S]``; tables over MAX_DIM rows are gathered part by part. With
+    ``parts`` (a subset of the vocabulary parts, when the embedding is split over packages) tokens outside
+    them give zero rows, so the packages' outputs add up to the embedding."""
 
-    def __init__(self, w: Weights, s: AneShape):
+    def __init__(self, w: Weights, s: AneShape, parts: list[int] | None = None):
         super().__init__()
-        self.parts = s.vocab_parts
+        self.whole = parts is None or len(parts) == len(s.vocab_parts)
+        self.parts = s.vocab_parts if parts is None else [s.vocab_parts[i] for i in parts]
         self.tables = nn.ParameterList([_param(w.weight(w.spec.embed, (a, b))) for a, b in self.parts])
 
     def forward(self, ids):
         ids = ids[0]
-        if len(self.parts) == 1:
+        if len(self.parts) == 1 and self.whole:
             e = self.tables[0][ids]
         else:
             e = 0
@@ -280,10 +301,11 @@ class Embed(nn.Module):
 class Head(nn.Module):
     """Final norm + LM head by vocabulary part: outputs ``logits_i [1, S, part]``."""
 
-    def __init__(self, w: Weights, s: AneShape):
+    def __init__(self, w: Weights, s: AneShape, parts: list[int] | None = None):
         super().__init__()
         self.norm = Norm(w.tensor(f"{w.spec.final_norm}.weight"), s.eps)
-        self.heads = nn.ParameterList([_param(w.weight(w.spec.lm_head, (a, b))) for a, b in s.vocab_parts])
+        self.index = list(range(len(s.vocab_parts))) if parts is None else list(parts)   # logits_i names
+        self.heads = nn.ParameterList([_param(w.weight(w.spec.lm_head, s.vocab_parts[i])) for i in self.index])
 
     def forward(self, x):
         h = self.norm(x)[0, :, 0, :].t()                            # [S, C]
@@ -294,23 +316,25 @@ class AneChunk(nn.Module):
     """A consecutive piece of the model: optional embedding, layers ``[start, stop)``, optional head.
 
     Inputs: ``input_ids`` (with embedding) or ``hidden [1,C,1,S]``; with layers also ``position_ids [S]`` and
-    ``causal_mask [1,1,S,ctx]``. Outputs: ``hidden_out`` or ``logits_0..``. State: ``key_cache``/``value_cache``."""
+    ``causal_mask [1,1,S,kv_len]``. Outputs: ``hidden_out`` or ``logits_0..``. State: ``key_cache``/``value_cache``."""
 
-    def __init__(self, qm, start: int, stop: int, embed: bool, head: bool, context: int, records: dict | None = None):
+    def __init__(self, qm, start: int, stop: int, embed: bool, head: bool, context: int, records: dict | None = None,
+                 parts: list[int] | None = None):
         super().__init__()
         s = ane_shape(qm)
         w = Weights(qm, records)
         self.weights = w            # .slots / .float_rows: what converters.weights.place_slots needs
         self.s, self.start, self.stop, self.context = s, start, stop, context
-        self.embed = Embed(w, s) if embed else None
+        self.kv_len = aligned(context)   # cache slots (and causal mask width): context rounded up to 32
+        self.embed = Embed(w, s, parts) if embed else None
         self.layers = nn.ModuleList([Layer(w, i, s) for i in range(start, stop)])
-        self.head = Head(w, s) if head else None
+        self.head = Head(w, s, parts) if head else None
         if self.layers:
             cos, sin = rope_tables(qm.config, context)
             self.register_buffer("cos", cos)
             self.register_buffer("sin", sin)
-            self.register_buffer("slots", torch.arange(context, dtype=torch.int32))
-            shape = (stop - start, s.kv_heads, context, s.head_dim)
+            self.register_buffer("slots", torch.arange(self.kv_len, dtype=torch.int32))
+            shape = (stop - start, s.kv_heads, self.kv_len, aligned(s.head_dim))
             self.register_buffer("key_cache", torch.zeros(shape))
             self.register_buffer("value_cache", torch.zeros(shape))
 
@@ -319,13 +343,13 @@ class AneChunk(nn.Module):
         return first + (["position_ids", "causal_mask"] if self.layers else [])
 
     def output_names(self) -> list[str]:
-        return [f"logits_{i}" for i in range(len(self.s.vocab_parts))] if self.head is not None else ["hidden_out"]
+        return [f"logits_{i}" for i in self.head.index] if self.head is not None else ["hidden_out"]
 
     def example(self, n: int) -> tuple[torch.Tensor, ...]:
         first = torch.zeros(1, n, dtype=torch.int32) if self.embed is not None else torch.zeros(1, self.s.hidden, 1, n)
         if not self.layers:
             return (first,)
-        return first, torch.arange(n, dtype=torch.int32), torch.zeros(1, 1, n, self.context)
+        return first, torch.arange(n, dtype=torch.int32), torch.zeros(1, 1, n, self.kv_len)
 
     def forward(self, x, position_ids=None, causal_mask=None):
         if self.embed is not None:

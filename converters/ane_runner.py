@@ -87,15 +87,20 @@ class AneSession:
         """One call of ``fn`` on ``ids [n]`` (n = the function's fixed length) at positions pos..pos+n-1."""
         n = ids.size
         pos = np.arange(self.pos, self.pos + n, dtype=np.int32)
-        mask = causal_mask(n, self.pos, self.context)
-        x: dict = {"input_ids": ids.reshape(1, n).astype(np.int32)}
+        mask = causal_mask(n, self.pos, self.manifest.mask_len)
+        ids_feed = {"input_ids": ids.reshape(1, n).astype(np.int32)}
+        hidden, logits = None, {}
         for i, c in enumerate(self.manifest.chunks):
-            feed = dict(x)
+            feed = dict(ids_feed) if c.embed else {"hidden": hidden}
             if c.stop > c.start:
                 feed.update(position_ids=pos, causal_mask=mask)
             out = self._call(i, fn, feed)
-            x = {"hidden": np.asarray(out["hidden_out"], dtype=np.float16)} if "hidden_out" in out else out
-        parts = [np.asarray(x[f"logits_{j}"], dtype=np.float32)[0] for j in range(len(self.manifest.vocab_parts))]
+            if "hidden_out" in out:
+                h = np.asarray(out["hidden_out"], dtype=np.float16)
+                # embedding packages split by vocabulary part: each token's row comes from one, zeros from the rest
+                hidden = hidden + h if c.embed and c.stop == c.start and hidden is not None else h
+            logits.update({k: v for k, v in out.items() if k.startswith("logits_")})
+        parts = [np.asarray(logits[f"logits_{j}"], dtype=np.float32)[0] for j in range(len(self.manifest.vocab_parts))]
         return np.concatenate(parts, axis=-1)                      # [n, vocab]
 
     def feed(self, ids: np.ndarray, prefill: bool = True) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.ane_report import ane_findings, ane_report
+from converters.ane_report import ane_findings, ane_report, package_findings
 from converters.mil_io import dir_bytes, function_description, load_program, main_function
 
 __all__ = ["load_program", "inspect_mlpackage", "weight_chains", "chain_value", "dtype_name"]
@@ -94,6 +94,8 @@ def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
     """Ops histogram, weight formats (per constexpr kind + code dtype, with bits/weight), size on disk.
 
     ``loaded``: an already loaded ``(program, spec)`` of ``path``."""
+    from converters.expect import decode_traffic
+
     prog, spec = loaded if loaded is not None else load_program(path)
     fn = main_function(prog, spec)
     desc = function_description(spec, fn)
@@ -118,5 +120,6 @@ def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
             "inputs": {i.name: str(i.type.WhichOneof("Type")) for i in desc.input},
             "states": [s.name for s in desc.state], "functions": sorted(prog.functions), "n_weights": n,
             "spec_version": spec.specificationVersion,
-            "ane_findings": ane_findings(prog, spec),
-            "ane_report": ane_report(path, (prog, spec))}
+            "ane_findings": ane_findings(prog, spec) + package_findings(path, spec),
+            "ane_report": ane_report(path, (prog, spec)),
+            "decode_traffic": decode_traffic(prog, spec)}

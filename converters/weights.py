@@ -47,6 +47,7 @@ import torch
 
 from macq.errors import MacqError
 from macq.record import AffineRecord, LUTRecord
+from macq.targets import COREML_HOLDS
 
 
 def _hash(a: np.ndarray) -> str:
@@ -72,7 +73,7 @@ def _sub_byte(a: np.ndarray, name: str) -> np.ndarray:
 # Each builder returns a list of ("lut" | "shift_scale", kwargs) steps in [out, in] orientation; the
 # second step, if any, takes the first one's output as ``data``.
 
-LUT_BITS = (1, 2, 3, 4, 6, 8)  # index widths Core ML has a type for (uint1/2/3/4/6/8)
+LUT_BITS = COREML_HOLDS.lut_bits  # index widths Core ML has a type for (uint1/2/3/4/6/8): the target table's row
 
 
 def lut_layout(rec: LUTRecord, name: str, notes: list[str]) -> list[tuple[str, dict]]:

@@ -19,9 +19,10 @@ import typer
 from macq.errors import MacqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).")
+                  help="Quantize Hugging Face causal LMs and deploy them to Apple silicon (Core ML, MLX).\n\n"
+                  "Start with: macq export --target mlx -o smol-mlx (the embedded SmolLM2-135M, RTN 4-bit). "
+                  "Every error is one line; add --debug (or MACQ_DEBUG=1) for the traceback.")
 
-METHOD_HELP = "rtn|nf4|fp4|kmeans|uniform|gptq|awq|awq-gptq|smoothquant|mixed|dkm (default rtn)"
 STREAM_HELP = ("on a local safetensors checkpoint: weight methods hold one tensor in memory at a time, calibrated "
                "methods one decoder layer (all but dkm; not kmeans-cal/mixed Fisher or KL sensitivities, learned's "
                "logits stage) (default: on when it applies)")
@@ -57,16 +58,30 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _generated(fixed: Callable[..., None]):
+def _method_help() -> str:
+    """Every registered method with its one line (the registry is the list; nothing here can go stale)."""
+    from macq.quantizers import METHODS
+
+    return "; ".join(f"{n}: {s.summary}" for n, s in METHODS.items()) + " (default rtn; see macq methods)"
+
+
+def _targets_help() -> str:
+    from macq.targets import RUNTIMES
+
+    return " | ".join(RUNTIMES) + " (see macq targets)"
+
+
+def _generated(fixed: Callable[..., None], targets: bool = False):
     """A typer command whose signature is ``fixed``'s parameters followed by every method option generated
-    from the config dataclasses (:mod:`macq.options`): ``quantize`` and ``export`` get the same flags."""
-    from macq.options import typer_parameters
+    from the config dataclasses (:mod:`macq.options`): ``quantize`` and ``export`` get the same flags.
+    ``targets``: also every target option of the target table (:data:`macq.targets.OPTIONS`)."""
+    from macq.options import target_parameters, typer_parameters
 
     def deco(impl: Callable[..., None]) -> Callable[..., None]:
         hints = get_type_hints(fixed)
         params = [p.replace(annotation=hints[p.name], kind=pyinspect.Parameter.KEYWORD_ONLY)
                   for p in pyinspect.signature(fixed).parameters.values()]
-        params += typer_parameters()
+        params += typer_parameters() + (target_parameters() if targets else [])
 
         def command(**kw: Any) -> None:
             impl(**kw)
@@ -84,140 +99,112 @@ def _notes(lines: list[str]) -> list[str]:
     return [f"note: {line}" for line in lines]
 
 
-TARGETS = ("coreml", "mlx")
-CALIB_DEFAULTS = {"calib_dataset": "c4", "n_calib": 128, "seq_len": 512, "seed": 0}
+def _run(req: Any, dry_run: bool, as_json: bool) -> None:
+    """Plan once (every check, before any weight is read), print the plan, follow it, print the result."""
+    from macq.plan import make_plan, markdown, run_plan
+
+    plan = make_plan(req)
+    if dry_run:
+        _emit({"plan": plan.to_dict(), "notes": plan.notes}, as_json,
+              "\n".join([plan.describe(), *_notes(plan.notes), "(dry run: nothing written)"]))
+        return
+    if not as_json:
+        typer.echo(plan.describe())
+    result = run_plan(plan, progress=not as_json)
+    _emit(result, as_json, markdown(plan, result))
 
 
-def _calibration(method: str, calib: dict[str, Any]) -> dict[str, Any]:
-    """Calibration options with defaults filled; refused by name for methods that use no data, and the
-    text checked (exists, is text) before any weight is loaded."""
-    from macq.quantizers import method_spec
-
-    given = [k for k, v in calib.items() if v is not None and k != "seed"]
-    full = {k: CALIB_DEFAULTS[k] if v is None else v for k, v in calib.items()}
-    if not method_spec(method).needs_calibration:
-        if given:
-            raise MacqError(f"--{given[0].replace('_', '-')} does not apply to --method {method} (it uses no calibration data)")
-        return full
-    if full["n_calib"] < 1 or full["seq_len"] < 2:
-        raise MacqError(f"--n-calib {full['n_calib']} / --seq-len {full['seq_len']}: expected n >= 1 and seq_len >= 2")
-    from macq.data import load_text
-
-    load_text(full["calib_dataset"])
-    return full
-
-
-def _plan(model: str | None, method: str | None, target: str | None, mopts: dict[str, Any], calib: dict[str, Any],
-          trust_remote_code: bool):
-    """Everything decided before loading weights: ``(method, cfg, calibration, model config, notes)``."""
-    from macq.options import given_method_options
-    from macq.preflight import model_config, resolve_config
-
-    method = method or "rtn"
-    given = given_method_options(mopts)
-    calib = _calibration(method, calib)
-    config = model_config(model, trust_remote_code)
-    cli = {"n_calib": calib["n_calib"], "seq_len": calib["seq_len"], "seed": calib["seed"],
-           "dataset": calib["calib_dataset"], "target": target}
-    cfg, notes = resolve_config(method, given, config, target, cli)
-    if "device" in given:   # checked here, before any weight is read: a missing accelerator is the user's error
-        from macq.device import resolve_device
-
-        try:
-            resolve_device(cfg.device)
-        except MacqError as e:
-            raise MacqError(f"--device {cfg.device}: {str(e).removeprefix('device: ')}") from None
-    return method, cfg, calib, config, notes
-
-
-@app.command("prepare-model")
-def prepare_model(force: bool = typer.Option(False, help="convert again even if cached")) -> None:
+@app.command("prepare-model", epilog="Example: macq prepare-model")
+def prepare_model(force: bool = typer.Option(False, "--force", help="convert again (replaces only what macq wrote)")) -> None:
     """Convert the embedded default model (SmolLM2-135M GGUF) into an HF checkpoint in the cache."""
     from macq.models import prepare_default_model
 
     typer.echo(str(prepare_default_model(force=force)))
 
 
+def _guard_file(out: Path | None, force: bool, inputs: list[Any], flag: str = "--out") -> None:
+    """The output guard for a single-file output (run JSON, PNG), before any work."""
+    if out is not None:
+        from macq.atomic import guard_output
+
+        guard_output(out, force, inputs=inputs, flag=flag, kind="file")
+
+
+P_MODEL, P_METHOD, P_CALIB, P_TARGET, P_OUT, P_PERF = ("Model and text", "Method", "Calibration", "Target", "Output",
+                                                    "Performance")
+
+
 def _quantize_options(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    output: Path = typer.Option(..., "-o", "--output", help="output directory (written atomically)"),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
-    target: Optional[str] = typer.Option(None, help="runtime the quantization is for (mlx|coreml): its preferred "
-                                         "defaults and limits apply; mixed: whose formats to choose from (or any)"),
-    calib_dataset: Optional[str] = typer.Option(None, help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME (default c4)"),
-    n_calib: Optional[int] = typer.Option(None, help="calibration sequences (default 128)"),
-    seq_len: Optional[int] = typer.Option(None, help="calibration sequence length (default 512)"),
-    seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)"),
-    force: bool = typer.Option(False, help="replace an existing output that macq wrote"),
-    trust_remote_code: bool = typer.Option(False),
-    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    output: Path = typer.Option(..., "-o", "--output", help="output directory (written atomically)", rich_help_panel=P_OUT),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=_method_help(), rich_help_panel=P_METHOD),
+    target: Optional[str] = typer.Option(None, help=f"runtime the quantization is for ({_targets_help()}): its preferred "
+                                         "defaults and limits apply; mixed: whose formats to choose from (or any)",
+                                         rich_help_panel=P_TARGET),
+    calib_dataset: Optional[str] = typer.Option(None, help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME (default c4)",
+                                                rich_help_panel=P_CALIB),
+    n_calib: Optional[int] = typer.Option(None, help="calibration sequences (default 128)", rich_help_panel=P_CALIB),
+    seq_len: Optional[int] = typer.Option(None, help="calibration sequence length (default 512)", rich_help_panel=P_CALIB),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)",
+                                       rich_help_panel=P_CALIB),
+    force: bool = typer.Option(False, "--force", help="replace an existing output that macq wrote", rich_help_panel=P_OUT),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's own code",
+                                           rich_help_panel=P_MODEL),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP, rich_help_panel=P_PERF),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (route, method config, notes) and stop",
+                                 rich_help_panel=P_OUT),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON", rich_help_panel=P_OUT),
 ) -> None: ...
 
 
-@app.command()
+@app.command(epilog="Example: macq quantize --method gptq --bits 4 --target mlx -o smol-gptq4")
 @_generated(_quantize_options)
 def quantize(model: str | None, output: Path, method: str | None, target: str | None, calib_dataset: str | None,
              n_calib: int | None, seq_len: int | None, seed: int | None, force: bool, trust_remote_code: bool,
-             stream: bool | None, as_json: bool, **mopts: Any) -> None:
+             stream: bool | None, dry_run: bool, as_json: bool, **mopts: Any) -> None:
     """Quantize a model and save macq's quantization directory (records + float tensors + config)."""
-    from macq.atomic import check_output
-    from macq.pipeline import load_quantized_or_model
-    from macq.pipeline import quantize as run_quantize
-    from macq.preflight import check_target
-    from macq.qmodel import is_quantized_dir
+    from macq.options import given_method_options
+    from macq.plan import Request
 
-    if target not in (None, "any", *TARGETS):
-        raise MacqError(f"--target {target!r}: expected coreml, mlx or any")
-    check_output(output, force)
-    if model is not None and is_quantized_dir(model):
-        raise MacqError(f"model: {model} is already a macq quantization directory")
-    method, cfg, calib, config, notes = _plan(model, method, target, mopts,
-                                              {"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len,
-                                               "seed": seed}, trust_remote_code)
-    if target in TARGETS:
-        check_target(target, method, cfg, config)
-    from macq.quantizers import method_spec
-    from macq.streaming import stream_quantize, stream_refusal, use_streaming
-
-    src = use_streaming(model, method, stream, cfg=cfg)
-    if src is None and (mopts.get("max_memory") is not None or mopts.get("act_dtype") is not None):
-        flag = "--max-memory" if mopts.get("max_memory") is not None else "--act-dtype"
-        why = stream_refusal(cfg) or "a local safetensors checkpoint, without --no-stream"
-        raise MacqError(f"{flag} applies to the streamed path ({why})")
-    if src is not None and method_spec(method).stream:  # calibrated: one decoder layer in memory at a time
-        from macq.pipeline import stream_calibrated
-
-        summary = stream_calibrated(src, output, method, cfg, calib["calib_dataset"], calib["n_calib"],
-                                    calib["seq_len"], calib["seed"], source=model or "default", force=force,
-                                    progress=not as_json, trust_remote_code=trust_remote_code)
-        summary["notes"] = notes
-        t = summary["timings"]
-        _emit(summary, as_json, "\n".join([f"wrote {output} (streamed, calibrated): {summary['layers']} layers, "
-                                           f"{summary['bits_per_weight']:.3f} bits/weight, "
-                                           f"{summary['bytes'] / 2**20:.1f} MiB in {t['total_s']:.0f}s "
-                                           f"({', '.join(f'{k} {v:.1f}' for k, v in t.items() if k != 'total_s')})",
-                                           *_notes(notes)]))
-        return
-    if src is not None:  # weight method on a local checkpoint: one tensor in memory at a time
-        summary = stream_quantize(src, output, method, cfg, source=model or "default", force=force,
-                                  progress=not as_json, trust_remote_code=trust_remote_code)
-        summary["notes"] = notes
-        _emit(summary, as_json, "\n".join([f"wrote {output} (streamed): {summary['layers']} layers, "
-                                           f"{summary['bits_per_weight']:.3f} bits/weight, "
-                                           f"{summary['bytes'] / 2**20:.1f} MiB", *_notes(notes)]))
-        return
-    qm0, fp, tok = load_quantized_or_model(model, trust_remote_code)
-    qm = run_quantize(fp, tok, method, cfg, calib["calib_dataset"], calib["n_calib"], calib["seq_len"], calib["seed"],
-                      progress=not as_json, source=model or "default", copy_model=False)
-    path = qm.save(output, tokenizer=tok, force=force)
-    summary = {"output": str(path), "method": qm.method, "layers": len(qm.records),
-               "bits_per_weight": round(qm.bits_per_weight(), 4), "bytes": qm.nbytes(), "notes": notes}
-    _emit(summary, as_json, "\n".join([f"wrote {path}: {len(qm.records)} layers, {summary['bits_per_weight']:.3f} "
-                                       f"bits/weight, {summary['bytes'] / 2**20:.1f} MiB", *_notes(notes)]))
+    req = Request(model=model, output=output, target="macq", runtime=target, method=method,
+                  options=given_method_options(mopts), stream=stream, force=force, trust_remote_code=trust_remote_code,
+                  calibration={"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed})
+    _run(req, dry_run, as_json)
 
 
-@app.command()
+@app.command(epilog="Example: macq methods --json")
+def methods(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every quantization method: what it does, the records it writes, the targets that hold them, its cost."""
+    from macq.quantizers import METHODS
+    from macq.targets import RUNTIMES, TARGETS
+
+    def holds(spec: Any, t: str) -> bool:
+        h = TARGETS[t].holds
+        return not (spec.activations and not h.activations) and (spec.records != "lut" or bool(h.lut_bits))
+
+    rows = [{"method": n, "records": s.records, "calibrated": s.needs_calibration, "streams": s.streams,
+             "targets": [t for t in RUNTIMES if holds(s, t)], "summary": s.summary, "cost": s.cost}
+            for n, s in METHODS.items()]
+    md = ["| method | records | data | targets | what it does | cost |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['method']} | {r['records']} | {'calibration' if r['calibrated'] else 'none'} | "
+           f"{', '.join(r['targets'])} | {r['summary']} | {r['cost']} |" for r in rows]
+    _emit({"methods": rows}, as_json, "\n".join(md))
+
+
+@app.command(epilog="Example: macq targets")
+def targets(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every export target: what it writes, the records it holds exactly, its options."""
+    from macq.targets import OPTIONS, TARGETS
+
+    rows = [{"target": t.name, "summary": t.summary, "holds": t.holds.describe(),
+             "options": {o: OPTIONS[o].help for o in t.options}, "defaults": t.defaults} for t in TARGETS.values()]
+    md = ["| target | writes | holds | options |", "|---|---|---|---|"]
+    md += [f"| {r['target']} | {r['summary']} | {r['holds']} | "
+           f"{', '.join('--' + o.replace('_', '-') for o in r['options'])} |" for r in rows]
+    _emit({"targets": rows}, as_json, "\n".join(md))
+
+
+@app.command(epilog="Example: macq info smol-gptq4")
 def info(path: Path = typer.Argument(..., help="macq quantization directory"),
          as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-layer formats and bits per weight of a macq quantization directory."""
@@ -237,7 +224,7 @@ def info(path: Path = typer.Argument(..., help="macq quantization directory"),
     _emit(data, as_json, "\n".join(lines))
 
 
-@app.command("eval")
+@app.command("eval", epilog="Example: macq eval smol-mlx --dataset c4 --out runs/mlx-c4.json")
 def eval_cmd(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP + ", an MLX export dir, or a .mlpackage"),
     dataset: str = typer.Option("wiki", help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME"),
@@ -246,20 +233,21 @@ def eval_cmd(
     max_tokens: Optional[int] = typer.Option(4096, help="evaluate the first N tokens of the eval split"),
     reference: Optional[str] = typer.Option(None, help="unquantized model for KL/top-1 (default: the quantization's source)"),
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
-    latency: bool = typer.Option(False, help="also measure prefill/decode latency"),
+    latency: bool = typer.Option(False, "--latency", help="also measure prefill/decode latency"),
     compute_units: str = typer.Option("ALL", help=".mlpackage on macOS: ALL|CPU_AND_NE|CPU_ONLY|CPU_AND_GPU"),
     tokenizer: Optional[str] = typer.Option(None, help=".mlpackage: tokenizer dir (default: the recorded source)"),
     decode_tokens: Optional[int] = typer.Option(None, help="Core ML ANE export: last N tokens of each window through the "
                                                 "decode function (default: half the window; 0: all through prefill)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the result as a macq.run JSON file (for macq report)"),
     label: str = typer.Option("", help="--out: row label in reports"),
+    force: bool = typer.Option(False, "--force", help="--out: replace a run file macq wrote"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Perplexity, KL / top-1 vs the unquantized model, size, and optionally latency.
 
     A .mlpackage runs through Core ML on macOS; on Linux its saved program is executed by MIL value
     inference (a graph check, labelled so, not a speed figure)."""
-    from macq.evaluate import evaluate_any
+    from macq.evaluate import artifact_kind, evaluate_any
 
     if context is not None and context < 2:
         raise MacqError(f"--context {context}: expected at least 2 tokens per window")
@@ -269,6 +257,13 @@ def eval_cmd(
         raise MacqError(f"--decode-tokens {decode_tokens}: expected >= 0")
     if max_tokens is not None and max_tokens < 2:
         raise MacqError(f"--max-tokens {max_tokens}: expected at least 2 tokens")
+    _guard_file(out, force, [model, reference, tokenizer])
+    if artifact_kind(model) in ("model", "macq"):   # the tokenizer loads and fits the embedding, before any work
+        from macq.integrity import check_tokenizer
+        from macq.models import resolve_model_path
+        from macq.preflight import model_config
+
+        check_tokenizer(resolve_model_path(model), model_config(model))
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
                               progress=not as_json, tokenizer=tokenizer, decode_tokens=decode_tokens)
@@ -281,187 +276,48 @@ def eval_cmd(
     _emit(result, as_json, md)
 
 
-TARGET_OPTIONS = {"mlx": ("dtype", "requantize_lut"),
-                  "coreml": ("context", "stateful", "fixed_shapes", "allow_fallback", "graph", "prefill_len", "chunks",
-                             "max_chunk_mb")}
-
-
 def _export_options(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    target: str = typer.Option(..., "--target", "-t", help="coreml | mlx"),
-    output: Path = typer.Option(..., "-o", "--output", help="MLX directory or FILE.mlpackage"),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
-    calib_dataset: Optional[str] = typer.Option(None, help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME (default c4)"),
-    n_calib: Optional[int] = typer.Option(None, help="calibration sequences (default 128)"),
-    seq_len: Optional[int] = typer.Option(None, help="calibration sequence length (default 512)"),
-    seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)"),
-    dtype: Optional[str] = typer.Option(None, help="MLX: float dtype of scales/biases and float layers (default float16)"),
-    context: Optional[int] = typer.Option(None, help="Core ML: maximum context (KV cache length; default 512 "
-                                          "or the model's maximum if smaller)"),
-    stateful: Optional[bool] = typer.Option(None, "--stateful/--kv-io",
-                                            help="Core ML: KV cache as state (default), or as inputs/outputs"),
-    fixed_shapes: Optional[bool] = typer.Option(None, "--fixed-shapes", help="Core ML --graph hf: fixed shapes (one token per call)"),
-    graph: Optional[str] = typer.Option(None, help="Core ML: ane (default: macq's ANE-shaped graph, fixed shapes, prefill+decode) "
-                                        "| hf (transformers' model traced, flexible shapes)"),
-    prefill_len: Optional[int] = typer.Option(None, help="Core ML ane: tokens per prefill call (default min(64, context))"),
-    chunks: Optional[int] = typer.Option(None, help="Core ML ane: split the layers into N packages (+ embedding, head)"),
-    max_chunk_mb: Optional[float] = typer.Option(None, help="Core ML ane: split the layers into packages of at most M MB"),
-    requantize_lut: Optional[bool] = typer.Option(None, "--requantize-lut",
-                                                  help="MLX: re-quantize LUT records (k-means/NF4) to affine, reported"),
-    allow_fallback: Optional[bool] = typer.Option(None, "--allow-fallback",
-                                                  help="Core ML: fall back where a record is not exactly expressible"),
-    force: bool = typer.Option(False, help="replace an existing output that macq wrote"),
-    trust_remote_code: bool = typer.Option(False),
-    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
-                                          help=STREAM_HELP + "; calibrated methods (and, with --stream, any method "
-                                          "for Core ML) quantize into a temp dir first, then export its records"),
-    as_json: bool = typer.Option(False, "--json"),
+    target: str = typer.Option(..., "--target", "-t", help=_targets_help(), rich_help_panel=P_TARGET),
+    output: Path = typer.Option(..., "-o", "--output", help="MLX directory, FILE.mlpackage, or a chunked export's "
+                                "directory (written atomically)", rich_help_panel=P_OUT),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=_method_help(), rich_help_panel=P_METHOD),
+    calib_dataset: Optional[str] = typer.Option(None, help="wiki|c4|tinystories, a .txt/.jsonl file, or hf:NAME (default c4)",
+                                                rich_help_panel=P_CALIB),
+    n_calib: Optional[int] = typer.Option(None, help="calibration sequences (default 128)", rich_help_panel=P_CALIB),
+    seq_len: Optional[int] = typer.Option(None, help="calibration sequence length (default 512)", rich_help_panel=P_CALIB),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling (and k-means) seed (default 0)",
+                                       rich_help_panel=P_CALIB),
+    force: bool = typer.Option(False, "--force", help="replace an existing output that macq wrote", rich_help_panel=P_OUT),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's own code",
+                                           rich_help_panel=P_MODEL),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP, rich_help_panel=P_PERF),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (route, method config, notes) and stop",
+                                 rich_help_panel=P_OUT),
+    as_json: bool = typer.Option(False, "--json", rich_help_panel=P_OUT),
 ) -> None: ...
 
 
-@app.command()
-@_generated(_export_options)
+@app.command(epilog="Example: macq export --target coreml --method kmeans-cal --bits 4 -o smol.mlpackage")
+@_generated(_export_options, targets=True)
 def export(model: str | None, target: str, output: Path, method: str | None, calib_dataset: str | None,
-           n_calib: int | None, seq_len: int | None, seed: int | None, dtype: str | None, context: int | None,
-           stateful: bool | None, fixed_shapes: bool | None, graph: str | None, prefill_len: int | None,
-           chunks: int | None, max_chunk_mb: float | None, requantize_lut: bool | None, allow_fallback: bool | None,
-           force: bool, trust_remote_code: bool, stream: bool | None, as_json: bool, **mopts: Any) -> None:
-    """Quantize (or read a macq quantization dir) and export for Core ML or MLX, never re-quantizing."""
-    from macq.atomic import check_output
-    from macq.evaluate import artifact_kind
+           n_calib: int | None, seq_len: int | None, seed: int | None, force: bool, trust_remote_code: bool,
+           stream: bool | None, dry_run: bool, as_json: bool, **opts: Any) -> None:
+    """Quantize (or read a macq quantization dir) and export for a target, never re-quantizing."""
     from macq.options import given_method_options
-    from macq.preflight import check_target, model_config
+    from macq.plan import Request
+    from macq.targets import OPTIONS, target_spec
 
-    if target not in TARGETS:
-        raise MacqError(f"--target {target!r}: expected coreml or mlx")
-    tgt = {"dtype": dtype, "context": context, "stateful": stateful, "fixed_shapes": fixed_shapes,
-           "requantize_lut": requantize_lut, "allow_fallback": allow_fallback, "graph": graph,
-           "prefill_len": prefill_len, "chunks": chunks, "max_chunk_mb": max_chunk_mb}
-    other = next(t for t in TARGETS if t != target)
-    for k in TARGET_OPTIONS[other]:
-        if tgt[k] is not None:
-            raise MacqError(f"--{k.replace('_', '-')} does not apply to --target {target} (it is a {other} option)")
-    tgt = {"dtype": dtype or "float16", "context": 512 if context is None else context,
-           "stateful": True if stateful is None else stateful, "fixed_shapes": bool(fixed_shapes),
-           "requantize_lut": bool(requantize_lut), "allow_fallback": bool(allow_fallback)}
-    graph = graph or "ane"
-    if graph not in ("ane", "hf"):
-        raise MacqError(f"--graph {graph!r}: expected ane or hf")
-    if graph == "hf" and (prefill_len, chunks, max_chunk_mb) != (None, None, None):
-        raise MacqError("--prefill-len / --chunks / --max-chunk-mb: need --graph ane")
-    if chunks is not None and chunks < 1:
-        raise MacqError(f"--chunks {chunks}: expected a positive number of layer chunks")
-    if max_chunk_mb is not None and max_chunk_mb <= 0:
-        raise MacqError(f"--max-chunk-mb {max_chunk_mb}: expected a positive size")
-    if prefill_len is not None and prefill_len < 1:
-        raise MacqError(f"--prefill-len {prefill_len}: expected a positive number of tokens")
-    if target == "coreml" and graph == "ane" and (fixed_shapes or stateful is False):
-        raise MacqError("--fixed-shapes / --kv-io: need --graph hf (the ane graph is fixed-shape and stateful)")
-    check_output(output, force)
-    calib = {"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed}
-    kind = artifact_kind(model)
-    if kind in ("mlx", "mlpackage"):
-        raise MacqError(f"model: {model} is already an export ({kind}); export reads an HF model or a macq quantization dir")
-    if kind == "macq":
-        given = [k for k, v in {"method": method, **calib, **given_method_options(mopts)}.items() if v is not None]
-        if given:
-            raise MacqError(f"--{given[0].replace('_', '-')} does not apply: {model} is already quantized "
-                            "(export writes its records as they are; quantize the float model instead)")
-        config = model_config(model)
-        method_name, cfg, calib_full, notes = "rtn", None, {k: CALIB_DEFAULTS[k] for k in calib}, []
-    else:
-        method_name, cfg, calib_full, config, notes = _plan(model, method, target, mopts, calib, trust_remote_code)
-    if context is None:  # 512, or the model's own maximum if smaller
-        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
-        tgt["context"] = min(512, max_pos)
-    check_target(target, method_name, cfg, config, output=output, dtype=tgt["dtype"], context=tgt["context"],
-                 requantize_lut=tgt["requantize_lut"], allow_fallback=tgt["allow_fallback"],
-                 chunked=target == "coreml" and graph == "ane" and (chunks or max_chunk_mb) is not None)
-    from macq.quantizers import method_spec
-    from macq.streaming import use_streaming
-
-    # a calibrated method that streams (or, asked with --stream, any method for Core ML) on a local checkpoint:
-    # streamed quantization into a temporary dir, then the export of its records
-    compose = kind != "macq" and (bool(method_spec(method_name).stream) or (target == "coreml" and bool(stream)))
-    src = use_streaming(model, method_name, stream, cfg=cfg) if compose else None
-    if src is not None:
-        _export_via_stream(src, model, target, output, method_name, cfg, calib_full, tgt, graph, prefill_len,
-                           chunks, max_chunk_mb, force, trust_remote_code, as_json, notes)
-        return
-    if kind != "macq":
-        for k in ("max_memory", "act_dtype"):
-            if mopts.get(k) is not None:
-                raise MacqError(f"--{k.replace('_', '-')} applies to the streamed path (a local safetensors checkpoint, "
-                                "a method that streams, without --no-stream)")
-    _write_export(model, target, output, method_name, cfg, calib_full, tgt, graph, prefill_len, chunks, max_chunk_mb,
-                  force, trust_remote_code, stream, as_json, notes)
+    req = Request(model=model, output=output, target=target, method=method,
+                  options=given_method_options({k: v for k, v in opts.items() if k not in OPTIONS}),
+                  target_options={k: v for k, v in opts.items() if k in OPTIONS and v is not None},
+                  stream=stream, force=force, trust_remote_code=trust_remote_code,
+                  calibration={"calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed})
+    target_spec(target, runtimes_only=True)   # a quantization directory is macq quantize's output
+    _run(req, dry_run, as_json)
 
 
-def _write_export(model: str | None, target: str, output: Path, method_name: str, cfg: Any, calib_full: dict[str, Any],
-                  tgt: dict[str, Any], graph: str, prefill_len: int | None, chunks: int | None, max_chunk_mb: float | None,
-                  force: bool, trust_remote_code: bool, stream: bool | None, as_json: bool, notes: list[str],
-                  extra: dict[str, Any] | None = None) -> None:
-    """The export itself, once every option is checked: MLX streamed where it applies, else ``export_any``.
-    ``extra``: fields merged into the result (a streamed quantization's summary)."""
-    from macq.exporting import export_any
-
-    if target == "coreml" and stream:
-        raise MacqError("--stream: the Core ML export traces the whole model; streaming covers --target mlx")
-    if target == "mlx" and stream is not False:
-        from mlx_backend.stream import export_streamed
-
-        streamed = export_streamed(model, output, method_name, cfg, stream, dtype=tgt["dtype"], force=force,
-                                   requantize_lut=tgt["requantize_lut"], progress=not as_json,
-                                   trust_remote_code=trust_remote_code)
-        if streamed is not None:
-            streamed[0]["notes"] = notes + list(streamed[0].get("notes") or [])
-            _emit({**streamed[0], **(extra or {})}, as_json, "\n".join([streamed[1], *_notes(notes)]))
-            return
-    result, md = export_any(model, target, output, method_name, cfg, calib_dataset=calib_full["calib_dataset"],
-                            n_calib=calib_full["n_calib"], seq_len=calib_full["seq_len"], seed=calib_full["seed"],
-                            dtype=tgt["dtype"], context=tgt["context"], stateful=tgt["stateful"],
-                            fixed_shapes=tgt["fixed_shapes"], requantize_lut=tgt["requantize_lut"],
-                            allow_fallback=tgt["allow_fallback"], force=force, trust_remote_code=trust_remote_code,
-                            progress=not as_json, graph=graph, prefill_len=prefill_len, chunks=chunks,
-                            max_chunk_mb=max_chunk_mb)
-    result["notes"] = notes + list(result.get("notes") or [])
-    _emit({**result, **(extra or {})}, as_json, "\n".join([md, *_notes(notes)]))
-
-
-def _export_via_stream(src: Path, model: str | None, target: str, output: Path, method_name: str, cfg: Any,
-                       calib_full: dict[str, Any], tgt: dict[str, Any], graph: str, prefill_len: int | None,
-                       chunks: int | None, max_chunk_mb: float | None, force: bool, trust_remote_code: bool,
-                       as_json: bool, notes: list[str]) -> None:
-    """``macq quantize --stream`` into a temporary quantization dir beside the output, then the export of that dir
-    (records written as they are), then the dir removed: the two-step recipe as one command, so a calibrated
-    export of an 8B checkpoint holds one decoder layer (quantization) and one chunk or tensor (export) at a time."""
-    import shutil
-    import tempfile
-
-    from macq.pipeline import stream_calibrated
-    from macq.quantizers import method_spec
-    from macq.streaming import stream_quantize
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.quant-", dir=output.parent))
-    try:
-        if method_spec(method_name).stream:
-            summary = stream_calibrated(src, tmp / "q", method_name, cfg, calib_full["calib_dataset"],
-                                        calib_full["n_calib"], calib_full["seq_len"], calib_full["seed"],
-                                        source=model or "default", progress=not as_json,
-                                        trust_remote_code=trust_remote_code)
-        else:
-            summary = stream_quantize(src, tmp / "q", method_name, cfg, source=model or "default",
-                                      progress=not as_json, trust_remote_code=trust_remote_code)
-        notes = [*notes, f"quantized streamed ({method_name}), then exported from its records"]
-        _write_export(str(tmp / "q"), target, output, "rtn", None, calib_full, tgt, graph, prefill_len, chunks,
-                      max_chunk_mb, force, trust_remote_code, None, as_json, notes,
-                      extra={"method": method_name, "quantization": summary})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@app.command()
+@app.command(epilog="Example: macq generate smol-mlx -p 'What is the capital of France?'")
 def generate(path: str = typer.Argument(..., help="MLX export dir, Core ML ANE export (.mlpackage or chunk dir), or an HF/macq dir"),
              prompt: str = typer.Option("What is the capital of France?", "--prompt", "-p"),
              max_tokens: int = typer.Option(64), chat: bool = typer.Option(True, "--chat/--raw"),
@@ -475,7 +331,7 @@ def generate(path: str = typer.Argument(..., help="MLX export dir, Core ML ANE e
     typer.echo(generate_any(path, prompt, max_tokens, chat, compute_units=compute_units))
 
 
-@app.command()
+@app.command(epilog="Example: macq inspect smol.mlpackage")
 def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage or a chunked Core ML export dir"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Ops histogram, weight formats, size, bits/weight and ANE report of a Core ML package."""
@@ -485,7 +341,7 @@ def inspect(path: Path = typer.Argument(..., help="FILE.mlpackage or a chunked C
     _emit(data, as_json, md)
 
 
-@app.command()
+@app.command(epilog="Example: macq bench -o bench-out --methods 'rtn-int4,gptq4'")
 def bench(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
@@ -499,7 +355,7 @@ def bench(
     n_calib: int = typer.Option(16, help="matrix: calibration sequences (calibrated methods)"),
     seq_len: int = typer.Option(256, help="matrix: calibration sequence length"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
-    force: bool = typer.Option(False, help="matrix: start over instead of resuming"),
+    force: bool = typer.Option(False, "--force", help="matrix: start over instead of resuming"),
     file_targets: str = typer.Option("mlx,coreml", help="matrix: export each row to these targets and report the "
                                      "file's bits/weight and size ('' for none)"),
     latency: bool = typer.Option(False, "--latency", help="latency bench (the default when no --output is given)"),
@@ -514,6 +370,7 @@ def bench(
 ) -> None:
     """Method matrix with -o DIR (perplexity on several texts, KL/top-1, bits/weight, size, quantization time and
     peak memory; Markdown + PNGs; resumable), else per-token latency (prefill, decode) and peak memory."""
+    _guard_file(out, force, [model])
     if output is not None and not latency:
         from macq.studies import bench_matrix
 
@@ -534,7 +391,7 @@ def bench(
     _emit(result, as_json, md)
 
 
-@app.command()
+@app.command(epilog="Example: macq baseline --runner bnb-nf4 --out runs/bnb-nf4.json")
 def baseline(
     model: Optional[str] = typer.Argument(None, help="local HF directory (default: embedded SmolLM2-135M)"),
     runner: str = typer.Option(..., "--runner", help="bnb-nf4 | bnb-fp4 | bnb-int8 | gptq | awq | fp16"),
@@ -557,15 +414,14 @@ def baseline(
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads while timing"),
     compare: Optional[str] = typer.Option(None, help="gptq: a macq quantization dir of the same config, compared per layer"),
     label: str = typer.Option("", help="row label in reports"),
-    force: bool = typer.Option(False),
+    force: bool = typer.Option(False, "--force", help="replace an output that macq wrote"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Quantize with a reference library (bitsandbytes, llm-compressor) and measure it with macq's evaluator."""
     from macq.baselines import BaselineConfig, run_baseline
     from macq.results import save_run
 
-    if out.exists() and not force:
-        raise MacqError(f"--out {out} exists (pass --force to overwrite)")
+    _guard_file(out, force, [model, compare])
     cfg = BaselineConfig(runner=runner, device=device, dataset=dataset, max_tokens=max_tokens, context=context,
                          bits=bits, group_size=group_size, symmetric=symmetric, calib_dataset=calib_dataset,
                          n_calib=n_calib, seq_len=seq_len, seed=seed, latency=latency, prompt_len=prompt_len,
@@ -579,12 +435,12 @@ def baseline(
     _emit(run.to_dict(), as_json, markdown_table([table_row(run)]) + "".join(f"\nnote: {n}" for n in run.notes))
 
 
-@app.command()
+@app.command(epilog="Example: macq report runs/*.json -o report")
 def report(
     runs: list[Path] = typer.Argument(..., help="RUN.json files (macq.run schema) from any machines"),
     output: Path = typer.Option(..., "-o", "--output", help="report directory (written atomically)"),
     pending: Optional[list[str]] = typer.Option(None, "--pending", help="LABEL=REASON: an empty row saying why it was not run"),
-    force: bool = typer.Option(False),
+    force: bool = typer.Option(False, "--force", help="replace an output that macq wrote"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Merge runs into a Markdown table and PNG plots; refuses runs of different models or texts."""
@@ -594,7 +450,7 @@ def report(
     _emit(data, as_json, md)
 
 
-@app.command()
+@app.command(epilog="Example: macq analyze smol-gptq4 --plot distortion.png")
 def analyze(
     paths: Optional[list[str]] = typer.Argument(None, help="macq quantization directories (of one model)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
@@ -611,11 +467,12 @@ def analyze(
     func_layers: Optional[str] = typer.Option(None, help="study: decoder layers for one-linear-alone tests "
                                               "(default first,middle,last)"),
     sensitivity_label: Optional[str] = typer.Option(None, help="study: quantization used for layer sensitivity"),
-    no_layer_sensitivity: bool = typer.Option(False, help="study: only the per-kind sensitivity"),
+    layer_sensitivity: bool = typer.Option(True, "--layer-sensitivity/--kind-sensitivity-only",
+                                           help="study: per-layer sensitivity too, or only the per-kind one"),
     layers: Optional[str] = typer.Option(None, help="study: only these decoder layers (comma-separated); others stay float"),
     fit_samples: int = typer.Option(1 << 18, help="study: weights per layer for the GGD fit (0 = all)"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
-    force: bool = typer.Option(False),
+    force: bool = typer.Option(False, "--force", help="replace an output that macq wrote"),
     reference: Optional[str] = typer.Option(None, help="table: unquantized model (default: the quantization's source)"),
     plot: Optional[Path] = typer.Option(None, help="table: write a PNG of per-layer distortion vs the rate–distortion bound"),
     as_json: bool = typer.Option(False, "--json"),
@@ -629,7 +486,7 @@ def analyze(
         data, md = analyze_study(paths, methods, model, output, dataset=dataset, max_tokens=max_tokens, context=context,
                                  calib_dataset=calib_dataset, n_calib=n_calib, seq_len=seq_len, func_layers=func_layers,
                                  sensitivity_label=sensitivity_label, fit_samples=fit_samples,
-                                 no_layer_sensitivity=no_layer_sensitivity, layers=layers, threads=threads, force=force,
+                                 no_layer_sensitivity=not layer_sensitivity, layers=layers, threads=threads, force=force,
                                  progress=not as_json)
         _emit(data, as_json, md)
         return
@@ -637,18 +494,23 @@ def analyze(
         raise MacqError("analyze: without --output give exactly one macq directory (the distortion table)")
     from macq.evaluate import analyze_distortion
 
-    data, md = analyze_distortion(paths[0], reference=reference, plot=plot)
+    data, md = analyze_distortion(paths[0], reference=reference, plot=plot, force=force)
     _emit(data, as_json, md)
 
 
 def _quiet_libraries() -> None:
     """Library progress bars and advisory warnings drown the one line a user needs."""
+    import logging
     import os
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*torch version.*has not been tested.*")
+    # torchao (pulled in by coreai-opt, imported by coremltools) logs kernels it cannot load on this CPU and
+    # torch's pytree deprecations: advisory lines that would break "stderr is one error line or nothing"
+    for name in ("torchao", "torch.utils._pytree", "coremltools"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -669,7 +531,32 @@ class Interrupted(BaseException):
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    # Once: later presses are ignored while the unwinding removes temp dirs, so cleanup is never cut short and
+    # no second traceback appears however often ctrl-C is pressed.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
+
+
+def _interruptible_commands() -> None:
+    """A KeyboardInterrupt raised inside a command (a library that installs its own SIGINT handler) becomes
+    :class:`Interrupted` before click sees it: click would print a blank line and abort."""
+    import functools
+
+    for c in app.registered_commands:
+        fn = c.callback
+        if fn is None or getattr(fn, "_macq_interruptible", False):
+            continue
+
+        @functools.wraps(fn)
+        def wrapped(*a: Any, _fn: Callable[..., Any] = fn, **k: Any) -> Any:
+            try:
+                return _fn(*a, **k)
+            except KeyboardInterrupt:
+                raise Interrupted(signal.SIGINT) from None
+
+        wrapped._macq_interruptible = True  # type: ignore[attr-defined]
+        c.callback = wrapped
 
 
 def _click_errors() -> tuple[type, ...]:
@@ -687,31 +574,73 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
+def _os_message(e: OSError) -> str:
+    """Disk full, permission, link loops, missing paths: what happened to which path, in one line."""
+    import errno
+
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.ELOOP: "too many levels of symbolic links", errno.ENOENT: "no such file or directory",
+            errno.EROFS: "read-only file system", errno.ENAMETOOLONG: "file name too long"}.get(e.errno or -1)
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+    return f"{where + ': ' if where else ''}{what or e.strerror or type(e).__name__}"
+
+
+def _unexpected(e: BaseException) -> str:
+    """Anything else (a corrupt file a library choked on, an out-of-range value deep inside): one line."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}{': ' + first if first else ''} (run with --debug or MACQ_DEBUG=1 for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The console entry point: the one error boundary. Every failure ends as one ``error:`` line on stderr with
+    exit code 2 (an interrupt: 130 / 143); ``--debug`` (anywhere on the line) or ``MACQ_DEBUG=1`` re-raises
+    instead, for the traceback."""
+    import os
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("MACQ_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     _quiet_libraries()
+    _interruptible_commands()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
     try:
-        rv = app(args=argv, standalone_mode=False)
-    except MacqError as e:
-        typer.echo(f"error: {_one_line(str(e))}", err=True)
-        sys.exit(2)
+        rv = app(args=args, standalone_mode=False)
+        if isinstance(rv, int) and rv:  # typer's non-standalone exit codes (e.g. 130 after KeyboardInterrupt)
+            code = rv
     except Interrupted as e:
         typer.echo(f"error: interrupted by {signal.Signals(e.signum).name}; no output was written", err=True)
-        sys.exit(128 + e.signum)
+        code = 128 + e.signum
     except (typer.Exit, SystemExit) as e:  # --help, typer's own exits
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code if isinstance(code, int) else 0)
+        c = getattr(e, "exit_code", getattr(e, "code", 0))
+        code = c if isinstance(c, int) else 0
     except typer.Abort:
         typer.echo("error: aborted", err=True)
-        sys.exit(130)
+        code = 130
+    except MacqError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
+        code = 2
     except _click_errors() as e:  # unknown options, bad values, missing arguments: one line, exit 2
         typer.echo(f"error: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
-        sys.exit(2)
+        code = 2
+    except OSError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(_os_message(e))}", err=True)
+        code = 2
+    except (Exception, RecursionError, MemoryError) as e:  # noqa: BLE001 - the boundary: no traceback, ever
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(_unexpected(e))}", err=True)
+        code = 2
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if isinstance(rv, int) and rv:  # typer's non-standalone exit codes (e.g. 130 after KeyboardInterrupt)
-        sys.exit(rv)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from macq.atomic import PNG_SOFTWARE, atomic_file, guard_output
 from macq.errors import MacqError
 
 
@@ -24,8 +25,11 @@ def artifact_kind(path: str | None) -> str:
     if (p / "manifest.json").is_file():
         return "macq"
     cfg = p / "config.json"
-    if cfg.is_file() and "quantization" in json.loads(cfg.read_text()):
-        return "mlx"
+    try:
+        if cfg.is_file() and "quantization" in json.loads(cfg.read_text()):
+            return "mlx"
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return "model"   # a broken config.json: reading it as a model says so in one line, naming the file
     return "model"
 
 
@@ -195,13 +199,15 @@ def bench_latency(path: str | None, device: str = "auto", dtype: str = "float32"
     return res, md_table([res], list(res))
 
 
-def analyze_distortion(path: str, reference: str | None = None, plot: Path | None = None):
+def analyze_distortion(path: str, reference: str | None = None, plot: Path | None = None, force: bool = False):
     from macq.eval.distortion import distortion_table
     from macq.pipeline import reference_model_for
     from macq.qmodel import QuantizedModel
 
     if artifact_kind(path) != "macq":
         raise MacqError(f"analyze: {path} is not a macq quantization directory")
+    if plot is not None:
+        guard_output(plot, force, inputs=[path, reference], flag="--plot", kind="file")
     qm = QuantizedModel.load(path)
     ref = reference_model_for(qm, reference)
     if ref is None:
@@ -233,7 +239,6 @@ def _plot_distortion(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_ylabel("SQNR (dB)")
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=120, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
-    tmp.replace(out)

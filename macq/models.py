@@ -9,14 +9,15 @@ Caveat for every quality table: its linear weights are dequantized Q4_1 (4-bit a
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from macq.arch import arch_spec
-from macq.atomic import atomic_dir
+from macq.atomic import atomic_dir, macq_artifact, write_marker
 from macq.errors import MacqError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -64,16 +65,47 @@ def prepare_default_model(force: bool = False) -> Path:
     target = default_model_dir()
     if target.is_dir() and (target / "config.json").is_file() and not force:
         return target
+    legacy = _legacy_cache(target)
+    if target.exists() and macq_artifact(target) is None and not legacy:
+        raise MacqError(f"prepare-model: {target} exists and was not written by macq; move it away (or set MACQ_CACHE "
+                        "to another directory)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _default_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     plain = _plain_copy(model)
-    with atomic_dir(target, owned_only=False) as tmp:  # macq's own cache path
+    with atomic_dir(target, owned_only=not legacy) as tmp:   # replaces only what macq wrote, never a user's dir
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        write_marker(tmp, "default-model")
     return target
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "generation_config.json")
+
+
+def write_tokenizer(tokenizer: Any, dst: Path) -> None:
+    """Write a tokenizer into an output directory: an HF tokenizer object by ``save_pretrained``, a directory by
+    copying its tokenizer files (every writer of a macq, MLX or Core AI directory calls this one function)."""
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, Path)):
+        for f in TOKENIZER_FILES:
+            if (Path(tokenizer) / f).is_file():
+                shutil.copy2(Path(tokenizer) / f, dst / f)
+    else:
+        tokenizer.save_pretrained(dst)
+
+
+def _legacy_cache(path: Path) -> bool:
+    """A cache directory an older macq wrote before it marked them: exactly the files of a converted default model."""
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    return {"config.json", "model.safetensors"} <= names and names <= {
+        "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json", "chat_template.jinja"}
 
 
 def resolve_model_path(name: str | None) -> str:

@@ -96,7 +96,8 @@ def typer_parameters(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
         decl = o.decl
         ann: Any = Optional[bool] if o.type is bool else Optional[List[str]] if o.type is tuple else Optional[o.type]
         params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
-                                        default=typer.Option(None, decl, help=o.help, show_default=False)))
+                                        default=typer.Option(None, decl, help=o.help, show_default=False,
+                                                             rich_help_panel=panel_of(o.name))))
     return params
 
 
@@ -129,3 +130,30 @@ def check_applicable(method: str, given: dict[str, Any]) -> None:
 def all_flags() -> set[str]:
     """Every generated flag (both forms of booleans), for tests that error messages name real flags."""
     return {f for o in method_options().values() for f in o.decl.split("/")}
+
+
+# Help panels: ``--help`` groups options by what they are for.
+PANEL_MODEL, PANEL_METHOD, PANEL_CALIB = "Model and text", "Method", "Calibration"
+PANEL_TARGET, PANEL_OUTPUT, PANEL_PERF = "Target", "Output", "Performance"
+PERFORMANCE_FIELDS = ("device", "max_memory", "act_dtype", "batch_size", "threads")
+
+
+def panel_of(field_name: str) -> str:
+    return PANEL_PERF if field_name in PERFORMANCE_FIELDS else PANEL_METHOD
+
+
+def target_parameters() -> list[inspect.Parameter]:
+    """Every target option of :data:`macq.targets.OPTIONS` as a typer parameter, its help naming the targets that
+    read it (an option given for another target is refused by the planner)."""
+    from macq.targets import OPTIONS, TARGETS
+
+    params = []
+    for o in OPTIONS.values():
+        users = [t.title for t in TARGETS.values() if o.name in t.options]
+        ann: Any = Optional[o.type]
+        decl = o.flag or "--" + o.name.replace("_", "-")
+        default = "" if o.default is None or o.type is bool else f" (default {o.default})"
+        params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                                        default=typer.Option(None, decl, help=f"{', '.join(users)}: {o.help}{default}",
+                                                             show_default=False, rich_help_panel=PANEL_TARGET)))
+    return params

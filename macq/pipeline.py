@@ -40,8 +40,15 @@ def quantize(model, tokenizer, method: str, options: dict[str, Any] | Any, calib
              copy_model: bool = True) -> QuantizedModel:
     """Quantize ``model`` (a deep copy unless ``copy_model=False``) with one method.
 
-    ``options`` is a dict of CLI-style options or an already built config."""
-    cfg = config_for(method, options) if isinstance(options, dict) else options
+    ``options`` is a dict of CLI-style options (completed exactly as the CLI completes them: the automatic group
+    size, the calibration settings, every check of :func:`macq.preflight.resolve_config`) or a built config."""
+    if isinstance(options, dict):
+        from macq.preflight import resolve_config
+
+        cli = {"n_calib": n_calib, "seq_len": seq_len, "seed": seed, "dataset": calib_dataset}
+        cfg, _ = resolve_config(method, {k: v for k, v in options.items() if v is not None}, model.config, None, cli)
+    else:
+        cfg = options
     spec = method_spec(method)
     calib = calibration_ids(tokenizer, calib_dataset, n_calib, seq_len, seed) if spec.needs_calibration else None
     target = copy.deepcopy(model) if copy_model else model

@@ -15,9 +15,10 @@ are read from disk when first accessed, so an exporter can walk an 8B quantizati
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ import torch.nn as nn
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
-from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, record_from_tensors
+from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, check_stored, record_from_tensors
 from macq.shards import ShardWriter, TensorStore
 
 FORMAT_VERSION = 1
@@ -43,6 +44,19 @@ class LazyRecords(Mapping):
         self.store = store
         self.where = where
 
+    def check_headers(self) -> None:
+        """Every manifest entry against its stored tensors' shapes and dtypes (safetensors headers only, no
+        tensor data): a lie in ``bits``, ``group_size``, ``shape`` or the layout is refused at load, naming
+        the record, before any work."""
+        if not isinstance(self.metas, dict):
+            raise MacqError(f"{self.where}/manifest.json: records is {type(self.metas).__name__}, expected an object")
+        for name, meta in self.metas.items():
+            keys = [f"{name}.{f}" for f in RECORD_FIELDS if f"{name}.{f}" in self.store]
+            try:
+                check_stored(meta, {k[len(name) + 1:]: (self.store.shape(k), self.store.dtype(k)) for k in keys})
+            except MacqError as e:
+                raise MacqError(f"{Path(self.where) / 'manifest.json'}: record {name}: {e}") from None
+
     def __getitem__(self, name: str) -> Record:
         meta = self.metas[name]
         keys = [f"{name}.{f}" for f in RECORD_FIELDS if f"{name}.{f}" in self.store]
@@ -51,7 +65,7 @@ class LazyRecords(Mapping):
             return record_from_tensors(meta, {k[len(name) + 1:]: self.store[k] for k in keys})
         except MacqError as e:
             raise MacqError(f"{where}: record {name}: {e}") from None
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, ArithmeticError, AttributeError) as e:
             raise MacqError(f"{where}: record {name} is incomplete or malformed ({e!s:.120})") from None
 
     def __iter__(self) -> Iterator[str]:
@@ -156,22 +170,16 @@ class QuantizedModel:
                 "records": {k: r.meta() for k, r in self.records.items()}}
 
     def save(self, path: str | Path, tokenizer=None, force: bool = False) -> Path:
-        """Write atomically: everything goes into a temp dir beside ``path``, renamed at the end."""
+        """Write atomically through :class:`QuantDirWriter` (a temp dir beside ``path``, renamed at the end)."""
         path = Path(path)
         if path.exists() and not force:
             raise MacqError(f"output: {path} exists (pass --force to overwrite)")
-        with atomic_dir(path) as tmp:
-            self.config.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            rw = ShardWriter(tmp, "records", SHARD_BYTES)
+        with QuantDirWriter.create(path, self.config, source=self.source, tokenizer=tokenizer) as w:
             for k, r in self.records.items():
-                write_records(rw, k, r)
-            rw.close()
-            fw = ShardWriter(tmp, "float", SHARD_BYTES)
-            fw.add_all(self.float_tensors)
-            fw.close()
-            (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
+                w.add_record(k, r)
+            for k, t in self.float_tensors.items():
+                w.add_float(k, t)
+            w.close(self.method, tied=self.tied, act_quant=self.act_quant)
         return path
 
     @classmethod
@@ -193,6 +201,7 @@ class QuantizedModel:
             ver = manifest.get("version") if isinstance(manifest, dict) else "?"
             raise MacqError(f"{path}/manifest.json: unsupported format {got} v{ver}")
         records = LazyRecords(manifest.get("records", {}), TensorStore.open(path, "records"), path)
+        records.check_headers()
         floats = TensorStore.open(path, "float")
         try:
             config = AutoConfig.from_pretrained(path)
@@ -201,6 +210,108 @@ class QuantizedModel:
         return cls(records=records, float_tensors=floats, config=config, method=manifest.get("method", {}),
                    act_quant=manifest.get("act_quant", {}), tied=manifest.get("tied", {}),
                    source=manifest.get("source", ""))
+
+
+class QuantDirWriter:
+    """The one writer of a macq quantization directory. In-memory saves, the streamed weight methods and the
+    layer-streamed calibrated methods all add their records and float tensors here, as they come, so the
+    directory format (sharded ``records`` / ``float`` safetensors, ``manifest.json``, config, tokenizer) has one
+    definition. Use :meth:`create` (a context manager over :func:`macq.atomic.atomic_dir`) and call
+    :meth:`close` last inside it; leaving the block without ``close`` (an error) leaves nothing."""
+
+    def __init__(self, tmp: Path, config: Any, source: str, tokenizer: Any, shard_bytes: int):
+        self.tmp, self.config, self.source, self.tokenizer = tmp, config, source, tokenizer
+        self.records_w = ShardWriter(tmp, "records", shard_bytes)
+        self.floats_w = ShardWriter(tmp, "float", shard_bytes)
+        self.metas: dict[str, dict[str, Any]] = {}
+        self.bits = self.weights = self.bytes = 0
+        self.summary: dict[str, Any] | None = None
+
+    @classmethod
+    @contextmanager
+    def create(cls, out: str | Path, config: Any, *, source: str, tokenizer: Any = None,
+               shard_bytes: int = SHARD_BYTES) -> Iterator["QuantDirWriter"]:
+        with atomic_dir(out) as tmp:
+            w = cls(tmp, config, source, tokenizer, shard_bytes)
+            yield w
+            if w.summary is None:
+                raise RuntimeError("QuantDirWriter: the block ended without close()")
+            w.summary["output"] = str(out)
+
+    def add_record(self, name: str, rec: Record) -> None:
+        write_records(self.records_w, name, rec)
+        self.metas[name] = rec.meta()
+        sb = rec.storage_bits()
+        self.bits += sb
+        self.bytes += (sb + 7) // 8
+        self.weights += rec.shape[0] * rec.shape[1]
+
+    def add_float(self, key: str, t: torch.Tensor) -> None:
+        self.floats_w.add(key, t)
+        if t.is_floating_point():
+            self.bytes += t.numel() * 2
+
+    def close(self, method: dict[str, Any], *, tied: dict[str, str], act_quant: dict[str, Any]) -> dict[str, Any]:
+        """Finish the shards and write config, tokenizer and manifest; returns the summary commands print."""
+        from macq.models import write_tokenizer
+
+        self.records_w.close()
+        self.floats_w.close()
+        bpw = self.bits / self.weights if self.weights else 16.0
+        manifest = {"format": "macq", "version": FORMAT_VERSION, "source": self.source, "method": method,
+                    "bits_per_weight": bpw, "tied": tied, "act_quant": act_quant, "records": self.metas}
+        self.config.save_pretrained(self.tmp)
+        write_tokenizer(self.tokenizer, self.tmp)
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        self.summary = {"method": method, "layers": len(self.metas), "bits_per_weight": round(bpw, 4),
+                        "bytes": self.bytes}
+        return self.summary
+
+
+@dataclass
+class Records:
+    """What a route hands to a target's writer: the records and float tensors (``items()``, one pass in model
+    order, one at a time where the route streams), or the whole :class:`~macq.qmodel.QuantizedModel` for a writer
+    that traces the whole graph, and the facts every format needs."""
+
+    config: Any
+    source: str
+    method: dict[str, Any]
+    tied: dict[str, str]
+    act_quant: dict[str, Any]
+    tokenizer: Any                  # an HF tokenizer object, or a directory holding its files
+    items: Callable[[], Iterator[tuple[str, str, Any]]]
+    qmodel: Callable[[], Any] | None = None
+    streamed: bool = False
+
+    @classmethod
+    def of(cls, qm: Any, tokenizer: Any, streamed: bool = False) -> "Records":
+        def items() -> Iterator[tuple[str, str, Any]]:
+            for k in qm.records:
+                yield "record", k, qm.records[k]
+            for k in qm.float_tensors:
+                yield "float", k, qm.float_tensors[k]
+
+        return cls(qm.config, qm.source, qm.method, qm.tied, qm.act_quant, tokenizer, items, lambda: qm, streamed)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Records":
+        """A saved quantization, read lazily (one record / tensor at a time)."""
+        return cls.of(QuantizedModel.load(path), Path(path), streamed=True)
+
+
+def write_items(writer: Any, items: Iterator[tuple[str, str, Any]]) -> None:
+    """Feed ``("record", module, Record)`` / ``("float", key, tensor)`` items to any target's writer."""
+    for kind, name, obj in items:
+        (writer.add_record if kind == "record" else writer.add_float)(name, obj)
+
+
+def write_quant_dir(records: Records, out: str | Path, options: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """The ``macq`` row's writer (:data:`macq.targets.TARGETS`): ``records`` as a quantization directory."""
+    with QuantDirWriter.create(out, records.config, source=records.source, tokenizer=records.tokenizer) as w:
+        write_items(w, records.items())
+        w.close(records.method, tied=records.tied, act_quant=records.act_quant)
+    return dict(w.summary)
 
 
 def is_quantized_dir(path: str | Path) -> bool:

@@ -381,9 +381,144 @@ def nbytes(record: Record) -> int:
     return (record.storage_bits() + 7) // 8
 
 
+# ---------------------------------------------------------------------------------------------
+# Stored records: the manifest's meta checked against the tensors before a record is built.
+# A manifest whose ``bits`` disagree with the stored codes would otherwise unpack into other, valid-looking
+# codes (eval prints garbage, an export writes it). Every fact the meta states is checked against what the
+# file holds: field set, dtypes, shapes (which fix bits and groups), and the packing's zero padding.
+
+AFFINE_FIELDS = {"codes": True, "scales": True, "zeros": False, "biases": False}           # name -> required
+LUT_FIELDS = {"indices": True, "lut": True, "scales": False, "dq_codes": False, "dq_code_lut": False,
+              "dq_absmax": False, "outlier_pos": False, "outlier_values": False}
+PACKED_DTYPES = (torch.uint32, torch.int32)
+
+
+def _meta_int(meta: dict[str, Any], key: str, lo: int, hi: int | None = None, optional: bool = False) -> int | None:
+    v = meta.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise MacqError(f"manifest {key}={v!r}, expected an int {rng}")
+    return v
+
+
+def _meta_bool(meta: dict[str, Any], key: str) -> bool:
+    v = meta.get(key, False)
+    if not isinstance(v, bool):
+        raise MacqError(f"manifest {key}={v!r}, expected true or false")
+    return v
+
+
+def _meta_shape(meta: dict[str, Any]) -> tuple[int, int]:
+    v = meta.get("shape")
+    if not (isinstance(v, (list, tuple)) and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+        raise MacqError(f"manifest shape={v!r}, expected [out, in] of positive ints")
+    return int(v[0]), int(v[1])
+
+
+def _stored_bits(words: int, n: int) -> str:
+    """What a packed width says the codes were written at (for the error message)."""
+    cands = [b for b in range(1, 9) if (n * b + 31) // 32 == words]
+    return f"{'/'.join(map(str, cands))} bits" if cands else "no bit width of 1..8"
+
+
+def check_stored(meta: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """``meta`` (one manifest entry) against the stored tensors' shapes and dtypes (a safetensors header holds
+    both, so this runs before any tensor data is read). Raises a MacqError naming the field and the lie.
+
+    ``bits`` is pinned by the packed width, ``ceil(in·bits/32)`` words per row, which is one-to-one whenever
+    ``in`` is a multiple of 32 (every real model); widths that share a word count (``in·bits < 32``) are
+    told apart by the zero padding after the last code when the record is built (:func:`_check_padding`)."""
+    from macq.packing import packed_words
+
+    if not isinstance(meta, dict):
+        raise MacqError(f"manifest entry is {type(meta).__name__}, expected an object")
+    kind = meta.get("kind")
+    if kind not in ("affine", "lut"):
+        raise MacqError(f"unknown record kind {kind!r}")
+    allowed = AFFINE_FIELDS if kind == "affine" else LUT_FIELDS
+    bits = _meta_int(meta, "bits", 1, 8)
+    out, inp = _meta_shape(meta)
+    _meta_bool(meta, "transposed")
+    stray = sorted(set(stored) - set(allowed))
+    if stray:
+        raise MacqError(f"stored tensor {stray[0]} does not belong to a {kind} record (manifest kind={kind!r})")
+    missing = [f for f, req in allowed.items() if req and f not in stored]
+    if missing:
+        raise MacqError(f"no stored tensor {missing[0]} (a {kind} record needs it)")
+
+    def expect(name: str, want: tuple[int, ...], why: str) -> None:
+        if name in stored and tuple(stored[name][0]) != want:
+            raise MacqError(f"stored {name} has shape {list(stored[name][0])}, the manifest ({why}) implies {list(want)}")
+
+    packed = "codes" if kind == "affine" else "indices"
+    pshape, pdtype = stored[packed]
+    if pdtype not in PACKED_DTYPES:
+        raise MacqError(f"stored {packed} have dtype {_dtype_name(pdtype)}, expected uint32 words")
+    words = packed_words(inp, bits)
+    if len(pshape) == 2 and pshape[0] == out and pshape[1] != words:
+        raise MacqError(f"manifest bits={bits}, shape [{out}, {inp}] disagree with the stored {packed}: {pshape[1]} "
+                        f"words per row of {inp} codes is {_stored_bits(pshape[1], inp)}, {bits} bits needs {words}")
+    expect(packed, (out, words), f"shape [{out}, {inp}], bits={bits}")
+    if kind == "affine":
+        per_tensor = _meta_bool(meta, "per_tensor")
+        g = _meta_int(meta, "group_size", 1)
+        if inp % g:
+            raise MacqError(f"manifest group_size={g} does not divide the input dim {inp}")
+        want = (1, 1) if per_tensor else (out, inp // g)
+        why = "per_tensor" if per_tensor else f"group_size={g} over {inp} inputs"
+        if "zeros" in stored and "biases" in stored:
+            raise MacqError("stored zeros and biases both: an affine record holds one of them")
+        for f in ("scales", "zeros", "biases"):
+            expect(f, want, why)
+        return
+    lut_shape = stored["lut"][0]
+    if len(lut_shape) != 2 or lut_shape[1] != 2 ** bits or lut_shape[0] < 1 or out % lut_shape[0]:
+        raise MacqError(f"manifest bits={bits} disagrees with the stored lut {list(lut_shape)} "
+                        f"(expected [groups dividing {out}, {2 ** bits}])")
+    block = _meta_int(meta, "block_size", 1, optional=True)
+    dq = [f for f in ("dq_codes", "dq_code_lut", "dq_absmax") if f in stored]
+    if (("scales" in stored) or dq) and block is None:
+        raise MacqError("manifest block_size=None, but scales are stored")
+    if block is not None and inp % block:
+        raise MacqError(f"manifest block_size={block} does not divide the input dim {inp}")
+    if block is not None:
+        expect("scales", (out, inp // block), f"block_size={block} over {inp} inputs")
+    if dq:
+        if len(dq) != 3:
+            raise MacqError(f"stored {', '.join(dq)} without the rest of dq_codes/dq_code_lut/dq_absmax")
+        if "scales" in stored:
+            raise MacqError("stored scales and double-quantized scales both")
+        dq_block = _meta_int(meta, "dq_block_size", 1)
+        if not isinstance(meta.get("dq_offset"), (int, float)) or isinstance(meta.get("dq_offset"), bool):
+            raise MacqError(f"manifest dq_offset={meta.get('dq_offset')!r}, expected a number")
+        n_scales = out * (inp // block)  # type: ignore[operator]
+        expect("dq_codes", (n_scales,), f"{n_scales} block scales")
+        expect("dq_absmax", (-(-n_scales // dq_block),), f"dq_block_size={dq_block}")
+        expect("dq_code_lut", (256,), "an 8-bit code table")
+    if ("outlier_pos" in stored) != ("outlier_values" in stored):
+        raise MacqError("stored outlier_pos and outlier_values come together")
+
+
+def _check_padding(name: str, packed: torch.Tensor, bits: int, n: int) -> None:
+    """Bits past the last code of each row are zero as written; nonzero ones mean codes written at another width
+    (a ``bits`` lie that happens to need the same number of words)."""
+    used = n * bits - (packed.shape[1] - 1) * 32       # bits used in each row's last word, 1..32
+    if 0 < used < 32 and packed.numel():
+        last = packed[:, -1].to(torch.int64) & 0xFFFFFFFF
+        if bool((last >> used).any()):
+            raise MacqError(f"stored {name}: nonzero bits after the last of {n} codes per row: they were not "
+                            f"written at the manifest's bits={bits}")
+
+
 def record_from_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Record:
+    """Build a record from its manifest entry and stored tensors, every stated fact checked first
+    (:func:`check_stored`, then the padding and the record's own value checks)."""
+    check_stored(meta, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()})
+    packed = "codes" if meta["kind"] == "affine" else "indices"
+    _check_padding(packed, tensors[packed], meta["bits"], meta["shape"][1])
     if meta["kind"] == "affine":
         return AffineRecord.from_tensors(meta, tensors)
-    if meta["kind"] == "lut":
-        return LUTRecord.from_tensors(meta, tensors)
-    raise MacqError(f"unknown record kind {meta['kind']!r}")
+    return LUTRecord.from_tensors(meta, tensors)

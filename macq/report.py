@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from macq.atomic import atomic_dir
+from macq.atomic import PNG_SOFTWARE, atomic_dir, guard_output, write_marker
 from macq.errors import MacqError
 from macq.results import RunResult, check_comparable, load_run
 
+PNG_METADATA = {"Software": PNG_SOFTWARE}
 COLUMNS = ("row", "runtime", "device", "bits/weight", "size (MiB)", "ppl", "KL (nats)", "top-1", "prefill tok/s",
            "decode tok/s", "decode ms/tok", "peak MiB")
 
@@ -102,7 +103,7 @@ def _plots(runs: list[RunResult], out: Path) -> list[str]:
             ax.set_title(title)
             ax.invert_yaxis()
         fig.tight_layout()
-        fig.savefig(out / "speed.png", dpi=110)
+        fig.savefig(out / "speed.png", dpi=110, metadata=PNG_METADATA)
         plt.close(fig)
         written.append("speed.png")
     for name, xkey, ykey, xl, yl in (("ppl_vs_size.png", "size", "ppl", "size (MiB)", "perplexity"),
@@ -119,15 +120,14 @@ def _plots(runs: list[RunResult], out: Path) -> list[str]:
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / name, dpi=110, metadata=PNG_METADATA)
         plt.close(fig)
         written.append(name)
     return written
 
 
 def build_report(paths: list[str], out: Path, pending: list[str] | None = None, force: bool = False) -> tuple[dict[str, Any], str]:
-    if out.exists() and not force:
-        raise MacqError(f"-o {out} exists (pass --force to overwrite)")
+    guard_output(out, force, inputs=paths)
     pend = parse_pending(pending or [])
     runs = [load_run(p) for p in paths]
     check_comparable(runs)
@@ -149,4 +149,5 @@ def build_report(paths: list[str], out: Path, pending: list[str] | None = None, 
         plots = _plots(runs, tmp)
         (tmp / "report.md").write_text(md + "\n" + "".join(f"\n![{p}]({p})\n" for p in plots))
         (tmp / "runs.json").write_text(json.dumps([r.to_dict() for r in runs], indent=1))
+        write_marker(tmp, "report")
     return {"output": str(out), "runs": len(runs), "pending": len(pend), "plots": plots}, md

@@ -161,6 +161,10 @@ def load_run(path: str | Path) -> RunResult:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise MacqError(f"run file: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise MacqError(f"run file: {path} is not UTF-8 text (expected a macq.run JSON file)") from None
+    except OSError as e:
+        raise MacqError(f"run file: {path}: cannot read ({e.strerror or e})") from None
     return RunResult.from_dict(data)
 
 

@@ -15,10 +15,19 @@ Both follow the format exactly (8-byte little-endian header length, JSON header 
 ``safetensors``, transformers, ``mlx.core.load`` and ``mlx_lm.load``; the tests check that.
 Sharded sets follow Hugging Face's convention: ``{stem}-00001-of-00003.safetensors`` plus
 ``{stem}.safetensors.index.json`` with ``metadata.total_size`` and a ``weight_map``.
+
+Integrity: :class:`ShardWriter` records each shard's size and SHA-256 in the index
+(``metadata.checksums = {file: {"size": n, "sha256": hex}}``; transformers and mlx_lm read only the
+``weight_map`` and ignore it), and :meth:`TensorStore.open` verifies them before any tensor is read, so
+a shard whose bytes changed after macq wrote it (bit rot, a partial copy, an edit) is a one-line error
+naming the file instead of silently different weights. Hashes are streamed in blocks: memory holds one
+block, never the shard. An index without ``checksums`` (an older macq, a Hugging Face checkpoint) is
+read as before, unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -38,6 +47,44 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 HEADER_RESERVE = 1 << 18        # bytes reserved for a streamed shard's JSON header (~1500 tensors; more start a new shard)
+HASH_BLOCK = 1 << 20            # bytes per read while hashing a shard
+CHECKSUMS = "checksums"         # key in the index's ``metadata``: {file: {"size": int, "sha256": hex}}
+
+
+def file_sha256(path: str | Path, block: int = HASH_BLOCK) -> str:
+    """SHA-256 of a file, read in ``block``-byte pieces into one reused buffer (memory: one block)."""
+    h = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def verify_checksums(directory: Path, index_name: str, files: list[str], checksums: Any) -> None:
+    """Every shard of ``files`` has the size and SHA-256 its index records: size first (free), then the hash.
+    A malformed ``checksums`` entry, or a shard it does not cover, is refused too: the index is macq's."""
+    if not isinstance(checksums, dict):
+        raise MacqError(f"{directory / index_name}: metadata.{CHECKSUMS} is not a map of file -> size/sha256")
+    for name in files:
+        want = checksums.get(name)
+        path = directory / name
+        if not isinstance(want, dict) or not isinstance(want.get("size"), int) or not isinstance(want.get("sha256"), str):
+            raise MacqError(f"{path}: no size/sha256 recorded for it in {index_name}")
+        try:
+            size = path.stat().st_size
+            if size != want["size"]:
+                raise MacqError(f"{path}: {size} bytes, {index_name} records {want['size']} (truncated, extended or "
+                                "replaced after macq wrote it)")
+            got = file_sha256(path)
+        except OSError as e:
+            raise MacqError(f"{path}: cannot read ({e.strerror or e})") from None
+        if got != want["sha256"]:
+            raise MacqError(f"{path}: SHA-256 {got[:16]}... differs from the {want['sha256'][:16]}... recorded in "
+                            f"{index_name} (the file changed after macq wrote it)")
 
 
 def _raw_bytes(t: torch.Tensor):
@@ -149,16 +196,25 @@ class TensorStore(Mapping):
         self._files = files
 
     @classmethod
-    def open(cls, directory: str | Path, stem: str = "model") -> "TensorStore":
-        """``{stem}.safetensors.index.json`` if present, else ``{stem}.safetensors``."""
+    def open(cls, directory: str | Path, stem: str = "model", verify: bool = True) -> "TensorStore":
+        """``{stem}.safetensors.index.json`` if present, else ``{stem}.safetensors``. ``verify``: check the
+        shards against the sizes and SHA-256 the index records (when it records them) before reading any."""
         d = Path(directory)
         index = d / f"{stem}.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                doc = json.loads(index.read_text())
+                weight_map = doc["weight_map"]
+                files = sorted(set(weight_map.values()))
+                meta = doc.get("metadata") or {}
+                checksums = meta.get(CHECKSUMS) if isinstance(meta, dict) else None
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
                 raise MacqError(f"{index}: not a safetensors index ({e!s:.120})") from None
-            by_file = {f: SafetensorsFile(d / f) for f in sorted(set(weight_map.values()))}
+            if not all(isinstance(f, str) and f and Path(f).name == f for f in files):
+                raise MacqError(f"{index}: weight_map names a file outside {d} (expected plain file names)")
+            if verify and checksums is not None:
+                verify_checksums(d, index.name, files, checksums)
+            by_file = {f: SafetensorsFile(d / f) for f in files}
             for k, f in weight_map.items():  # a tensor the index promises but the file lacks: refused now
                 if k not in by_file[f].entries:
                     raise MacqError(f"{d / f}: lacks {stem} tensor {k} (listed in {index.name})")
@@ -262,6 +318,7 @@ class ShardWriter:
         self._cur: _OpenShard | None = None
         self.weight_map: dict[str, int] = {}
         self.total_size = 0
+        self.checksums: dict[str, dict[str, Any]] = {}   # filled by close(): {file: {"size", "sha256"}}
 
     def _new_shard(self) -> _OpenShard:
         if self._cur is not None:
@@ -288,7 +345,8 @@ class ShardWriter:
             self.add(k, v)
 
     def close(self, index_metadata: dict[str, Any] | None = None) -> list[Path]:
-        """Finish the last shard, rename all shards to their final names, write the index."""
+        """Finish the last shard, rename all shards to their final names, write the index with each shard's
+        size and SHA-256 (read back in blocks right after writing, so from the page cache as a rule)."""
         if self._cur is None:
             self._new_shard()
         assert self._cur is not None
@@ -300,7 +358,8 @@ class ShardWriter:
             [f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for shard, name in zip(self._done, names):
             os.replace(shard.path, self.dir / name)
-        index = {"metadata": {"total_size": self.total_size, **(index_metadata or {})},
+            self.checksums[name] = {"size": (self.dir / name).stat().st_size, "sha256": file_sha256(self.dir / name)}
+        index = {"metadata": {"total_size": self.total_size, **(index_metadata or {}), CHECKSUMS: self.checksums},
                  "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())}}
         (self.dir / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=4))
         return [self.dir / name for name in names]

@@ -17,25 +17,19 @@ run leaves nothing at ``out``.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.prefetch import prefetched
 from macq.progress import LayerLog
-from macq.qmodel import FORMAT_VERSION, SHARD_BYTES, write_records
+from macq.qmodel import SHARD_BYTES, QuantDirWriter, write_items
 from macq.record import AffineRecord, Record
-from macq.shards import ShardWriter, TensorStore
+from macq.shards import TensorStore
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "generation_config.json")
 ROW_BLOCK_ELEMS = 1 << 22   # weights per row block of a row-separable quantizer (16 MiB of float32)
 PREFETCH_BYTES = 32 << 20   # source bytes read ahead of the quantizer (or one piece, if larger)
 
@@ -79,37 +73,6 @@ def streamable_source(model: str | None) -> Path | None:
     if path.is_dir() and (path / "config.json").is_file() and TensorStore.exists(path) and not is_quantized_dir(path):
         return path
     return None
-
-
-def use_streaming(model: str | None, method: str, flag: bool | None, calibrated: bool = True,
-                  cfg: Any = None) -> Path | None:
-    """The source directory when the streaming path applies: ``flag`` None = automatically for methods that
-    stream (weight methods, and calibrated ones with a per-layer streaming step: ``MethodSpec.streams``) on a
-    local safetensors checkpoint; True = demanded (an error if it cannot apply); False = never.
-    ``calibrated=False``: the caller streams weight methods only (``export`` from a checkpoint).
-    ``cfg``: a calibrated method's options may need the whole model (``cfg.stream_refusal()``, e.g. kmeans-cal's
-    Fisher sensitivities): then automatically in memory, and an explicit ``--stream`` is refused with the reason."""
-    from macq.quantizers import METHODS, method_spec
-
-    if flag is False:
-        return None
-    spec = method_spec(method)
-    src = streamable_source(model) if model is None or Path(model).exists() else None
-    if flag and spec.kind != "weight" and spec.streams and not calibrated:
-        raise MacqError(f"--stream: export with --method {method} runs in memory; stream it in two steps: "
-                        f"macq quantize MODEL --method {method} --stream -o Q, then macq export Q")
-    if flag and not spec.streams:
-        covered = ", ".join(n for n, s in METHODS.items() if s.streams)
-        why = f" ({spec.whole_model})" if spec.whole_model else ""
-        raise MacqError(f"--stream: --method {method} runs on the in-memory path only{why}; streaming covers {covered}")
-    reason = stream_refusal(cfg) if spec.kind != "weight" and calibrated else ""
-    if flag and reason:
-        raise MacqError(f"--stream: {reason}")
-    if flag and src is None:
-        raise MacqError(f"--stream: {model} is not a local Hugging Face safetensors checkpoint")
-    if reason:
-        return None
-    return src if spec.kind == "weight" or (spec.streams and calibrated) else None
 
 
 def stream_refusal(cfg: Any) -> str:
@@ -284,12 +247,6 @@ def iter_quantized(plan: StreamPlan, method: str, cfg: Any, progress: bool = Fal
     log.done()
 
 
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for f in TOKENIZER_FILES:
-        if (src / f).is_file():
-            shutil.copy2(src / f, dst / f)
-
-
 def stream_quantize(src: str | Path, out: str | Path, method: str, cfg: Any, *, source: str = "",
                     force: bool = False, progress: bool = False, shard_bytes: int = SHARD_BYTES,
                     trust_remote_code: bool = False) -> dict[str, Any]:
@@ -299,31 +256,8 @@ def stream_quantize(src: str | Path, out: str | Path, method: str, cfg: Any, *, 
     if out.exists() and not force:
         raise MacqError(f"output: {out} exists (pass --force to overwrite)")
     plan = plan_stream(src, cfg, trust_remote_code)
-    metas: dict[str, dict[str, Any]] = {}
-    bits = n_weights = n_bytes = 0
-    with atomic_dir(out) as tmp:
-        rw = ShardWriter(tmp, "records", shard_bytes)
-        fw = ShardWriter(tmp, "float", shard_bytes)
-        for kind, name, obj in iter_quantized(plan, method, cfg, progress):
-            if kind == "record":
-                write_records(rw, name, obj)
-                metas[name] = obj.meta()
-                sb = obj.storage_bits()
-                bits += sb
-                n_bytes += (sb + 7) // 8
-                n_weights += obj.shape[0] * obj.shape[1]
-            else:
-                fw.add(name, obj)
-                if obj.is_floating_point():
-                    n_bytes += obj.numel() * 2
-        rw.close()
-        fw.close()
-        bpw = bits / n_weights if n_weights else 16.0
-        manifest = {"format": "macq", "version": FORMAT_VERSION, "source": source or str(src),
-                    "method": {**cfg.to_dict(), "streamed": True}, "bits_per_weight": bpw, "tied": plan.tied,
-                    "act_quant": {}, "records": metas}
-        plan.config.save_pretrained(tmp)
-        copy_tokenizer(plan.src, tmp)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return {"output": str(out), "method": manifest["method"], "layers": len(metas), "bits_per_weight": round(bpw, 4),
-            "bytes": n_bytes, "streamed": True}
+    with QuantDirWriter.create(out, plan.config, source=source or str(src), tokenizer=plan.src,
+                               shard_bytes=shard_bytes) as w:
+        write_items(w, iter_quantized(plan, method, cfg, progress))
+        w.close({**cfg.to_dict(), "streamed": True}, tied=plan.tied, act_quant={})
+    return {**w.summary, "streamed": True}

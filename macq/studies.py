@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from macq.atomic import atomic_dir, guard_output, write_marker
 from macq.errors import MacqError
+from macq.targets import TARGETS
 
 AFFINE4 = {"bits": 4, "group_size": 64, "symmetric": False}
 AFFINE3 = {"bits": 3, "group_size": 64, "symmetric": False}
@@ -39,7 +41,7 @@ CATALOGUE: dict[str, tuple[str, dict[str, Any]]] = {
 BENCH_DEFAULT = "fp16,rtn-int8,rtn-int4,nf4,fp4,kmeans4,gptq4,awq4,smoothquant-w8a8,mixed4"
 ANALYZE_DEFAULT = "rtn-int4,nf4,fp4,kmeans4,rtn-int3,kmeans3"
 BENCH_SCHEMA = "macq.bench/1"
-FILE_TARGETS = ("mlx", "coreml")
+FILE_TARGETS = tuple(n for n, t in TARGETS.items() if t.file_column)   # the target table says which
 
 
 @dataclass(frozen=True)
@@ -119,15 +121,13 @@ def analyze_study(paths: list[str], methods: str | None, model: str | None, outp
     from macq.analysis.report import write_analysis
     from macq.analysis.study import StudyOptions, folded, run_study
     from macq.arch import arch_spec
-    from macq.atomic import atomic_dir
     from macq.data import calibration_samples, eval_tokens
     from macq.models import load_model
     from macq.pipeline import quantize
     from macq.qmodel import QuantizedModel, is_quantized_dir
     from macq.quantizers import method_spec
 
-    if output.exists() and not force:
-        raise MacqError(f"--output {output} exists (pass --force to overwrite)")
+    guard_output(output, force, inputs=[*paths, model])
     for p in paths:
         if not is_quantized_dir(p):
             raise MacqError(f"analyze: {p} is not a macq quantization directory")
@@ -186,6 +186,7 @@ def analyze_study(paths: list[str], methods: str | None, model: str | None, outp
     res["timings"]["wall_s"] = time.perf_counter() - t0
     with atomic_dir(output) as tmp:
         files = write_analysis(res, fp, Path(tmp))
+        write_marker(Path(tmp), "analysis")
     files = {k: str(output / Path(v).name) for k, v in files.items()}
     md = (output / "analysis.md").read_text()
     return {"output": str(output), "files": files, "summary": res["summary"], "timings": res["timings"]}, md
@@ -224,21 +225,19 @@ def file_rates(qm: Any, targets: list[str], tokenizer: Any = None) -> dict[str, 
     re-quantizing them (MLX and lookup tables) gets ``None`` and a note: the bench never re-quantizes."""
     import tempfile
 
+    from macq.qmodel import Records
+    from macq.targets import TARGETS, target_options
+
     out: dict[str, Any] = {}
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="macq-bench-files-") as tmp:
         for t in targets:
-            try:
-                if t == "mlx":
-                    from mlx_backend import export_mlx
-
-                    r = export_mlx(qm, Path(tmp) / "mlx", tokenizer=tokenizer)
-                else:
-                    from converters import export_coreml
-
-                    r = export_coreml(qm, Path(tmp) / "m.mlpackage", context=128)
-                out[f"file_bpw_{t}"], out[f"file_mib_{t}"] = r.bits_per_weight, r.bytes_on_disk / 2**20
-                notes += [f"{t}: {n}" for n in (r.notes or [])]
+            spec = TARGETS[t]
+            try:   # the target's own writer, with its defaults (Core ML: a short context keeps the bench quick)
+                opts = target_options(spec, {"context": 128} if "context" in spec.options else {})
+                r = spec.write(Records.of(qm, tokenizer), Path(tmp) / f"{t}{spec.suffix}", opts)
+                out[f"file_bpw_{t}"], out[f"file_mib_{t}"] = r["bits_per_weight"], r["bytes_on_disk"] / 2**20
+                notes += [f"{t}: {n}" for n in (r.get("notes") or [])]
             except MacqError as e:
                 out[f"file_bpw_{t}"] = out[f"file_mib_{t}"] = None
                 msg = str(e)
@@ -268,6 +267,7 @@ def bench_matrix(model: str | None, methods: str, output: Path, *, datasets: str
     from macq.models import load_model
     from macq.pipeline import quantize
 
+    guard_output(output, force, inputs=[model], resume="bench")
     specs = parse_methods(methods)
     targets = [t for t in file_targets.split(",") if t]
     if any(t not in FILE_TARGETS for t in targets):
@@ -282,9 +282,10 @@ def bench_matrix(model: str | None, methods: str, output: Path, *, datasets: str
     settings = {"model": model or "default", "datasets": sets, "max_tokens": max_tokens, "context": context,
                 "calib_dataset": calib_dataset, "n_calib": n_calib, "seq_len": seq_len, "seed": seed,
                 "file_targets": targets}
-    if force and output.exists():
+    if force and output.exists():   # the guard above let only a bench directory macq wrote get here
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
+    write_marker(output, "bench")
     results_path = output / "results.json"
     rows = _load_results(results_path, settings)
     done = {r["label"] for r in rows}

@@ -1,32 +1,32 @@
-"""Write a :class:`~macq.qmodel.QuantizedModel` as a directory ``mlx_lm.load`` opens, atomically.
+"""The one MLX writer: records and float tensors in, a directory ``mlx_lm.load`` opens out, atomically.
 
-Everything that can fail is checked before the first byte is written: dtype, architecture, tokenizer,
-every record (MLX-representable or not), and the full tensor key/shape set against the parameters of the
-very mlx_lm model class that will load it (what ``load_weights(strict=True)`` would reject later).
-The directory is then built in a temp dir beside ``out_dir`` and renamed into place.
+Every route feeds the same :class:`MLXWriter` (a saved quantization read lazily, a checkpoint quantized tensor by
+tensor, or an in-memory model): each record is laid out (:mod:`mlx_backend.layout`) and appended to mlx_lm's sharded
+safetensors format as it arrives, so memory holds one tensor. Before the temp dir is renamed into place, the full
+tensor key/shape set is checked against the parameters of the very mlx_lm model class that will load it (what
+``load_weights(strict=True)`` would reject later), on the tensors' shapes alone; sliding windows mlx_lm cannot
+reproduce are refused; a tied model with its own lm_head record is refused. Any failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.qmodel import QuantizedModel
 from macq.record import LUTRecord
+from macq.shards import ShardWriter
 from mlx_backend.layout import MLXArch, float_weight, layer_layout, lut_error, mlx_arch, mlx_name, torch_dtype
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "generation_config.json")
 _TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
 SHARD_BYTES = 5 << 30
 
@@ -38,6 +38,7 @@ class ExportResult:
     bits_per_weight: float          # over quantized layers: (packed codes + scales + biases) bits / weights
     model_bits_per_weight: float    # mlx_lm's compute_bits_per_weight: every stored byte / every parameter
     notes: list[str] = field(default_factory=list)
+    record_bits_per_weight: float = 16.0   # the records' own rate (all metadata charged), before layout
 
 
 @dataclass
@@ -55,43 +56,6 @@ class _Plan:
             bits += sum(x.numel() * x.element_size() * 8 for x in t)
             n += t[0].shape[0] * t[0].shape[1] * 32 // p["bits"]
         return bits / n if n else float("nan")
-
-
-# ------------------------------------------------------------------------------------------ planning
-def _plan(qm: QuantizedModel, arch: MLXArch, dtype: torch.dtype, requant: tuple[int, int] | None) -> _Plan:
-    config_tied = bool(getattr(qm.config, "tie_word_embeddings", False))
-    if arch.always_tied and not config_tied:
-        raise MacqError(f"MLX export: mlx_lm's {arch.model_type} model always uses the embedding as lm_head, but this "
-                        "checkpoint has a separate lm_head (tie_word_embeddings=false)")
-    tied = arch.always_tied or config_tied
-    luts = [n for n, r in qm.records.items() if isinstance(r, LUTRecord)]
-    if luts and requant is None:
-        raise lut_error(luts)
-    tensors: dict[str, torch.Tensor] = {}
-    qparams: dict[str, dict] = {}
-    notes: list[str] = []
-    if qm.act_quant:
-        notes.append(f"activation quantization on {len(qm.act_quant)} module(s) is not representable in MLX; "
-                     "exported weight-only (activations run in the model dtype)")
-    n_params = 0
-    for name, rec in qm.records.items():
-        if tied and name == "lm_head":
-            raise MacqError("MLX export: lm_head has its own record but the embeddings are tied; mlx_lm uses "
-                            "embed_tokens as the output projection, so quantize the embedding instead")
-        out = layer_layout(name, rec, dtype, requant)
-        mname = mlx_name(name, arch)
-        tensors.update({f"{mname}.{k}": v for k, v in out.tensors.items()})
-        if out.qparams is not None:
-            qparams[mname] = out.qparams
-        if out.note:
-            notes.append(out.note)
-        n_params += rec.shape[0] * rec.shape[1]
-    for key, t in qm.float_tensors.items():
-        if any(key.endswith("." + d) for d in arch.drop) or (tied and key == "lm_head.weight"):
-            continue
-        tensors[mlx_name(key, arch)] = float_weight(key, t, arch, dtype)
-        n_params += t.numel()
-    return _Plan(tensors, qparams, n_params, notes)
 
 
 def _quantization(qparams: dict[str, dict]) -> dict[str, Any] | None:
@@ -217,46 +181,121 @@ def _tokenizer_source(tokenizer, qm: QuantizedModel):
     return tokenizer
 
 
-def _write_tokenizer(tokenizer, qm: QuantizedModel, tmp: Path) -> None:
-    if isinstance(tokenizer, (str, Path)):
-        for f in TOKENIZER_FILES:
-            if (Path(tokenizer) / f).is_file():
-                shutil.copy2(Path(tokenizer) / f, tmp / f)
-    else:
-        tokenizer.save_pretrained(tmp)
+def _write_tokenizer(tokenizer, config: Any, tmp: Path) -> None:
+    from macq.models import write_tokenizer
+
+    write_tokenizer(tokenizer, tmp)
     if not (tmp / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
-        GenerationConfig.from_model_config(qm.config).save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _shards(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy, in key order, like mlx_lm.make_shards: a tensor larger than the limit gets its own shard."""
-    shards: list[dict[str, torch.Tensor]] = []
-    size = 0
-    for k in sorted(tensors):
-        nb = tensors[k].numel() * tensors[k].element_size()
-        if not shards or size + nb > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = tensors[k]
-        size += nb
-    return shards
+class MLXWriter:
+    """Lay out and append each record / float tensor as it comes; :meth:`close` checks and finishes the directory.
+    Use :meth:`create` (a context manager over :func:`macq.atomic.atomic_dir`)."""
+
+    def __init__(self, tmp: Path, config: Any, dtype: str, requant: tuple[int, int] | None, shard_bytes: int):
+        self.tmp, self.config, self.dtype_name, self.requant = tmp, config, dtype, requant
+        self.dtype = torch_dtype(dtype)
+        self.arch = mlx_arch(config.model_type)
+        self.tied = self.arch.always_tied or bool(getattr(config, "tie_word_embeddings", False))
+        if self.arch.always_tied and not getattr(config, "tie_word_embeddings", False):
+            raise MacqError(f"MLX export: mlx_lm's {self.arch.model_type} model always uses the embedding as lm_head, "
+                            "but this checkpoint has a separate lm_head (tie_word_embeddings=false)")
+        self.writer = ShardWriter(tmp, "model", shard_bytes, metadata={"format": "mlx"})
+        self.shapes: dict[str, torch.Tensor] = {}
+        self.qparams: dict[str, dict] = {}
+        self.notes: list[str] = []
+        self.n_params = self.rec_bits = self.rec_weights = 0
+        self.result: ExportResult | None = None
+
+    @classmethod
+    @contextmanager
+    def create(cls, out: str | Path, config: Any, *, dtype: str = "float16", requantize_lut: bool = False,
+               requantize_bits: int = 4, requantize_group_size: int = 64,
+               shard_bytes: int = SHARD_BYTES) -> Iterator["MLXWriter"]:
+        if shard_bytes <= 0:
+            raise MacqError(f"shard_bytes={shard_bytes}: expected a positive size")
+        requant = (requantize_bits, requantize_group_size) if requantize_lut else None
+        with atomic_dir(out) as tmp:
+            w = cls(tmp, config, dtype, requant, shard_bytes)
+            yield w
+            if w.result is None:
+                raise RuntimeError("MLXWriter: the block ended without close()")
+        w.result.path = Path(out)
+        w.result.bytes_on_disk = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+
+    def _add(self, key: str, t: torch.Tensor) -> None:
+        self.writer.add(key, t)
+        self.shapes[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    def add_record(self, name: str, rec: Any) -> None:
+        if self.tied and name == "lm_head":
+            raise MacqError("MLX export: lm_head has its own record but the embeddings are tied; mlx_lm uses "
+                            "embed_tokens as the output projection, so quantize the embedding instead")
+        if isinstance(rec, LUTRecord) and self.requant is None:
+            raise lut_error([name])
+        out = layer_layout(name, rec, self.dtype, self.requant)
+        mname = mlx_name(name, self.arch)
+        for k, v in out.tensors.items():
+            self._add(f"{mname}.{k}", v)
+        if out.qparams is not None:
+            self.qparams[mname] = out.qparams
+        if out.note:
+            self.notes.append(out.note)
+        self.n_params += rec.shape[0] * rec.shape[1]
+        self.rec_bits += rec.storage_bits()
+        self.rec_weights += rec.shape[0] * rec.shape[1]
+
+    def add_float(self, key: str, t: torch.Tensor) -> None:
+        if any(key.endswith("." + d) for d in self.arch.drop) or (self.tied and key == "lm_head.weight"):
+            return
+        self._add(mlx_name(key, self.arch), float_weight(key, t, self.arch, self.dtype))
+        self.n_params += t.numel()
+
+    def close(self, method: dict[str, Any], source: str, tokenizer: Any, act_quant: dict[str, Any] | None = None
+              ) -> ExportResult:
+        if act_quant:
+            self.notes.insert(0, f"activation quantization on {len(act_quant)} module(s) is not representable in "
+                              "MLX; exported weight-only (activations run in the model dtype)")
+        plan = _Plan(self.shapes, self.qparams, self.n_params, self.notes)
+        meta = SimpleNamespace(config=self.config, method=method, source=source)
+        cfg = _config(meta, plan, self.dtype_name)  # type: ignore[arg-type]
+        self.notes += _check_windows(meta, self.arch, cfg)  # type: ignore[arg-type]
+        cfg["macq"]["notes"] = self.notes
+        _check_against_mlx(cfg, plan)
+        self.writer.close({"total_parameters": self.n_params})
+        (self.tmp / "config.json").write_text(json.dumps(cfg, indent=4, default=str))
+        _write_tokenizer(tokenizer, self.config, self.tmp)
+        tensor_bytes = sum(t.numel() * t.element_size() for t in self.shapes.values())
+        self.result = ExportResult(self.tmp, 0, plan.quantized_bits_per_weight(),
+                                   tensor_bytes * 8 / max(self.n_params, 1), self.notes,
+                                   self.rec_bits / self.rec_weights if self.rec_weights else 16.0)
+        return self.result
 
 
-def _write_weights(plan: _Plan, tmp: Path, shard_bytes: int) -> None:
-    shards = _shards(plan.tensors, shard_bytes)
-    fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = fmt.format(i + 1, len(shards))
-        save_file(shard, tmp / fname, metadata={"format": "mlx"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in plan.tensors.values())
-    index = {"metadata": {"total_size": total, "total_parameters": plan.n_params},
-             "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+def precheck(plan: Any) -> None:
+    """The ``mlx`` row's pre-check (:data:`macq.targets.TARGETS`), on options and ``config.json`` alone."""
+    from macq.targets import TARGETS, check_records
+
+    mlx_arch(plan.config.model_type)
+    check_records(TARGETS["mlx"], plan.method, plan.cfg, plan.target_options)
+
+
+def write_records(records: Any, out: str | Path, options: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """The ``mlx`` row's writer (:data:`macq.targets.TARGETS`): ``records`` (:class:`macq.qmodel.Records`) into
+    ``out`` with the target's options (``dtype``, ``requantize_lut``)."""
+    tok = _tokenizer_source(records.tokenizer, records)
+    with MLXWriter.create(out, records.config, dtype=options.get("dtype", "float16"),
+                          requantize_lut=bool(options.get("requantize_lut"))) as w:
+        for kind, name, obj in records.items():
+            (w.add_record if kind == "record" else w.add_float)(name, obj)
+        w.close(records.method, records.source, tok, records.act_quant)
+    res = asdict(w.result)
+    res.update({"method": records.method.get("method"), "record_bits_per_weight": res.pop("record_bits_per_weight")})
+    return res
 
 
 def export_mlx(qm: QuantizedModel, out_dir: str | Path, tokenizer=None, dtype: str = "float16", force: bool = False,
@@ -267,24 +306,20 @@ def export_mlx(qm: QuantizedModel, out_dir: str | Path, tokenizer=None, dtype: s
     ``mx.quantize`` at ``requantize_bits``/``requantize_group_size``, noted in the result and in
     ``config.json["macq"]["notes"]``). Nothing is left behind on error."""
     out_dir = Path(out_dir)
-    tdtype = torch_dtype(dtype)
-    arch = mlx_arch(qm.config.model_type)
+    torch_dtype(dtype)
+    mlx_arch(qm.config.model_type)
     tok = _tokenizer_source(tokenizer, qm)
     if out_dir.exists() and not force:
         raise MacqError(f"output: {out_dir} exists (pass force=True / --force to overwrite)")
-    if shard_bytes <= 0:
-        raise MacqError(f"shard_bytes={shard_bytes}: expected a positive size")
-    plan = _plan(qm, arch, tdtype, (requantize_bits, requantize_group_size) if requantize_lut else None)
-    cfg = _config(qm, plan, dtype)
-    plan.notes += _check_windows(qm, arch, cfg)
-    cfg["macq"]["notes"] = plan.notes
-    _check_against_mlx(cfg, plan)
-
-    with atomic_dir(out_dir) as tmp:
-        _write_weights(plan, tmp, shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=4, default=str))
-        _write_tokenizer(tok, qm, tmp)
-    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    tensor_bytes = sum(t.numel() * t.element_size() for t in plan.tensors.values())
-    return ExportResult(out_dir, size, plan.quantized_bits_per_weight(), tensor_bytes * 8 / max(plan.n_params, 1),
-                        plan.notes)
+    luts = [n for n, r in qm.records.items() if isinstance(r, LUTRecord)]
+    if luts and not requantize_lut:
+        raise lut_error(luts)
+    with MLXWriter.create(out_dir, qm.config, dtype=dtype, requantize_lut=requantize_lut,
+                          requantize_bits=requantize_bits, requantize_group_size=requantize_group_size,
+                          shard_bytes=shard_bytes) as w:
+        for k in qm.records:
+            w.add_record(k, qm.records[k])
+        for k in qm.float_tensors:
+            w.add_float(k, qm.float_tensors[k])
+        w.close(qm.method, qm.source, tok, qm.act_quant)
+    return w.result

@@ -21,9 +21,10 @@ from macq.arch import ARCHITECTURES, ArchSpec
 from macq.errors import MacqError
 from macq.packing import pack_bits, unpack_bits
 from macq.record import AffineRecord, LUTRecord, Record
+from macq.targets import MLX_HOLDS
 
-MLX_BITS = (2, 3, 4, 5, 6, 8)
-MLX_GROUPS = (32, 64, 128)
+MLX_BITS = MLX_HOLDS.affine_bits            # the target table's row is the one place these are written
+MLX_GROUPS = MLX_HOLDS.affine_groups or ()
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 REPRESENTABLE_METHODS = "rtn, gptq, awq, awq-gptq (and mixed precision built from them)"
 

@@ -38,6 +38,9 @@ def load_mlx(path: str | Path, compute_dtype: str | None = None) -> Loaded:
     p = Path(path)
     if not (p / "config.json").is_file():
         raise MacqError(f"{p} is not an MLX model directory (no config.json)")
+    from macq.integrity import check_safetensors_dir
+
+    check_safetensors_dir(p)   # mlx's own error on a damaged file names neither the file nor the problem
     model, tok = load(str(p))
     if compute_dtype is not None:
         import mlx.core as mx

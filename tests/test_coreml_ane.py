@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import converters.ane_model as ane_model
+import converters.chunks as chunks_mod
 from converters import export_coreml
 from converters.ane_report import ane_findings
 from converters.ane_runner import AneSession, predict_ane
@@ -204,7 +205,17 @@ def test_chunk_plans_and_bad_arguments(tmp_path):
     qm = _qm("llama")
     assert [(p.start, p.stop, p.embed, p.head) for p in plan_chunks(qm, None, None)] == [(0, 2, True, True)]
     per_layer = plan_chunks(qm, 2, None)[1].est_bytes
-    assert [(p.start, p.stop) for p in plan_chunks(qm, None, per_layer / 2**20)] == [(0, 0), (0, 1), (1, 2), (2, 2)]
+    with pytest.MonkeyPatch.context() as mp:   # the float embedding (64 KiB) alone, so layers split one by one
+        mp.setattr(chunks_mod, "_check_sizes", lambda *a: None)
+        assert [(p.start, p.stop) for p in plan_chunks(qm, None, per_layer / 2**20)] == [(0, 0), (0, 1), (1, 2), (2, 2)]
+    with pytest.raises(MacqError, match=r"--max-chunk-mb .*: the embedding vocabulary part 0 alone would hold"):
+        plan_chunks(qm, None, per_layer / 2**20)   # over the limit, one package: refused before converting
+    with pytest.MonkeyPatch.context() as mp:   # a single package over the weight-file limit: refused
+        mp.setattr(chunks_mod, "MAX_FILE_MB", 0.05)
+        with pytest.raises(MacqError, match="weight-file limit of one package"):
+            plan_chunks(qm, None, None)
+        with pytest.raises(MacqError, match="the 0.05 MB weight-file limit: the embedding vocabulary part 0 alone"):
+            plan_chunks(qm, 1, None)
     assert [(p.start, p.stop) for p in plan_chunks(qm, None, 100.0)] == [(0, 0), (0, 2), (2, 2)]
     with pytest.raises(MacqError, match="--chunks 3"):
         plan_chunks(qm, 3, None)

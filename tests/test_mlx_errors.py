@@ -135,12 +135,12 @@ def test_existing_dir_needs_force_and_force_replaces(tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    import mlx_backend.export as ex
+    from macq.shards import ShardWriter
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ex, "save_file", boom)
+    monkeypatch.setattr(ShardWriter, "add", boom)
     with pytest.raises(OSError, match="disk full"):
         export_mlx(qm_with(), tmp_path / "m", tokenizer=tiny_tokenizer())
     assert leftovers(tmp_path) == []

@@ -75,6 +75,9 @@ def test_records_validated_when_loaded(tiny_dir, tmp_path):
     rec = load_file(d / "records.safetensors")
     rec["model.layers.1.self_attn.o_proj.scales"][1, 0] = float("nan")
     save_file(rec, d / "records.safetensors")
+    with pytest.raises(MacqError, match=r"records.safetensors: \d+ bytes, records.safetensors.index.json records \d+"):
+        QuantizedModel.load(d)  # the shard checksums see the rewrite first
+    (d / "records.safetensors.index.json").unlink()  # as an older writer left it (no checksums): the record check
     with pytest.raises(MacqError, match=r"records.safetensors: record model.layers.1.self_attn.o_proj: .*NaN"):
         dict(QuantizedModel.load(d).records)  # records load lazily: each is validated as it is read
     # a float tensor missing from float.safetensors would stay at random init in to_torch(): refused
@@ -82,6 +85,7 @@ def test_records_validated_when_loaded(tiny_dir, tmp_path):
     flt = load_file(d2 / "float.safetensors")
     flt.pop("model.norm.weight")
     save_file(flt, d2 / "float.safetensors")
+    (d2 / "float.safetensors.index.json").unlink()
     with pytest.raises(MacqError, match="lacks float tensor model.norm.weight"):
         QuantizedModel.load(d2).to_torch()
 
@@ -232,13 +236,13 @@ def test_c4_calibration_half_is_smaller_than_the_default_request():
 # ------------------------------------------------------------------------------------------ signals
 _WRAPPER = textwrap.dedent("""
     import pathlib, sys, time
-    import safetensors.torch as st
-    real = st.save_file
-    def slow(*a, **k):  # the export is writing: tell the test, then wait to be interrupted
+    from macq.shards import ShardWriter
+    real = ShardWriter.add
+    def slow(self, *a, **k):  # the export is writing: tell the test, then wait to be interrupted
         pathlib.Path(sys.argv[1]).write_text("writing")
         time.sleep(120)
-        return real(*a, **k)
-    st.save_file = slow
+        return real(self, *a, **k)
+    ShardWriter.add = slow
     from macq.cli import main
     main(sys.argv[2:])
 """)

@@ -138,12 +138,16 @@ def test_bad_checkpoint_fails_before_work(ckpts, tmp_path):
     with pytest.raises(MacqError, match="missing model.layers.1.mlp.down_proj.weight"):
         streaming.stream_quantize(bad, tmp_path / "o", "rtn", config_for("rtn", dict(group_size=32)))
     assert not (tmp_path / "o").exists()
+    from macq.plan import Request, make_plan
+
+    src = str(ckpts["llama"])
     with pytest.raises(MacqError, match="--stream: --method dkm runs on the in-memory path only"):
-        streaming.use_streaming(str(ckpts["llama"]), "dkm", True)
-    assert streaming.use_streaming(str(ckpts["llama"]), "gptq", None) == ckpts["llama"]   # calibrated: streams too
-    with pytest.raises(MacqError, match="--stream: export with --method gptq runs in memory"):
-        streaming.use_streaming(str(ckpts["llama"]), "gptq", True, calibrated=False)
-    assert streaming.use_streaming(str(ckpts["llama"]), "gptq", None, calibrated=False) is None
+        make_plan(Request(src, tmp_path / "p", method="dkm", stream=True))
+    assert make_plan(Request(src, tmp_path / "p", method="gptq")).route == "stream-layers"   # calibrated: streams too
+    assert make_plan(Request(src, tmp_path / "p", target="mlx", method="gptq")).route == "stream-layers"
+    assert make_plan(Request(src, tmp_path / "p", target="mlx", method="rtn")).route == "stream"
+    assert make_plan(Request(src, tmp_path / "p", target="mlx", method="rtn", stream=False)).route == "memory"
+    assert not (tmp_path / "p").exists()
 
 
 def test_memory_stays_one_tensor(ckpts, tmp_path):
@@ -177,8 +181,10 @@ def test_streamed_mlx_export_equals_in_memory_and_loads(ckpts, tmp_path):
     import numpy as np
     from mlx_lm import load
 
+    from macq.plan import Request, run
+    from macq.qmodel import write_items
     from mlx_backend import export_mlx
-    from mlx_backend.stream import export_checkpoint_mlx, export_dir_mlx
+    from mlx_backend.export import MLXWriter
 
     for arch in ("llama", "qwen2", "gpt2"):
         cfg = config_for("rtn", dict(bits=4, group_size=32, symmetric=False, zero_point="float",
@@ -186,10 +192,13 @@ def test_streamed_mlx_export_equals_in_memory_and_loads(ckpts, tmp_path):
         model, tok = load_model(str(ckpts[arch]))
         ref = quantize(model, tok, "rtn", cfg)
         export_mlx(ref, tmp_path / f"{arch}-mem", tokenizer=tok)
-        res, rec_bpw = export_checkpoint_mlx(ckpts[arch], tmp_path / f"{arch}-st", "rtn", cfg, shard_bytes=50_000)
-        assert rec_bpw == pytest.approx(ref.bits_per_weight())
+        sp = streaming.plan_stream(ckpts[arch], cfg)
+        with MLXWriter.create(tmp_path / f"{arch}-st", sp.config, shard_bytes=50_000) as w:
+            write_items(w, streaming.iter_quantized(sp, "rtn", cfg))
+            w.close(cfg.to_dict(), str(ckpts[arch]), sp.src)
+        assert w.result.record_bits_per_weight == pytest.approx(ref.bits_per_weight())
         streaming.stream_quantize(ckpts[arch], tmp_path / f"{arch}-q", "rtn", cfg)
-        export_dir_mlx(tmp_path / f"{arch}-q", tmp_path / f"{arch}-dir")
+        run(Request(str(tmp_path / f"{arch}-q"), tmp_path / f"{arch}-dir", target="mlx"))
         mem = TensorStore.open(tmp_path / f"{arch}-mem")
         for variant in ("st", "dir"):
             got = TensorStore.open(tmp_path / f"{arch}-{variant}")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from macq.analysis import bounds, stats
+from macq.atomic import PNG_SOFTWARE
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -56,7 +57,7 @@ def _savefig(fig, path: Path, dpi: int = 90) -> None:
 
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    fig.savefig(tmp, dpi=dpi, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     tmp.replace(path)
 

@@ -33,6 +33,8 @@ class MethodSpec:
     # method runs): the streaming engine quantizes the embedding / lm_head the same way for it
     stream_heads: bool = False
     whole_model: str = ""  # why the method cannot stream at all (the --stream refusal says so)
+    summary: str = ""      # one line for ``--help``, ``macq methods`` and the docs
+    cost: str = ""         # what it costs to run, in words (``macq methods``)
 
     def load(self) -> tuple[type, Callable[..., Any]]:
         mod = importlib.import_module(f"macq.quantizers.{self.module}")
@@ -48,28 +50,44 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("rtn", "rtn", "RTNConfig", "quantize_weight", "weight"),
-    MethodSpec("nf4", "normalfloat", "NF4Config", "quantize_weight", "weight", records="lut"),
-    MethodSpec("fp4", "normalfloat", "FP4Config", "quantize_weight", "weight", records="lut"),
-    MethodSpec("kmeans", "palettize", "KMeansConfig", "quantize_weight", "weight", records="lut"),
-    MethodSpec("uniform", "palettize", "UniformConfig", "quantize_weight", "weight", records="lut"),
-    MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True, heads=True, stream="layer_quantizer"),
-    MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True, heads=True, stream="layer_quantizer"),
+    MethodSpec("rtn", "rtn", "RTNConfig", "quantize_weight", "weight",
+               summary="round to nearest on an affine grid (per group, optional MSE clip); data-free", cost="seconds"),
+    MethodSpec("nf4", "normalfloat", "NF4Config", "quantize_weight", "weight", records="lut",
+               summary="NormalFloat-4 look-up table with a per-block absmax (bitsandbytes NF4); data-free", cost="seconds"),
+    MethodSpec("fp4", "normalfloat", "FP4Config", "quantize_weight", "weight", records="lut",
+               summary="FP4 (E2M1) look-up table with a per-block absmax (bitsandbytes FP4); data-free", cost="seconds"),
+    MethodSpec("kmeans", "palettize", "KMeansConfig", "quantize_weight", "weight", records="lut",
+               summary="optimal 1-D k-means look-up tables per group of rows (Core ML palettization); data-free",
+               cost="minutes (exact solver)"),
+    MethodSpec("uniform", "palettize", "UniformConfig", "quantize_weight", "weight", records="lut",
+               summary="uniform look-up table per group of rows; data-free", cost="seconds"),
+    MethodSpec("gptq", "gptq", "GPTQConfig", "quantize_model", "model", True, heads=True, stream="layer_quantizer",
+               summary="GPTQ: second-order error compensation per layer on calibration activations",
+               cost="one Hessian per linear; layer-streamed"),
+    MethodSpec("awq", "awq", "AWQConfig", "quantize_model", "model", True, heads=True, stream="layer_quantizer",
+               summary="AWQ: activation-aware per-channel scales and clipping searched per layer",
+               cost="a grid search per layer; layer-streamed"),
     MethodSpec("awq-gptq", "awq", "AWQGPTQConfig", "quantize_model", "model", True, heads=True,
-               stream="layer_quantizer"),
+               stream="layer_quantizer", summary="AWQ scales, then GPTQ rounding onto AWQ's grid",
+               cost="AWQ + GPTQ per layer; layer-streamed"),
     MethodSpec("smoothquant", "smoothquant", "SmoothQuantConfig", "quantize_model", "model", True, activations=True,
-               stream="layer_quantizer"),
+               stream="layer_quantizer", summary="SmoothQuant W8A8: activation outliers migrated into the weights",
+               cost="one pass of activation statistics; layer-streamed"),
     MethodSpec("mixed", "mixed", "MixedConfig", "quantize_model", "model", True, records="any",
-               stream="layer_quantizer"),
+               stream="layer_quantizer", summary="mixed precision: per-layer formats chosen by measured sensitivity "
+               "under a bits budget", cost="a sensitivity pass plus the chosen methods"),
     MethodSpec("dkm", "dkm", "DKMConfig", "quantize_model", "model", True, records="lut",
-               whole_model="it trains every layer's clustering end to end through the whole model"),
+               whole_model="it trains every layer's clustering end to end through the whole model",
+               summary="DKM: differentiable k-means palettization trained end to end", cost="training steps; in memory"),
     # learned and kmeans-cal quantize their own embedding / head: learned's logits stage needs the float head first
     # and tunes it; kmeans-cal's Fisher-weighted k-means of the heads needs the float model's sensitivities. Streamed
     # (without those whole-model stages: their configs' stream_refusal) the engine gives them head_records().
     MethodSpec("learned", "learned", "LearnedConfig", "quantize_model", "model", True, stream="layer_quantizer",
-               stream_heads=True),
+               stream_heads=True, summary="best affine quality: AWQ init, learned rounding per layer, then a logits-KL "
+               "stage", cost="the slowest affine method (backprop per layer and through the model)"),
     MethodSpec("kmeans-cal", "kmeans_cal", "KMeansCalConfig", "quantize_model", "model", True, records="lut",
-               stream="layer_quantizer", stream_heads=True),
+               stream="layer_quantizer", stream_heads=True, summary="best LUT quality: Fisher-weighted k-means "
+               "refined on calibration outputs (Core ML, Core AI)", cost="Fisher sensitivities plus a per-layer fit"),
 )}
 
 

@@ -30,12 +30,11 @@ Float tensors keep the checkpoint's dtype where that holds their value exactly (
 alone), else float32 (AWQ's folded norms): the in-memory path stores float32 copies of the same values.
 With float32 activations the records equal the in-memory path's bit for bit (same ops, same batches, same
 order: tests); fp16 activations round each layer's inputs once (see :mod:`macq.quantizers.activations`).
-The output is the directory :func:`macq.streaming.stream_quantize` writes, inside :func:`macq.atomic.atomic_dir`.
+The output is the directory :func:`macq.streaming.stream_quantize` writes, through :class:`macq.qmodel.QuantDirWriter`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,14 +43,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.progress import LayerLog, StageTimes, stage
-from macq.qmodel import FORMAT_VERSION, SHARD_BYTES, write_records
+from macq.qmodel import SHARD_BYTES, QuantDirWriter
 from macq.quantizers.activations import ACT_DTYPES, ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs
-from macq.shards import ShardWriter, TensorStore
-from macq.streaming import copy_tokenizer, finite, plan_stream, quantize_stored, stream_refusal
+from macq.shards import TensorStore
+from macq.streaming import finite, plan_stream, quantize_stored, stream_refusal
 
 TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
                "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
@@ -161,30 +159,14 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
     hname, hcfg, hfn = head_quantizer(cfg) if heads else ("", None, None)
     act_dtype = ACT_DTYPES[cfg.act_dtype]
     budget = Budget(cfg.max_memory_bytes, out.parent, f".{out.name}.acts-")
-    metas: dict[str, dict[str, Any]] = {}
-    counts = {"bits": 0, "weights": 0, "bytes": 0}
     t_start = time.perf_counter()
-
-    def add_record(rw: ShardWriter, name: str, rec: Any) -> None:
-        write_records(rw, name, rec)
-        metas[name] = rec.meta()
-        sb = rec.storage_bits()
-        counts["bits"] += sb
-        counts["bytes"] += (sb + 7) // 8
-        counts["weights"] += rec.shape[0] * rec.shape[1]
-
-    def add_float(fw: ShardWriter, key: str, t: torch.Tensor) -> None:
-        fw.add(key, t)
-        if t.is_floating_point():
-            counts["bytes"] += t.numel() * 2
 
     outside = [(kind, name, key, tr) for kind, name, key, tr in plan.order if not name.startswith(plan.layers_prefix)]
     log = LayerLog(plan.n_layers, f"{method} (streamed)", enabled=progress)
     timer = StageTimes(str(device))
     try:
-        with timer, atomic_dir(out) as tmp:
-            rw = ShardWriter(tmp, "records", shard_bytes)
-            fw = ShardWriter(tmp, "float", shard_bytes)
+        with timer, QuantDirWriter.create(out, plan.config, source=source or str(src), tokenizer=plan.src,
+                                          shard_bytes=shard_bytes) as w:
             # 1. heads first (the decoder is calibrated on the quantized embedding), then the first layer's inputs
             head_recs: dict[str, Any] = {}
             with stage("io"):
@@ -233,12 +215,12 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             def write_layer(path: str, layer: nn.Module) -> None:
                 mine = [k for k in job.records if k.startswith(path + ".")]
                 for name in mine:
-                    add_record(rw, name, job.records.pop(name))
+                    w.add_record(name, job.records.pop(name))
                 skip = {f"{name[len(path) + 1:]}.weight" for name in mine}
                 for k, t in layer.state_dict().items():
                     if k not in skip:
                         key = f"{path}.{k}"
-                        add_float(fw, key, _float_out(t, store.dtype(key) if key in store else t.dtype))
+                        w.add_float(key, _float_out(t, store.dtype(key) if key in store else t.dtype))
 
             if job.prepass is not None:
                 # 1b. a method that decides before it quantizes (mixed: sensitivities, then the allocation) first
@@ -250,7 +232,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             inputs = capture()
             with stage("io"):
                 for name, rec in head_recs.items():
-                    add_record(rw, name, rec)
+                    w.add_record(name, rec)
             timer.take_layer()   # the per-layer split starts here (capture and heads are in the totals)
             # 2. one decoder layer at a time
             walk(inputs, job.fn, log, write_layer)
@@ -258,10 +240,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             with stage("io"):
                 for kind, name, key, _tr in outside:
                     if kind == "float":
-                        add_float(fw, name, finite(key, store[key]))
-                rw.close()
-                fw.close()
-            bpw = counts["bits"] / counts["weights"] if counts["weights"] else 16.0
+                        w.add_float(name, finite(key, store[key]))
             mdict = {**cfg.to_dict(), "streamed": True}
             if job.stats_in_manifest:
                 mdict["stats"] = job.stats
@@ -269,17 +248,12 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                 mdict.update(job.method_info())
             if calibration:
                 mdict["calibration"] = calibration
-            manifest = {"format": "macq", "version": FORMAT_VERSION, "source": source or str(src), "method": mdict,
-                        "bits_per_weight": bpw, "tied": plan.tied, "act_quant": job.act_quant, "records": metas}
-            plan.config.save_pretrained(tmp)
-            copy_tokenizer(plan.src, tmp)
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            w.close(mdict, tied=plan.tied, act_quant=job.act_quant)
     finally:
         budget.cleanup()
     timings = {TIMING_KEYS.get(k, f"{k}_s"): round(v, 3) for k, v in timer.total.items()}
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    return {"output": str(out), "method": mdict, "layers": len(metas), "bits_per_weight": round(bpw, 4),
-            "bytes": counts["bytes"], "streamed": True, "device": str(device), "timings": timings,
+    return {**w.summary, "streamed": True, "device": str(device), "timings": timings,
             "activations": {"dtype": cfg.act_dtype, **budget.summary()}}
 
 
