@@ -132,7 +132,7 @@ def export_coreai(qm, out_path: str | os.PathLike, options: CoreAIOptions | None
     """Export ``qm`` as one two-function ``.aimodel`` (default) or, with ``chunks`` / ``max_chunk_mb``, a
     directory of chunk assets + ``coreai_manifest.json``. Everything is checked before the first record is read;
     the output appears only when complete (:func:`macq.atomic.atomic_dir`)."""
-    from converters.ane_model import ane_shape
+    from converters.ane_model import aligned, ane_shape
     from converters.mil_io import release_memory
 
     options = options or CoreAIOptions()
@@ -147,7 +147,8 @@ def export_coreai(qm, out_path: str | os.PathLike, options: CoreAIOptions | None
     else:
         plans = [replace(plans[0], path=out.name)]
     s = ane_shape(qm)
-    manifest = Manifest(context=options.context, prefill_len=options.block, hidden=s.hidden,
+    manifest = Manifest(kv_len=aligned(options.context), context=options.context, prefill_len=options.block,
+                        hidden=s.hidden,
                         vocab_parts=[list(p) for p in s.vocab_parts], functions=list(FUNCTIONS), chunks=plans,
                         source=str(qm.source or ""), model_type=qm.config.model_type, format=FORMAT,
                         extra={"hardware": options.hardware, "states": list(STATES)})

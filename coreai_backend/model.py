@@ -164,9 +164,9 @@ class CEmbed(nn.Module):
 
     forward = Embed.forward
 
-    def __init__(self, parts: list[tuple[int, int]], sources: list[nn.Module]):
+    def __init__(self, embed: Embed, sources: list[nn.Module]):
         super().__init__()
-        self.parts, self.sources = parts, nn.ModuleList(sources)
+        self.parts, self.whole, self.sources = embed.parts, embed.whole, nn.ModuleList(sources)
 
     @property
     def tables(self) -> list[torch.Tensor]:
@@ -178,9 +178,9 @@ class CHead(nn.Module):
 
     forward = Head.forward
 
-    def __init__(self, norm: nn.Module, sources: list[nn.Module]):
+    def __init__(self, head: Head, sources: list[nn.Module]):
         super().__init__()
-        self.norm, self.sources = norm, nn.ModuleList(sources)
+        self.norm, self.index, self.sources = head.norm, head.index, nn.ModuleList(sources)
 
     @property
     def heads(self) -> list[torch.Tensor]:
@@ -205,16 +205,17 @@ def _source(chunk: AneChunk, placeholder: torch.Tensor, rank: int, made: dict) -
 def coreai_chunk(qm, plan, context: int, records: dict) -> AneChunk:
     """The chunk ``plan`` of ``qm`` in fp16 with Core AI weight sources; ``records`` as
     :func:`converters.multifunction.chunk_records` keys them."""
-    chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context, records=records)
+    chunk = AneChunk(qm, plan.start, plan.stop, plan.embed, plan.head, context, records=records,
+                     parts=getattr(plan, "parts", None))
     made: dict = {}
     for layer in chunk.layers:
         for name, mod in list(layer.named_children()):
             if isinstance(mod, Conv1x1):
                 setattr(layer, name, CConv(_source(chunk, mod.weight, 4, made), mod.bias))
     if chunk.embed is not None:
-        chunk.embed = CEmbed(chunk.embed.parts, [_source(chunk, t, 2, made) for t in chunk.embed.tables])
+        chunk.embed = CEmbed(chunk.embed, [_source(chunk, t, 2, made) for t in chunk.embed.tables])
     if chunk.head is not None:
-        chunk.head = CHead(chunk.head.norm, [_source(chunk, t, 2, made) for t in chunk.head.heads])
+        chunk.head = CHead(chunk.head, [_source(chunk, t, 2, made) for t in chunk.head.heads])
     return chunk.half().eval()
 
 

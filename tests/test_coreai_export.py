@@ -185,10 +185,10 @@ def test_exported_program_runs_in_torch_like_transformers():
     with torch.no_grad():
         ids = torch.from_numpy(IDS[:PREFILL]).to(torch.int32)[None]
         pos = torch.arange(PREFILL, dtype=torch.int32)
-        got.append(mod[PREFILL](ids, pos, torch.from_numpy(causal_mask(PREFILL, 0, CTX)))[0][0].float().numpy())
+        got.append(mod[PREFILL](ids, pos, torch.from_numpy(causal_mask(PREFILL, 0, chunk.kv_len)))[0][0].float().numpy())
         for t in range(PREFILL, IDS.size):
             one = mod[1](torch.tensor([[IDS[t]]], dtype=torch.int32), torch.tensor([t], dtype=torch.int32),
-                         torch.from_numpy(causal_mask(1, t, CTX)))
+                         torch.from_numpy(causal_mask(1, t, chunk.kv_len)))
             got.append(one[0][0].float().numpy())
     err = np.abs(np.concatenate(got) - ref).max()
     assert err < TOL, err
