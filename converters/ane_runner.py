@@ -143,13 +143,14 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def predict_ane(path: str | Path, token_ids: np.ndarray, compute_units: str = "ALL", backend: str = "auto",
                 prefill: int | None = None, decode: int | None = None, context: int | None = None,
                 stride: int | None = None,
-                reference: Callable[[np.ndarray], np.ndarray] | None = None):
+                reference: Callable[[np.ndarray], np.ndarray] | None = None, session: AneSession | None = None):
     """Perplexity over macq's evaluation windows (:func:`macq.eval.perplexity.windows`, the same tokens scored
     as in the torch and MLX evaluators) of ``context`` tokens (default and maximum: the export's context).
     Per window, the first ``prefill`` tokens (or all but the last ``decode``; default: half) go through
     ``prefill``, the rest through ``decode``, one token per call; per-token latency of each. With
     ``reference`` (window ids -> float logits ``[n, vocab]``, e.g. the float model), also KL(p_ref || p)
-    and top-1 agreement on the scored tokens."""
+    and top-1 agreement on the scored tokens. ``session``: an already open session with the same interface (the
+    Core AI runner, :class:`coreai_backend.runner.CoreAISession`) instead of opening ``path``."""
     import torch
 
     from converters.predict import PredictResult
@@ -158,7 +159,7 @@ def predict_ane(path: str | Path, token_ids: np.ndarray, compute_units: str = "A
 
     if decode is not None and decode < 0:
         raise MacqError(f"--decode-tokens {decode}: expected >= 0")
-    s = AneSession(path, compute_units, backend)
+    s = session if session is not None else AneSession(path, compute_units, backend)
     context = s.context if context is None else context
     if not 2 <= context <= s.context:
         raise MacqError(f"--context {context}: expected 2..{s.context} (the export's fixed context)")
@@ -179,9 +180,11 @@ def predict_ane(path: str | Path, token_ids: np.ndarray, compute_units: str = "A
             kl.append(k)
             top1.append(t)
     tm = s.timing
-    notes = [] if s.backend == "coreml" else ["backend=mil: numpy value inference (graph check); latency is not device latency"]
+    notes = list(getattr(s, "notes", None) or ([] if s.backend == "coreml" else
+                                                ["backend=mil: numpy value inference (graph check); latency is not device latency"]))
+    compute_units = getattr(s, "compute_units", compute_units) if session is not None else compute_units
     nll_all = np.concatenate(nll)
-    res = PredictResult(backend=s.backend, compute_units=compute_units if s.backend == "coreml" else "n/a",
+    res = PredictResult(backend=s.backend, compute_units=compute_units if s.backend in ("coreml", "coreai") else "n/a",
                         n_tokens=int(nll_all.size), perplexity=float(np.exp(nll_all.mean())),
                         prefill_ms_per_token=1e3 * tm.prefill_s / tm.prefill_tokens if tm.prefill_tokens else None,
                         decode_ms_per_token=1e3 * tm.decode_s / tm.decode_tokens if tm.decode_tokens else None,
@@ -195,9 +198,11 @@ def predict_ane(path: str | Path, token_ids: np.ndarray, compute_units: str = "A
 
 
 def generate_ane(path: str | Path, prompt_ids: np.ndarray, max_tokens: int, eos: int | None = None,
-                 compute_units: str = "ALL", backend: str = "auto") -> tuple[list[int], Timing]:
-    """Greedy continuation of ``prompt_ids``: prompt through ``prefill``, each new token through ``decode``."""
-    s = AneSession(path, compute_units, backend)
+                 compute_units: str = "ALL", backend: str = "auto",
+                 session: AneSession | None = None) -> tuple[list[int], Timing]:
+    """Greedy continuation of ``prompt_ids``: prompt through ``prefill``, each new token through ``decode``
+    (``session``: an open session to use instead of opening ``path``)."""
+    s = session if session is not None else AneSession(path, compute_units, backend)
     prompt_ids = np.asarray(prompt_ids).reshape(-1)
     if prompt_ids.size == 0:
         raise MacqError("generate: empty prompt")

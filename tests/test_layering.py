@@ -1,5 +1,5 @@
 """The package's layers, checked from the source: core (record, qmodel, registry, packing, errors, ...) <- methods
-and evaluator <- targets (the target table and its backends: Core ML, MLX) <- app (CLI, planner, pipelines).
+and evaluator <- targets (the target table and its backends: Core ML, MLX, Core AI) <- app (CLI, planner, pipelines).
 Every import counts, including the lazy ones
 inside functions, because a lazy import is still a dependency of the design. A new ``macq.X`` module is core
 unless listed in APP; a new method goes under ``macq/quantizers`` and a new backend in its own package."""
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("macq", "converters", "mlx_backend")
+PACKAGES = ("macq", "converters", "mlx_backend", "coreai_backend")
 LAYERS = {"core": 0, "methods": 1, "backends": 2, "app": 3}
 APP = {"macq.cli", "macq.plan", "macq.pipeline", "macq.evaluate", "macq.exporting", "macq.benchmark", "macq.preflight", "macq.options",
        "macq.studies", "macq.runs", "macq.report"}
@@ -21,7 +21,7 @@ METHODS = ("macq.quantizers", "macq.eval", "macq.analysis", "macq.streaming")
 def layer_of(module: str) -> str:
     if module in APP or module.startswith(APP_PACKAGES):
         return "app"
-    if module.split(".")[0] in ("converters", "mlx_backend") or module == "macq.targets":
+    if module.split(".")[0] in ("converters", "mlx_backend", "coreai_backend") or module == "macq.targets":
         return "backends"
     if module.startswith(METHODS) and module != "macq.evaluate":
         return "methods"
