@@ -13,44 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from converters.chips import ANE_SOURCE, decode_bounds
-
-
-def _bytes(var) -> int:
-    from converters.inspect import _var_bits
-
-    return int(np.prod(var.shape)) * _var_bits(var) // 8
-
-
-def decode_traffic(prog, spec, function: str = "decode") -> dict:
-    """``{"weights": bytes, "kv": bytes, "kv_shapes": [...]}`` read by one call of ``function`` (default
-    ``decode``; a single-function program's main function if it has no ``decode``)."""
-    from converters.inspect import weight_chains
-    from converters.mil_io import function_description, main_function
-
-    fn = function if function in prog.functions else main_function(prog, spec)
-    ops = prog.functions[fn].operations
-
-    def rows_read(var) -> float:
-        """Fraction of ``var`` a step reads: one row if every consumer gathers rows from it, else all."""
-        users = list(var.child_ops)
-        if users and all(u.op_type == "gather" and u.x is var for u in users):
-            return len(users) / var.shape[0]
-        return 1.0
-
-    weights = 0.0
-    for c in weight_chains(prog, fn):
-        weights += c["bits"] / 8 * rows_read(c["op"].outputs[0])
-    for op in ops:
-        v = op.outputs[0] if op.op_type == "const" else None
-        if v is None or v.val is None or v.rank < 1 or any(u.op_type.startswith("constexpr") for u in v.child_ops):
-            continue   # constexpr inputs are counted with their chain
-        weights += _bytes(v) * rows_read(v)
-    states = [list(s.type.stateType.arrayType.shape) for s in function_description(spec, fn).state]
-    kv = sum(int(np.prod(s)) * 2 for s in states)   # fp16 states
-    return {"weights": int(weights), "kv": kv, "kv_shapes": states}
+from converters.inspect import decode_traffic  # noqa: F401  (re-exported: the traffic a token reads)
 
 
 def expectation(traffic: list[dict]) -> dict:
@@ -63,7 +27,7 @@ def expectation(traffic: list[dict]) -> dict:
 
 def expectation_md(e: dict) -> str:
     """The user-facing lines: bytes per token, then one row per chip."""
-    from macq.evaluate import md_table
+    from macq.markdown import md_table
 
     rows = [{"chip": b["chip"], "GPU GB/s": f"{b['soc_gbps']:g}", "GPU tok/s <=": f"{b['gpu_tok_s']:.0f}",
              "ANE GB/s": "-" if b["ane_gbps"] is None else f"{b['ane_gbps']:g}",

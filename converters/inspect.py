@@ -90,12 +90,40 @@ def chain_value(chain: dict) -> np.ndarray:
     return (vals[0].astype(np.float32) + vals[1].astype(np.float32)).astype(vals[0].dtype)
 
 
+def _bytes(var) -> int:
+    return int(np.prod(var.shape)) * _var_bits(var) // 8
+
+
+def decode_traffic(prog, spec, function: str = "decode") -> dict:
+    """``{"weights": bytes, "kv": bytes, "kv_shapes": [...]}`` read by one call of ``function`` (default
+    ``decode``; a single-function program's main function if it has no ``decode``)."""
+    fn = function if function in prog.functions else main_function(prog, spec)
+    ops = prog.functions[fn].operations
+
+    def rows_read(var) -> float:
+        """Fraction of ``var`` a step reads: one row if every consumer gathers rows from it, else all."""
+        users = list(var.child_ops)
+        if users and all(u.op_type == "gather" and u.x is var for u in users):
+            return len(users) / var.shape[0]
+        return 1.0
+
+    weights = 0.0
+    for c in weight_chains(prog, fn):
+        weights += c["bits"] / 8 * rows_read(c["op"].outputs[0])
+    for op in ops:
+        v = op.outputs[0] if op.op_type == "const" else None
+        if v is None or v.val is None or v.rank < 1 or any(u.op_type.startswith("constexpr") for u in v.child_ops):
+            continue   # constexpr inputs are counted with their chain
+        weights += _bytes(v) * rows_read(v)
+    states = [list(s.type.stateType.arrayType.shape) for s in function_description(spec, fn).state]
+    kv = sum(int(np.prod(s)) * 2 for s in states)   # fp16 states
+    return {"weights": int(weights), "kv": kv, "kv_shapes": states}
+
+
 def inspect_mlpackage(path: str | Path, loaded: tuple | None = None) -> dict:
     """Ops histogram, weight formats (per constexpr kind + code dtype, with bits/weight), size on disk.
 
     ``loaded``: an already loaded ``(program, spec)`` of ``path``."""
-    from converters.expect import decode_traffic
-
     prog, spec = loaded if loaded is not None else load_program(path)
     fn = main_function(prog, spec)
     desc = function_description(spec, fn)

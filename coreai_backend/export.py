@@ -15,9 +15,11 @@ also the mark by which ``force`` recognises an output macq wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -112,7 +114,8 @@ def export_chunk(qm, plan: ChunkPlan, options: CoreAIOptions, s, target: Path, m
         conv.add_exported_program(ep, input_names=chunk.input_names(), output_names=chunk.output_names(),
                                   state_names=list(STATES) if chunk.layers else None, entrypoint_name=fn)
         del ep
-    prog = conv.to_coreai()
+    with contextlib.redirect_stdout(sys.stderr):   # its progress bar is progress, not the command's result
+        prog = conv.to_coreai()
     del conv, chunk
     md = AIModelAssetMetadata()
     md.model_description = f"macq Core AI export ({qm.method.get('method', '?')}) of {qm.source or 'a causal LM'}"

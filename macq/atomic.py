@@ -63,8 +63,12 @@ def macq_artifact(path: str | Path) -> str | None:
         spec = p / COREML_SPEC
         if p.suffix == ".mlpackage" and spec.is_file() and COREML_MARKER in spec.read_bytes():
             return "mlpackage"
-        meta = p / "metadata.json"   # a Core AI asset: macq stamps its metadata
-        if p.suffix == ".aimodel" and meta.is_file() and "macq" in json.dumps(_json(meta)):
+        chunked_ai = p / "coreai_manifest.json"   # a chunked Core AI export (coreai_backend writes it)
+        if chunked_ai.is_file() and _json(chunked_ai).get("format") == "macq-coreai":
+            return "coreai"
+        meta = p / "metadata.json"   # a Core AI asset: macq stamps "macq.coreai" in its creator metadata
+        if p.suffix == ".aimodel" and meta.is_file() and \
+                "macq.coreai" in (_json(meta).get("creatorDefinedMetadata") or {}):
             return "coreai"
     except (OSError, ValueError, AttributeError):
         return None

@@ -507,6 +507,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*torch version.*has not been tested.*")
+    warnings.filterwarnings("ignore", message=".*coreai-torch has only been validated.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     # torchao (pulled in by coreai-opt, imported by coremltools) logs kernels it cannot load on this CPU and
     # torch's pytree deprecations: advisory lines that would break "stderr is one error line or nothing"
     for name in ("torchao", "torch.utils._pytree", "coremltools"):

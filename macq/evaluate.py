@@ -9,10 +9,11 @@ from typing import Any
 
 from macq.atomic import PNG_SOFTWARE, atomic_file, guard_output
 from macq.errors import MacqError
+from macq.markdown import md_table  # noqa: F401  (re-exported: commands format their tables with it)
 
 
 def artifact_kind(path: str | None) -> str:
-    """``mlpackage`` | ``mlx`` | ``macq`` | ``model`` (HF dir, hub id, gguf, or the default)."""
+    """``mlpackage`` | ``coreai`` | ``mlx`` | ``macq`` | ``model`` (HF dir, hub id, gguf, or the default)."""
     if path is None:
         return "model"
     p = Path(path)
@@ -22,6 +23,8 @@ def artifact_kind(path: str | None) -> str:
         return "mlpackage"
     if (p / "coreml_manifest.json").is_file():   # converters.chunks.MANIFEST: a chunked Core ML export
         return "mlpackage"
+    if p.suffix == ".aimodel" or (p / "coreai_manifest.json").is_file():   # a Core AI export (coreai_backend)
+        return "coreai"
     if (p / "manifest.json").is_file():
         return "macq"
     cfg = p / "config.json"
@@ -31,17 +34,6 @@ def artifact_kind(path: str | None) -> str:
     except (ValueError, UnicodeDecodeError, TypeError):
         return "model"   # a broken config.json: reading it as a model says so in one line, naming the file
     return "model"
-
-
-def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return "" if v is None else str(v)
-
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def evaluate_torch(model, tokenizer, dataset: str, context: int, stride: int | None, max_tokens: int | None,
@@ -78,6 +70,9 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int | None = 
                  tokenizer: str | None = None, decode_tokens: int | None = None):
     """``context=None``: 512, or a Core ML ANE export's own fixed context."""
     kind = artifact_kind(path)
+    if kind == "coreai":
+        raise MacqError(f"eval: {path} is a Core AI export; score its records with macq eval on the quantization "
+                        "directory it was exported from (the same weights), and run the asset with macq generate")
     if decode_tokens is not None and kind != "mlpackage":
         raise MacqError("--decode-tokens: only for a Core ML export (.mlpackage or chunk directory)")
     if kind != "mlpackage":

@@ -47,6 +47,29 @@ def generate_coreml(path: str, prompt: str, max_tokens: int, chat: bool, compute
     return tok.decode(out, skip_special_tokens=True)
 
 
+def generate_coreai_text(path: str, prompt: str, max_tokens: int, chat: bool) -> str:
+    """Greedy generation through a Core AI export, in the Core AI runtime (macOS: the OS runtime with the export's
+    hardware preference; Linux: the asset compiled for the CPU), with the per-token times on stderr."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from coreai_backend.export import read_manifest
+    from coreai_backend.runner import generate_coreai
+    from macq.models import resolve_model_path
+
+    src = read_manifest(path)[0].source
+    if not src:
+        raise MacqError(f"generate: {path} does not record its source model (tokenizer)")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None if src == "default" else src))
+    ids = _prompt_ids(tok, prompt, chat)[0].numpy()
+    out, t = generate_coreai(path, ids, max_tokens, eos=tok.eos_token_id)
+    print(f"[Core AI runtime: prefill {1e3 * t.prefill_s / max(t.prefill_tokens, 1):.1f} ms/token over "
+          f"{t.prefill_tokens}, decode {1e3 * t.decode_s / max(t.decode_tokens, 1):.1f} ms/token over "
+          f"{t.decode_tokens}]", file=sys.stderr)
+    return tok.decode(out, skip_special_tokens=True)
+
+
 def generate_any(path: str, prompt: str, max_tokens: int = 64, chat: bool = True, compute_units: str = "ALL") -> str:
     if artifact_kind(path) == "mlx":
         from mlx_backend.runner import generate_mlx
@@ -54,6 +77,8 @@ def generate_any(path: str, prompt: str, max_tokens: int = 64, chat: bool = True
         return generate_mlx(path, prompt, max_tokens=max_tokens, chat=chat)
     if artifact_kind(path) == "mlpackage":
         return generate_coreml(path, prompt, max_tokens, chat, compute_units)
+    if artifact_kind(path) == "coreai":
+        return generate_coreai_text(path, prompt, max_tokens, chat)
     import torch
 
     from macq.pipeline import load_quantized_or_model

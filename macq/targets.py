@@ -75,7 +75,7 @@ class TargetSpec:
     defaults: dict[str, Any] = field(default_factory=dict)   # preferred method options (applied when not given)
     options: tuple[str, ...] = ()       # names in :data:`OPTIONS`
     suffix: str = ""                    # the output name's suffix a plain (unchunked) output needs
-    whole_model: bool = False           # the writer needs every record at once (traces the whole graph)
+    whole_model: bool = False           # the writer reads a QuantizedModel (lazily), not a one-pass stream of records
     file_column: bool = False           # ``macq bench`` reports this target's file size and bits per weight
 
     def check(self, plan: Any) -> None:
@@ -106,6 +106,8 @@ OPTIONS: dict[str, TargetOption] = {o.name: o for o in (
     TargetOption("chunks", int, None, "split the decoder layers into N packages (+ embedding, head)", minimum=1),
     TargetOption("max_chunk_mb", float, None, "split the decoder layers into packages of at most M MB",
                  minimum=1e-9),
+    TargetOption("hardware", str, "any", "the compute unit the asset is meant for (stored in it; the runner's "
+                 "preference on macOS)", choices=("any", "neural_engine", "gpu")),
     TargetOption("allow_fallback", bool, False, "fall back where a record is not exactly expressible (reported)",
                  flag="--allow-fallback"),
 )}
@@ -165,6 +167,8 @@ def check_macq(plan: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------ the table
 MLX_HOLDS = Holds(affine_bits=(2, 3, 4, 5, 6, 8), affine_groups=(32, 64, 128), zero_points=("float", "int"))
+COREAI_HOLDS = Holds(affine_bits=(1, 2, 3, 4, 5, 6, 7, 8), affine_groups=None, zero_points=("int", "float"),
+                     lut_bits=(1, 2, 3, 4, 5, 6, 7, 8))   # widths without a Core AI type are stored in the next one
 COREML_HOLDS = Holds(affine_bits=(1, 2, 3, 4, 5, 6, 7, 8), affine_groups=None, zero_points=("int",),
                      lut_bits=(1, 2, 3, 4, 6, 8))
 
@@ -179,6 +183,11 @@ TARGETS: dict[str, TargetSpec] = {t.name: t for t in (
                "converters.export:write_records", "converters.export:precheck", defaults={"symmetric": False, "zero_point": "int"},
                options=("context", "stateful", "fixed_shapes", "graph", "prefill_len", "chunks", "max_chunk_mb",
                         "allow_fallback"), suffix=".mlpackage", whole_model=True, file_column=True),
+    TargetSpec("coreai", "Core AI", "Core AI asset(s) (.aimodel) for iOS 27 / macOS 27", "coreai", COREAI_HOLDS,
+               "coreai_backend.export:write_records", "coreai_backend.export:precheck",
+               defaults={"symmetric": False, "zero_point": "int"},
+               options=("context", "prefill_len", "chunks", "max_chunk_mb", "hardware"), suffix=".aimodel",
+               whole_model=True, file_column=True),
 )}
 
 # Runtimes a quantization directory can be made for (``macq quantize --target``): their defaults and limits apply.

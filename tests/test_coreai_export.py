@@ -276,3 +276,32 @@ def test_target_table_precheck_and_options(tmp_path):
         precheck(plan(tmp_path / "m.aimodel", method="smoothquant", qcfg=make_config("smoothquant")))
     assert options_from({"context": None}, cfg).context == 256           # the tiny model's maximum (< 512)
     assert options_from({"context": 64, "hardware": "gpu"}).hardware == "gpu"
+
+
+def test_cli_exports_through_the_target_table(tmp_path, capsys):
+    """``macq export --target coreai`` is one row of the target table: the planner streams the records into a scratch
+    quantization, the row's writer exports them, the asset reads back bit-exact against the records, ``--force``
+    replaces only a macq asset, and an option of another target is refused by name."""
+    from macq.atomic import macq_artifact
+    from macq.cli import main
+    from macq.qmodel import QuantizedModel
+    from macq.tiny import save_tiny_model
+
+    src = save_tiny_model(tmp_path / "tiny", "llama")
+    main(["quantize", str(src), "--bits", "4", "--group-size", "32", "--target", "coreai", "-o", str(tmp_path / "q")])
+    capsys.readouterr()
+    main(["export", str(tmp_path / "q"), "--target", "coreai", "-o", str(tmp_path / "m.aimodel"), "--hardware", "gpu",
+          "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["target"] == "coreai" and res["plan"]["route"] == "read" and res["plan"]["target_options"]["hardware"] == "gpu"
+    assert macq_artifact(tmp_path / "m.aimodel") == "coreai"
+    rb = read_back(tmp_path / "m.aimodel", QuantizedModel.load(tmp_path / "q"))
+    assert rb.functions == ["prefill", "decode"] and rb.dense_copies == [] and rb.n_records == 14
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "q"), "--target", "coreai", "-o", str(tmp_path / "m2.aimodel"), "--graph", "hf"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --graph does not apply to --target coreai (it is an option of coreml)\n"
+    (tmp_path / "user.aimodel").mkdir()
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "q"), "--target", "coreai", "-o", str(tmp_path / "user.aimodel"), "--force"])
+    assert "was not written by macq" in capsys.readouterr().err and not any((tmp_path / "user.aimodel").iterdir())
