@@ -40,6 +40,8 @@ STUDIES: dict[str, tuple[str, str]] = {
     "bench_prefetch": ("streaming-rtn.md", "the read-ahead thread on and off"),
     "bench_scale_calib": ("streaming-calibrated.md", "calibrated methods streamed against in memory"),
     "baselines_table": ("baselines.md", "bitsandbytes and llm-compressor next to macq (bash script)"),
+    "coreai_default_export": ("coreai.md", "the default model exported to Core AI, read back and run"),
+    "coreai_quality": ("coreai.md", "macq records against coreai-opt's presets on three texts"),
 }
 # Library modules of the sub-commands (importable, runnable on their own, not studies).
 HELPERS = {"mlx_rows": "bench_quality's mlx_lm scoring", "mlx_lm_quant": "runs mlx-lm's own quantizers offline"}
