@@ -102,7 +102,7 @@ def resolve_config(method: str, given: dict[str, Any], config, target: str | Non
     for fname in _input_group_fields(cls):
         if fname in given:
             continue
-        if fname == "group_size":
+        if fname == "group_size" and getattr(cfg, "mode", "affine") == "affine":   # a float mode fixes its block
             g = auto_group_size(shapes)
             cfg = replace(cfg, group_size=g)
             notes.append(f"--group-size {g} (largest of {'/'.join(map(str, AUTO_GROUPS))} dividing every quantized "
@@ -146,7 +146,7 @@ def check_target(target: str, method: str, cfg, config, *, output: Path | None =
         if kind == "lut" and not requantize_lut:
             raise MacqError(f"--method {method}: writes look-up-table codes, which MLX cannot hold; use an affine "
                             "method (rtn, gptq, awq, awq-gptq, mixed) or pass --requantize-lut (lossy)")
-        if kind == "affine":
+        if kind == "affine" and getattr(cfg, "mode", "affine") == "affine":   # float modes: fixed bits / block
             bits = getattr(cfg, "bits", getattr(cfg, "weight_bits", None))
             group = getattr(cfg, "group_size", 0)
             if bits is not None and bits not in MLX_BITS:

@@ -210,7 +210,7 @@ def is_quantized_dir(path: str | Path) -> bool:
 def record_kinds(qm: QuantizedModel) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in qm.records.values():
-        k = "affine" if isinstance(r, AffineRecord) else "lut" if isinstance(r, LUTRecord) else "?"
+        k = getattr(r, "kind", "?")
         out[k] = out.get(k, 0) + 1
     return out
 
