@@ -25,7 +25,7 @@ import torch.nn as nn
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
-from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, record_from_tensors
+from macq.record import Record, bits_per_weight, record_from_tensors
 from macq.shards import ShardWriter, TensorStore
 
 FORMAT_VERSION = 1

@@ -21,8 +21,8 @@ import torch
 
 from macq.arch import ARCHITECTURES, ArchSpec
 from macq.errors import MacqError
-from macq.packing import pack_bits, unpack_bits
 from macq.microscale import FP_FORMATS
+from macq.packing import pack_bits, unpack_bits
 from macq.record import AffineRecord, FPRecord, LUTRecord, Record
 
 MLX_BITS = (2, 3, 4, 5, 6, 8)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from macq.microscale import FP_FORMATS, fp_format
 from macq.quantizers.base import QuantConfig, check, check_bits
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions, affine_params, dequantize_codes, quantize_codes
-from macq.microscale import FP_FORMATS, fp_format
 from macq.record import AffineRecord, FPRecord
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
