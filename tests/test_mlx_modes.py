@@ -96,3 +96,77 @@ def test_rtn_records_equal_mx_quantize_per_layer():
         q, s = mx.quantize(mx.array(w.numpy()).astype(mx.float16), mode="nvfp4")
         assert np.array_equal(pack_bits(rec.codes, 4).numpy(), np.array(q)), name
         assert np.array_equal(rec.scales.numpy(), np.array(s)), name
+
+
+def _effective(q: dict, paths) -> dict:
+    """Each module's (group, bits, mode) as mlx_lm.load resolves it: its own entry, else the global one."""
+    out = {}
+    for p in paths:
+        e = q.get(p, q)
+        out[p] = (e["group_size"] or 64, e["bits"], e.get("mode", "affine"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_ckpt(tmp_path_factory):
+    """Ten layers (use_more_bits picks 0, 3, 6, 8, 9), stored in fp16 so mlx_lm and macq read the same values."""
+    d = tmp_path_factory.mktemp("ck") / "llama10"
+    model = tiny_model("llama", num_hidden_layers=10).half()
+    model.save_pretrained(d, safe_serialization=True)
+    from macq.tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("recipe", ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"])
+def test_recipe_export_is_byte_identical_to_mlx_lm_predicate(fp16_ckpt, tmp_path, recipe):
+    from mlx_lm.convert import convert
+
+    from macq.quantizers.recipes import MLX_LM_RECIPES
+
+    convert(str(fp16_ckpt), str(tmp_path / "ref"), quantize=True, quant_predicate=recipe, dtype="float16")
+    model = tiny_model("llama", num_hidden_layers=10).half().float()
+    cfg = RTNConfig(recipe=recipe, group_size=64, symmetric=False, zero_point="float", include_embeddings=True,
+                    include_lm_head=True)
+    qm = quantize_model(model, "rtn", cfg)
+    low, high = MLX_LM_RECIPES[recipe]
+    bits = {n: r.bits for n, r in qm.records.items()}
+    assert {n for n, b in bits.items() if b == high and low != high} == {"lm_head"} | {
+        f"model.layers.{i}.{m}" for i in (0, 3, 6, 8, 9) for m in ("self_attn.v_proj", "mlp.down_proj")}
+    export_mlx(qm, tmp_path / "ours", tokenizer=fp16_ckpt, dtype="float16")
+    _same_tensors(tmp_path / "ref", tmp_path / "ours")
+    ref_q, our_q = _quantization(tmp_path / "ref"), _quantization(tmp_path / "ours")
+    paths = [k for k in ref_q if isinstance(ref_q[k], dict)]
+    assert len(paths) == len(qm.records)
+    assert _effective(our_q, paths) == _effective(ref_q, paths)
+
+
+def test_cli_streamed_recipe_and_mode_exports_equal_mlx_lm(fp16_ckpt, tmp_path, capsys):
+    """The command line (streamed from the checkpoint): --recipe and --mode are generated flags of export."""
+    from mlx_lm.convert import convert
+
+    from macq.cli import main
+
+    convert(str(fp16_ckpt), str(tmp_path / "ref_r"), quantize=True, quant_predicate="mixed_3_6", dtype="float16")
+    main(["export", str(fp16_ckpt), "--target", "mlx", "--method", "rtn", "--recipe", "mixed_3_6",
+          "--include-embeddings", "--include-lm-head", "-o", str(tmp_path / "ours_r"), "--json"])
+    capsys.readouterr()
+    _same_tensors(tmp_path / "ref_r", tmp_path / "ours_r")
+    convert(str(fp16_ckpt), str(tmp_path / "ref_m"), quantize=True, q_mode="nvfp4", dtype="float16")
+    main(["export", str(fp16_ckpt), "--target", "mlx", "--method", "rtn", "--mode", "nvfp4",
+          "--include-embeddings", "--include-lm-head", "-o", str(tmp_path / "ours_m"), "--json"])
+    capsys.readouterr()
+    _same_tensors(tmp_path / "ref_m", tmp_path / "ours_m")
+    assert _quantization(tmp_path / "ours_m") == _quantization(tmp_path / "ref_m")
+
+
+def test_recipe_refusals():
+    from macq.errors import MacqError
+
+    with pytest.raises(MacqError, match="--recipe 'q4_k_m': expected one of mixed_2_6, mixed_3_4"):
+        RTNConfig(recipe="q4_k_m")
+    with pytest.raises(MacqError, match="--recipe mixed_4_6: mlx_lm's predicates are affine only, not --mode mxfp4"):
+        RTNConfig(recipe="mixed_4_6", mode="mxfp4")
+    with pytest.raises(MacqError, match="--recipe mixed_4_6: mlx_lm's predicate needs down_proj modules"):
+        quantize_model(tiny_model("gpt2"), "rtn", RTNConfig(recipe="mixed_4_6", group_size=32))

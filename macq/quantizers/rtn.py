@@ -19,7 +19,7 @@ does, because bit-identity with ``mx.quantize`` is the point of this mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -52,16 +52,45 @@ class RTNConfig(ScaleOptions, QuantConfig):
         "help": "affine (integer grid) or an MLX microscaled float mode: mxfp4 (E2M1 codes, power-of-two scale "
                 "per 32), nvfp4 (E2M1, fp8 E4M3 scale per 16), mxfp8 (E4M3 codes, power-of-two scale per 32); a "
                 "float mode fixes --bits and --group-size (leave them unset)"})
+    recipe: str | None = field(default=None, metadata={
+        "help": "mlx_lm's mixed predicate (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6): low bits everywhere, high bits "
+                "on v_proj/down_proj where llama.cpp's use_more_bits holds and on lm_head, as mlx_lm.convert "
+                "--quant-predicate does (replaces --bits; --override still wins)"})
 
     def __post_init__(self) -> None:
         check(self.mode in MODES, f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.mode != "affine":
             self._fix_float_mode()
+        if self.recipe is not None:
+            from macq.quantizers.recipes import mlx_lm_recipe
+
+            mlx_lm_recipe(self.recipe)
+            check(self.mode == "affine", f"--recipe {self.recipe}: mlx_lm's predicates are affine only, not "
+                  f"--mode {self.mode}")
         check_bits(self.bits, RTN_BITS, "rtn")
         check(self.group_size >= -1, f"--group-size {self.group_size}: expected >0, 0 (per channel) or -1 (per tensor)")
         check(self.zero_point in ("int", "float"), f"--zero-point {self.zero_point}: expected int or float")
         check(self.scale_dtype in SCALE_DTYPES,
               f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
+
+    def bind_layers(self, index) -> "RTNConfig":
+        """This config with the model's layer numbering (:class:`~macq.quantizers.recipes.LayerIndex`), which a
+        ``recipe`` needs to pick each module's bits; the binding is not a field (it is the model's, not the
+        method's) and lives until :meth:`for_module` resolves a module."""
+        bound = replace(self)
+        bound._layers = index
+        return bound
+
+    def for_module(self, name: str) -> "RTNConfig":
+        """Overrides first (the first matching ``--override`` wins), else the recipe's bits for ``name``.
+        An unbound recipe config resolves overrides only: group sizes, all a pre-check reads, do not depend on it."""
+        cfg = super().for_module(name)
+        index = getattr(self, "_layers", None)
+        if self.recipe is None or index is None or cfg is not self:
+            return cfg
+        from macq.quantizers.recipes import mlx_lm_recipe_bits
+
+        return replace(self, overrides=(), recipe=None, bits=mlx_lm_recipe_bits(self.recipe, name, index))
 
     def _fix_float_mode(self) -> None:
         """A float mode has one code width and one block: unset (default) --bits / --group-size take them, a
