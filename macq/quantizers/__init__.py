@@ -175,4 +175,4 @@ def head_quantizer(cfg) -> tuple[str, Any, Callable[..., Any]]:
     from macq.quantizers.rtn import quantize_weight as rtn_weight
 
     return "rtn", RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, zero_point="int",
-                            mse_clip=True, scale_dtype=cfg.scale_dtype), rtn_weight
+                            mse_clip=True, scale_dtype=cfg.scale_dtype, mode=getattr(cfg, "mode", "affine")), rtn_weight

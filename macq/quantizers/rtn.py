@@ -60,7 +60,7 @@ class RTNConfig(ScaleOptions, QuantConfig):
     def __post_init__(self) -> None:
         check(self.mode in MODES, f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.mode != "affine":
-            self._fix_float_mode()
+            fix_float_mode(self)
         if self.recipe is not None:
             from macq.quantizers.recipes import mlx_lm_recipe
 
@@ -92,17 +92,17 @@ class RTNConfig(ScaleOptions, QuantConfig):
 
         return replace(self, overrides=(), recipe=None, bits=mlx_lm_recipe_bits(self.recipe, name, index))
 
-    def _fix_float_mode(self) -> None:
-        """A float mode has one code width and one block: unset (default) --bits / --group-size take them, a
-        different explicit value is refused rather than ignored."""
-        fmt = fp_format(self.mode)
-        for name, have, default, want in (("bits", self.bits, _DEFAULT_BITS, fmt.bits),
-                                          ("group-size", self.group_size, _DEFAULT_GROUP, fmt.group_size)):
-            check(have in (default, want), f"--{name} {have}: --mode {self.mode} stores {fmt.bits}-bit codes with "
-                  f"one scale per {fmt.group_size} (leave --{name} unset)")
-        check(not self.mse_clip, f"--mse-clip: applies to the affine grid, not --mode {self.mode}")
-        self.bits, self.group_size = fmt.bits, fmt.group_size
 
+
+def fix_float_mode(cfg) -> None:
+    """A float mode has one code width and one block: unset (default) --bits / --group-size take them, a
+    different explicit value is refused rather than ignored (shared by every config with a ``mode``)."""
+    fmt = fp_format(cfg.mode)
+    for name, have, default, want in (("bits", cfg.bits, _DEFAULT_BITS, fmt.bits),
+                                      ("group-size", cfg.group_size, _DEFAULT_GROUP, fmt.group_size)):
+        check(have in (default, want), f"--{name} {have}: --mode {cfg.mode} stores {fmt.bits}-bit codes with "
+              f"one scale per {fmt.group_size} (leave --{name} unset)")
+    cfg.bits, cfg.group_size = fmt.bits, fmt.group_size
 
 
 def mlx_affine_params(wg: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0
@@ -160,10 +160,10 @@ def _best_clip(wg: torch.Tensor, cfg: RTNConfig) -> torch.Tensor:
 
 def quantize_weight(w: torch.Tensor, cfg: RTNConfig) -> AffineRecord | FPRecord:
     """``w [out, in]`` float32 -> AffineRecord (groups along the input dim), or FPRecord in a float mode."""
-    if cfg.mode != "affine":
-        from macq.quantizers.mxfp import mlx_fp_quantize
+    if cfg.mode != "affine":   # mse_clip: each block's scale byte searched (no longer mx.quantize's bytes)
+        from macq.quantizers.mxfp import mlx_fp_quantize, mse_fp_quantize
 
-        codes, scales = mlx_fp_quantize(w, cfg.mode, cfg.torch_scale_dtype)
+        codes, scales = (mse_fp_quantize if cfg.mse_clip else mlx_fp_quantize)(w, cfg.mode, cfg.torch_scale_dtype)
         return FPRecord(codes=codes, scales=scales, mode=cfg.mode)
     out, inp = w.shape
     w = w.float()
