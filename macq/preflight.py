@@ -158,8 +158,11 @@ def check_target(target: str, method: str, cfg, config, *, output: Path | None =
                 if kv.get("bits", bits) not in MLX_BITS or kv.get("group_size", group) not in MLX_GROUPS:
                     raise MacqError(f"--override {rx.pattern}: MLX affine holds bits {MLX_BITS} with groups {MLX_GROUPS}")
         return
-    from converters.weights import LUT_BITS
+    from converters.weights import LUT_BITS, fp_refusal
     from macq.arch import arch_spec
+
+    if getattr(cfg, "mode", "affine") != "affine":   # float modes (mxfp4/nvfp4/mxfp8): no compact exact Core ML form
+        raise fp_refusal(cfg.mode)
 
     if output is not None and output.suffix != ".mlpackage" and not chunked:
         raise MacqError(f"--output {output}: a Core ML export must end in .mlpackage (a chunked one is a directory)")

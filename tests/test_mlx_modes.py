@@ -170,3 +170,28 @@ def test_recipe_refusals():
         RTNConfig(recipe="mixed_4_6", mode="mxfp4")
     with pytest.raises(MacqError, match="--recipe mixed_4_6: mlx_lm's predicate needs down_proj modules"):
         quantize_model(tiny_model("gpt2"), "rtn", RTNConfig(recipe="mixed_4_6", group_size=32))
+
+
+def test_core_ml_refuses_float_modes_before_any_work(tmp_path, capsys):
+    """--target coreml with a float mode: one error line, exit 2, nothing written; a saved float-mode quantization
+    exported to Core ML: the same refusal, from the record check that runs before conversion."""
+    from macq.cli import main
+
+    hf = save_tiny_model(tmp_path / "hf", "llama")
+    for argv in (["quantize", str(hf), "--method", "rtn", "--mode", "mxfp4", "--target", "coreml"],
+                 ["export", str(hf), "--method", "gptq", "--mode", "nvfp4", "--target", "coreml"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "-o", str(tmp_path / "out.mlpackage")])
+        assert e.value.code == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and "Core ML export: --mode" in err[0] and "iOS18 Core ML has no compact exact form" \
+            in err[0], err
+        assert not (tmp_path / "out.mlpackage").exists()
+    main(["quantize", str(hf), "--method", "rtn", "--mode", "mxfp8", "-o", str(tmp_path / "q")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "q"), "--target", "coreml", "--context", "64", "-o", str(tmp_path / "m.mlpackage")])
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "holds mxfp8" in err[0], err
+    assert not (tmp_path / "m.mlpackage").exists()
