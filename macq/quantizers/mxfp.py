@@ -58,24 +58,40 @@ def codes_for(x: torch.Tensor, fmt: FPFormat, dist_dtype: torch.dtype) -> torch.
     return encode_e4m3(x.float())
 
 
-def mlx_fp_quantize(w: torch.Tensor, mode: str, dtype: torch.dtype = torch.float16
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [out, in]`` -> ``(codes uint8 [out, in], scale bytes uint8 [out, in // g])`` equal to
-    ``mx.quantize(w.astype(dtype), mode=mode)`` (codes unpacked)."""
+ROW_CHUNK_ELEMENTS = 1 << 20   # weights per chunk: the float64 [.., 16] distance tensor stays ~130 MB
+
+
+def _by_rows(w: torch.Tensor, mode: str, fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``fn(rows [r, in]) -> (codes, bytes)`` to row chunks (rows are independent), bounding memory on
+    big tensors (a 49152 x 576 embedding would otherwise need GBs of float64 temporaries)."""
     fmt = fp_format(mode)
     out, inp = w.shape
     if inp % fmt.group_size:
         raise MacqError(f"--mode {mode}: its block of {fmt.group_size} does not divide the input dim {inp}")
-    wg = w.detach().to(dtype).double().reshape(out, inp // fmt.group_size, fmt.group_size)
-    byte, div = block_scales(wg, fmt, dtype)
-    x = _r(wg / div, dtype)
-    dist = torch.float32 if fmt.scale == "e4m3" else dtype
-    codes = codes_for(x, fmt, dist)
-    return codes.reshape(out, inp), byte.reshape(out, inp // fmt.group_size)
+    step = max(1, ROW_CHUNK_ELEMENTS // inp)
+    parts = [fn(w[r:r + step].detach(), fmt) for r in range(0, out, step)]
+    return torch.cat([c for c, _ in parts]), torch.cat([b for _, b in parts])
+
+
+def mlx_fp_quantize(w: torch.Tensor, mode: str, dtype: torch.dtype = torch.float16
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [out, in]`` -> ``(codes uint8 [out, in], scale bytes uint8 [out, in // g])`` equal to
+    ``mx.quantize(w.astype(dtype), mode=mode)`` (codes unpacked)."""
+
+    def rows(w: torch.Tensor, fmt: FPFormat) -> tuple[torch.Tensor, torch.Tensor]:
+        out, inp = w.shape
+        wg = w.to(dtype).double().reshape(out, inp // fmt.group_size, fmt.group_size)
+        byte, div = block_scales(wg, fmt, dtype)
+        x = _r(wg / div, dtype)
+        dist = torch.float32 if fmt.scale == "e4m3" else dtype
+        return codes_for(x, fmt, dist).reshape(out, inp), byte.reshape(out, inp // fmt.group_size)
+
+    return _by_rows(w, mode, rows)
 
 
 # ------------------------------------------------------------------------------------------ calibrated use
-MSE_FACTORS_E4M3 = torch.linspace(0.5, 1.3, 33)   # nvfp4 scale candidates around absmax / 6, in absmax units
+E4M3_STEPS = range(-8, 4)   # nvfp4 scale candidates: the E4M3 codes 8 below to 3 above MLX's (codes are monotone)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)   # between consecutive E2M1 magnitudes
 MSE_POWER = 2.4                                    # |w - q|^2.4, GPTQ's own scale-search norm
 
 
@@ -83,8 +99,9 @@ def nearest_codes(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     """Nearest element code of ``x`` (already divided by its scale); saturates at the grid's ends."""
     if fmt.element == "e4m3":
         return encode_e4m3(x.float())
-    table = torch.tensor(E2M1_VALUES, dtype=x.dtype, device=x.device)
-    return (x.unsqueeze(-1) - table).abs().argmin(-1).to(torch.uint8)
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=x.dtype, device=x.device)
+    mag = torch.bucketize(torch.nan_to_num(x.abs(), nan=0.0), mids)        # 0..7: index of the nearest magnitude
+    return torch.where((x < 0) & (mag > 0), mag + 8, mag).to(torch.uint8)
 
 
 def grid_values(codes: torch.Tensor, fmt: FPFormat, divisor: torch.Tensor) -> torch.Tensor:
@@ -95,7 +112,8 @@ def grid_values(codes: torch.Tensor, fmt: FPFormat, divisor: torch.Tensor) -> to
 
 def _candidates(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """MLX's own scale first, then alternatives: for E8M0 the next power of two down (clips the block's top,
-    halves the step); for E4M3 the scales nearest to ``absmax/6`` times each of :data:`MSE_FACTORS_E4M3`."""
+    halves the step); for E4M3 the neighbouring scale codes (:data:`E4M3_STEPS`: about 0.5x to 1.3x in the normal
+    range, steps of 2**-9 among subnormals)."""
     first = block_scales(wg, fmt, dtype)
     out = [first]
     if fmt.scale == "e8m0":
@@ -103,9 +121,11 @@ def _candidates(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> list[tup
         down = torch.where(byte > 0, byte - 1, byte)
         out.append((down, decode_scales(down, "e8m0").to(wg.dtype)))
         return out
-    amax = wg.abs().amax(-1, keepdim=True)
-    for c in MSE_FACTORS_E4M3.tolist():
-        byte = encode_e4m3((amax * c / fmt.max_element).float())
+    base = first[0].to(torch.int16)
+    for d in E4M3_STEPS:
+        if d == 0:
+            continue
+        byte = (base + d).clamp(1, 0x7E).to(torch.uint8)
         out.append((byte, decode_scales(byte, "e4m3").to(wg.dtype)))
     return out
 
@@ -116,11 +136,14 @@ def search_scales(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> tuple[
     chosen for a block with any nonzero weight (its codes would be meaningless)."""
     best_b, best_d, best_e = None, None, None
     nz = wg.abs().amax(-1, keepdim=True) > 0
-    for byte, div in _candidates(wg, fmt, dtype):
+    cands = _candidates(wg, fmt, dtype)
+    wg = wg.float()            # choosing only: float32 errors rank the candidates (the values are exact in it)
+    for byte, div in cands:
+        div = div.float()
         ok = (div > 0) | ~nz
         safe = torch.where(div > 0, div, torch.ones_like(div))
         q = grid_values(nearest_codes(wg / safe, fmt), fmt, safe)
-        err = (wg - q).abs().pow(MSE_POWER).sum(-1, keepdim=True)
+        err = (wg - q).float().abs().pow(MSE_POWER).sum(-1, keepdim=True)
         err = torch.where(ok, err, torch.full_like(err, float("inf")))
         if best_b is None:
             best_b, best_d, best_e = byte, div, err
@@ -128,19 +151,19 @@ def search_scales(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> tuple[
         better = err < best_e
         best_b, best_d = torch.where(better, byte, best_b), torch.where(better, div, best_d)
         best_e = torch.where(better, err, best_e)
-    return best_b, best_d
+    return best_b, best_d.double()
 
 
 def mse_fp_quantize(w: torch.Tensor, mode: str, dtype: torch.dtype = torch.float16
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free improvement on :func:`mlx_fp_quantize`: each block's scale byte by :func:`search_scales`,
     codes nearest on that grid. Same record layout; the bytes are no longer ``mx.quantize``'s."""
-    fmt = fp_format(mode)
-    out, inp = w.shape
-    if inp % fmt.group_size:
-        raise MacqError(f"--mode {mode}: its block of {fmt.group_size} does not divide the input dim {inp}")
-    wg = w.detach().to(dtype).double().reshape(out, inp // fmt.group_size, fmt.group_size)
-    byte, div = search_scales(wg, fmt, dtype)
-    safe = torch.where(div > 0, div, torch.ones_like(div))
-    codes = nearest_codes(wg / safe, fmt)
-    return codes.reshape(out, inp), byte.reshape(out, inp // fmt.group_size)
+
+    def rows(w: torch.Tensor, fmt: FPFormat) -> tuple[torch.Tensor, torch.Tensor]:
+        out, inp = w.shape
+        wg = w.to(dtype).double().reshape(out, inp // fmt.group_size, fmt.group_size)
+        byte, div = search_scales(wg, fmt, dtype)
+        safe = torch.where(div > 0, div, torch.ones_like(div))
+        return nearest_codes(wg / safe, fmt).reshape(out, inp), byte.reshape(out, inp // fmt.group_size)
+
+    return _by_rows(w, mode, rows)
