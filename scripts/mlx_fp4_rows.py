@@ -94,18 +94,38 @@ def identical(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and mx.array_equal(x[k], y[k]).item() for k in x)
 
 
+def load_dequantized(path: Path):
+    """``mlx_lm.load``, then mlx_lm's own ``dequantize_model`` (``mx.dequantize`` of every quantized layer: E2M1 /
+    E4M3 times its scale is exact in the bf16 it returns) and an exact upcast to fp32: the stored weights' values,
+    run through mlx's float matmul (its CPU fp4 kernels are far slower than BLAS here)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.utils import dequantize_model
+
+    from mlx_backend.runner import load_mlx
+
+    net, tok = load_mlx(path)
+    dequantize_model(net)
+    net.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
+                        net.parameters()))
+    mx.eval(net.parameters())
+    return net, tok
+
+
 def evaluate(args) -> dict:
     from mlx_backend.runner import eval_mlx
 
     work = Path(args.work)
-    dirs = ["fp16"] + [d.name for d in sorted(work.iterdir()) if d.name.startswith(("convert-", "macq-"))]
+    dirs = ["fp16"] + [d.name for d in sorted(work.iterdir()) if d.name.startswith(("convert-", "macq-"))
+                       and not d.name.startswith("macq-rtn-mx") and not d.name.startswith("macq-rtn-nv")]
     out = {}
-    for d in dirs:
+    for d in dirs:       # macq-rtn-MODE is skipped: the build checked it equals convert-MODE byte for byte
         out[d] = {}
+        loaded = load_dequantized(work / d)
         for ds in DATASETS:
             t0 = time.perf_counter()
-            r = eval_mlx(work / d, dataset=ds, context=args.context, max_tokens=args.tokens, compute_dtype="float32",
-                         speed_prompt=8, speed_tokens=2)
+            r = eval_mlx(loaded, dataset=ds, context=args.context, max_tokens=args.tokens, speed_prompt=8,
+                         speed_tokens=2)
             out[d][ds] = {"ppl": r["ppl"], "ppl_stderr": r["ppl_stderr"], "n_tokens": r["n_tokens"],
                           "seconds": time.perf_counter() - t0}
             print(d, ds, f"{r['ppl']:.3f}", flush=True)
