@@ -253,6 +253,10 @@ def eval_cmd(
                                                 "decode function (default: half the window; 0: all through prefill)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the result as a macq.run JSON file (for macq report)"),
     label: str = typer.Option("", help="--out: row label in reports"),
+    kv_bits: Optional[list[int]] = typer.Option(None, "--kv-bits", help="MLX export: rows with mlx_lm's quantized KV "
+                                                "cache at these bits (repeatable) next to the float-KV row: ppl, KL "
+                                                "(default --context 2048)"),
+    kv_group_size: int = typer.Option(64, help="--kv-bits: KV quantization group along the head dim"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Perplexity, KL / top-1 vs the unquantized model, size, and optionally latency.
@@ -269,6 +273,12 @@ def eval_cmd(
         raise MacqError(f"--decode-tokens {decode_tokens}: expected >= 0")
     if max_tokens is not None and max_tokens < 2:
         raise MacqError(f"--max-tokens {max_tokens}: expected at least 2 tokens")
+    if kv_bits:
+        from macq.evaluate import evaluate_kv
+
+        result, md = evaluate_kv(model, kv_bits, dataset=dataset, context=context, max_tokens=max_tokens,
+                                 kv_group_size=kv_group_size)
+        return _emit(result, as_json, md)
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
                               progress=not as_json, tokenizer=tokenizer, decode_tokens=decode_tokens)
