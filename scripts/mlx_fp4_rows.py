@@ -119,6 +119,8 @@ def evaluate(args) -> dict:
     dirs = ["fp16"] + [d.name for d in sorted(work.iterdir()) if d.name.startswith(("convert-", "macq-"))
                        and not d.name.startswith("macq-rtn-mx") and not d.name.startswith("macq-rtn-nv")]
     out = {}
+    if args.rows:
+        dirs = [d for d in dirs if d in args.rows]
     for d in dirs:       # macq-rtn-MODE is skipped: the build checked it equals convert-MODE byte for byte
         out[d] = {}
         loaded = load_dequantized(work / d)
@@ -147,13 +149,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--rows", nargs="*", default=[], help="eval: only these directories (default: all)")
     ap.add_argument("--json", required=True, help="results file (the stage's part is merged in)")
     args = ap.parse_args()
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {}
     t0 = time.perf_counter()
     part = build(args) if args.stage == "build" else evaluate(args)
-    data[args.stage] = {"result": part, "argv": sys.argv[1:], "commit": commit(), "seconds": time.perf_counter() - t0,
+    key = args.stage if not args.rows else f"{args.stage}:{','.join(args.rows)}"
+    data[key] = {"result": part, "argv": sys.argv[1:], "commit": commit(), "seconds": time.perf_counter() - t0,
                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "preload": os.environ.get("LD_PRELOAD", "")}
     path.write_text(json.dumps(data, indent=2))
