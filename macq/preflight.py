@@ -155,7 +155,8 @@ def check_target(target: str, method: str, cfg, config, *, output: Path | None =
                 what = "per channel" if group in (0, None) else "per tensor" if group == -1 else str(group)
                 raise MacqError(f"--group-size {what}: MLX affine holds groups of {', '.join(map(str, MLX_GROUPS))}")
             for rx, kv in cfg.parsed_overrides() if hasattr(cfg, "parsed_overrides") else []:
-                if kv.get("bits", bits) not in MLX_BITS or kv.get("group_size", group) not in MLX_GROUPS:
+                if kv.get("mode", "affine") == "affine" and (kv.get("bits", bits) not in MLX_BITS
+                                                             or kv.get("group_size", group) not in MLX_GROUPS):
                     raise MacqError(f"--override {rx.pattern}: MLX affine holds bits {MLX_BITS} with groups {MLX_GROUPS}")
         return
     from converters.weights import LUT_BITS, fp_refusal
