@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -169,7 +169,7 @@ def _fill_rows(parts: Iterator[AffineRecord], n_rows: int) -> AffineRecord:
     first = next(parts)
     full: dict[str, torch.Tensor] = {}
     for f in ("codes", "scales", "zeros", "biases"):
-        t = getattr(first, f)
+        t = getattr(first, f, None)
         if t is not None:
             full[f] = torch.empty((n_rows, *t.shape[1:]), dtype=t.dtype)
     row = 0
@@ -178,8 +178,7 @@ def _fill_rows(parts: Iterator[AffineRecord], n_rows: int) -> AffineRecord:
         for f, t in full.items():
             t[row:row + n] = getattr(p, f)
         row += n
-    return AffineRecord(codes=full["codes"], scales=full["scales"], bits=first.bits, group_size=first.group_size,
-                        zeros=full.get("zeros"), biases=full.get("biases"), per_tensor=first.per_tensor)
+    return replace(first, **full)   # AffineRecord or FPRecord: the same row-split tensors, the other fields shared
 
 
 def _chain(first: AffineRecord, rest: Iterator[AffineRecord]) -> Iterator[AffineRecord]:
