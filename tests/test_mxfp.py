@@ -158,3 +158,16 @@ def test_mse_scale_search_is_never_worse_per_block(mode):
         assert bool((err(mse) <= err(plain) * (1 + 1e-9)).all())
         if mode != "mxfp8" and kind == "randn":   # E4M3 elements: the scale hardly matters (relative grid)
             assert float(err(mse).sum()) < 0.97 * float(err(plain).sum())
+
+
+def test_streamed_row_blocks_reassemble_float_records(monkeypatch):
+    """The streaming engine quantizes big tensors in row blocks: a float-mode record comes back whole and equal."""
+    import macq.streaming as st
+
+    monkeypatch.setattr(st, "ROW_BLOCK_ELEMS", 256 * 10)
+    w = _weights("randn")
+    for mode in MODES:
+        whole = quantize_weight(w, RTNConfig(mode=mode))
+        blocks = st.quantize_tensor(w, "rtn", RTNConfig(mode=mode), quantize_weight)
+        assert isinstance(blocks, FPRecord) and blocks.mode == mode
+        assert torch.equal(blocks.codes, whole.codes) and torch.equal(blocks.scales, whole.scales)
