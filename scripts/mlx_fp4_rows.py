@@ -71,12 +71,15 @@ def build(args) -> dict:
             convert(str(hf), str(fresh(ref)), quantize=True, q_mode=mode, dtype="float16")
             info["rows"][ref.name] = {"seconds": time.perf_counter() - t0}
         heads = dict(include_embeddings=True, include_lm_head=True)
-        for tag, cfg in (("rtn", RTNConfig(mode=mode, **heads)), ("rtn-mse", RTNConfig(mode=mode, mse_clip=True, **heads))):
+        rtn_rows = (("rtn", RTNConfig(mode=mode, **heads)), ("rtn-mse", RTNConfig(mode=mode, mse_clip=True, **heads)))
+        for tag, cfg in () if args.no_rtn else rtn_rows:
             t0 = time.perf_counter()
             qm = quantize_model(base, "rtn", cfg, source="default")
             export_mlx(qm, fresh(work / f"macq-{tag}-{mode}"), tokenizer=hf, dtype="float16", force=True)
             info["rows"][f"macq-{tag}-{mode}"] = {"seconds": time.perf_counter() - t0}
-        info["rows"][f"macq-rtn-{mode}"]["identical_to_convert"] = identical(ref, work / f"macq-rtn-{mode}")
+        if (work / f"macq-rtn-{mode}" / "config.json").is_file():
+            info["rows"].setdefault(f"macq-rtn-{mode}", {})["identical_to_convert"] = \
+                identical(ref, work / f"macq-rtn-{mode}")
         for method in args.methods:
             t0 = time.perf_counter()
             cfg = GPTQConfig(mode=mode, n_calib=args.n_calib, seq_len=args.seq_len, **heads)
@@ -149,6 +152,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--no-rtn", action="store_true", help="build: skip the macq rtn rows (already built)")
     ap.add_argument("--rows", nargs="*", default=[], help="eval: only these directories (default: all)")
     ap.add_argument("--json", required=True, help="results file (the stage's part is merged in)")
     args = ap.parse_args()
