@@ -45,9 +45,12 @@ def export_coreml(qm, out_path: str | os.PathLike, context: int = 512, stateful:
 
 def precheck(plan: Any) -> None:
     """The ``coreml`` row's pre-check (:data:`macq.targets.TARGETS`), on options and ``config.json`` alone."""
+    from converters.weights import fp_refusal
     from macq.arch import arch_spec
     from macq.targets import TARGETS, check_records
 
+    if getattr(plan.cfg, "mode", "affine") != "affine":   # float modes: no compact exact Core ML form (why: weights.py)
+        raise fp_refusal(plan.cfg.mode)
     o = plan.target_options
     out = Path(plan.request.output)
     chunked = o["graph"] == "ane" and (o["chunks"] is not None or o["max_chunk_mb"] is not None)

@@ -30,6 +30,10 @@ Layouts (iOS18 opset, ``coremltools/converters/mil/mil/ops/defs/iOS18/compressio
   (``constexpr_lut_to_sparse`` → ``sparse_to_dense``) palettize the *non-zeros of a pruned* weight — zeros
   elsewhere, not a dense LUT plus a few fp16 values; two of them (dense-minus-outliers and outliers) would cost two
   masks.
+* Float-mode record (mxfp4 / nvfp4 / mxfp8, :class:`~macq.record.FPRecord`) → refused, before any work
+  (:func:`fp_refusal`): the compact exact form would be ``lut_to_dense`` of the 16 E2M1 values chained with
+  ``blockwise_shift_scale`` by the block scale, and that chain is the one coremltools rewrites into a per-block
+  LUT below iOS26 (above): 4 + 16·16/32 = 12 bits/weight for mxfp4, 20 for nvfp4, more than fp16's 16 for nvfp4.
 * Affine record → ``constexpr_blockwise_shift_scale(data, scale fp16 [out, in/g], offset)``: zero-point
   records use unsigned data + unsigned integer offset; symmetric ones signed data (``q − 2^(b−1)``) and no
   offset. Data types exist only for 4 and 8 bits: 1–3 bit codes go in a 4-bit container, 5–7 in 8 bits
@@ -46,7 +50,7 @@ import numpy as np
 import torch
 
 from macq.errors import MacqError
-from macq.record import AffineRecord, LUTRecord
+from macq.record import AffineRecord, FPRecord, LUTRecord
 from macq.targets import COREML_HOLDS
 
 
@@ -155,11 +159,22 @@ def affine_layout(rec: AffineRecord, allow_fallback: bool, name: str, notes: lis
     return [("shift_scale", dict(data=_sub_byte(codes, f"uint{width}"), scale=s16, offset=offset))]
 
 
+def fp_refusal(mode: str, name: str | None = None) -> MacqError:
+    """The one-line refusal of a float-mode record for Core ML (why: see the module doc)."""
+    where = f"layer {name} holds" if name else "--mode"
+    return MacqError(f"Core ML export: {where} {mode} (E2M1/E4M3 codes x 8-bit block scale); iOS18 Core ML has no "
+                     "compact exact form (coremltools rewrites lut_to_dense + blockwise_shift_scale into a per-block "
+                     "LUT of 12-20 bits/weight); export it to MLX (--target mlx), or use --method fp4 / nf4 / rtn "
+                     "for Core ML")
+
+
 def record_layout(rec, name: str, allow_fallback: bool, notes: list[str]):
     if isinstance(rec, LUTRecord):
         return lut_layout(rec, name, notes)
     if isinstance(rec, AffineRecord):  # per-tensor scale [1, 1] is one block over the whole tensor: valid
         return affine_layout(rec, allow_fallback, name, notes)
+    if isinstance(rec, FPRecord):
+        raise fp_refusal(rec.mode, name)
     raise MacqError(f"{name}: unknown record type {type(rec).__name__}")
 
 

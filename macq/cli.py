@@ -241,6 +241,10 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="also write the result as a macq.run JSON file (for macq report)"),
     label: str = typer.Option("", help="--out: row label in reports"),
     force: bool = typer.Option(False, "--force", help="--out: replace a run file macq wrote"),
+    kv_bits: Optional[list[int]] = typer.Option(None, "--kv-bits", help="MLX export: rows with mlx_lm's quantized KV "
+                                                "cache at these bits (repeatable) next to the float-KV row: ppl, KL "
+                                                "(default --context 2048)"),
+    kv_group_size: int = typer.Option(64, help="--kv-bits: KV quantization group along the head dim"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Perplexity, KL / top-1 vs the unquantized model, size, and optionally latency.
@@ -264,6 +268,12 @@ def eval_cmd(
         from macq.preflight import model_config
 
         check_tokenizer(resolve_model_path(model), model_config(model))
+    if kv_bits:
+        from macq.evaluate import evaluate_kv
+
+        result, md = evaluate_kv(model, kv_bits, dataset=dataset, context=context, max_tokens=max_tokens,
+                                 kv_group_size=kv_group_size)
+        return _emit(result, as_json, md)
     result, md = evaluate_any(model, dataset=dataset, context=context, stride=stride, max_tokens=max_tokens,
                               reference=reference, device=device, latency=latency, compute_units=compute_units,
                               progress=not as_json, tokenizer=tokenizer, decode_tokens=decode_tokens)

@@ -237,3 +237,20 @@ def _plot_distortion(rows: list[dict[str, Any]], out: Path) -> None:
     with atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=120, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
+
+
+KV_CONTEXT = 2048   # default window for --kv-bits: a quantized cache's error grows with the positions attended
+
+
+def evaluate_kv(path: str | None, kv_bits: list[int], *, dataset: str = "wiki", context: int | None = None,
+                max_tokens: int | None = 4096, kv_group_size: int = 64) -> tuple[dict[str, Any], str]:
+    """``macq eval MLX_DIR --kv-bits 8 --kv-bits 4``: the float-KV row and one row per KV width through mlx_lm's
+    quantized KV cache (perplexity, KL / top-1 against the float-KV row, same weights)."""
+    from mlx_backend.runner import eval_mlx_kv
+
+    if artifact_kind(path) != "mlx":
+        raise MacqError(f"--kv-bits: needs an MLX export directory (mlx_lm's quantized KV cache), not {path!r}")
+    rows = eval_mlx_kv(path, kv_bits=tuple(kv_bits), dataset=dataset, context=context or KV_CONTEXT,
+                       max_tokens=max_tokens, kv_group_size=kv_group_size)
+    result = {"artifact": "mlx", "path": path, "dataset": dataset, "kv_rows": rows}
+    return result, md_table(rows, ["kv", "ppl", "kl", "top1", "n_tokens", "context"])

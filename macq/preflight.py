@@ -96,7 +96,7 @@ def resolve_config(method: str, given: dict[str, Any], config, target: str | Non
     for fname in _input_group_fields(cls):
         if fname in given:
             continue
-        if fname == "group_size":
+        if fname == "group_size" and getattr(cfg, "mode", "affine") == "affine":   # a float mode fixes its block
             g = auto_group_size(shapes)
             cfg = replace(cfg, group_size=g)
             notes.append(f"--group-size {g} (largest of {'/'.join(map(str, AUTO_GROUPS))} dividing every quantized "

@@ -26,7 +26,7 @@ import torch.nn as nn
 from macq.atomic import atomic_dir
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight, tied_embeddings
-from macq.record import AffineRecord, LUTRecord, Record, bits_per_weight, check_stored, record_from_tensors
+from macq.record import Record, bits_per_weight, check_stored, record_from_tensors
 from macq.shards import ShardWriter, TensorStore
 
 FORMAT_VERSION = 1
@@ -321,7 +321,7 @@ def is_quantized_dir(path: str | Path) -> bool:
 def record_kinds(qm: QuantizedModel) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in qm.records.values():
-        k = "affine" if isinstance(r, AffineRecord) else "lut" if isinstance(r, LUTRecord) else "?"
+        k = getattr(r, "kind", "?")
         out[k] = out.get(k, 0) + 1
     return out
 

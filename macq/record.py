@@ -1,11 +1,13 @@
 """The quantized-weight record: the one seam between quantizers and exporters.
 
 Every quantizer returns one record per weight; every exporter reads records and never re-quantizes.
-Two kinds cover the whole product:
+Three kinds cover the whole product:
 
 * :class:`AffineRecord`: integer codes on a uniform grid, ``w = s * (q - z)`` (zero-point form,
   GPTQ / Core ML ``constexpr_blockwise_shift_scale``) or ``w = s * q + b`` (bias form, exactly what
   MLX stores). Symmetric records carry neither: their zero is the implicit ``2**(bits-1)``.
+* :class:`FPRecord`: microscaled float codes (mxfp4 / nvfp4 / mxfp8: E2M1 or E4M3 elements times one 8-bit
+  E8M0 or E4M3 scale per block), stored byte for byte as MLX's ``mx.quantize`` modes store them.
 * :class:`LUTRecord`: indices into a look-up table shared by a group of output channels
   (k-means / uniform palettization, Core ML ``constexpr_lut_to_dense``), optionally times a scale per
   block of the input dim (NF4 / FP4 absmax), whose scales may themselves be quantized (double quant),
@@ -26,6 +28,7 @@ from typing import Any, Union
 import torch
 
 from macq.errors import MacqError
+from macq.microscale import FP_FORMATS, FPFormat, check_fp_record_bytes, decode_elements, decode_scales, fp_format
 
 FLOAT_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
 
@@ -368,7 +371,90 @@ class LUTRecord:
                    transposed=meta["transposed"], outlier_pos=t.get("outlier_pos"), outlier_values=t.get("outlier_values"))
 
 
-Record = Union[AffineRecord, LUTRecord]
+@dataclass
+class FPRecord:
+    """Microscaled floats: ``w = element(codes) * scale(scales)`` per block of ``group_size`` input elements.
+
+    ``mode`` names the format (:data:`macq.microscale.FP_FORMATS`), which fixes the code width, the block and
+    both encodings, so a record cannot hold a combination no runtime executes. ``codes`` are element bit
+    patterns (uint8, ``[out, in]``), ``scales`` the scale bytes (uint8, ``[out, in // group_size]``): exactly
+    the bytes MLX stores, so export copies them and :meth:`dequantize` is the format's exact value.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mode: str
+    transposed: bool = False
+    kind: str = field(default="fp", init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in FP_FORMATS:
+            raise MacqError(f"record mode {self.mode!r}: expected one of {', '.join(FP_FORMATS)}")
+        if self.codes.dim() != 2:
+            raise MacqError("codes must be 2-D [out, in]")
+        out, inp = self.codes.shape
+        g = self.format.group_size
+        if inp % g:
+            raise MacqError(f"{self.mode}: its block of {g} does not divide the input dim {inp}")
+        if tuple(self.scales.shape) != (out, inp // g):
+            raise MacqError(f"scales has shape {tuple(self.scales.shape)}, expected {(out, inp // g)}")
+        if self.scales.dtype != torch.uint8:
+            raise MacqError(f"record scales: dtype {_dtype_name(self.scales.dtype)}, expected uint8 "
+                            f"({self.format.scale.upper()} bytes)")
+        _check_codes("codes", self.codes, self.bits)
+        check_fp_record_bytes(self.codes, self.scales, self.format)
+
+    @property
+    def format(self) -> FPFormat:
+        return fp_format(self.mode)
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.format.group_size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def element_values(self) -> torch.Tensor:
+        """The elements before scaling, float32 ``[out, in]`` (exact)."""
+        return decode_elements(self.codes, self.format.element)
+
+    def block_scales(self) -> torch.Tensor:
+        """Decoded scales ``[out, in // group_size]`` as float32 (exact)."""
+        return decode_scales(self.scales, self.format.scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, inp = self.shape
+        g = self.group_size
+        w = self.element_values().view(out, inp // g, g) * self.block_scales().unsqueeze(-1)
+        return w.reshape(out, inp).to(dtype)
+
+    def storage_bits(self) -> int:
+        return self.codes.numel() * self.bits + self.scales.numel() * 8
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        from macq.packing import pack_bits
+
+        return {"codes": pack_bits(self.codes, self.bits), "scales": self.scales}
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": "fp", "mode": self.mode, "shape": list(self.shape), "transposed": self.transposed}
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> "FPRecord":
+        from macq.packing import unpack_bits
+
+        out, inp = meta["shape"]
+        return cls(codes=unpack_bits(t["codes"], fp_format(meta["mode"]).bits, inp), scales=t["scales"],
+                   mode=meta["mode"], transposed=meta["transposed"])
+
+
+Record = Union[AffineRecord, LUTRecord, FPRecord]
 
 
 def bits_per_weight(record: Record) -> float:
@@ -436,6 +522,8 @@ def check_stored(meta: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], 
     if not isinstance(meta, dict):
         raise MacqError(f"manifest entry is {type(meta).__name__}, expected an object")
     kind = meta.get("kind")
+    if kind == "fp":
+        return _check_stored_fp(meta, stored)
     if kind not in ("affine", "lut"):
         raise MacqError(f"unknown record kind {kind!r}")
     allowed = AFFINE_FIELDS if kind == "affine" else LUT_FIELDS
@@ -502,6 +590,30 @@ def check_stored(meta: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], 
         raise MacqError("stored outlier_pos and outlier_values come together")
 
 
+def _check_stored_fp(meta: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """A microscaled-float record's manifest entry against its stored ``codes`` (packed) and ``scales`` (bytes)."""
+    from macq.microscale import FP_FORMATS
+    from macq.packing import packed_words
+
+    mode = meta.get("mode")
+    if mode not in FP_FORMATS:
+        raise MacqError(f"manifest mode={mode!r}, expected one of {', '.join(FP_FORMATS)}")
+    f = FP_FORMATS[mode]
+    out, inp = _meta_shape(meta)
+    _meta_bool(meta, "transposed")
+    if set(stored) != {"codes", "scales"}:
+        raise MacqError(f"stored {sorted(stored)}: a {mode} record holds exactly codes and scales")
+    if inp % f.group_size:
+        raise MacqError(f"manifest shape [{out}, {inp}]: {mode} blocks of {f.group_size} do not divide the input dim")
+    words = packed_words(inp, f.bits)
+    for name, want, dtypes in (("codes", (out, words), PACKED_DTYPES), ("scales", (out, inp // f.group_size),
+                                                                         (torch.uint8,))):
+        shape, dtype = stored[name]
+        if tuple(shape) != want or dtype not in dtypes:
+            raise MacqError(f"manifest mode={mode}, shape [{out}, {inp}] disagree with the stored {name} "
+                            f"{list(shape)} {_dtype_name(dtype)} (expected {list(want)})")
+
+
 def _check_padding(name: str, packed: torch.Tensor, bits: int, n: int) -> None:
     """Bits past the last code of each row are zero as written; nonzero ones mean codes written at another width
     (a ``bits`` lie that happens to need the same number of words)."""
@@ -517,8 +629,11 @@ def record_from_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     """Build a record from its manifest entry and stored tensors, every stated fact checked first
     (:func:`check_stored`, then the padding and the record's own value checks)."""
     check_stored(meta, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()})
-    packed = "codes" if meta["kind"] == "affine" else "indices"
-    _check_padding(packed, tensors[packed], meta["bits"], meta["shape"][1])
+    packed = "indices" if meta["kind"] == "lut" else "codes"
+    bits = fp_format(meta["mode"]).bits if meta["kind"] == "fp" else meta["bits"]
+    _check_padding(packed, tensors[packed], bits, meta["shape"][1])
     if meta["kind"] == "affine":
         return AffineRecord.from_tensors(meta, tensors)
+    if meta["kind"] == "fp":
+        return FPRecord.from_tensors(meta, tensors)
     return LUTRecord.from_tensors(meta, tensors)

@@ -17,7 +17,7 @@ run leaves nothing at ``out``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -132,7 +132,7 @@ def _fill_rows(parts: Iterator[AffineRecord], n_rows: int) -> AffineRecord:
     first = next(parts)
     full: dict[str, torch.Tensor] = {}
     for f in ("codes", "scales", "zeros", "biases"):
-        t = getattr(first, f)
+        t = getattr(first, f, None)
         if t is not None:
             full[f] = torch.empty((n_rows, *t.shape[1:]), dtype=t.dtype)
     row = 0
@@ -141,8 +141,7 @@ def _fill_rows(parts: Iterator[AffineRecord], n_rows: int) -> AffineRecord:
         for f, t in full.items():
             t[row:row + n] = getattr(p, f)
         row += n
-    return AffineRecord(codes=full["codes"], scales=full["scales"], bits=first.bits, group_size=first.group_size,
-                        zeros=full.get("zeros"), biases=full.get("biases"), per_tensor=first.per_tensor)
+    return replace(first, **full)   # AffineRecord or FPRecord: the same row-split tensors, the other fields shared
 
 
 def _chain(first: AffineRecord, rest: Iterator[AffineRecord]) -> Iterator[AffineRecord]:
@@ -221,6 +220,11 @@ def iter_quantized(plan: StreamPlan, method: str, cfg: Any, progress: bool = Fal
 
     _, fn = method_spec(method).load()
     log = LayerLog(plan.n_layers, f"{method} (streamed)", enabled=progress)
+    if getattr(cfg, "recipe", None) is not None and hasattr(cfg, "bind_layers"):   # rtn's per-layer recipe
+        from macq.quantizers.recipes import mlx_lm_layer_index
+
+        names = [name for kind, name, *_ in plan.order if kind == "record"]
+        cfg = cfg.bind_layers(mlx_lm_layer_index(names, plan.layers_prefix.rstrip("."), plan.n_layers, cfg.recipe))
 
     def module_cfg(name: str) -> Any:
         return cfg.for_module(name) if hasattr(cfg, "for_module") else cfg  # per-module --override

@@ -30,6 +30,7 @@ class Holds:
     zero_points: tuple[str, ...] = ("int", "float")
     lut_bits: tuple[int, ...] = ()                  # LUT index widths; () = no look-up tables
     activations: bool = False                       # activation quantization (W8A8)
+    fp_modes: tuple[str, ...] = ()                  # microscaled-float records (macq.microscale.FP_FORMATS)
 
     def describe(self) -> str:
         parts = []
@@ -38,6 +39,8 @@ class Holds:
             parts.append(f"affine {','.join(map(str, self.affine_bits))}-bit ({groups}, {'/'.join(self.zero_points)} zero)")
         if self.lut_bits:
             parts.append(f"LUT {','.join(map(str, self.lut_bits))}-bit")
+        if self.fp_modes:
+            parts.append("/".join(self.fp_modes))
         if self.activations:
             parts.append("activation quantization")
         return "; ".join(parts)
@@ -142,11 +145,16 @@ def check_records(target: "TargetSpec", method: str, cfg: Any, topts: dict[str, 
         return
     if spec.records != "affine":
         return
-    group = getattr(cfg, "group_size", 0)
-    pairs = [(bits, group, "")]
-    pairs += [(kv.get("bits", bits), kv.get("group_size", group), f"--override {rx.pattern}: ")
+    group, mode = getattr(cfg, "group_size", 0), getattr(cfg, "mode", "affine")
+    pairs = [(bits, group, mode, "")]
+    pairs += [(kv.get("bits", bits), kv.get("group_size", group), kv.get("mode", mode), f"--override {rx.pattern}: ")
               for rx, kv in (cfg.parsed_overrides() if hasattr(cfg, "parsed_overrides") else [])]
-    for b, g, where in pairs:
+    for b, g, m, where in pairs:
+        if m != "affine":   # a float mode fixes its bits and block (the record checks them)
+            if m not in holds.fp_modes:
+                raise MacqError(f"{where}--mode {m}: {name} holds no microscaled-float records "
+                                f"({'/'.join(holds.fp_modes) or 'none'}); export it to MLX (--target mlx)")
+            continue
         if b is not None and b not in holds.affine_bits:
             raise MacqError(f"{where + 'bits ' if where else '--bits '}{b}: {name} affine holds "
                             f"{', '.join(map(str, holds.affine_bits))} bits")
@@ -166,7 +174,8 @@ def check_macq(plan: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the table
-MLX_HOLDS = Holds(affine_bits=(2, 3, 4, 5, 6, 8), affine_groups=(32, 64, 128), zero_points=("float", "int"))
+MLX_HOLDS = Holds(affine_bits=(2, 3, 4, 5, 6, 8), affine_groups=(32, 64, 128), zero_points=("float", "int"),
+                  fp_modes=("mxfp4", "nvfp4", "mxfp8"))
 COREAI_HOLDS = Holds(affine_bits=(1, 2, 3, 4, 5, 6, 7, 8), affine_groups=None, zero_points=("int", "float"),
                      lut_bits=(1, 2, 3, 4, 5, 6, 7, 8))   # widths without a Core AI type are stored in the next one
 COREML_HOLDS = Holds(affine_bits=(1, 2, 3, 4, 5, 6, 7, 8), affine_groups=None, zero_points=("int",),
@@ -174,7 +183,8 @@ COREML_HOLDS = Holds(affine_bits=(1, 2, 3, 4, 5, 6, 7, 8), affine_groups=None, z
 
 TARGETS: dict[str, TargetSpec] = {t.name: t for t in (
     TargetSpec("macq", "macq", "macq quantization directory: records + float tensors + config (exported later)", "macq",
-               Holds(affine_bits=tuple(range(1, 9)), lut_bits=tuple(range(1, 9)), activations=True),
+               Holds(affine_bits=tuple(range(1, 9)), lut_bits=tuple(range(1, 9)), activations=True,
+                     fp_modes=("mxfp4", "nvfp4", "mxfp8")),
                "macq.qmodel:write_quant_dir", "macq.targets:check_macq"),
     TargetSpec("mlx", "MLX", "MLX model directory that mlx_lm.load runs unchanged", "mlx", MLX_HOLDS,
                "mlx_backend.export:write_records", "mlx_backend.export:precheck", defaults={"symmetric": False, "zero_point": "float"},

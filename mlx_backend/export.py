@@ -52,20 +52,20 @@ class _Plan:
         """Stored bits of the quantized layers (as written, in the export dtype) per quantized weight."""
         bits = n = 0
         for path, p in self.qparams.items():
-            t = [self.tensors[f"{path}.{f}"] for f in ("weight", "scales", "biases")]
+            t = [self.tensors[k] for f in ("weight", "scales", "biases") if (k := f"{path}.{f}") in self.tensors]
             bits += sum(x.numel() * x.element_size() * 8 for x in t)
             n += t[0].shape[0] * t[0].shape[1] * 32 // p["bits"]
         return bits / n if n else float("nan")
 
 
 def _quantization(qparams: dict[str, dict]) -> dict[str, Any] | None:
-    """Global = the most common (bits, group); every other quantized module gets an override by path."""
+    """Global = the most common (bits, group, mode); every other quantized module gets an override by path."""
     if not qparams:
         return None
-    (bits, group), _ = Counter((p["bits"], p["group_size"]) for p in qparams.values()).most_common(1)[0]
-    q: dict[str, Any] = {"group_size": group, "bits": bits, "mode": "affine"}
+    (bits, group, mode), _ = Counter((p["bits"], p["group_size"], p["mode"]) for p in qparams.values()).most_common(1)[0]
+    q: dict[str, Any] = {"group_size": group, "bits": bits, "mode": mode}
     for path, p in sorted(qparams.items()):
-        if (p["bits"], p["group_size"]) != (bits, group):
+        if (p["bits"], p["group_size"], p["mode"]) != (bits, group, mode):
             q[path] = dict(p)
     return q
 
@@ -153,7 +153,9 @@ def _check_against_mlx(cfg: dict[str, Any], plan: _Plan) -> None:
             continue
         out, inp = shape
         want[f"{path}.weight"] = (out, inp * p["bits"] // 32)
-        want[f"{path}.scales"] = want[f"{path}.biases"] = (out, inp // p["group_size"])
+        want[f"{path}.scales"] = (out, inp // p["group_size"])
+        if p["mode"] == "affine":
+            want[f"{path}.biases"] = (out, inp // p["group_size"])
     problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
     problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
     problems += [f"{k}: shape {have[k]} != mlx {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]

@@ -5,6 +5,8 @@ MLX stores ``P.weight`` (uint32, each row one little-endian bit stream of codes,
 dtype) and dequantizes ``w = scales * q + biases``. An :class:`AffineRecord` maps onto that without
 re-quantization: codes are copied, scales are cast, and the zero-point becomes the bias ``-s·z``. The
 only loss is the storage rounding of that bias (none for symmetric records: ``s·2^(b-1)`` is exact).
+An :class:`FPRecord` (mxfp4 / nvfp4 / mxfp8) holds MLX's own bytes: ``P.weight`` packed codes, ``P.scales`` the
+uint8 scale bytes, no ``P.biases``; what each mode stores is one table, :data:`MLX_MODES`.
 
 Architecture differences (names, Conv1D orientation, tying, the mlx_lm model) are data in the registry
 (:mod:`macq.arch`, each row's ``mlx``).
@@ -19,12 +21,33 @@ import torch
 
 from macq.arch import ARCHITECTURES, ArchSpec
 from macq.errors import MacqError
+from macq.microscale import FP_FORMATS
 from macq.packing import pack_bits, unpack_bits
-from macq.record import AffineRecord, LUTRecord, Record
+from macq.record import AffineRecord, FPRecord, LUTRecord, Record
 from macq.targets import MLX_HOLDS
 
 MLX_BITS = MLX_HOLDS.affine_bits            # the target table's row is the one place these are written
 MLX_GROUPS = MLX_HOLDS.affine_groups or ()
+
+
+@dataclass(frozen=True)
+class MLXMode:
+    """What one ``mx.quantize`` mode stores per quantized layer: code widths, groups along the input dim, the
+    scale's storage (``"model"``: the model dtype; else uint8 bytes in that encoding) and whether a bias
+    tensor exists. ``record``: the macq record kind that maps onto it without re-quantization."""
+
+    bits: tuple[int, ...]
+    groups: tuple[int, ...]
+    scale: str
+    biases: bool
+    record: str
+
+
+MLX_MODES: dict[str, MLXMode] = {
+    "affine": MLXMode(MLX_BITS, MLX_GROUPS, "model", True, "affine"),
+    **{name: MLXMode((f.bits,), (f.group_size,), f.scale, False, "fp") for name, f in FP_FORMATS.items()
+       if name in MLX_HOLDS.fp_modes},
+}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 REPRESENTABLE_METHODS = "rtn, gptq, awq, awq-gptq (and mixed precision built from them)"
 
@@ -149,9 +172,22 @@ class LayerOut:
     note: str | None = None
 
 
+def fp_tensors(rec: FPRecord) -> dict[str, torch.Tensor]:
+    """``{"weight", "scales"}`` of a float-mode record: its packed codes and scale bytes, unchanged."""
+    return {"weight": pack_bits(rec.codes, rec.bits), "scales": rec.scales.contiguous()}
+
+
+def qparams_of(rec: AffineRecord | FPRecord) -> dict:
+    """The ``quantization`` entry mlx_lm rebuilds this layer from."""
+    mode = rec.mode if isinstance(rec, FPRecord) else "affine"
+    return {"group_size": rec.group_size, "bits": rec.bits, "mode": mode}
+
+
 def layer_layout(name: str, rec: Record, dtype: torch.dtype, requant: tuple[int, int] | None = None) -> LayerOut:
     """Map one record. LUT records need ``requant=(bits, group)`` and are re-quantized by mx.quantize;
     if the group does not divide the input dim the layer stays float (as mlx_lm does)."""
+    if isinstance(rec, FPRecord):
+        return LayerOut(fp_tensors(rec), qparams_of(rec))
     if isinstance(rec, LUTRecord):
         if requant is None:
             raise lut_error([name])
@@ -167,7 +203,7 @@ def layer_layout(name: str, rec: Record, dtype: torch.dtype, requant: tuple[int,
     check_affine(name, rec)
     t = affine_tensors(rec, dtype)
     note = cast_report(name, rec, t)
-    return LayerOut(t, {"group_size": rec.group_size, "bits": rec.bits, "mode": "affine"}, note)
+    return LayerOut(t, qparams_of(rec), note)
 
 
 def float_weight(hf_key: str, t: torch.Tensor, arch: MLXArch, dtype: torch.dtype) -> torch.Tensor:

@@ -162,3 +162,60 @@ def eval_mlx(model: PathOrLoaded, dataset: str = "wiki", context: int = 512, max
     if ref_lp is not None:
         out.update({"kl": q["kl"].value, "top1": q["top1"].value})
     return out
+
+
+KV_BITS = (2, 3, 4, 5, 6, 8)   # mlx_lm's QuantizedKVCache: affine mx.quantize of keys / values per head-dim group
+
+
+def kv_logits_fn(model: PathOrLoaded, kv_bits: int | None = None, kv_group_size: int = 64):
+    """:func:`logits_fn` with every layer's keys and values held in mlx_lm's ``QuantizedKVCache`` (what
+    ``mlx_lm.generate --kv-bits`` uses): each window runs as one forward over a fresh cache, so every position
+    attends to quantized keys / values of itself and all earlier positions, exactly as decoding through that
+    cache does (mlx_lm's ``--quantized-kv-start`` = 0). ``kv_bits=None``: the plain fp cache-free forward."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    if kv_bits is None:
+        return logits_fn(model)
+    if kv_bits not in KV_BITS:
+        raise MacqError(f"--kv-bits {kv_bits}: mlx_lm's quantized KV cache holds {', '.join(map(str, KV_BITS))} bits")
+    net, _ = _loaded(model)
+
+    def fn(x) -> np.ndarray:
+        arr = mx.array(np.asarray(x, dtype=np.int64).astype(np.int32))
+        cache = [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in range(len(net.layers))]
+        return np.array(net(arr, cache=cache).astype(mx.float32))
+
+    return fn
+
+
+def eval_mlx_kv(model: PathOrLoaded, kv_bits: tuple[int, ...] = (8, 4), dataset: str = "wiki", context: int = 2048,
+                max_tokens: int | None = 4096, kv_group_size: int = 64,
+                compute_dtype: str | None = "auto") -> list[dict[str, Any]]:
+    """Perplexity with the KV cache in the model's float dtype (first row) and quantized to each of ``kv_bits``
+    (KL / top-1 of each against the float-KV row, from the same weights: the KV quantization's own cost).
+    Long windows (``context``) are the point: the error grows with the number of cached positions attended."""
+    from macq.data import eval_tokens
+    from macq.eval import reference_logprobs
+    from macq.eval.measure import quality
+
+    if kv_group_size not in (32, 64, 128):
+        raise MacqError(f"--kv-group-size {kv_group_size}: expected 32, 64 or 128")
+    for b in kv_bits:
+        if b not in KV_BITS:
+            raise MacqError(f"--kv-bits {b}: mlx_lm's quantized KV cache holds {', '.join(map(str, KV_BITS))} bits")
+    if compute_dtype == "auto":
+        compute_dtype = default_compute_dtype()
+    loaded = _loaded(model, compute_dtype)
+    ids = eval_tokens(hf_tokenizer(loaded[1]), dataset, max_tokens)
+    base = logits_fn(loaded)
+    ref = reference_logprobs(base, ids, context)
+    q = quality(base, ids, None, context)
+    rows = [{"kv": "float", "kv_bits": None, "ppl": q["ppl"].value, "ppl_stderr": q["ppl"].stderr, "kl": 0.0,
+             "top1": 1.0, "n_tokens": int(q["n_tokens"].value), "context": context}]
+    for b in kv_bits:
+        q = quality(kv_logits_fn(loaded, b, kv_group_size), ids, ref, context)
+        rows.append({"kv": f"{b}-bit g{kv_group_size}", "kv_bits": b, "ppl": q["ppl"].value,
+                     "ppl_stderr": q["ppl"].stderr, "kl": q["kl"].value, "top1": q["top1"].value,
+                     "n_tokens": int(q["n_tokens"].value), "context": context})
+    return rows

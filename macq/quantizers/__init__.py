@@ -109,12 +109,22 @@ def quantize_weights(model: nn.Module, cfg, fn: Callable[..., Any], progress: bo
     from macq.progress import track
 
     mods = quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head, tuple(cfg.skip))
+    if getattr(cfg, "recipe", None) is not None and hasattr(cfg, "bind_layers"):
+        cfg = cfg.bind_layers(layer_index(model, list(mods), cfg.recipe))
     records = {}
     for name, mod in track(list(mods.items()), "quantizing", enabled=progress):
         rec = fn(get_weight(mod).detach().float(), cfg.for_module(name))
         rec.transposed = is_conv1d(mod)
         records[name] = rec
     return records
+
+
+def layer_index(model: nn.Module, names: list[str], recipe: str):
+    """The decoder-layer numbering a per-layer recipe reads (count, and where the number sits in a path)."""
+    from macq.arch import arch_spec, decoder_layers
+    from macq.quantizers.recipes import mlx_lm_layer_index
+
+    return mlx_lm_layer_index(names, arch_spec(model).layers, len(decoder_layers(model)), recipe)
 
 
 def quantize_model(model: nn.Module, method: str, cfg=None, calib: torch.Tensor | None = None,
@@ -183,4 +193,4 @@ def head_quantizer(cfg) -> tuple[str, Any, Callable[..., Any]]:
     from macq.quantizers.rtn import quantize_weight as rtn_weight
 
     return "rtn", RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, zero_point="int",
-                            mse_clip=True, scale_dtype=cfg.scale_dtype), rtn_weight
+                            mse_clip=True, scale_dtype=cfg.scale_dtype, mode=getattr(cfg, "mode", "affine")), rtn_weight

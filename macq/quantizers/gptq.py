@@ -8,7 +8,10 @@ remaining columns after ``j−1`` eliminations), and updates to later columns ar
 block of ``block_size`` columns (same result, far fewer memory passes).
 
 The grid is :mod:`macq.quantizers.grid`'s, so a GPTQ record at given bits/group/symmetry lives on exactly
-RTN's grid; only the choice of codes differs. Groups are contiguous in the *original* column order
+RTN's grid; only the choice of codes differs. In MLX's float modes (``mode="mxfp4" | "nvfp4" | "mxfp8"``) each
+block's 8-bit scale is fixed when the loop reaches the block (searched on the block's current weights, MLX's
+own scale tried first: :func:`macq.quantizers.mxfp.search_scales`) and columns round to the nearest E2M1 / E4M3
+value times that scale; the record is an :class:`~macq.record.FPRecord` in MLX's bytes. Groups are contiguous in the *original* column order
 (``act_order`` requires ``static_groups``): MLX and Core ML hold no ``g_idx`` permutation.
 """
 
@@ -21,12 +24,13 @@ import torch
 import torch.nn as nn
 
 from macq.errors import MacqError
+from macq.microscale import FPFormat, fp_format
 from macq.progress import stage
 from macq.quantizers import grid
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
-from macq.record import AffineRecord
+from macq.record import AffineRecord, FPRecord
 
 DAMP_RETRIES = 4        # on a failed Cholesky, damping is multiplied by 10 up to this many times
 MSE_GRID = torch.linspace(1.0, 0.2, 41)  # range shrink factors tried by mse_clip (GPTQ's maxshrink 0.8)
@@ -47,6 +51,10 @@ class GPTQConfig(StreamOptions, ScaleOptions, QuantConfig):
     mse_clip: bool = True          # per-group range shrink minimising |w − q(w)|^2.4 (GPTQ's "mse" option):
                                    # on SmolLM2 down_proj it cut held-out output error 0.89 -> 0.73 (RTN 1.06)
     scale_dtype: str = "float16"
+    mode: str = field(default="affine", metadata={
+        "help": "affine (integer grid) or an MLX microscaled float mode: mxfp4 (E2M1 codes, power-of-two scale "
+                "per 32), nvfp4 (E2M1, fp8 E4M3 scale per 16), mxfp8 (E4M3 codes, power-of-two scale per 32); a "
+                "float mode fixes --bits and --group-size (leave them unset)"})
     batch_size: int = 8            # calibration sequences per forward
     device: str = field(default="cpu", metadata={"help": "cpu|cuda|mps (cuda:N): where layers are quantized; "
                                                          "the streamed path keeps activations on the CPU"})
@@ -56,6 +64,12 @@ class GPTQConfig(StreamOptions, ScaleOptions, QuantConfig):
     dataset: str = "c4"
 
     def __post_init__(self) -> None:
+        from macq.quantizers.rtn import MODES, fix_float_mode
+
+        check(self.mode in MODES, f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.mode != "affine":
+            fix_float_mode(self)
+            check(not self.act_order, f"--act-order: --mode {self.mode} blocks are contiguous input columns")
         check_bits(self.bits, range(2, 9), "gptq")
         check(self.group_size >= 0, f"--group-size {self.group_size}: expected > 0, or 0 for per-channel")
         check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
@@ -89,6 +103,25 @@ def _params(w: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tenso
             best_err = torch.where(better, err, best_err)
             best = [torch.where(better, s, best[0]), None if z is None else torch.where(better, z, best[1])]
     return best[0], best[1]
+
+
+def _fp_params(w: torch.Tensor, fmt: FPFormat, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(divisor, scale byte)`` per block of ``w [out, k, g]``: MLX's rule, or the searched byte (mse_clip)."""
+    from macq.quantizers.mxfp import block_scales, search_scales
+
+    wg = w.double()
+    byte, div = search_scales(wg, fmt, cfg.torch_scale_dtype) if cfg.mse_clip else \
+        block_scales(wg, fmt, cfg.torch_scale_dtype)
+    return div[..., 0].to(w.dtype), byte[..., 0]
+
+
+def _fp_round(w: torch.Tensor, div: torch.Tensor, fmt: FPFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column onto its blocks' grids: ``(codes, values)``; a zero scale (all-zero block) gives zeros."""
+    from macq.quantizers.mxfp import grid_values, nearest_codes
+
+    safe = torch.where(div > 0, div, torch.ones_like(div))
+    c = nearest_codes(w / safe, fmt)
+    return c, torch.where(div > 0, grid_values(c, fmt, safe), torch.zeros_like(w))
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
@@ -162,7 +195,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     p = prepared if prepared is not None else prepare_hessian(H, cfg, W.device)
     W = W.to(dt).clone()
     out, n = W.shape
-    g = cfg.group_size or n
+    fp = fp_format(cfg.mode) if cfg.mode != "affine" else None
+    g = fp.group_size if fp is not None else (cfg.group_size or n)
     if n % g:
         raise MacqError(f"gptq: group_size={g} does not divide the input dim {n}")
     dead, perm, Hinv, damp, H0 = p.dead, p.perm, p.Hinv, p.damp, p.H0
@@ -170,7 +204,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     W0 = W.clone()
     static = cfg.static_groups or cfg.group_size == 0   # per-channel params always come from the original W
     empty = W.new_zeros(out, n // g, dtype=torch.float32)
-    scale, zero = _params(W.view(out, n // g, g), cfg) if static else (empty, None if cfg.symmetric else empty.clone())
+    if fp is not None:              # zero holds the scale bytes, scale the decoded divisors
+        empty = W.new_zeros(out, n // g)
+        scale, zero = _fp_params(W.view(out, n // g, g), fp, cfg) if static else (empty, empty.to(torch.uint8))
+    else:
+        scale, zero = _params(W.view(out, n // g, g), cfg) if static else \
+            (empty, None if cfg.symmetric else empty.clone())
     W = W[:, perm]
     codes, losses = torch.zeros(out, n, dtype=torch.uint8, device=W.device), W.new_zeros(out)
     group_of = (perm // g).tolist()  # group (in the original order) of the j-th quantized column
@@ -181,22 +220,31 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
             j, gi = i1 + i, group_of[i1 + i]
             if not static and j % g == 0:  # params from the group's *current* weights: in-block part is
                 rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:j, i2:j + g]  # updated, the rest gets its pending update
-                s, z = _params(torch.cat([W1[:, i:i + g], rest], 1).unsqueeze(1), cfg)
+                cur = torch.cat([W1[:, i:i + g], rest], 1).unsqueeze(1)
+                s, z = _fp_params(cur, fp, cfg) if fp is not None else _params(cur, cfg)
                 scale[:, gi] = s[:, 0]
                 if z is not None:
                     zero[:, gi] = z[:, 0]
             w, d = W1[:, i], Hinv1[i, i]
-            s, z = scale[:, gi], None if cfg.symmetric else zero[:, gi]
-            c = grid.quantize_codes(w.unsqueeze(1), s, z, None, cfg.bits)
-            q = grid.dequantize_codes(c, s, z, None, cfg.bits)[:, 0].to(dt)
-            codes[:, j], err = c[:, 0], (w - q) / d
+            if fp is not None:
+                c, q = _fp_round(w, scale[:, gi], fp)
+                codes[:, j], err = c, (w - q) / d
+            else:
+                s, z = scale[:, gi], None if cfg.symmetric else zero[:, gi]
+                c = grid.quantize_codes(w.unsqueeze(1), s, z, None, cfg.bits)
+                q = grid.dequantize_codes(c, s, z, None, cfg.bits)[:, 0].to(dt)
+                codes[:, j], err = c[:, 0], (w - q) / d
             losses += err ** 2 / 2
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     codes = codes[:, torch.argsort(perm)]
-    rec = AffineRecord(codes=codes.cpu(), scales=scale.to(cfg.torch_scale_dtype).cpu(), bits=cfg.bits, group_size=g,
-                       zeros=None if cfg.symmetric else zero.to(torch.uint8).cpu())
+    rec: AffineRecord | FPRecord
+    if fp is not None:
+        rec = FPRecord(codes=codes.cpu(), scales=zero.cpu(), mode=cfg.mode)
+    else:
+        rec = AffineRecord(codes=codes.cpu(), scales=scale.to(cfg.torch_scale_dtype).cpu(), bits=cfg.bits, group_size=g,
+                           zeros=None if cfg.symmetric else zero.to(torch.uint8).cpu())
     delta = rec.dequantize().to(W0.device, dt) - W0
     stats = {"loss": losses.sum().item(), "out_err": ((delta @ H0) * delta).sum().item(),
              "damp": damp, "dead": int(dead.sum())}
