@@ -221,7 +221,7 @@ def iter_quantized(plan: StreamPlan, method: str, cfg: Any, progress: bool = Fal
     _, fn = method_spec(method).load()
     log = LayerLog(plan.n_layers, f"{method} (streamed)", enabled=progress)
     if getattr(cfg, "recipe", None) is not None and hasattr(cfg, "bind_layers"):   # rtn's per-layer recipe
-        from macq.quantizers.recipes import mlx_lm_layer_index
+        from macq.quantizers.mlx_recipes import mlx_lm_layer_index
 
         names = [name for kind, name, *_ in plan.order if kind == "record"]
         cfg = cfg.bind_layers(mlx_lm_layer_index(names, plan.layers_prefix.rstrip("."), plan.n_layers, cfg.recipe))

@@ -78,7 +78,7 @@ def test_target_table_drives_checks_and_options(tiny, tmp_path):
         make_plan(Request(str(tiny), tmp_path / "c.mlpackage", target="coreml", method="kmeans", options={"bits": 5}))
     with pytest.raises(MacqError, match="writes look-up-table codes, which MLX cannot hold"):
         make_plan(Request(str(tiny), tmp_path / "m", target="mlx", method="nf4"))
-    with pytest.raises(MacqError, match=r"--chunks does not apply to --target mlx \(it is an option of coreml\)"):
+    with pytest.raises(MacqError, match=r"--chunks does not apply to --target mlx \(it is an option of coreml, coreai\)"):
         target_options(TARGETS["mlx"], {"chunks": 2})
     with pytest.raises(MacqError, match=r"--graph 'x': expected one of ane, hf"):
         target_options(TARGETS["coreml"], {"graph": "x"})

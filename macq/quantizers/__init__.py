@@ -122,7 +122,7 @@ def quantize_weights(model: nn.Module, cfg, fn: Callable[..., Any], progress: bo
 def layer_index(model: nn.Module, names: list[str], recipe: str):
     """The decoder-layer numbering a per-layer recipe reads (count, and where the number sits in a path)."""
     from macq.arch import arch_spec, decoder_layers
-    from macq.quantizers.recipes import mlx_lm_layer_index
+    from macq.quantizers.mlx_recipes import mlx_lm_layer_index
 
     return mlx_lm_layer_index(names, arch_spec(model).layers, len(decoder_layers(model)), recipe)
 

@@ -62,7 +62,7 @@ class RTNConfig(ScaleOptions, QuantConfig):
         if self.mode != "affine":
             fix_float_mode(self)
         if self.recipe is not None:
-            from macq.quantizers.recipes import mlx_lm_recipe
+            from macq.quantizers.mlx_recipes import mlx_lm_recipe
 
             mlx_lm_recipe(self.recipe)
             check(self.mode == "affine", f"--recipe {self.recipe}: mlx_lm's predicates are affine only, not "
@@ -88,7 +88,7 @@ class RTNConfig(ScaleOptions, QuantConfig):
         index = getattr(self, "_layers", None)
         if self.recipe is None or index is None or cfg is not self:
             return cfg
-        from macq.quantizers.recipes import mlx_lm_recipe_bits
+        from macq.quantizers.mlx_recipes import mlx_lm_recipe_bits
 
         return replace(self, overrides=(), recipe=None, bits=mlx_lm_recipe_bits(self.recipe, name, index))
 
