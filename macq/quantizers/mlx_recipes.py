@@ -1,4 +1,4 @@
-"""mlx_lm's mixed-precision predicates (``mlx_lm.convert --quant-predicate``) restated, for rtn's ``--recipe``.
+"""mlx_lm's mixed-precision predicates (mlx_lm.convert's quant predicates) restated, for rtn's ``--recipe``.
 
 Kept apart from :mod:`macq.quantizers.recipes` (macq's own recipes over its formats table) so that rtn reads them
 without importing the formats table, which imports rtn.
@@ -16,7 +16,7 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-# ``mlx_lm.convert --quant-predicate NAME``: (low bits, high bits) of its mixed_quant_predicate_builder. Its rule:
+# mlx_lm.convert's quant predicate NAME: (low bits, high bits) of its mixed_quant_predicate_builder. Its rule:
 # v_proj (and MLA's v_a_proj / v_b_proj) and down_proj where use_more_bits(layer), and every lm_head, get the high
 # bits; every other quantized module the low bits; all affine at one group size.
 MLX_LM_RECIPES: dict[str, tuple[int, int]] = {

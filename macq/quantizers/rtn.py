@@ -54,8 +54,8 @@ class RTNConfig(ScaleOptions, QuantConfig):
                 "float mode fixes --bits and --group-size (leave them unset)"})
     recipe: str | None = field(default=None, metadata={
         "help": "mlx_lm's mixed predicate (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6): low bits everywhere, high bits "
-                "on v_proj/down_proj where llama.cpp's use_more_bits holds and on lm_head, as mlx_lm.convert "
-                "--quant-predicate does (replaces --bits; --override still wins)"})
+                "on v_proj/down_proj where llama.cpp's use_more_bits holds and on lm_head, as mlx_lm.convert's "
+                "quant predicate does (replaces --bits; --override still wins)"})
 
     def __post_init__(self) -> None:
         check(self.mode in MODES, f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
