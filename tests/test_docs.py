@@ -122,7 +122,7 @@ def test_bench_harness_covers_every_benchmark_and_page():
         assert (DOCS / "results" / page).resolve().is_file(), (name, page)
     used = set()
     for path in _markdown_files():
-        used |= set(re.findall(r"scripts/bench\.py ([a-z_-]+)", path.read_text(encoding="utf-8")))
+        used |= set(re.findall(r"scripts/bench\.py ([a-z0-9_-]+)", path.read_text(encoding="utf-8")))
     used.discard("--list")
     assert used and used <= set(bench.STUDIES) | set(bench.HELPERS), sorted(used - set(bench.STUDIES))
     # scripts/ holds the harness and the set-up / lock tools, nothing else
