@@ -241,9 +241,10 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="also write the result as a macq.run JSON file (for macq report)"),
     label: str = typer.Option("", help="--out: row label in reports"),
     force: bool = typer.Option(False, "--force", help="--out: replace a run file macq wrote"),
-    kv_bits: Optional[list[int]] = typer.Option(None, "--kv-bits", help="MLX export: rows with mlx_lm's quantized KV "
-                                                "cache at these bits (repeatable) next to the float-KV row: ppl, KL "
-                                                "(default --context 2048)"),
+    kv_bits: Optional[list[int]] = typer.Option(None, "--kv-bits", help="rows with a quantized KV cache at these bits "
+                                                "(repeatable) next to the float-KV row: ppl, KL (default --context "
+                                                "2048); an MLX export runs mlx_lm's cache, a checkpoint or macq "
+                                                "quantization MLX's KV grid simulated in torch"),
     kv_group_size: int = typer.Option(64, help="--kv-bits: KV quantization group along the head dim"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

@@ -244,13 +244,33 @@ KV_CONTEXT = 2048   # default window for --kv-bits: a quantized cache's error gr
 
 def evaluate_kv(path: str | None, kv_bits: list[int], *, dataset: str = "wiki", context: int | None = None,
                 max_tokens: int | None = 4096, kv_group_size: int = 64) -> tuple[dict[str, Any], str]:
-    """``macq eval MLX_DIR --kv-bits 8 --kv-bits 4``: the float-KV row and one row per KV width through mlx_lm's
-    quantized KV cache (perplexity, KL / top-1 against the float-KV row, same weights)."""
-    from mlx_backend.runner import eval_mlx_kv
+    """``macq eval PATH --kv-bits 8 --kv-bits 4``: the float-KV row and one row per KV width (perplexity, KL / top-1
+    against the float-KV row, same weights). An MLX export runs through mlx_lm's own quantized KV cache; a
+    checkpoint or a macq quantization through the torch simulation of that cache (:mod:`macq.eval.kvsim`)."""
+    from macq.data import eval_tokens
+    from macq.eval.kvsim import check_kv, kv_logits_fn, kv_rows
 
-    if artifact_kind(path) != "mlx":
-        raise MacqError(f"--kv-bits: needs an MLX export directory (mlx_lm's quantized KV cache), not {path!r}")
-    rows = eval_mlx_kv(path, kv_bits=tuple(kv_bits), dataset=dataset, context=context or KV_CONTEXT,
-                       max_tokens=max_tokens, kv_group_size=kv_group_size)
-    result = {"artifact": "mlx", "path": path, "dataset": dataset, "kv_rows": rows}
+    kind = artifact_kind(path)
+    for b in kv_bits:
+        check_kv(b, kv_group_size)
+    context = context or KV_CONTEXT
+    if kind == "mlx":
+        from mlx_backend.runner import eval_mlx_kv
+
+        rows = eval_mlx_kv(path, kv_bits=tuple(kv_bits), dataset=dataset, context=context,
+                           max_tokens=max_tokens, kv_group_size=kv_group_size)
+        runtime = "mlx_lm QuantizedKVCache"
+    elif kind in ("model", "macq"):
+        from macq.pipeline import load_quantized_or_model
+
+        _, model, tok = load_quantized_or_model(path)
+        model.eval()
+        ids = eval_tokens(tok, dataset, max_tokens)
+        fns = {b: kv_logits_fn(model, b, kv_group_size) for b in kv_bits}   # head-dim checks before any pass
+        rows = kv_rows(model, fns.__getitem__, ids, tuple(kv_bits), kv_group_size, context)
+        runtime = "torch, MLX's affine KV grid simulated"
+    else:
+        raise MacqError(f"--kv-bits: needs a checkpoint, a macq quantization or an MLX export, not a {kind} "
+                        f"artifact ({path})")
+    result = {"artifact": kind, "path": path, "dataset": dataset, "kv_runtime": runtime, "kv_rows": rows}
     return result, md_table(rows, ["kv", "ppl", "kl", "top1", "n_tokens", "context"])

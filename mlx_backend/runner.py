@@ -164,9 +164,6 @@ def eval_mlx(model: PathOrLoaded, dataset: str = "wiki", context: int = 512, max
     return out
 
 
-KV_BITS = (2, 3, 4, 5, 6, 8)   # mlx_lm's QuantizedKVCache: affine mx.quantize of keys / values per head-dim group
-
-
 def kv_logits_fn(model: PathOrLoaded, kv_bits: int | None = None, kv_group_size: int = 64):
     """:func:`logits_fn` with every layer's keys and values held in mlx_lm's ``QuantizedKVCache`` (what
     ``mlx_lm.generate --kv-bits`` uses): each window runs as one forward over a fresh cache, so every position
@@ -175,10 +172,11 @@ def kv_logits_fn(model: PathOrLoaded, kv_bits: int | None = None, kv_group_size:
     import mlx.core as mx
     from mlx_lm.models.cache import QuantizedKVCache
 
+    from macq.eval.kvsim import check_kv
+
     if kv_bits is None:
         return logits_fn(model)
-    if kv_bits not in KV_BITS:
-        raise MacqError(f"--kv-bits {kv_bits}: mlx_lm's quantized KV cache holds {', '.join(map(str, KV_BITS))} bits")
+    check_kv(kv_bits, kv_group_size)
     net, _ = _loaded(model)
 
     def fn(x) -> np.ndarray:
@@ -196,26 +194,13 @@ def eval_mlx_kv(model: PathOrLoaded, kv_bits: tuple[int, ...] = (8, 4), dataset:
     (KL / top-1 of each against the float-KV row, from the same weights: the KV quantization's own cost).
     Long windows (``context``) are the point: the error grows with the number of cached positions attended."""
     from macq.data import eval_tokens
-    from macq.eval import reference_logprobs
-    from macq.eval.measure import quality
+    from macq.eval.kvsim import check_kv, kv_rows
 
-    if kv_group_size not in (32, 64, 128):
-        raise MacqError(f"--kv-group-size {kv_group_size}: expected 32, 64 or 128")
     for b in kv_bits:
-        if b not in KV_BITS:
-            raise MacqError(f"--kv-bits {b}: mlx_lm's quantized KV cache holds {', '.join(map(str, KV_BITS))} bits")
+        check_kv(b, kv_group_size)
     if compute_dtype == "auto":
         compute_dtype = default_compute_dtype()
     loaded = _loaded(model, compute_dtype)
     ids = eval_tokens(hf_tokenizer(loaded[1]), dataset, max_tokens)
-    base = logits_fn(loaded)
-    ref = reference_logprobs(base, ids, context)
-    q = quality(base, ids, None, context)
-    rows = [{"kv": "float", "kv_bits": None, "ppl": q["ppl"].value, "ppl_stderr": q["ppl"].stderr, "kl": 0.0,
-             "top1": 1.0, "n_tokens": int(q["n_tokens"].value), "context": context}]
-    for b in kv_bits:
-        q = quality(kv_logits_fn(loaded, b, kv_group_size), ids, ref, context)
-        rows.append({"kv": f"{b}-bit g{kv_group_size}", "kv_bits": b, "ppl": q["ppl"].value,
-                     "ppl_stderr": q["ppl"].stderr, "kl": q["kl"].value, "top1": q["top1"].value,
-                     "n_tokens": int(q["n_tokens"].value), "context": context})
-    return rows
+    return kv_rows(logits_fn(loaded), lambda b: kv_logits_fn(loaded, b, kv_group_size), ids, kv_bits,
+                   kv_group_size, context)

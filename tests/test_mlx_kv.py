@@ -57,9 +57,9 @@ def test_rows_order_by_bits(loaded):
 
 
 def test_refusals(loaded):
-    with pytest.raises(MacqError, match="--kv-bits 7: mlx_lm's quantized KV cache holds 2, 3, 4, 5, 6, 8 bits"):
+    with pytest.raises(MacqError, match="--kv-bits 7: a quantized KV cache holds 2, 3, 4, 5, 6, 8 bits"):
         eval_mlx_kv(loaded, kv_bits=(7,))
-    with pytest.raises(MacqError, match="--kv-group-size 16: expected 32, 64 or 128"):
+    with pytest.raises(MacqError, match="--kv-group-size 16: expected one of 32, 64, 128"):
         eval_mlx_kv(loaded, kv_group_size=16)
 
 
@@ -75,4 +75,50 @@ def test_cli_eval_kv_bits(path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", str(path), "--kv-bits", "7"])
     assert e.value.code == 2
-    assert "error: --kv-bits 7: mlx_lm's quantized KV cache holds" in capsys.readouterr().err
+    assert "error: --kv-bits 7: a quantized KV cache holds" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the torch simulation against mlx_lm's cache
+@pytest.fixture(scope="module")
+def qdir(tmp_path_factory):
+    qm = quantize_model(tiny_model("llama", **DIMS), "rtn", RTNConfig(mode="mxfp4"))
+    return qm.save(tmp_path_factory.mktemp("kvq") / "q", tokenizer=tiny_tokenizer())
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64), (2, 32)])
+def test_fake_quantize_kv_equals_mx_quantize(bits, group):
+    import torch
+
+    from macq.eval.kvsim import fake_quantize_kv
+
+    x = np.random.default_rng(bits).standard_normal((3, 5, 7, 128)).astype(np.float32) * 4
+    x[0, 0, 0, :group] = 0.5                       # a constant group (zero range)
+    ref = mx.dequantize(*mx.quantize(mx.array(x), group_size=group, bits=bits), group_size=group, bits=bits)
+    ours = fake_quantize_kv(torch.from_numpy(x), bits, group).numpy()
+    step = float(np.abs(x).max()) * 2 / (2 ** bits - 1)
+    np.testing.assert_allclose(ours, np.array(ref), rtol=0, atol=1e-5 * step)
+
+
+def test_torch_simulation_matches_mlx_lm_cache(path, qdir):
+    from macq.evaluate import evaluate_kv
+
+    kw = dict(dataset="tinystories", context=128, max_tokens=256, kv_group_size=32)
+    mlx_rows = evaluate_kv(str(path), [8, 4], **kw)[0]["kv_rows"]
+    sim = evaluate_kv(str(qdir), [8, 4], **kw)[0]
+    assert sim["kv_runtime"].startswith("torch")
+    for m, t in zip(mlx_rows, sim["kv_rows"]):
+        assert m["kv"] == t["kv"]
+        assert abs(t["ppl"] / m["ppl"] - 1) < 1e-4, (m, t)
+    for b in (1, 2):                               # KL of each KV width against its float-KV row
+        assert abs(sim["kv_rows"][b]["kl"] / mlx_rows[b]["kl"] - 1) < 1e-2, (mlx_rows, sim["kv_rows"])
+
+
+def test_torch_simulation_refusals(qdir, tmp_path):
+    from macq.evaluate import evaluate_kv
+
+    with pytest.raises(MacqError, match="--kv-group-size 64: does not divide the model's head dim 32"):
+        evaluate_kv(str(qdir), [4], kv_group_size=64)
+    pkg = tmp_path / "m.mlpackage"
+    pkg.mkdir()
+    with pytest.raises(MacqError, match="--kv-bits: needs a checkpoint, a macq quantization or an MLX export"):
+        evaluate_kv(str(pkg), [4])

@@ -10,7 +10,7 @@ Rows (decoder linears only on every row; embeddings / lm_head stay fp16 everywhe
 * macq ``kmeans-cal`` with the same layout (4-bit, groups of 32 output channels, fp16 LUT): identical storage;
 * coreai-opt ``Quantizer`` int4 per block of 32 (``QuantizerConfig.presets.w4_per_block``, symmetric), the macOS
   preset, eager mode on the ``nn.Linear`` modules;
-* macq ``gptq`` int4 g32 symmetric (fp16 scale per 32 weights): identical storage.
+* macq ``gptq`` and ``learned`` int4 g32 symmetric (fp16 scale per 32 weights): identical storage.
 
 Every row is evaluated the same way in torch (fp32 compute on the dequantized weights): perplexity on the
 held-out splits of wiki, c4 and tinystories (context 512), and KL / top-1 against the fp16-rounded model.
@@ -76,6 +76,14 @@ def coreai_opt_int4(model) -> torch.nn.Module:
     return q.finalize(backend=ExportBackend.Torch)
 
 
+# macq rows: (method, options), each stored exactly like the coreai-opt row of its format
+MACQ_ROWS = {
+    "macq-kmeans-cal": ("kmeans-cal", {"bits": 4, "granularity": "per_grouped_channel", "group_size": 32}),
+    "macq-gptq": ("gptq", {"bits": 4, "group_size": 32, "symmetric": True}),
+    "macq-learned": ("learned", {"bits": 4, "group_size": 32, "symmetric": True}),
+}
+
+
 def lut_bits(shapes, group_rows: int = 32, bits: int = 4) -> float:
     """Stored bits per weight of 4-bit LUTs shared by ``group_rows`` output channels (fp16 LUT entries)."""
     n = sum(o * i for o, i in shapes)
@@ -93,7 +101,7 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--rows", default="opt-kmeans,opt-kmeans-cal,macq-kmeans-cal,opt-int4,macq-gptq")
+    ap.add_argument("--rows", default="opt-int4,macq-gptq,macq-learned,opt-kmeans,opt-kmeans-cal,macq-kmeans-cal")
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -135,12 +143,10 @@ def main() -> None:
         elif row == "opt-int4":
             score("coreai-opt Quantizer int4 block 32 (sym)", coreai_opt_int4(model).eval(), int4_bits(shapes),
                   time.perf_counter() - t0)
-        elif row in ("macq-kmeans-cal", "macq-gptq"):
-            method, opts = (("kmeans-cal", {"bits": 4, "granularity": "per_grouped_channel", "group_size": 32})
-                            if row == "macq-kmeans-cal" else
-                            ("gptq", {"bits": 4, "group_size": 32, "symmetric": True}))
+        elif row in MACQ_ROWS:
+            method, opts = MACQ_ROWS[row]
             qm = quantize(model, tok, method, opts, "c4", args.n_calib, args.seq_len, 0, progress=False, copy_model=True)
-            score(f"macq {method} 4-bit g32" + (" (sym)" if method == "gptq" else ""), qm.to_torch(),
+            score(f"macq {method} 4-bit g32" + (" (sym)" if opts.get("symmetric") else ""), qm.to_torch(),
                   qm.bits_per_weight(), time.perf_counter() - t0)
         else:
             raise SystemExit(f"unknown row {row}")
