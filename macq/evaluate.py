@@ -70,12 +70,9 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int | None = 
                  tokenizer: str | None = None, decode_tokens: int | None = None):
     """``context=None``: 512, or a Core ML ANE export's own fixed context."""
     kind = artifact_kind(path)
-    if kind == "coreai":
-        raise MacqError(f"eval: {path} is a Core AI export; score its records with macq eval on the quantization "
-                        "directory it was exported from (the same weights), and run the asset with macq generate")
-    if decode_tokens is not None and kind != "mlpackage":
-        raise MacqError("--decode-tokens: only for a Core ML export (.mlpackage or chunk directory)")
-    if kind != "mlpackage":
+    if decode_tokens is not None and kind not in ("mlpackage", "coreai"):
+        raise MacqError("--decode-tokens: only for a Core ML or Core AI export")
+    if kind not in ("mlpackage", "coreai"):
         context = 512 if context is None else context
     if kind == "mlx":
         from mlx_backend.runner import eval_mlx
@@ -90,10 +87,11 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int | None = 
         res = dict(res, artifact="mlx", path=path)
         return res, md_table([res], [c for c in ("artifact", "ppl", "kl", "top1", "n_tokens", "tokens_per_s",
                                                   "prefill_tokens_per_s") if c in res])
-    if kind == "mlpackage":
-        res = evaluate_mlpackage(path, dataset=dataset, max_tokens=max_tokens, compute_units=compute_units,
-                                 tokenizer=tokenizer, context=context, stride=stride, reference=reference,
-                                 decode_tokens=decode_tokens)
+    if kind in ("mlpackage", "coreai"):
+        kw = dict(dataset=dataset, max_tokens=max_tokens, tokenizer=tokenizer, context=context, stride=stride,
+                  reference=reference, decode_tokens=decode_tokens)
+        res = (evaluate_coreai(path, **kw) if kind == "coreai" else
+               evaluate_mlpackage(path, compute_units=compute_units, **kw))
         md = md_table([res], [c for c in ("artifact", "backend", "compute_units", "ppl", "kl", "top1", "n_tokens",
                                           "context", "prefill_ms_per_token", "decode_ms_per_token") if c in res])
         return res, md + "".join(f"\nnote: {n}" for n in res["notes"])
@@ -118,6 +116,54 @@ def evaluate_any(path: str | None, dataset: str = "wiki", context: int | None = 
     return res, md_table([res], cols)
 
 
+def _reference_fn(reference: str | None):
+    """Window ids -> float logits ``[n, vocab]`` of the float model ``reference`` (None: no KL)."""
+    if reference is None:
+        return None
+    import torch
+
+    from macq.models import load_model
+
+    ref_model, _ = load_model(None if reference == "default" else reference, with_tokenizer=False)
+    ref_model.eval()
+
+    def fn(win):
+        with torch.inference_mode():
+            return ref_model(torch.as_tensor(win, dtype=torch.long)[None]).logits[0].float().numpy()
+
+    return fn
+
+
+def _source_tokens(src: str | None, path: str, dataset: str, max_tokens: int | None):
+    from transformers import AutoTokenizer
+
+    from macq.data import eval_tokens
+    from macq.models import resolve_model_path
+
+    if not src:
+        raise MacqError(f"{path} does not record its source model: pass --tokenizer DIR")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None if src == "default" else src))
+    return eval_tokens(tok, dataset, max_tokens)
+
+
+def _check_context(context: int | None, limit: int) -> int:
+    if context is not None and not 2 <= context <= limit:
+        raise MacqError(f"--context {context}: expected 2..{limit} (the export's fixed context)")
+    return limit if context is None else context
+
+
+def _runner_result(artifact: str, path: str, dataset: str, r, context: int | None) -> dict[str, Any]:
+    out = {"artifact": artifact, "path": str(path), "backend": r.backend, "compute_units": r.compute_units,
+           "dataset": dataset, "ppl": r.perplexity, "ppl_stderr": r.ppl_stderr, "n_tokens": r.n_tokens,
+           "prefill_ms_per_token": r.prefill_ms_per_token, "decode_ms_per_token": r.decode_ms_per_token,
+           "notes": r.notes}
+    if context is not None:
+        out["context"] = context
+    if r.kl is not None:
+        out.update({"kl": r.kl, "top1": r.top1})
+    return out
+
+
 def evaluate_mlpackage(path: str, dataset: str = "wiki", max_tokens: int | None = 512, compute_units: str = "ALL",
                        tokenizer: str | None = None, context: int | None = None, stride: int | None = None,
                        reference: str | None = None, decode_tokens: int | None = None) -> dict[str, Any]:
@@ -127,54 +173,44 @@ def evaluate_mlpackage(path: str, dataset: str = "wiki", max_tokens: int | None 
     macq's windows of ``context`` tokens (default: its fixed context); the traced (flexible) path on
     windows of its own context length, without KL."""
     import coremltools as ct
-    from transformers import AutoTokenizer
 
     from converters.ane_runner import predict_ane
     from converters.chunks import is_ane_export, read_manifest
     from converters.predict import predict_coreml
-    from macq.data import eval_tokens
-    from macq.models import resolve_model_path
 
     ane = is_ane_export(path)
     if ane:
         src = tokenizer or read_manifest(path)[0].source or None
     else:
         src = tokenizer or ct.models.MLModel(str(path), skip_model_load=True).user_defined_metadata.get("macq.source")
-    if not src:
-        raise MacqError(f"{path} does not record its source model: pass --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(None if src == "default" else src))
     if not ane and (reference is not None or decode_tokens is not None or stride is not None):
         raise MacqError(f"{path}: --reference / --decode-tokens / --stride need an ANE export (the default graph)")
-    if ane and context is not None and not 2 <= context <= read_manifest(path)[0].context:
-        raise MacqError(f"--context {context}: expected 2..{read_manifest(path)[0].context} (the export's fixed context)")
-    ids = eval_tokens(tok, dataset, max_tokens)
+    ctx = _check_context(context, read_manifest(path)[0].context) if ane else None
+    ids = _source_tokens(src, path, dataset, max_tokens)
     if not ane:
         r = predict_coreml(path, ids.numpy(), compute_units=compute_units)
     else:
-        ctx = context if context is not None else read_manifest(path)[0].context
-        ref_fn = None
-        if reference is not None:
-            import torch
-
-            from macq.models import load_model
-
-            ref_model, _ = load_model(None if reference == "default" else reference, with_tokenizer=False)
-            ref_model.eval()
-
-            def ref_fn(win):
-                with torch.inference_mode():
-                    return ref_model(torch.as_tensor(win, dtype=torch.long)[None]).logits[0].float().numpy()
         r = predict_ane(path, ids.numpy(), compute_units=compute_units, context=ctx, stride=stride,
-                        decode=decode_tokens, reference=ref_fn)
-    out = {"artifact": "coreml", "path": str(path), "backend": r.backend, "compute_units": r.compute_units,
-           "dataset": dataset, "ppl": r.perplexity, "ppl_stderr": r.ppl_stderr, "n_tokens": r.n_tokens,
-           "prefill_ms_per_token": r.prefill_ms_per_token, "decode_ms_per_token": r.decode_ms_per_token,
-           "notes": r.notes}
-    if ane:
-        out["context"] = ctx
-    if r.kl is not None:
-        out.update({"kl": r.kl, "top1": r.top1})
-    return out
+                        decode=decode_tokens, reference=_reference_fn(reference))
+    return _runner_result("coreml", path, dataset, r, ctx)
+
+
+def evaluate_coreai(path: str, dataset: str = "wiki", max_tokens: int | None = 512, tokenizer: str | None = None,
+                    context: int | None = None, stride: int | None = None, reference: str | None = None,
+                    decode_tokens: int | None = None) -> dict[str, Any]:
+    """Perplexity (and KL / top-1 against ``reference``) of a Core AI export run in the Core AI runtime, prefill
+    and decode functions and KV state as deployed, on macq's windows (default: the export's fixed context). On
+    macOS 27 the OS runtime on the export's hardware; on Linux the runtime's CPU path over the saved program
+    (a check of the file's numbers, not a device speed)."""
+    from coreai_backend.export import read_manifest
+    from coreai_backend.runner import predict_coreai
+
+    manifest = read_manifest(path)[0]
+    ctx = _check_context(context, manifest.context)
+    ids = _source_tokens(tokenizer or manifest.source or None, path, dataset, max_tokens)
+    r = predict_coreai(path, ids.numpy(), context=ctx, stride=stride, decode=decode_tokens,
+                       reference=_reference_fn(reference))
+    return _runner_result("coreai", path, dataset, r, ctx)
 
 
 def bench_latency(path: str | None, device: str = "auto", dtype: str = "float32", prompt_len: int = 128,

@@ -41,6 +41,7 @@ STUDIES: dict[str, tuple[str, str]] = {
     "bench_scale_calib": ("streaming-calibrated.md", "calibrated methods streamed against in memory"),
     "baselines_table": ("baselines.md", "bitsandbytes and llm-compressor next to macq (bash script)"),
     "mlx_fp4_rows": ("mlx-fp4.md", "mxfp4 / nvfp4: mlx_lm.convert --q-mode against macq rtn / gptq, through mlx_lm"),
+    "kv_rows": ("mlx-fp4.md", "quantized KV cache (mlx_lm's and the torch simulation) next to the weights' error"),
     "coreai_default_export": ("coreai.md", "the default model exported to Core AI, read back and run"),
     "coreai_quality": ("coreai.md", "macq records against coreai-opt's presets on three texts"),
 }
