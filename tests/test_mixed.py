@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -34,12 +37,16 @@ def test_format_cost_matches_the_records_bit_for_bit():
                 continue
             rec = f.quantize(w)
             assert rec.storage_bits() == f.storage_bits(shape), f.name
-            assert (rec.dequantize() - w).pow(2).mean() < w.var() * 4.0 ** (1 - f.bits), f.name
+            # a float element's error is relative: E2M1 keeps 1 mantissa bit, E4M3 3 (not the width's uniform step)
+            width = {"mxfp4": 1, "nvfp4": 1, "mxfp8": 3}.get(f.name, f.bits - 1)
+            assert (rec.dequantize() - w).pow(2).mean() < w.var() * 4.0 ** -width, f.name
 
 
 def test_targets_list_only_what_the_runtime_stores():
     mlx = candidate_formats("mlx")
-    assert len(mlx) == 18 and all(f.kind == "affine" and f.zero == "bias" for f in mlx)
+    assert len(mlx) == 21 and all(f.zero == "bias" for f in mlx if f.kind == "affine")
+    assert [f.name for f in mlx if f.kind == "fp"] == ["mxfp4", "nvfp4", "mxfp8"]
+    assert [Format.parse(m).bits_per_weight((64, 64)) for m in ("mxfp4", "nvfp4", "mxfp8")] == [4.25, 4.5, 8.25]
     assert Format.parse("a4g64b").bits_per_weight((64, 64)) == 4.5           # fp16 scale + fp16 bias per 64
     assert Format.parse("a4g64z").bits_per_weight((64, 64)) == 4 + 20 / 64   # fp16 scale + 4-bit zero
     assert Format.parse("lut4c16").bits_per_weight((32, 64)) == 4 + 16 * 16 / (16 * 64)
@@ -52,6 +59,8 @@ def test_targets_list_only_what_the_runtime_stores():
         candidate_formats("coreml", ("a3g64b",))
     with pytest.raises(MacqError, match="expected a<bits>"):
         Format.parse("q4_0")
+    with pytest.raises(MacqError, match="format fp mode='mxfp4': expected one of"):
+        Format("fp", 4, 16, "none", "mxfp4")                  # mxfp4's block is 32, not 16
     assert [f.name for f in candidate_formats("any", ("a3g64b", "lut2c16"))] == ["a3g64b", "lut2c16"]
 
 
@@ -227,3 +236,37 @@ def test_mixed_model_exports_to_mlx_at_the_allocated_rate(calib, llama_table, tm
     qm = quantize_model(tiny_model("llama"), MixedConfig(target_bpw=3.25), calib, table=llama_table)
     res = export_mlx(qm, tmp_path / "mlx", tokenizer=tiny_tokenizer())
     assert res.bits_per_weight == pytest.approx(qm.bits_per_weight(), abs=1e-12) == 3.25
+
+
+def test_allocator_mixes_mlx_modes_and_mlx_lm_loads_them(calib, tmp_path):
+    """The budgeted allocator chooses among affine and float modes; each module's mode reaches mlx_lm's config as
+    a per-module override, mlx_lm loads it, and every layer's weights are the records' (``mx.dequantize``)."""
+    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from mlx.utils import tree_flatten
+
+    from macq.tiny import tiny_tokenizer
+    from mlx_backend.export import export_mlx
+    from mlx_backend.runner import load_mlx
+
+    model = tiny_model("llama")
+    cfg = MixedConfig(target_bpw=5.0, sensitivity="proxy", formats=("a3g64b", "mxfp4", "nvfp4", "mxfp8"))
+    qm = quantize_model(model, cfg, calib)
+    names = {qm.method["allocation"][m] for m in qm.method["allocation"]}
+    assert {"mxfp8"} <= names and names & {"mxfp4", "nvfp4", "a3g64b"}, names   # a mixture, not one format
+    assert 4.9 <= qm.bits_per_weight() <= 5.0
+    res = export_mlx(qm, tmp_path / "mlx", tokenizer=tiny_tokenizer())
+    assert res.bits_per_weight == pytest.approx(qm.bits_per_weight(), abs=1e-12)
+    net, _ = load_mlx(tmp_path / "mlx")
+    q = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
+    params = dict(tree_flatten(net.parameters()))
+    for path, rec in qm.records.items():
+        fmt = qm.method["allocation"][path]
+        mode = fmt if fmt in ("mxfp4", "nvfp4", "mxfp8") else "affine"
+        key = path.removeprefix("model.") if path.startswith("model.") else path
+        entry = q.get(f"model.{key}", q.get(key, {"mode": q["mode"], "bits": q["bits"], "group_size": q["group_size"]}))
+        assert entry["mode"] == mode, (path, entry)
+        w = mx.dequantize(params[f"model.{key}.weight"], params[f"model.{key}.scales"],
+                          params.get(f"model.{key}.biases"), group_size=entry["group_size"], bits=entry["bits"],
+                          mode=mode)
+        np.testing.assert_array_equal(np.array(w.astype(mx.float32)), rec.dequantize(torch.float16).float().numpy())

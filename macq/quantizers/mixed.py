@@ -11,7 +11,7 @@
    the average bpw at most the target (met to 0.01 bpw from below when reachable; a target below the
    cheapest allocation is refused). Or a fixed llama.cpp-style recipe (:mod:`macq.quantizers.recipes`)
    replaces steps 2–3.
-4. Every module is rounded in its format: RTN, or GPTQ through the layerwise engine (affine formats;
+4. Every module is rounded in its format: RTN, or GPTQ through the layerwise engine (affine and float formats;
    palettes use k-means, modules outside the decoder stack use RTN). Bias-form formats store GPTQ's
    zero-points as fp16 biases (MLX's form), the form their cost was computed for.
 
@@ -178,15 +178,16 @@ def _gptq_layer_step(spec: Any, assignment: dict[str, Format], cfg: MixedConfig,
             for n in grp:
                 fmt, mod = assignment[f"{path}.{n}"], layer.get_submodule(n)
                 w = get_weight(mod).detach().float()
-                if fmt.kind == "affine":
+                if fmt.kind in ("affine", "fp"):
                     if H is None:
                         with stage("hessian"):
                             H = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)[grp[0]]
-                    gcfg = GPTQConfig(bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric,
-                                      damp_percent=cfg.damp_percent)
+                    gcfg = (GPTQConfig(mode=fmt.mode, damp_percent=cfg.damp_percent) if fmt.kind == "fp" else
+                            GPTQConfig(bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric,
+                                       damp_percent=cfg.damp_percent))
                     with stage("round"):
                         rec = gptq_quantize(w, H, gcfg)[0]
-                    rec = to_bias_form(rec) if fmt.zero == "bias" else rec
+                    rec = to_bias_form(rec) if fmt.kind == "affine" and fmt.zero == "bias" else rec
                 else:
                     with stage("round"):
                         rec = fmt.quantize(w)
