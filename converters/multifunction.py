@@ -115,7 +115,11 @@ def save_functions(progs: dict, out_path: Path, default: str) -> dict:
     return inspect_mlpackage(out_path, loaded=(mf, ml.get_spec()))
 
 
-SMALL = 1 << 16   # bytes: consts this small are matched by content (a hash), larger ones by the memory they lie in
+# bytes: consts up to this size are matched by content (a hash of their buffer), larger ones by the memory they
+# lie in. Each function traces its own RoPE tables (context x head_dim fp16 each: 128 KiB for Llama-3's head_dim
+# 128 at context 512, 4 MiB at 8192 x 256), so those must be matched by content; the records' layouts and the
+# float tables (the large consts) are the same arrays in both functions.
+SMALL = 1 << 23
 
 
 def share_weights(prog) -> int:
@@ -138,7 +142,7 @@ def share_weights(prog) -> int:
                 continue
             meta = (v.shape, v.dtype.str, str(v.dtype.metadata))
             if v.nbytes <= SMALL:
-                key = meta + (hashlib.blake2b(np.ascontiguousarray(v).tobytes(), digest_size=16).digest(),)
+                key = meta + (hashlib.blake2b(memoryview(np.ascontiguousarray(v)).cast("B"), digest_size=16).digest(),)
             else:
                 key = meta + (v.__array_interface__["data"][0], v.strides)
             keys.setdefault(key, []).append(op)

@@ -94,14 +94,16 @@ def inspect_coreml(path: Path, expect: bool = True):
     from converters.chunks import MANIFEST, read_manifest
     from converters.expect import what_to_expect
     from converters.inspect import inspect_mlpackage
+    from converters.mil_io import release_memory
 
     if path.is_dir() and (path / MANIFEST).is_file():  # chunked ANE export: one report per package
         manifest, root = read_manifest(path)
         datas, mds = [], []
-        for c in manifest.chunks:
+        for c in manifest.chunks:       # one package's program in memory at a time
             d, md = inspect_coreml(root / c.path, expect=False)
             datas.append(dict(d, path=str(root / c.path)))
             mds.append(md)
+            release_memory()
         e, emd = what_to_expect(datas, [root / c.path for c in manifest.chunks])
         return ({"chunks": datas, "ane_findings": [f for d in datas for f in d["ane_findings"]], "expect": e},
                 "\n\n".join(mds + [emd]))
