@@ -16,6 +16,7 @@ also the mark by which ``force`` recognises an output macq wrote.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -114,9 +115,14 @@ def export_chunk(qm, plan: ChunkPlan, options: CoreAIOptions, s, target: Path, m
         conv.add_exported_program(ep, input_names=chunk.input_names(), output_names=chunk.output_names(),
                                   state_names=list(STATES) if chunk.layers else None, entrypoint_name=fn)
         del ep
+    n_weights = sum(r.shape[0] * r.shape[1] for r in records.values())
+    bits = sum(r.storage_bits() for r in records.values())
     with contextlib.redirect_stdout(sys.stderr):   # its progress bar is progress, not the command's result
         prog = conv.to_coreai()
-    del conv, chunk
+    # The program now holds its own copy of every constant: drop the module and the records (the same buffers)
+    # before saving, which serializes that copy once more; otherwise three copies of the chunk coexist.
+    del conv, chunk, records
+    gc.collect()
     md = AIModelAssetMetadata()
     md.model_description = f"macq Core AI export ({qm.method.get('method', '?')}) of {qm.source or 'a causal LM'}"
     for k, v in provenance(qm).items():
@@ -126,8 +132,6 @@ def export_chunk(qm, plan: ChunkPlan, options: CoreAIOptions, s, target: Path, m
                                              "head": plan.head}))
     md.set_custom("macq.hardware", options.hardware)
     prog.save_asset(target, metadata=md)
-    n_weights = sum(r.shape[0] * r.shape[1] for r in records.values())
-    bits = sum(r.storage_bits() for r in records.values())
     return {"n_weights": n_weights, "record_bits": bits}
 
 
