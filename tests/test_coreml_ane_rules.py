@@ -223,11 +223,12 @@ def test_embedding_and_head_split_by_vocabulary_under_max_chunk_mb(tmp_path, mon
 
 
 def test_rope_tables_over_64kib_are_stored_once(tmp_path):
-    """Each function traces its own RoPE tables; at Llama-3-8B's head_dim (128) and context 512 each table is
-    128 KiB, and both functions' copies must still be one blob (matched by content, not by address)."""
+    """Each function traces its own RoPE tables; at Llama-3-8B's head_dim (128) each table is 128 KiB at context
+    512 (72 KiB at 288, over the 64 KiB that content matching once stopped at), and both functions' copies must
+    still be one blob (matched by content, not by address)."""
     model = tiny_model("llama", seed=5, hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
-                       max_position_embeddings=512)
+                       max_position_embeddings=288)
     recs = {n: affine_record(get_weight(m).detach().float(), 4, 32, "asym") for n, m in quantizable_modules(model).items()}
     qm = QuantizedModel.from_model(model, recs, source="tiny")
-    res = export_coreml(qm, tmp_path / "m.mlpackage", context=512, prefill_len=PREFILL)
+    res = export_coreml(qm, tmp_path / "m.mlpackage", context=288, prefill_len=PREFILL)
     assert not any("stored more than once" in f for f in _findings(res.path)), _findings(res.path)

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Benchmark: what a quantized KV cache costs on the default model, next to what the weights' quantization costs.
 
-Rows per weight set (an MLX directory made by ``mlx_lm.convert``: fp16, and 4-bit affine g64 = mlx_lm's default
-``-q``), scored through ``mlx_lm.load`` in ``--context``-token windows: the float-KV row and one row per
-``--kv-bits`` with mlx_lm's ``QuantizedKVCache`` (``macq eval MLX_DIR --kv-bits 8 --kv-bits 4``); KL / top-1 of a
-KV row are against the float-KV row of the same weights. The weights' own cost is the float-KV row's KL against
-the fp16 weights (same windows). The same KV rows are also computed in torch on the float checkpoint (``macq eval
---kv-bits`` on a checkpoint: MLX's affine KV grid simulated in a transformers cache) to show the simulation
-agrees with mlx_lm's cache at this scale.
+Rows, each at ``--context`` tokens per window (the cache's error grows with the positions attended), KL / top-1
+of a KV row against the float-KV row of the same weights:
+
+* torch (``macq eval --kv-bits`` on a checkpoint or a macq quantization: MLX's affine KV grid simulated in a
+  transformers cache), on wiki and c4, ``--tokens`` tokens: the float weights, and 4-bit affine g64 RTN weights
+  (``mlx_lm.convert -q``'s algorithm) whose own cost is their float-KV row's KL against the float weights;
+* mlx_lm (``macq eval MLX_DIR --kv-bits``: ``QuantizedKVCache``) on the fp16 MLX export of the same weights, on
+  the first ``--mlx-tokens`` of wiki: the runtime's own numbers next to the simulation's on the same tokens
+  (mlx's CPU quantized attention is slow here, so this check is one window).
 
     python scripts/bench.py kv_rows --work /tmp/macq-kv --json kv.json      # OpenBLAS preloaded for mlx speed
 
@@ -42,8 +44,6 @@ def build(work: Path) -> None:
     hf = rope_patched_copy(default_model_dir(), work)
     if not (work / "fp16" / "config.json").is_file():
         convert(str(hf), str(work / "fp16"), dtype="float16")
-    if not (work / "affine4-g64" / "config.json").is_file():
-        convert(str(hf), str(work / "affine4-g64"), quantize=True, q_bits=4, q_group_size=64, dtype="float16")
 
 
 def main() -> None:
@@ -52,8 +52,11 @@ def main() -> None:
     ap.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--mlx-tokens", type=int, default=2048)
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    import torch
+    from compare_mlx import fp16_rounded
     from mlx_fp4_rows import load_dequantized
 
     from macq.data import eval_tokens
@@ -61,39 +64,51 @@ def main() -> None:
     from macq.eval.kvsim import kv_logits_fn, kv_rows
     from macq.eval.measure import quality
     from macq.models import load_model
-    from mlx_backend.runner import hf_tokenizer, logits_fn
+    from macq.quantizers import quantize_model
+    from macq.quantizers.rtn import RTNConfig
     from mlx_backend.runner import kv_logits_fn as mlx_kv_fn
+    from mlx_backend.runner import logits_fn
 
     work = Path(args.work)
     t_start = time.perf_counter()
-    build(work)
-    model, tok = load_model(None)
-    model.eval()
     out: dict = {"rows": {}, "args": vars(args)}
+
+    def save() -> None:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+    model, tok = load_model(None)
+    model = fp16_rounded(model).eval()                 # the fp16 values an MLX fp16 export holds
+    q4 = quantize_model(model, "rtn", RTNConfig(bits=4, group_size=64, zero_point="float"), source="default")
+    weights = {"fp16": model, "affine4-g64": q4.to_torch().eval()}
     for ds in DATASETS:
         ids = eval_tokens(tok, ds, args.tokens)
-        fp16 = load_dequantized(work / "fp16")
-        fp16_lp = reference_logprobs(logits_fn(fp16), ids, args.context)
-        for name in ("fp16", "affine4-g64"):
-            loaded = fp16 if name == "fp16" else load_dequantized(work / name)
-            assert hf_tokenizer(loaded[1]).vocab_size == tok.vocab_size
+        ref = reference_logprobs(model, ids, args.context)
+        for name, net in weights.items():
             t0 = time.perf_counter()
-            rows = kv_rows(logits_fn(loaded), lambda b, ld=loaded: mlx_kv_fn(ld, b, 64), ids, tuple(args.kv_bits),
-                           64, args.context)
-            weights = quality(logits_fn(loaded), ids, fp16_lp, args.context)
-            out["rows"][f"{name}/{ds}/mlx_lm"] = {"kv": rows, "weights_kl": weights["kl"].value,
-                                                  "seconds": time.perf_counter() - t0}
-            print(name, ds, json.dumps(rows), flush=True)
+            with torch.inference_mode():
+                rows = kv_rows(net, lambda b, n=net: kv_logits_fn(n, b, 64), ids, tuple(args.kv_bits), 64,
+                               args.context)
+                w = quality(net, ids, ref, args.context)["kl"].value if name != "fp16" else 0.0
+            out["rows"][f"{name}/{ds}/torch-sim"] = {"kv": rows, "weights_kl": w, "seconds": time.perf_counter() - t0}
+            print(name, ds, "torch-sim", json.dumps(rows), flush=True)
+            save()
+    build(work)                                        # the fp16 MLX export (mlx_lm.convert) for the runtime check
+    ids = eval_tokens(tok, "wiki", args.mlx_tokens)
+    loaded = load_dequantized(work / "fp16")
+    for runtime, base, make in (
+            ("mlx_lm", logits_fn(loaded), lambda b: mlx_kv_fn(loaded, b, 64)),
+            ("torch-sim", model, lambda b: kv_logits_fn(model, b, 64))):
         t0 = time.perf_counter()
-        rows = kv_rows(model, lambda b: kv_logits_fn(model, b, 64), ids, tuple(args.kv_bits), 64, args.context)
-        out["rows"][f"float-checkpoint/{ds}/torch-sim"] = {"kv": rows, "seconds": time.perf_counter() - t0}
-        print("torch-sim", ds, json.dumps(rows), flush=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        with torch.inference_mode():
+            rows = kv_rows(base, make, ids, tuple(args.kv_bits), 64, args.context)
+        out["rows"][f"fp16/wiki-{args.mlx_tokens}/{runtime}"] = {"kv": rows, "seconds": time.perf_counter() - t0}
+        print("fp16 wiki", runtime, json.dumps(rows), flush=True)
+        save()
     out.update(seconds=time.perf_counter() - t_start, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=Path(__file__).parent).stdout.strip(),
                preload=os.environ.get("LD_PRELOAD", ""), load=os.getloadavg())
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    save()
 
 
 if __name__ == "__main__":
