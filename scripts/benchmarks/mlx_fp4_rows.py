@@ -10,9 +10,9 @@ Rows per mode (each an MLX directory; weights stored fp16, the tied embedding qu
 * ``macq rtn``: ``--method rtn --mode MODE`` on the fp16-rounded weights; the script checks it equals the row
   above tensor for tensor (``identical_to_convert`` in the JSON);
 * ``macq rtn --mse-clip``: each block's scale byte searched (data-free);
-* ``macq gptq`` (and any ``--methods``): decoder linears calibrated on ``--n-calib`` x ``--seq-len`` c4 windows
-  (the second half of the bundled text; perplexity reads the first half), the embedding by RTN with the scale
-  search.
+* ``macq gptq`` / ``awq`` / ``awq-gptq`` (``--methods``): decoder linears calibrated on ``--n-calib`` x
+  ``--seq-len`` c4 windows (the second half of the bundled text; perplexity reads the first half), each method
+  with its defaults and ``--mode MODE``, the embedding by RTN with the scale search.
 
 ``--stage build`` quantizes and exports (torch; run without the BLAS preload); ``--stage eval`` scores every
 directory through mlx_lm on wiki and c4, ``--tokens`` tokens in ``--context``-token windows, computing in fp32
@@ -45,11 +45,12 @@ def build(args) -> dict:
 
     from macq.models import default_model_dir, load_model
     from macq.pipeline import calibration_ids
-    from macq.quantizers import quantize_model
-    from macq.quantizers.gptq import GPTQConfig
+    from macq.quantizers import make_config, quantize_model
     from macq.quantizers.rtn import RTNConfig
     from mlx_backend import export_mlx
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = rope_patched_copy(default_model_dir(), work)
@@ -82,7 +83,8 @@ def build(args) -> dict:
                 identical(ref, work / f"macq-rtn-{mode}")
         for method in args.methods:
             t0 = time.perf_counter()
-            cfg = GPTQConfig(mode=mode, n_calib=args.n_calib, seq_len=args.seq_len, **heads)
+            extra = dict(n_calib=args.n_calib, seq_len=args.seq_len) if method == "gptq" else {}
+            cfg = make_config(method, mode=mode, **heads, **extra)
             qm = quantize_model(fp16_rounded(model), method, cfg, calib=calib, source="default")
             export_mlx(qm, fresh(work / f"macq-{method}-{mode}"), tokenizer=hf, dtype="float16", force=True)
             info["rows"][f"macq-{method}-{mode}"] = {"seconds": time.perf_counter() - t0}
@@ -147,7 +149,8 @@ def main() -> None:
     ap.add_argument("--stage", choices=["build", "eval"], required=True)
     ap.add_argument("--work", default="/tmp/macq-mlx-fp4")
     ap.add_argument("--modes", nargs="+", default=["mxfp4", "nvfp4"])
-    ap.add_argument("--methods", nargs="*", default=["gptq"])
+    ap.add_argument("--methods", nargs="*", default=["gptq"], choices=["gptq", "awq", "awq-gptq"])
+    ap.add_argument("--threads", type=int, default=0, help="build: torch threads (0 = torch's default)")
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=4096)
