@@ -105,6 +105,8 @@ class AWQGPTQConfig(AWQConfig):
         super().__post_init__()
         check(not self.greedy_rounding, "greedy_rounding applies to nearest rounding, not to awq-gptq")
         check(self.static_grid or not self.act_order, "--act-order needs --static-grid (MLX / Core ML hold no g_idx)")
+        check(self.mode == "affine" or not self.act_order,
+              f"--act-order: --mode {self.mode} blocks are contiguous input columns")
         check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
 
     def gptq_config(self):
