@@ -40,6 +40,7 @@ from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inp
 from macq.quantizers.calibration import LayerInputs, LayerJob, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
+from macq.quantizers.head import HeadOptions
 from macq.quantizers.mxfp import block_scales, round_on
 from macq.record import AffineRecord, FPRecord
 
@@ -47,7 +48,7 @@ SALIENCE = ("mean_abs", "l2")
 
 
 @dataclass
-class AWQConfig(StreamOptions, ScaleOptions, QuantConfig):
+class AWQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
     method = "awq"
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -85,6 +86,7 @@ class AWQConfig(StreamOptions, ScaleOptions, QuantConfig):
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
         self.check_stream_options()
+        self.check_head_options()
 
 
 

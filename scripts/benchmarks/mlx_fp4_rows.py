@@ -12,7 +12,9 @@ Rows per mode (each an MLX directory; weights stored fp16, the tied embedding qu
 * ``macq rtn --mse-clip``: each block's scale byte searched (data-free);
 * ``macq gptq`` / ``awq`` / ``awq-gptq`` (``--methods``): decoder linears calibrated on ``--n-calib`` x
   ``--seq-len`` c4 windows (the second half of the bundled text; perplexity reads the first half), each method
-  with its defaults and ``--mode MODE``, the embedding by RTN with the scale search.
+  with its defaults and ``--mode MODE``, the embedding by RTN with the scale search; with ``--head-gptq`` the tied
+  embedding (the output head) instead by GPTQ on the quantized model's final hidden states (rows
+  ``macq-METHOD-head-MODE``).
 
 ``--stage build`` quantizes and exports (torch; run without the BLAS preload); ``--stage eval`` scores every
 directory through mlx_lm on wiki and c4, ``--tokens`` tokens in ``--context``-token windows, computing in fp32
@@ -84,10 +86,11 @@ def build(args) -> dict:
         for method in args.methods:
             t0 = time.perf_counter()
             extra = dict(n_calib=args.n_calib, seq_len=args.seq_len) if method == "gptq" else {}
-            cfg = make_config(method, mode=mode, **heads, **extra)
+            cfg = make_config(method, mode=mode, head_gptq=args.head_gptq, **heads, **extra)
             qm = quantize_model(fp16_rounded(model), method, cfg, calib=calib, source="default")
-            export_mlx(qm, fresh(work / f"macq-{method}-{mode}"), tokenizer=hf, dtype="float16", force=True)
-            info["rows"][f"macq-{method}-{mode}"] = {"seconds": time.perf_counter() - t0}
+            row = f"macq-{method}{'-head' if args.head_gptq else ''}-{mode}"
+            export_mlx(qm, fresh(work / row), tokenizer=hf, dtype="float16", force=True)
+            info["rows"][row] = {"seconds": time.perf_counter() - t0, "head": qm.method.get("stats", {}).get("head")}
     del torch
     return info
 
@@ -150,6 +153,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/macq-mlx-fp4")
     ap.add_argument("--modes", nargs="+", default=["mxfp4", "nvfp4"])
     ap.add_argument("--methods", nargs="*", default=["gptq"], choices=["gptq", "awq", "awq-gptq"])
+    ap.add_argument("--head-gptq", action="store_true", help="build: the tied head by GPTQ (--head-gptq)")
     ap.add_argument("--threads", type=int, default=0, help="build: torch threads (0 = torch's default)")
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
