@@ -145,8 +145,8 @@ def quantize_model(model: nn.Module, method: str, cfg=None, calib: torch.Tensor 
     if not spec.heads:
         return fn(model, cfg, calib, progress=progress, source=source)
     # Quantized first and written back, so the method calibrates on the inputs it will see at inference.
-    heads = head_records(model, cfg)
     head = _float_head(model, cfg)
+    heads = head_records(model, cfg)
     for name, rec in heads.items():
         set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
     qm = fn(model, cfg, calib, progress=progress, source=source)
