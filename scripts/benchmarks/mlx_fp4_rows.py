@@ -127,9 +127,15 @@ def evaluate(args) -> dict:
     dirs = ["fp16"] + [d.name for d in sorted(work.iterdir()) if d.name.startswith(("convert-", "macq-"))
                        and not d.name.startswith("macq-rtn-mx") and not d.name.startswith("macq-rtn-nv")]
     out = {}
-    if args.rows:
-        dirs = [d for d in dirs if d in args.rows]
+    if args.rows:        # in the order given; a row still being built is waited for (--wait seconds)
+        dirs = list(args.rows)
     for d in dirs:       # macq-rtn-MODE is skipped: the build checked it equals convert-MODE byte for byte
+        deadline = time.monotonic() + args.wait
+        while not (work / d / "config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(10)
+        if not (work / d / "config.json").is_file():
+            print(d, "missing: not scored", flush=True)
+            continue
         out[d] = {}
         loaded = load_dequantized(work / d)
         for ds in DATASETS:
@@ -160,7 +166,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--no-rtn", action="store_true", help="build: skip the macq rtn rows (already built)")
-    ap.add_argument("--rows", nargs="*", default=[], help="eval: only these directories (default: all)")
+    ap.add_argument("--rows", nargs="*", default=[], help="eval: only these directories, in this order (default: all)")
+    ap.add_argument("--wait", type=float, default=0, help="eval: seconds to wait for a --rows directory still being built")
     ap.add_argument("--json", required=True, help="results file (the stage's part is merged in)")
     args = ap.parse_args()
     path = Path(args.json)
