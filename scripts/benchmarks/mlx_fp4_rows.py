@@ -18,7 +18,8 @@ Rows per mode (each an MLX directory; weights stored fp16, the tied embedding qu
 
 ``--stage build`` quantizes and exports (torch; run without the BLAS preload); ``--stage eval`` scores every
 directory through mlx_lm on wiki and c4, ``--tokens`` tokens in ``--context``-token windows, computing in fp32
-(exact upcast of the stored fp16 values). For speed run the eval with OpenBLAS preloaded (PLATFORM.md,
+(exact upcast of the stored fp16 values); ``--stage head-probe`` scores ``--rows`` with the fp16 embedding put
+back for the lookup and / or the tied head. For speed run the eval with OpenBLAS preloaded (PLATFORM.md,
 "Making mlx usable on this CPU"). The gap closed is ``(ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp16)``.
 """
 
@@ -148,6 +149,35 @@ def evaluate(args) -> dict:
     return out
 
 
+def head_probe(args) -> dict:
+    """Where a row's error sits: wiki perplexity of each ``--rows`` directory with the fp16 row's embedding matrix
+    put back for the lookup and the tied head (``both``), for the head only (``head``: the lookup stays
+    quantized) or for the lookup only (``lookup``: the head stays quantized)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_backend.runner import eval_mlx
+
+    work = Path(args.work)
+    f = load_dequantized(work / "fp16")[0].model.embed_tokens.weight
+    out: dict = {}
+    for d in args.rows:
+        out[d] = {}
+        for which in ("both", "head", "lookup"):
+            net, tok = load_dequantized(work / d)
+            q = net.model.embed_tokens.weight
+            net.args.tie_word_embeddings = False          # the head becomes its own (float) layer
+            net.lm_head = nn.Linear(q.shape[1], q.shape[0], bias=False)
+            net.lm_head.weight = f if which in ("both", "head") else q
+            net.model.embed_tokens.weight = f if which in ("both", "lookup") else q
+            mx.eval(net.parameters())
+            r = eval_mlx((net, tok), dataset="wiki", context=args.context, max_tokens=args.tokens, speed_prompt=8,
+                         speed_tokens=2)
+            out[d][f"fp16-{which}"] = {"wiki": r["ppl"], "ppl_stderr": r["ppl_stderr"]}
+            print(d, f"fp16-{which}", f"{r['ppl']:.3f}", flush=True)
+    return out
+
+
 def commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip()
@@ -155,7 +185,7 @@ def commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=["build", "eval"], required=True)
+    ap.add_argument("--stage", choices=["build", "eval", "head-probe"], required=True)
     ap.add_argument("--work", default="/tmp/macq-mlx-fp4")
     ap.add_argument("--modes", nargs="+", default=["mxfp4", "nvfp4"])
     ap.add_argument("--methods", nargs="*", default=["gptq"], choices=["gptq", "awq", "awq-gptq"])
@@ -173,7 +203,7 @@ def main() -> None:
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {}
     t0 = time.perf_counter()
-    part = build(args) if args.stage == "build" else evaluate(args)
+    part = build(args) if args.stage == "build" else evaluate(args) if args.stage == "eval" else head_probe(args)
     key = args.stage if not args.rows else f"{args.stage}:{','.join(args.rows)}"
     data[key] = {"result": part, "argv": sys.argv[1:], "commit": commit(), "seconds": time.perf_counter() - t0,
                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
