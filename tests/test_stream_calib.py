@@ -57,6 +57,8 @@ CASES = [
     ("qwen2", "awq", dict(bits=4, group_size=32, include_embeddings=True)),
     ("llama-bf16", "awq", dict(bits=3, group_size=32)),
     ("llama", "awq-gptq", dict(bits=4, group_size=32)),
+    ("llama", "awq", dict(mode="mxfp4", include_embeddings=True)),
+    ("qwen2", "awq-gptq", dict(mode="nvfp4", include_lm_head=True)),
     ("llama", "kmeans-cal", dict(bits=3, group_size=8, sensitivity="hessian", include_embeddings=True)),
     ("qwen2", "kmeans-cal", dict(bits=4, sensitivity="hessian", refit_rounds=1, include_lm_head=True)),
     ("gpt2", "kmeans-cal", dict(bits=2, group_size=1, sensitivity="hessian", error_feedback=False)),

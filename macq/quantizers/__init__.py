@@ -145,14 +145,36 @@ def quantize_model(model: nn.Module, method: str, cfg=None, calib: torch.Tensor 
     if not spec.heads:
         return fn(model, cfg, calib, progress=progress, source=source)
     # Quantized first and written back, so the method calibrates on the inputs it will see at inference.
+    head = _float_head(model, cfg)
     heads = head_records(model, cfg)
     for name, rec in heads.items():
         set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
     qm = fn(model, cfg, calib, progress=progress, source=source)
     if not heads:
         return qm
-    return QuantizedModel.from_model(model, {**qm.records, **heads}, method=qm.method, act_quant=qm.act_quant,
+    method = qm.method
+    if head is not None:   # --head-gptq: the logits' record again, by GPTQ on the quantized model's hidden states
+        from macq.quantizers.head import gptq_head
+
+        heads[head[0]], st = gptq_head(model, cfg, calib, *head)
+        heads[head[0]].transposed = False
+        set_weight(model.get_submodule(head[0]), heads[head[0]].dequantize(torch.float32))
+        method = {**method, "stats": {**method.get("stats", {}), "head": {head[0]: st}}}
+    return QuantizedModel.from_model(model, {**qm.records, **heads}, method=method, act_quant=qm.act_quant,
                                      source=qm.source)
+
+
+def _float_head(model: nn.Module, cfg) -> tuple[str, torch.Tensor] | None:
+    """``(name, float weight)`` of the logits' record when ``cfg`` asks for ``--head-gptq``, else None."""
+    if not getattr(cfg, "head_gptq", False):
+        return None
+    from macq.models import get_weight
+    from macq.quantizers.head import head_module
+
+    name = head_module(model, cfg)
+    if name is None:
+        raise MacqError("--head-gptq: the head is not quantized; pass --include-lm-head")
+    return name, get_weight(model.get_submodule(name)).detach().float().clone()
 
 
 def head_records(model: nn.Module, cfg) -> dict[str, Any]:

@@ -12,6 +12,10 @@ already-quantized previous layers' outputs):
    ``awq``, GPTQ with the scaled-input Hessian for ``awq-gptq`` — and the dequantized weight is written
    back so the next layer is calibrated on quantized outputs. Records are exactly what is left in the model.
 
+In MLX's float modes (``mode="mxfp4" | "nvfp4" | "mxfp8"``) the grid is :mod:`macq.quantizers.mxfp`'s: the α
+search rounds with the data-free scale search, the clip search becomes a choice among each block's few scale
+bytes ranked by the same output error, and the records are :class:`~macq.record.FPRecord` in MLX's bytes.
+
 Architecture differences live only in ``ArchSpec.mappings`` / ``ArchSpec.sequence``. Mappings whose
 channels do not correspond (GQA ``v_proj → o_proj``) are skipped; those linears get clip search only.
 """
@@ -26,6 +30,7 @@ import torch.nn as nn
 
 from macq.arch import ArchSpec, arch_spec
 from macq.errors import MacqError
+from macq.microscale import fp_format
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.progress import stage
 from macq.quantizers import awq_search as S
@@ -35,13 +40,15 @@ from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inp
 from macq.quantizers.calibration import LayerInputs, LayerJob, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
-from macq.record import AffineRecord
+from macq.quantizers.head import HeadOptions
+from macq.quantizers.mxfp import block_scales, round_on
+from macq.record import AffineRecord, FPRecord
 
 SALIENCE = ("mean_abs", "l2")
 
 
 @dataclass
-class AWQConfig(StreamOptions, ScaleOptions, QuantConfig):
+class AWQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
     method = "awq"
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -56,9 +63,19 @@ class AWQConfig(StreamOptions, ScaleOptions, QuantConfig):
     greedy_rounding: bool = False
     outlier_fraction: float = 0.01   # most salient input channels keep nearest rounding under greedy
     scale_dtype: str = "float16"
+    mode: str = field(default="affine", metadata={
+        "help": "affine (integer grid) or an MLX microscaled float mode: mxfp4 (E2M1 codes, power-of-two scale "
+                "per 32), nvfp4 (E2M1, fp8 E4M3 scale per 16), mxfp8 (E4M3 codes, power-of-two scale per 32); in a "
+                "float mode the clip search picks each block's scale byte; --bits / --group-size stay unset"})
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        from macq.quantizers.rtn import MODES, fix_float_mode
+
+        check(self.mode in MODES, f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.mode != "affine":
+            fix_float_mode(self)
+            check(not self.greedy_rounding, f"--greedy-rounding: integer-grid only, not --mode {self.mode}")
         check_bits(self.bits, range(2, 9), self.method)
         check(self.group_size >= 0, f"--group-size {self.group_size}: expected >0 or 0 (per channel)")
         check(self.n_grid >= 1, f"n_grid={self.n_grid}: expected >= 1")
@@ -69,6 +86,7 @@ class AWQConfig(StreamOptions, ScaleOptions, QuantConfig):
         check(self.scale_dtype in SCALE_DTYPES, f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1")
         self.check_stream_options()
+        self.check_head_options()
 
 
 
@@ -89,6 +107,8 @@ class AWQGPTQConfig(AWQConfig):
         super().__post_init__()
         check(not self.greedy_rounding, "greedy_rounding applies to nearest rounding, not to awq-gptq")
         check(self.static_grid or not self.act_order, "--act-order needs --static-grid (MLX / Core ML hold no g_idx)")
+        check(self.mode == "affine" or not self.act_order,
+              f"--act-order: --mode {self.mode} blocks are contiguous input columns")
         check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
 
     def gptq_config(self):
@@ -97,15 +117,39 @@ class AWQGPTQConfig(AWQConfig):
         return GPTQConfig.from_kwargs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
                                       scale_dtype=self.scale_dtype, damp_percent=self.damp_percent,
                                       block_size=self.block_size, act_order=self.act_order,
-                                      static_groups=self.static_grid, mse_clip=False)
+                                      static_groups=self.static_grid, mse_clip=False, mode=self.mode)
 
 
 # ---------------------------------------------------------------------------------------------- one linear
 
+def _round_fp_linear(w: torch.Tensor, h: torch.Tensor, cfg: AWQConfig) -> tuple[FPRecord, dict[str, float]]:
+    """Float-mode clip search + rounding: each block's scale byte chosen on the layer-output error (MLX's byte
+    without ``clip_search``), codes nearest on it; ``awq-gptq`` instead clamps each block to its chosen grid's
+    range and lets GPTQ round (MLX's rule on a clamped block gives back a chosen smaller byte; a chosen larger
+    one is not kept)."""
+    fmt = fp_format(cfg.mode)
+    wg = S.grouped(w, fmt.group_size).double()
+    sd = cfg.torch_scale_dtype
+    byte, div = S.search_fp_scales(w, h, fmt, sd) if cfg.clip_search else block_scales(wg, fmt, sd)
+    info = {"scale_changed": float((byte != block_scales(wg, fmt, sd)[0]).float().mean())}
+    if isinstance(cfg, AWQGPTQConfig):
+        from macq.quantizers.gptq import gptq_quantize
+
+        top = div * fmt.max_element
+        clamped = torch.maximum(torch.minimum(wg, top), -top).reshape(w.shape).to(w.dtype)
+        rec, gstats = gptq_quantize(clamped, h, cfg.gptq_config())
+        info["gptq_out_err"] = float(gstats["out_err"])
+        return rec, info
+    codes, _ = round_on(wg, div, fmt)
+    return FPRecord(codes=codes.reshape(w.shape), scales=byte[..., 0], mode=cfg.mode), info
+
+
 def _round_linear(w: torch.Tensor, st: InputStats, x_sal: torch.Tensor, g: int, cfg: AWQConfig
-                  ) -> tuple[AffineRecord, dict[str, float]]:
+                  ) -> tuple[AffineRecord | FPRecord, dict[str, float]]:
     """Clip search + rounding of one (already scaled) weight ``[out, in]`` -> record, stats."""
     h = st.gram.float()
+    if cfg.mode != "affine":
+        return _round_fp_linear(w, h, cfg)
     clip = S.search_clip(w, h, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, cfg.clip_grid, cfg.max_shrink) \
         if cfg.clip_search else torch.ones(w.shape[0], w.shape[1] // g)
     info = {"clip_mean": float(clip.mean())}
@@ -140,7 +184,7 @@ def _salience(st: InputStats, cfg: AWQConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, cfg: AWQConfig, spec: ArchSpec,
-                   targets: set[str], records: dict[str, AffineRecord], stats: dict[str, dict[str, Any]]) -> None:
+                   targets: set[str], records: dict[str, AffineRecord | FPRecord], stats: dict[str, dict[str, Any]]) -> None:
     """AWQ one decoder layer in place: search + fold scales, then clip + round every target linear
     (full module paths in ``targets``); fills ``records`` and ``stats``."""
     groups = input_groups(layer, spec.sequence)
@@ -176,8 +220,9 @@ def search_and_fold(layer: nn.Module, path: str, groups: list[tuple[str, ...]], 
                             f"input {grp}; folding would change the model")
         w = torch.cat([get_weight(layer.get_submodule(n)).detach().float() for n in m.linears])
         g = cfg.group_for(m.linears[0], w.shape[1])
+        quant = S.fp_fake_quant(fp_format(cfg.mode), cfg.torch_scale_dtype) if cfg.mode != "affine" else None
         s, alpha, err, err0 = S.search_scale(w, st[grp].gram, _salience(st[grp], cfg), cfg.bits, g, cfg.symmetric,
-                                             cfg.torch_scale_dtype, cfg.n_grid, cfg.duo_scaling)
+                                             cfg.torch_scale_dtype, cfg.n_grid, cfg.duo_scaling, quant)
         fold_scales(layer, m, s)
         st[grp].rescale(s)
         stats["scales"][key] = {"folded": True, "alpha": alpha, "error": err, "error_rtn": err0}
@@ -208,7 +253,7 @@ def layer_quantizer(model: nn.Module, cfg: AWQConfig, device: torch.device | Non
         except ImportError:
             raise MacqError("awq-gptq needs macq.quantizers.gptq, which is not available") from None
     targets = set(quantizable_modules(model, False, False, tuple(cfg.skip)))
-    records: dict[str, AffineRecord] = {}
+    records: dict[str, AffineRecord | FPRecord] = {}
     stats: dict[str, dict[str, Any]] = {"scales": {}, "linears": {}}
 
     def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:

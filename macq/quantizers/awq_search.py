@@ -10,9 +10,15 @@ into ``W · diag(s)``, so a candidate's error is ``‖(X/s)(W s − Q(W s))ᵀ�
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from macq.microscale import FPFormat
+from macq.quantizers import mxfp
 from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, quantize_codes
+
+FakeQuant = Callable[[torch.Tensor], torch.Tensor]   # [out, in] -> the rounded weight, same shape
 
 
 def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -48,13 +54,18 @@ def weight_salience(w: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: int, g: int, symmetric: bool,
-                 scale_dtype: torch.dtype, n_grid: int, duo: bool = False
+                 scale_dtype: torch.dtype, n_grid: int, duo: bool = False, quant: FakeQuant | None = None
                  ) -> tuple[torch.Tensor, float, float, float]:
     """Best ``s`` over ``α ∈ {0, 1/n, …, (n−1)/n}`` for the stacked weights ``w [Σout, in]`` sharing input.
 
     Returns ``(s, α, error, error at α=0)``. α = 0 gives ``s = 1`` (plain nearest rounding), so the chosen
-    scale is never worse than round-to-nearest on this metric.
+    scale is never worse than round-to-nearest on this metric. ``quant`` replaces the integer grid's nearest
+    rounding (a float mode passes :func:`fp_fake_quant`).
     """
+    if quant is None:
+        def quant(x: torch.Tensor) -> torch.Tensor:
+            return fq(x, bits, g, symmetric, scale_dtype)
+
     h32 = h.float()
     w_sal = weight_salience(w, g) if duo else None
     best = (torch.ones(w.shape[1]), 0.0, float("inf"))
@@ -63,7 +74,7 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: in
         alpha = k / n_grid
         s = candidate_scales(x_sal, alpha, w_sal) if (alpha > 0 or duo) else torch.ones(w.shape[1])
         ws = w * s
-        d = (ws - fq(ws, bits, g, symmetric, scale_dtype)) / s
+        d = (ws - quant(ws)) / s
         err = float(output_error(d, h32).sum())
         if k == 0:
             err0 = err
@@ -81,7 +92,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
     """
     out, inp = w.shape
     n_g = inp // g
-    hb = h.float().reshape(n_g, g, n_g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g]
+    hb = block_diagonal(h, g)  # [G, g, g]
     wg = grouped(w, g)
     best_err = torch.full((out, n_g), float("inf"))
     best = torch.ones(out, n_g)
@@ -93,6 +104,42 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, c), best)
     return best
+
+
+# ------------------------------------------------------------------ MLX's float grids (mxfp4, nvfp4, mxfp8)
+# The block scale is one byte (E8M0 or E4M3), so AWQ's continuous range shrink becomes a choice among the few
+# scale bytes :func:`macq.quantizers.mxfp.search_scales` tries (MLX's own first); the search and the codes are
+# mxfp.py's, only the error that ranks the candidates is AWQ's.
+
+def block_diagonal(h: torch.Tensor, g: int) -> torch.Tensor:
+    """The diagonal ``g×g`` blocks of ``H [in, in]`` -> ``[in // g, g, g]`` (each group's own contribution)."""
+    n_g = h.shape[0] // g
+    return h.float().reshape(n_g, g, n_g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def fp_fake_quant(fmt: FPFormat, dtype: torch.dtype) -> FakeQuant:
+    """The α search's quantizer on a float grid: each block's scale byte by the data-free
+    :func:`~macq.quantizers.mxfp.search_scales` (the candidates the final rounding chooses among), codes nearest."""
+    def quant(w: torch.Tensor) -> torch.Tensor:
+        wg = grouped(w, fmt.group_size).double()
+        _, div = mxfp.search_scales(wg, fmt, dtype)
+        return mxfp.round_on(wg, div, fmt)[1].reshape(w.shape).to(w.dtype)
+    return quant
+
+
+def search_fp_scales(w: torch.Tensor, h: torch.Tensor, fmt: FPFormat, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's clip search on a float grid: per block of ``w [out, in]`` the scale byte (of
+    :func:`~macq.quantizers.mxfp.search_scales`'s candidates) with the least output error ``d_g H_gg d_gᵀ``
+    (the diagonal-block metric of :func:`search_clip`); MLX's byte kept on ties. ``(bytes, divisors)``
+    ``[out, G, 1]`` (divisors float64)."""
+    hb = block_diagonal(h, fmt.group_size)
+
+    def error(wg: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        d = wg - q
+        return torch.einsum("ogk,gkl,ogl->og", d, hb, d).unsqueeze(-1)
+
+    return mxfp.search_scales(grouped(w, fmt.group_size).double(), fmt, dtype, error)
 
 
 def clamp_to_clip(w: torch.Tensor, clip: torch.Tensor, g: int, symmetric: bool) -> torch.Tensor:

@@ -30,6 +30,7 @@ from macq.quantizers import grid
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
+from macq.quantizers.head import HeadOptions
 from macq.record import AffineRecord, FPRecord
 
 DAMP_RETRIES = 4        # on a failed Cholesky, damping is multiplied by 10 up to this many times
@@ -37,7 +38,7 @@ MSE_GRID = torch.linspace(1.0, 0.2, 41)  # range shrink factors tried by mse_cli
 
 
 @dataclass
-class GPTQConfig(StreamOptions, ScaleOptions, QuantConfig):
+class GPTQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
     method = "gptq"                # class constant (not a field), as in RTNConfig
     bits: int = 4
     group_size: int = field(default=128, metadata={
@@ -78,6 +79,7 @@ class GPTQConfig(StreamOptions, ScaleOptions, QuantConfig):
         check(str(self.device).split(":")[0] in ("cpu", "cuda", "mps", "auto"),
               f"--device {self.device}: expected cpu, cuda, cuda:N, mps or auto")
         self.check_stream_options()
+        self.check_head_options()
         check(self.scale_dtype in SCALE_DTYPES,
               f"--scale-dtype {self.scale_dtype}: expected one of {', '.join(SCALE_DTYPES)}")
         check(not (self.act_order and self.group_size and not self.static_groups),

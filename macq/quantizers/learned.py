@@ -72,8 +72,13 @@ class LearnedConfig(StreamOptions, ScaleOptions, QuantConfig):
                 "N x seq_len x vocab x 2 bytes)"})
     kl_holdout: int = field(default=2, metadata={
         "help": "logits stage: calibration sequences held out for keep-best (0 = judge on the training ones)"})
+    mode: str = field(default="affine", metadata={
+        "help": "affine only: the rounding offsets and the logits stage tune continuous affine scales, which MLX's "
+                "float modes (one scale byte per block) cannot hold; use --method awq, awq-gptq or gptq there"})
 
     def __post_init__(self) -> None:
+        check(self.mode == "affine", f"--mode {self.mode}: learned tunes continuous affine scales, which MLX's float "
+              "grids cannot hold; use --method awq, awq-gptq or gptq with --mode")
         check_bits(self.bits, range(2, 9), self.method)
         check(self.group_size >= 0, f"--group-size {self.group_size}: expected >0 or 0 (per channel)")
         check(self.init in INITS, f"--init {self.init}: expected one of {', '.join(INITS)}")

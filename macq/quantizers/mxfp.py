@@ -20,6 +20,8 @@ the correctly rounded result MLX's per-element float arithmetic gives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from macq.errors import MacqError
@@ -110,6 +112,14 @@ def grid_values(codes: torch.Tensor, fmt: FPFormat, divisor: torch.Tensor) -> to
     return decode_elements(codes.cpu(), fmt.element).to(divisor.device, divisor.dtype) * divisor
 
 
+def round_on(wg: torch.Tensor, div: torch.Tensor, fmt: FPFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, values)`` of ``wg [..., g]`` rounded to the nearest point of the grids ``div [..., 1]`` (decoded
+    scales); a zero divisor (an all-zero block) gives code 0 and value 0."""
+    safe = torch.where(div > 0, div, torch.ones_like(div))
+    codes = nearest_codes(wg / safe, fmt)
+    return codes, torch.where(div > 0, grid_values(codes, fmt, safe), torch.zeros_like(wg))
+
+
 def _candidates(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """MLX's own scale first, then alternatives: for E8M0 the next power of two down (clips the block's top,
     halves the step); for E4M3 the neighbouring scale codes (:data:`E4M3_STEPS`: about 0.5x to 1.3x in the normal
@@ -130,10 +140,20 @@ def _candidates(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> list[tup
     return out
 
 
-def search_scales(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of ``wg [..., g]`` (float64), the scale byte whose grid has the least ``Σ|w − q|^2.4``,
-    MLX's own scale tried first and kept on ties (never worse than RTN per block). A zero scale is never
-    chosen for a block with any nonzero weight (its codes would be meaningless)."""
+def weight_error(wg: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The data-free block error ``Σ|w − q|^2.4`` per block ``[..., 1]`` (GPTQ's scale-search norm)."""
+    return (wg - q).abs().pow(MSE_POWER).sum(-1, keepdim=True)
+
+
+BlockError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def search_scales(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype, error: BlockError = weight_error
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of ``wg [..., g]`` (float64), the scale byte whose grid has the least ``error(w, q)``
+    (``[..., 1]`` per block; default :func:`weight_error`; AWQ passes the block's output error under its
+    input Gram matrix), MLX's own scale tried first and kept on ties (never worse than RTN per block on that
+    error). A zero scale is never chosen for a block with any nonzero weight (its codes would be meaningless)."""
     best_b, best_d, best_e = None, None, None
     nz = wg.abs().amax(-1, keepdim=True) > 0
     cands = _candidates(wg, fmt, dtype)
@@ -143,7 +163,7 @@ def search_scales(wg: torch.Tensor, fmt: FPFormat, dtype: torch.dtype) -> tuple[
         ok = (div > 0) | ~nz
         safe = torch.where(div > 0, div, torch.ones_like(div))
         q = grid_values(nearest_codes(wg / safe, fmt), fmt, safe)
-        err = (wg - q).float().abs().pow(MSE_POWER).sum(-1, keepdim=True)
+        err = error(wg, q.float())
         err = torch.where(ok, err, torch.full_like(err, float("inf")))
         if best_b is None:
             best_b, best_d, best_e = byte, div, err

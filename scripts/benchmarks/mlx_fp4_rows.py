@@ -10,13 +10,16 @@ Rows per mode (each an MLX directory; weights stored fp16, the tied embedding qu
 * ``macq rtn``: ``--method rtn --mode MODE`` on the fp16-rounded weights; the script checks it equals the row
   above tensor for tensor (``identical_to_convert`` in the JSON);
 * ``macq rtn --mse-clip``: each block's scale byte searched (data-free);
-* ``macq gptq`` (and any ``--methods``): decoder linears calibrated on ``--n-calib`` x ``--seq-len`` c4 windows
-  (the second half of the bundled text; perplexity reads the first half), the embedding by RTN with the scale
-  search.
+* ``macq gptq`` / ``awq`` / ``awq-gptq`` (``--methods``): decoder linears calibrated on ``--n-calib`` x
+  ``--seq-len`` c4 windows (the second half of the bundled text; perplexity reads the first half), each method
+  with its defaults and ``--mode MODE``, the embedding by RTN with the scale search; with ``--head-gptq`` the tied
+  embedding (the output head) instead by GPTQ on the quantized model's final hidden states (rows
+  ``macq-METHOD-head-MODE``).
 
 ``--stage build`` quantizes and exports (torch; run without the BLAS preload); ``--stage eval`` scores every
 directory through mlx_lm on wiki and c4, ``--tokens`` tokens in ``--context``-token windows, computing in fp32
-(exact upcast of the stored fp16 values). For speed run the eval with OpenBLAS preloaded (PLATFORM.md,
+(exact upcast of the stored fp16 values); ``--stage head-probe`` scores ``--rows`` with the fp16 embedding put
+back for the lookup and / or the tied head. For speed run the eval with OpenBLAS preloaded (PLATFORM.md,
 "Making mlx usable on this CPU"). The gap closed is ``(ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp16)``.
 """
 
@@ -45,11 +48,12 @@ def build(args) -> dict:
 
     from macq.models import default_model_dir, load_model
     from macq.pipeline import calibration_ids
-    from macq.quantizers import quantize_model
-    from macq.quantizers.gptq import GPTQConfig
+    from macq.quantizers import make_config, quantize_model
     from macq.quantizers.rtn import RTNConfig
     from mlx_backend import export_mlx
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = rope_patched_copy(default_model_dir(), work)
@@ -82,10 +86,12 @@ def build(args) -> dict:
                 identical(ref, work / f"macq-rtn-{mode}")
         for method in args.methods:
             t0 = time.perf_counter()
-            cfg = GPTQConfig(mode=mode, n_calib=args.n_calib, seq_len=args.seq_len, **heads)
+            extra = dict(n_calib=args.n_calib, seq_len=args.seq_len) if method == "gptq" else {}
+            cfg = make_config(method, mode=mode, head_gptq=args.head_gptq, **heads, **extra)
             qm = quantize_model(fp16_rounded(model), method, cfg, calib=calib, source="default")
-            export_mlx(qm, fresh(work / f"macq-{method}-{mode}"), tokenizer=hf, dtype="float16", force=True)
-            info["rows"][f"macq-{method}-{mode}"] = {"seconds": time.perf_counter() - t0}
+            row = f"macq-{method}{'-head' if args.head_gptq else ''}-{mode}"
+            export_mlx(qm, fresh(work / row), tokenizer=hf, dtype="float16", force=True)
+            info["rows"][row] = {"seconds": time.perf_counter() - t0, "head": qm.method.get("stats", {}).get("head")}
     del torch
     return info
 
@@ -122,9 +128,15 @@ def evaluate(args) -> dict:
     dirs = ["fp16"] + [d.name for d in sorted(work.iterdir()) if d.name.startswith(("convert-", "macq-"))
                        and not d.name.startswith("macq-rtn-mx") and not d.name.startswith("macq-rtn-nv")]
     out = {}
-    if args.rows:
-        dirs = [d for d in dirs if d in args.rows]
+    if args.rows:        # in the order given; a row still being built is waited for (--wait seconds)
+        dirs = list(args.rows)
     for d in dirs:       # macq-rtn-MODE is skipped: the build checked it equals convert-MODE byte for byte
+        deadline = time.monotonic() + args.wait
+        while not (work / d / "config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(10)
+        if not (work / d / "config.json").is_file():
+            print(d, "missing: not scored", flush=True)
+            continue
         out[d] = {}
         loaded = load_dequantized(work / d)
         for ds in DATASETS:
@@ -137,6 +149,35 @@ def evaluate(args) -> dict:
     return out
 
 
+def head_probe(args) -> dict:
+    """Where a row's error sits: wiki perplexity of each ``--rows`` directory with the fp16 row's embedding matrix
+    put back for the lookup and the tied head (``both``), for the head only (``head``: the lookup stays
+    quantized) or for the lookup only (``lookup``: the head stays quantized)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_backend.runner import eval_mlx
+
+    work = Path(args.work)
+    f = load_dequantized(work / "fp16")[0].model.embed_tokens.weight
+    out: dict = {}
+    for d in args.rows:
+        out[d] = {}
+        for which in ("both", "head", "lookup"):
+            net, tok = load_dequantized(work / d)
+            q = net.model.embed_tokens.weight
+            net.args.tie_word_embeddings = False          # the head becomes its own (float) layer
+            net.lm_head = nn.Linear(q.shape[1], q.shape[0], bias=False)
+            net.lm_head.weight = f if which in ("both", "head") else q
+            net.model.embed_tokens.weight = f if which in ("both", "lookup") else q
+            mx.eval(net.parameters())
+            r = eval_mlx((net, tok), dataset="wiki", context=args.context, max_tokens=args.tokens, speed_prompt=8,
+                         speed_tokens=2)
+            out[d][f"fp16-{which}"] = {"wiki": r["ppl"], "ppl_stderr": r["ppl_stderr"]}
+            print(d, f"fp16-{which}", f"{r['ppl']:.3f}", flush=True)
+    return out
+
+
 def commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip()
@@ -144,22 +185,25 @@ def commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=["build", "eval"], required=True)
+    ap.add_argument("--stage", choices=["build", "eval", "head-probe"], required=True)
     ap.add_argument("--work", default="/tmp/macq-mlx-fp4")
     ap.add_argument("--modes", nargs="+", default=["mxfp4", "nvfp4"])
-    ap.add_argument("--methods", nargs="*", default=["gptq"])
+    ap.add_argument("--methods", nargs="*", default=["gptq"], choices=["gptq", "awq", "awq-gptq"])
+    ap.add_argument("--head-gptq", action="store_true", help="build: the tied head by GPTQ (--head-gptq)")
+    ap.add_argument("--threads", type=int, default=0, help="build: torch threads (0 = torch's default)")
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--no-rtn", action="store_true", help="build: skip the macq rtn rows (already built)")
-    ap.add_argument("--rows", nargs="*", default=[], help="eval: only these directories (default: all)")
+    ap.add_argument("--rows", nargs="*", default=[], help="eval: only these directories, in this order (default: all)")
+    ap.add_argument("--wait", type=float, default=0, help="eval: seconds to wait for a --rows directory still being built")
     ap.add_argument("--json", required=True, help="results file (the stage's part is merged in)")
     args = ap.parse_args()
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {}
     t0 = time.perf_counter()
-    part = build(args) if args.stage == "build" else evaluate(args)
+    part = build(args) if args.stage == "build" else evaluate(args) if args.stage == "eval" else head_probe(args)
     key = args.stage if not args.rows else f"{args.stage}:{','.join(args.rows)}"
     data[key] = {"result": part, "argv": sys.argv[1:], "commit": commit(), "seconds": time.perf_counter() - t0,
                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
