@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from macq.perf import matmul_flops
+from macq.progress import add_flops
 from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, quantize_codes
 
 
@@ -65,6 +67,7 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: in
         ws = w * s
         d = (ws - fq(ws, bits, g, symmetric, scale_dtype)) / s
         err = float(output_error(d, h32).sum())
+        add_flops(matmul_flops(*d.shape, h32.shape[1]))
         if k == 0:
             err0 = err
         if err < best[2]:
@@ -89,6 +92,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
         c = 1.0 - max_shrink * i / n_grid
         d = wg - fake_quantize(wg, bits, symmetric, "int", scale_dtype, c)
         err = torch.einsum("ogk,gkl,ogl->og", d, hb, d)
+        add_flops(matmul_flops(out, g, g) * n_g)   # d_g H_gg per row and group (the final dot is element-wise)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, c), best)
