@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from macq.errors import MacqError
 from macq.microscale import FPFormat, fp_format
-from macq.progress import stage
+from macq.perf import matmul_flops
+from macq.progress import add_flops, stage
 from macq.quantizers import grid
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits
@@ -92,10 +93,13 @@ def _params(w: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tenso
     if not cfg.mse_clip:
         return grid.affine_params(w, *args)[:2]
     best, best_err = None, None
+    wf = w.float()                # the grid's functions work in float32: convert and take the range once
+    lo, hi = w.amin(-1).float(), w.amax(-1).float()
     for c in MSE_GRID.tolist():   # vectorised over all groups; the loop is over candidate factors only
-        s, z, b = grid.affine_params(w, *args, clip=c)
-        err = (grid.dequantize_codes(grid.quantize_codes(w, s, z, b, cfg.bits), s, z, b, cfg.bits)
-               - w.float()).abs().pow(2.4).sum(-1)
+        ct = torch.tensor(c, dtype=torch.float32)
+        s, z, b = grid.params_from_range(lo * ct, hi * ct, *args)
+        err = (grid.dequantize_codes(grid.quantize_codes(wf, s, z, b, cfg.bits), s, z, b, cfg.bits)
+               - wf).abs_().pow_(2.4).sum(-1)
         if best is None:
             best, best_err = [s, z], err
         else:
@@ -124,29 +128,52 @@ def _fp_round(w: torch.Tensor, div: torch.Tensor, fmt: FPFormat) -> tuple[torch.
     return c, torch.where(div > 0, grid_values(c, fmt, safe), torch.zeros_like(w))
 
 
+def _inverse_lower(L: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``L`` (consumed): LAPACK's ``trtri`` on the CPU (n³/3 operations, in
+    place), a triangular solve against the identity elsewhere."""
+    if L.device.type != "cpu":
+        return torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
+    from scipy.linalg import lapack
+
+    a = L.numpy().T                          # the same memory, Fortran order: the upper triangle Lᵀ
+    trtri = lapack.get_lapack_funcs("trtri", (a,))
+    inv, info = trtri(a, lower=0, overwrite_c=1)
+    if info != 0:
+        raise MacqError(f"gptq: triangular inverse failed (LAPACK info {info})")
+    out = torch.from_numpy(inv.T) if inv is not a else L   # in place: L now holds L⁻¹
+    return out.tril_()
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction used.
 
-    Near-singular Hessians (few tokens, low-rank inputs, float32 on MPS) can make either Cholesky fail;
+    One Cholesky and one triangular inverse (2n³/3 operations, half of factoring, inverting and factoring
+    again): with ``J`` the order-reversing permutation, ``J(H+λI)J = L Lᵀ`` gives ``H+λI = Ũ Ũᵀ`` with
+    ``Ũ = J L J`` upper triangular, so ``(H+λI)⁻¹ = (Ũ⁻¹)ᵀ Ũ⁻¹`` and ``U = Ũ⁻¹ = J L⁻¹ J`` is upper
+    triangular with a positive diagonal: *the* upper Cholesky factor (it is unique).
+
+    Near-singular Hessians (few tokens, low-rank inputs, float32 on MPS) can make the Cholesky fail;
     the damping is then multiplied by 10 and retried (``DAMP_RETRIES`` times) instead of aborting.
     MPS lacks float64 and some linalg kernels: there the factorization runs in float32 on the CPU and
     starts 10× damper.
     """
     device = H.device
     H = H.cpu() if device.type == "mps" else H
+    n = H.shape[0]
     mean = torch.diag(H).mean()
     damp = damp_percent * (10.0 if H.dtype != torch.float64 else 1.0)  # float32 (MPS) starts damper
     for _ in range(DAMP_RETRIES + 1):
-        Hd = H.clone()                       # H + λI without an n×n identity (7B down_proj: 1.6 GB each in float64)
+        Hd = H.flip(0, 1)                    # J H J (a copy), damped in place: no n×n identity (8B down_proj: 1.6 GB)
         Hd.diagonal().add_(damp * mean)
         L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
+        del Hd                               # at most three n×n matrices alive here, the input H included
+        f64 = H.dtype == torch.float64
+        add_flops(n ** 3 / 3, f64)
         if info.item() == 0:
-            Hi = torch.cholesky_inverse(L)
-            del L                            # at most three n×n matrices alive here, the input H included
-            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
-            del Hi
-            if info.item() == 0 and torch.isfinite(U).all():
+            add_flops(n ** 3 / 3, f64)
+            U = _inverse_lower(L).flip(0, 1)  # J L⁻¹ J
+            del L
+            if torch.isfinite(U).all() and bool((U.diagonal() > 0).all()):
                 return U.to(device), damp
         damp *= 10
     raise MacqError(f"gptq: Hessian not positive definite even with damping {damp / 10:g} "
@@ -180,6 +207,13 @@ def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device) -> P
     with stage("cholesky"):
         Hinv, damp = inverse_hessian_cholesky(H, cfg.damp_percent)
     return PreparedHessian(H0, dead, perm, Hinv, damp)
+
+
+def gptq_block_flops(out: int, b: int, rest: int) -> int:
+    """Products of one lazy block of ``b`` columns over ``out`` rows with ``rest`` columns after it: the
+    in-block rank-1 updates (column ``i`` updates ``b − i`` columns: ``2·out·(b−i)``) and the deferred
+    ``Err [out, b] @ Hinv [b, rest]`` update of the later columns."""
+    return out * b * (b + 1) + matmul_flops(out, b, rest)
 
 
 @torch.no_grad()
@@ -238,6 +272,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        add_flops(gptq_block_flops(out, i2 - i1, n - i2), dt == torch.float64)
     codes = codes[:, torch.argsort(perm)]
     rec: AffineRecord | FPRecord
     if fp is not None:
@@ -245,8 +280,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     else:
         rec = AffineRecord(codes=codes.cpu(), scales=scale.to(cfg.torch_scale_dtype).cpu(), bits=cfg.bits, group_size=g,
                            zeros=None if cfg.symmetric else zero.to(torch.uint8).cpu())
+    # tr(ΔW H ΔWᵀ) without the [out, n] @ [n, n] product: ΔW = −E·U (E the scaled errors, U the factor above,
+    # rows in quantization order) and U (H+λI) Uᵀ = I, so tr(ΔW (H+λI) ΔWᵀ) = ‖E‖² = 2·loss, and the undamped
+    # value subtracts λ‖ΔW‖² (dead columns: ΔW = 0 there, whatever H0 holds)
     delta = rec.dequantize().to(W0.device, dt) - W0
-    stats = {"loss": losses.sum().item(), "out_err": ((delta @ H0) * delta).sum().item(),
+    loss = losses.sum().item()
+    stats = {"loss": loss, "out_err": 2 * loss - damp * torch.diag(H0).mean().item() * delta.pow(2).sum().item(),
              "damp": damp, "dead": int(dead.sum())}
     return rec, stats
 
@@ -274,6 +313,7 @@ class HessianAccumulator:
         self.H *= self.n / (self.n + t)
         self.n += t
         self.H += (x.T @ x).to(self.dtype) * (2.0 / self.n)
+        add_flops(matmul_flops(x.shape[1], t, x.shape[1]))
 
 
 @torch.no_grad()
