@@ -144,6 +144,20 @@ def _inverse_lower(L: torch.Tensor) -> torch.Tensor:
     return out.tril_()
 
 
+def _flip_both(M: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``M.flip(0, 1)`` in place (a square contiguous matrix): row blocks swapped with their mirror blocks, so
+    the extra memory is two blocks of rows, not a second matrix."""
+    n = M.shape[0]
+    for i in range(0, n // 2, rows):
+        b = min(rows, n // 2 - i)
+        top = M[i:i + b].flip(0, 1)
+        M[i:i + b] = M[n - i - b:n - i].flip(0, 1)
+        M[n - i - b:n - i] = top
+    if n % 2:
+        M[n // 2] = M[n // 2].flip(0)
+    return M
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction used.
 
@@ -162,16 +176,16 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torc
     n = H.shape[0]
     mean = torch.diag(H).mean()
     damp = damp_percent * (10.0 if H.dtype != torch.float64 else 1.0)  # float32 (MPS) starts damper
+    f64 = H.dtype == torch.float64
     for _ in range(DAMP_RETRIES + 1):
-        Hd = H.flip(0, 1)                    # J H J (a copy), damped in place: no n×n identity (8B down_proj: 1.6 GB)
-        Hd.diagonal().add_(damp * mean)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd                               # at most three n×n matrices alive here, the input H included
-        f64 = H.dtype == torch.float64
+        # one n×n matrix besides H: J H J (a copy), damped, factored, inverted and flipped back in place
+        L = H.flip(0, 1)
+        L.diagonal().add_(damp * mean)
+        L, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32, device=L.device)))
         add_flops(n ** 3 / 3, f64)
         if info.item() == 0:
             add_flops(n ** 3 / 3, f64)
-            U = _inverse_lower(L).flip(0, 1)  # J L⁻¹ J
+            U = _flip_both(_inverse_lower(L))   # J L⁻¹ J
             del L
             if torch.isfinite(U).all() and bool((U.diagonal() > 0).all()):
                 return U.to(device), damp
@@ -185,7 +199,7 @@ class PreparedHessian:
     """What GPTQ derives from ``H`` alone (damped inverse Cholesky factor, dead columns, column order): the
     same for every linear that sees this input, so linears sharing an input (q/k/v, gate/up) compute it once."""
 
-    H0: torch.Tensor          # H with dead diagonal entries set to 1 (for the output-error stat)
+    diag_mean: float          # mean of diag H, dead entries set to 1: the damping's unit (output-error stat)
     dead: torch.Tensor        # [in] bool: inputs that are always zero
     perm: torch.Tensor        # column order (act_order: descending diag H)
     Hinv: torch.Tensor        # upper Cholesky factor of (H[perm][:, perm] + λI)^-1
@@ -193,20 +207,24 @@ class PreparedHessian:
 
 
 @torch.no_grad()
-def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device) -> PreparedHessian:
-    """``H``'s part of :func:`gptq_quantize`, in float64 (float32 on MPS, which has no float64)."""
+def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device, own: bool = False) -> PreparedHessian:
+    """``H``'s part of :func:`gptq_quantize`, in float64 (float32 on MPS, which has no float64). With ``own``
+    the caller hands ``H`` over (it is changed in place and dropped): no n×n copy (8B down_proj: 1.9 GB)."""
     dt = torch.float32 if device.type == "mps" else torch.float64
-    H = H.to(device, dt).clone()
+    given = H
+    H = H.to(device, dt)
+    if H is given and not own:
+        H = H.clone()
     n = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H0 = H                          # the Cholesky below copies before damping, so H0 stays H's values
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n, device=device)
     if cfg.act_order:               # the identity permutation would copy H twice for nothing
-        H = H[perm][:, perm]        # (a new tensor: H0 keeps the original order)
+        H = H[perm][:, perm]
+    diag_mean = torch.diag(H).mean().item()
     with stage("cholesky"):
         Hinv, damp = inverse_hessian_cholesky(H, cfg.damp_percent)
-    return PreparedHessian(H0, dead, perm, Hinv, damp)
+    return PreparedHessian(diag_mean, dead, perm, Hinv, damp)
 
 
 def gptq_block_flops(out: int, b: int, rest: int) -> int:
@@ -233,7 +251,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     g = fp.group_size if fp is not None else (cfg.group_size or n)
     if n % g:
         raise MacqError(f"gptq: group_size={g} does not divide the input dim {n}")
-    dead, perm, Hinv, damp, H0 = p.dead, p.perm, p.Hinv, p.damp, p.H0
+    dead, perm, Hinv, damp = p.dead, p.perm, p.Hinv, p.damp
     W[:, dead] = 0.0
     W0 = W.clone()
     static = cfg.static_groups or cfg.group_size == 0   # per-channel params always come from the original W
@@ -285,7 +303,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     # value subtracts λ‖ΔW‖² (dead columns: ΔW = 0 there, whatever H0 holds)
     delta = rec.dequantize().to(W0.device, dt) - W0
     loss = losses.sum().item()
-    stats = {"loss": loss, "out_err": 2 * loss - damp * torch.diag(H0).mean().item() * delta.pow(2).sum().item(),
+    stats = {"loss": loss, "out_err": 2 * loss - damp * p.diag_mean * delta.pow(2).sum().item(),
              "damp": damp, "dead": int(dead.sum())}
     return rec, stats
 
@@ -312,7 +330,8 @@ class HessianAccumulator:
         t = x.shape[0]
         self.H *= self.n / (self.n + t)
         self.n += t
-        self.H += (x.T @ x).to(self.dtype) * (2.0 / self.n)
+        xtx = (x.T @ x).to(self.dtype)   # in place from here: no further n×n temporaries
+        self.H += xtx.mul_(2.0 / self.n)
         add_flops(matmul_flops(x.shape[1], t, x.shape[1]))
 
 
@@ -360,7 +379,8 @@ def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
     stats: dict[str, dict[str, Any]] = {}
 
     def quantize_group(path: str, layer: nn.Module, names: list[str], H: torch.Tensor) -> None:
-        prepared = prepare_hessian(H, cfg, device)
+        prepared = prepare_hessian(H, cfg, device, own=True)
+        del H
         for name in names:
             mod = layer.get_submodule(name)
             with stage("columns"):
@@ -380,12 +400,12 @@ def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
             for grp in groups:
                 with stage("hessian"):
                     hs = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)
-                quantize_group(path, layer, grp, hs[grp[0]])
+                quantize_group(path, layer, grp, hs.pop(grp[0]))
         else:
             with stage("hessian"):
                 hs = collect_hessians(layer, inputs, [grp[0] for grp in groups], device)
             for grp in groups:
-                quantize_group(path, layer, grp, hs[grp[0]])
+                quantize_group(path, layer, grp, hs.pop(grp[0]))
 
     return LayerJob(per_layer, records, stats, device, cfg.batch_size)
 
