@@ -256,12 +256,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     W0 = W.clone()
     static = cfg.static_groups or cfg.group_size == 0   # per-channel params always come from the original W
     empty = W.new_zeros(out, n // g, dtype=torch.float32)
-    if fp is not None:              # zero holds the scale bytes, scale the decoded divisors
-        empty = W.new_zeros(out, n // g)
-        scale, zero = _fp_params(W.view(out, n // g, g), fp, cfg) if static else (empty, empty.to(torch.uint8))
-    else:
-        scale, zero = _params(W.view(out, n // g, g), cfg) if static else \
-            (empty, None if cfg.symmetric else empty.clone())
+    with stage("grid"):             # each group's grid (MSE range search): element-wise, its own stage
+        if fp is not None:          # zero holds the scale bytes, scale the decoded divisors
+            empty = W.new_zeros(out, n // g)
+            scale, zero = _fp_params(W.view(out, n // g, g), fp, cfg) if static else (empty, empty.to(torch.uint8))
+        else:
+            scale, zero = _params(W.view(out, n // g, g), cfg) if static else \
+                (empty, None if cfg.symmetric else empty.clone())
     W = W[:, perm]
     codes, losses = torch.zeros(out, n, dtype=torch.uint8, device=W.device), W.new_zeros(out)
     group_of = (perm // g).tolist()  # group (in the original order) of the j-th quantized column
@@ -273,7 +274,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
             if not static and j % g == 0:  # params from the group's *current* weights: in-block part is
                 rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:j, i2:j + g]  # updated, the rest gets its pending update
                 cur = torch.cat([W1[:, i:i + g], rest], 1).unsqueeze(1)
-                s, z = _fp_params(cur, fp, cfg) if fp is not None else _params(cur, cfg)
+                with stage("grid"):
+                    s, z = _fp_params(cur, fp, cfg) if fp is not None else _params(cur, cfg)
                 scale[:, gi] = s[:, 0]
                 if z is not None:
                     zero[:, gi] = z[:, 0]

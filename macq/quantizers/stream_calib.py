@@ -52,7 +52,7 @@ from macq.shards import TensorStore
 from macq.streaming import finite, plan_stream, quantize_stored, stream_refusal
 
 TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
-               "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
+               "grid": "grid_search_s", "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
 
 
 @contextmanager

@@ -91,14 +91,14 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | Non
         sampler.stop.set()
         sampler.join()
     wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"error: {' '.join(map(str, cmd))} failed ({p.returncode}); see {log}:\n"
-                         f"{log.read_text()[-3000:]}")
+    if p.returncode != 0:    # the row says so and the other tools still run
+        print(f"{' '.join(map(str, cmd))} failed ({p.returncode}); see {log}:\n{log.read_text()[-3000:]}",
+              file=sys.stderr, flush=True)
     loads = sampler.loads or [os.getloadavg()[0]]
     return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
             "peak_rss_gib": round(ru.ru_maxrss / 2**20, 3), "tree_peak_rss_gib": round(sampler.peak / 2**30, 3),
             "load_mean": round(sum(loads) / len(loads), 2), "load_max": round(max(loads), 2),
-            "stdout": out.decode(errors="replace")}
+            "returncode": p.returncode, "stdout": out.decode(errors="replace")}
 
 
 def calib_ids(ckpt: Path, dataset: str, n: int, seq_len: int):
@@ -193,7 +193,9 @@ def main() -> None:
         row = {"tool": tool, **m, "per_layer_s": round(m["wall_s"] / layers, 2),
                "full_model_s_est": round(m["wall_s"] * full / layers, 1),
                "command": " ".join(map(str, cmd)).replace(str(ROOT) + "/", "")}
-        if tool.startswith("macq-"):
+        if m["returncode"] != 0:
+            row["failed"] = (a.out / f"{tool}.log").read_text()[-500:]
+        elif tool.startswith("macq-"):
             res = json.loads(stdout)
             row["timings"], row["gemm"] = res.get("timings"), res.get("gemm")
         elif tool == "llmc-gptq":
@@ -201,6 +203,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(work, ignore_errors=True)
+        if a.json:           # after every row: a later failure or interruption keeps the finished ones
+            a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(rows, meta))
     if a.json:
         a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
