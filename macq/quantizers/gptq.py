@@ -263,7 +263,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
         else:
             scale, zero = _params(W.view(out, n // g, g), cfg) if static else \
                 (empty, None if cfg.symmetric else empty.clone())
-    W = W[:, perm]
+    W = W[:, perm] if cfg.act_order else W   # the identity order needs no [out, n] gather
     codes, losses = torch.zeros(out, n, dtype=torch.uint8, device=W.device), W.new_zeros(out)
     group_of = (perm // g).tolist()  # group (in the original order) of the j-th quantized column
     for i1 in range(0, n, cfg.block_size):
@@ -293,7 +293,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         add_flops(gptq_block_flops(out, i2 - i1, n - i2), dt == torch.float64)
-    codes = codes[:, torch.argsort(perm)]
+    codes = codes[:, torch.argsort(perm)] if cfg.act_order else codes
     rec: AffineRecord | FPRecord
     if fp is not None:
         rec = FPRecord(codes=codes.cpu(), scales=zero.cpu(), mode=cfg.mode)
