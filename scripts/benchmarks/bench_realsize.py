@@ -134,8 +134,9 @@ def commands(tool: str, a: argparse.Namespace, work: Path, env: dict[str, str]) 
 
         np.save(work / "ids.npy", a.ids.numpy())
         e = dict(env)
-        if a.openblas:
+        if a.openblas:      # its libgfortran / libquadmath sit next to it
             e["LD_PRELOAD"] = str(a.openblas)
+            e["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(a.openblas.parent), e.get("LD_LIBRARY_PATH", "")]))
         return [sys.executable, str(Path(__file__).with_name("mlx_lm_quant.py")), "awq", "--model", str(a.checkpoint),
                 "--calib", str(work / "ids.npy"), "--out", str(out), "--", "--bits", str(a.bits),
                 "--group-size", str(a.group_size), "--num-samples", str(a.n_calib),
@@ -216,6 +217,9 @@ def table(rows: list[dict], meta: dict) -> str:
     lines = [f"| tool | wall s | CPU s | peak RSS GiB | wall s per layer | est. {full}-layer wall s | load (mean/max) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("failed"):
+            lines.append(f"| {r['tool']} | failed (exit {r['returncode']}) | | | | | |")
+            continue
         lines.append(f"| {r['tool']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']} | {r['wall_s'] / n:.1f} | "
                      f"{r['full_model_s_est']} | {r['load_mean']}/{r['load_max']} |")
     for r in rows:
