@@ -226,13 +226,15 @@ def table(rows: list[dict], meta: dict) -> str:
         g = r.get("gemm")
         if not g:
             continue
-        lines += ["", f"{r['tool']}: probe {g['probe_gflop_s']} GFLOP/s wall, {g['probe_cpu_gflop_s']} per CPU-second "
-                  f"({g['threads']} thread)", "",
-                  "| stage | s | GFLOP | GFLOP/s | of probe | GFLOP/s per CPU-s | of probe per CPU-s |",
+        lines += ["", f"{r['tool']}: probe {g['probe_cpu_gflop_s']} GFLOP/s float32, {g['probe_f64_cpu_gflop_s']} "
+                  f"float64 per CPU-second ({g['probe_gflop_s']} / {g['probe_f64_gflop_s']} by the wall clock; "
+                  f"{g['threads']} thread)", "",
+                  "| stage | wall s | CPU s | GFLOP (float64) | GFLOP/s per CPU-s | of float32 probe | of machine |",
                   "|---|---|---|---|---|---|---|"]
         for k, s in g["stages"].items():
-            lines.append(f"| {k} | {s['seconds']} | {s['gflop']} | {s['gflop_s']} | {s['of_probe']} | "
-                         f"{s.get('cpu_gflop_s', '')} | {s.get('of_probe_cpu', '')} |")
+            lines.append(f"| {k} | {s['seconds']:.1f} | {s.get('cpu_seconds', 0):.1f} | {s['gflop']:.0f} "
+                         f"({s['gflop_f64']:.0f}) | {s.get('cpu_gflop_s', '')} | {s.get('of_probe_cpu', '')} | "
+                         f"{s.get('of_machine_cpu', '')} |")
     return "\n".join(lines)
 
 
