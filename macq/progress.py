@@ -179,8 +179,10 @@ class StageTimes:
             return None if x is None else float(f"{x:.4g}")
 
         stages: dict[str, dict[str, float | None]] = {}
+        unrated: dict[str, dict[str, float]] = {}     # stages with no products to rate: their seconds only
         for k, a in self.run.items():
             if not a.flops:
+                unrated[k] = {"seconds": round(a.seconds, 3), "cpu_seconds": round(a.cpu, 3)}
                 continue
             rate = a.flops / a.seconds / 1e9 if a.seconds > 0 else 0.0
             ideal = self._ideal(a, cpu=False)
@@ -200,7 +202,7 @@ class StageTimes:
         p32, p64 = self.probe32 or (None, None), self.probe64 or (None, None)
         return {"probe_gflop_s": r(p32[0]), "probe_cpu_gflop_s": r(p32[1]),
                 "probe_f64_gflop_s": r(p64[0]), "probe_f64_cpu_gflop_s": r(p64[1]),
-                "threads": threads, "device": self.device, "stages": stages}
+                "threads": threads, "device": self.device, "stages": stages, "unrated": unrated}
 
     def __enter__(self) -> "StageTimes":
         import torch.nn as nn

@@ -93,6 +93,7 @@ def test_rates_and_layer_text_report_against_the_probe():
             time.sleep(0.05)
     r = timer.rates()
     assert r["probe_gflop_s"] > 0 and r["probe_f64_gflop_s"] > 0 and set(r["stages"]) == {"hessian", "columns"}
+    assert set(r["unrated"]) == {"io"} and r["unrated"]["io"]["seconds"] >= 0.01
     h, c = r["stages"]["hessian"], r["stages"]["columns"]
     assert h["gflop"] == 4.0 and 4.0 / h["seconds"] == pytest.approx(h["gflop_s"], rel=0.01)
     assert h["of_probe"] == pytest.approx(h["gflop_s"] / r["probe_gflop_s"], rel=0.01) == h["of_machine"]

@@ -231,6 +231,8 @@ def table(rows: list[dict], meta: dict) -> str:
                   f"{g['threads']} thread)", "",
                   "| stage | wall s | CPU s | GFLOP (float64) | GFLOP/s per CPU-s | of float32 probe | of machine |",
                   "|---|---|---|---|---|---|---|"]
+        for k, s in g.get("unrated", {}).items():
+            lines.append(f"| {k} (no products) | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | | | | |")
         for k, s in g["stages"].items():
             lines.append(f"| {k} | {s['seconds']:.1f} | {s.get('cpu_seconds', 0):.1f} | {s['gflop']:.0f} "
                          f"({s['gflop_f64']:.0f}) | {s.get('cpu_gflop_s', '')} | {s.get('of_probe_cpu', '')} | "
