@@ -39,6 +39,8 @@ STUDIES: dict[str, tuple[str, str]] = {
     "bench_scale": ("streaming-rtn.md", "streamed RTN export against mlx_lm.convert: time, peak RSS, tensors"),
     "bench_prefetch": ("streaming-rtn.md", "the read-ahead thread on and off"),
     "bench_scale_calib": ("streaming-calibrated.md", "calibrated methods streamed against in memory"),
+    "bench_realsize": ("realsize.md", "GPTQ / AWQ at real size next to llm-compressor and mlx_lm.awq: wall, CPU, "
+                       "peak RSS, per-stage GEMM rates against the probe"),
     "baselines_table": ("baselines.md", "bitsandbytes and llm-compressor next to macq (bash script)"),
     "mlx_fp4_rows": ("mlx-fp4.md", "mxfp4 / nvfp4: mlx_lm.convert --q-mode against macq rtn / gptq, through mlx_lm"),
     "kv_rows": ("mlx-fp4.md", "quantized KV cache (mlx_lm's and the torch simulation) next to the weights' error"),

@@ -254,3 +254,19 @@ def test_default_model_first_layer_beats_rtn():
     rtn = fake_quantize(W.view(W.shape[0], -1, 128), 3, False).view_as(W)
     e = lambda w: ((X @ (w.double() - W.double()).T) ** 2).sum()  # noqa: E731
     assert e(rec.dequantize()) < 0.8 * e(rtn)
+
+
+def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse():
+    """One Cholesky of the reversed matrix and a triangular inverse give the upper Cholesky factor of (H+λI)⁻¹
+    (reference: numpy's inverse, then its Cholesky), including odd sizes for the in-place flip."""
+    from macq.quantizers.gptq import _flip_both, inverse_hessian_cholesky
+
+    for n in (7, 128, 301):
+        _, H = _layer(seed=n, n=n, tokens=4 * n)
+        U, damp = inverse_hessian_cholesky(H, 0.01)
+        Hd = H.numpy() + damp * np.diag(H.numpy()).mean() * np.eye(n)
+        ref = np.linalg.cholesky(np.linalg.inv(Hd)).T  # upper factor: inv = L Lᵀ = UᵀU with U = Lᵀ
+        assert np.allclose(U.numpy(), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+        assert np.allclose(U.numpy().T @ U.numpy() @ Hd, np.eye(n), atol=1e-9)
+        M = torch.randn(n, n, dtype=torch.float64)
+        assert torch.equal(_flip_both(M.clone(), rows=5), M.flip(0, 1))

@@ -392,8 +392,11 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     (("--method", "kmeans-cal", "--sensitivity", "fisher", "--weighted-heads", "--include-embeddings", "--stream"),
      "error: --stream: kmeans-cal --sensitivity fisher (its default; also the --weighted-heads heads) needs gradients "
      "through the whole model; pass --sensitivity hessian to stream, or --no-stream"),
-] + ([(("--method", "gptq", "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")]
-     if not torch.cuda.is_available() else []))
+] + ([(("--method", m, *extra, "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")
+      for m, extra in (("gptq", ()), ("mixed", ("--sensitivity", "proxy")))]
+     if not torch.cuda.is_available() else []) + ([(("--method", "gptq", "--device", "mps"),
+                                                   "error: --device mps: 'mps' requested but MPS is not available")]
+                                                 if not torch.backends.mps.is_available() else []))
 def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, capsys, args, msg):
     """One line, exit 2, before any weight is read: the checkpoint's weights file here is corrupt, so any
     attempt to read it would fail with a different message."""

@@ -21,6 +21,8 @@ import torch.nn as nn
 from macq.act_runtime import ACT_MODES, check_act_spec, fake_quant_act, install_act_quant, remove_act_quant
 from macq.errors import MacqError
 from macq.models import is_conv1d
+from macq.perf import matmul_flops
+from macq.progress import add_flops
 from macq.quantizers.calibration import LayerInputs, module_inputs, run_layer
 
 
@@ -93,6 +95,7 @@ def collect_input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[tupl
         st.absmax = torch.maximum(st.absmax, x.abs().amax(0).float().cpu())
         if st.gram is not None:
             st.gram += (x.float().T @ x.float()).double().cpu()  # fp32 matmul per batch, fp64 sum
+            add_flops(matmul_flops(x.shape[-1], x.numel() // x.shape[-1], x.shape[-1]))
 
     with module_inputs(layer, list(by_first), cb):
         run_layer(layer, inputs)

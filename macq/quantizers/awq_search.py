@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 
 from macq.microscale import FPFormat
+from macq.perf import matmul_flops
+from macq.progress import add_flops
 from macq.quantizers import mxfp
 from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, quantize_codes
 
@@ -76,6 +78,7 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: in
         ws = w * s
         d = (ws - quant(ws)) / s
         err = float(output_error(d, h32).sum())
+        add_flops(matmul_flops(*d.shape, h32.shape[1]))
         if k == 0:
             err0 = err
         if err < best[2]:
@@ -100,6 +103,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
         c = 1.0 - max_shrink * i / n_grid
         d = wg - fake_quantize(wg, bits, symmetric, "int", scale_dtype, c)
         err = torch.einsum("ogk,gkl,ogl->og", d, hb, d)
+        add_flops(matmul_flops(out, g, g) * n_g)   # d_g H_gg per row and group (the final dot is element-wise)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, c), best)

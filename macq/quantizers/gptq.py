@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from macq.errors import MacqError
 from macq.microscale import FPFormat, fp_format
-from macq.progress import stage
+from macq.perf import matmul_flops
+from macq.progress import add_flops, stage
 from macq.quantizers import grid
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits
@@ -94,10 +95,13 @@ def _params(w: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tenso
     if not cfg.mse_clip:
         return grid.affine_params(w, *args)[:2]
     best, best_err = None, None
+    wf = w.float()                # the grid's functions work in float32: convert and take the range once
+    lo, hi = w.amin(-1).float(), w.amax(-1).float()
     for c in MSE_GRID.tolist():   # vectorised over all groups; the loop is over candidate factors only
-        s, z, b = grid.affine_params(w, *args, clip=c)
-        err = (grid.dequantize_codes(grid.quantize_codes(w, s, z, b, cfg.bits), s, z, b, cfg.bits)
-               - w.float()).abs().pow(2.4).sum(-1)
+        ct = torch.tensor(c, dtype=torch.float32)
+        s, z, b = grid.params_from_range(lo * ct, hi * ct, *args)
+        err = (grid.dequantize_codes(grid.quantize_codes(wf, s, z, b, cfg.bits), s, z, b, cfg.bits)
+               - wf).abs_().pow_(2.4).sum(-1)
         if best is None:
             best, best_err = [s, z], err
         else:
@@ -126,29 +130,66 @@ def _fp_round(w: torch.Tensor, div: torch.Tensor, fmt: FPFormat) -> tuple[torch.
     return c, torch.where(div > 0, grid_values(c, fmt, safe), torch.zeros_like(w))
 
 
+def _inverse_lower(L: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``L`` (consumed): LAPACK's ``trtri`` on the CPU (n³/3 operations, in
+    place), a triangular solve against the identity elsewhere."""
+    if L.device.type != "cpu":
+        return torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
+    from scipy.linalg import lapack
+
+    a = L.numpy().T                          # the same memory, Fortran order: the upper triangle Lᵀ
+    trtri = lapack.get_lapack_funcs("trtri", (a,))
+    inv, info = trtri(a, lower=0, overwrite_c=1)
+    if info != 0:
+        raise MacqError(f"gptq: triangular inverse failed (LAPACK info {info})")
+    out = torch.from_numpy(inv.T) if inv is not a else L   # in place: L now holds L⁻¹
+    return out.tril_()
+
+
+def _flip_both(M: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``M.flip(0, 1)`` in place (a square contiguous matrix): row blocks swapped with their mirror blocks, so
+    the extra memory is two blocks of rows, not a second matrix."""
+    n = M.shape[0]
+    for i in range(0, n // 2, rows):
+        b = min(rows, n // 2 - i)
+        top = M[i:i + b].flip(0, 1)
+        M[i:i + b] = M[n - i - b:n - i].flip(0, 1)
+        M[n - i - b:n - i] = top
+    if n % 2:
+        M[n // 2] = M[n // 2].flip(0)
+    return M
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction used.
 
-    Near-singular Hessians (few tokens, low-rank inputs, float32 on MPS) can make either Cholesky fail;
+    One Cholesky and one triangular inverse (2n³/3 operations, half of factoring, inverting and factoring
+    again): with ``J`` the order-reversing permutation, ``J(H+λI)J = L Lᵀ`` gives ``H+λI = Ũ Ũᵀ`` with
+    ``Ũ = J L J`` upper triangular, so ``(H+λI)⁻¹ = (Ũ⁻¹)ᵀ Ũ⁻¹`` and ``U = Ũ⁻¹ = J L⁻¹ J`` is upper
+    triangular with a positive diagonal: *the* upper Cholesky factor (it is unique).
+
+    Near-singular Hessians (few tokens, low-rank inputs, float32 on MPS) can make the Cholesky fail;
     the damping is then multiplied by 10 and retried (``DAMP_RETRIES`` times) instead of aborting.
     MPS lacks float64 and some linalg kernels: there the factorization runs in float32 on the CPU and
     starts 10× damper.
     """
     device = H.device
     H = H.cpu() if device.type == "mps" else H
+    n = H.shape[0]
     mean = torch.diag(H).mean()
     damp = damp_percent * (10.0 if H.dtype != torch.float64 else 1.0)  # float32 (MPS) starts damper
+    f64 = H.dtype == torch.float64
     for _ in range(DAMP_RETRIES + 1):
-        Hd = H.clone()                       # H + λI without an n×n identity (7B down_proj: 1.6 GB each in float64)
-        Hd.diagonal().add_(damp * mean)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
+        # one n×n matrix besides H: J H J (a copy), damped, factored, inverted and flipped back in place
+        L = H.flip(0, 1)
+        L.diagonal().add_(damp * mean)
+        L, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32, device=L.device)))
+        add_flops(n ** 3 / 3, f64)
         if info.item() == 0:
-            Hi = torch.cholesky_inverse(L)
-            del L                            # at most three n×n matrices alive here, the input H included
-            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
-            del Hi
-            if info.item() == 0 and torch.isfinite(U).all():
+            add_flops(n ** 3 / 3, f64)
+            U = _flip_both(_inverse_lower(L))   # J L⁻¹ J
+            del L
+            if torch.isfinite(U).all() and bool((U.diagonal() > 0).all()):
                 return U.to(device), damp
         damp *= 10
     raise MacqError(f"gptq: Hessian not positive definite even with damping {damp / 10:g} "
@@ -160,7 +201,7 @@ class PreparedHessian:
     """What GPTQ derives from ``H`` alone (damped inverse Cholesky factor, dead columns, column order): the
     same for every linear that sees this input, so linears sharing an input (q/k/v, gate/up) compute it once."""
 
-    H0: torch.Tensor          # H with dead diagonal entries set to 1 (for the output-error stat)
+    diag_mean: float          # mean of diag H, dead entries set to 1: the damping's unit (output-error stat)
     dead: torch.Tensor        # [in] bool: inputs that are always zero
     perm: torch.Tensor        # column order (act_order: descending diag H)
     Hinv: torch.Tensor        # upper Cholesky factor of (H[perm][:, perm] + λI)^-1
@@ -168,20 +209,31 @@ class PreparedHessian:
 
 
 @torch.no_grad()
-def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device) -> PreparedHessian:
-    """``H``'s part of :func:`gptq_quantize`, in float64 (float32 on MPS, which has no float64)."""
+def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device, own: bool = False) -> PreparedHessian:
+    """``H``'s part of :func:`gptq_quantize`, in float64 (float32 on MPS, which has no float64). With ``own``
+    the caller hands ``H`` over (it is changed in place and dropped): no n×n copy (8B down_proj: 1.9 GB)."""
     dt = torch.float32 if device.type == "mps" else torch.float64
-    H = H.to(device, dt).clone()
+    given = H
+    H = H.to(device, dt)
+    if H is given and not own:
+        H = H.clone()
     n = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H0 = H                          # the Cholesky below copies before damping, so H0 stays H's values
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n, device=device)
     if cfg.act_order:               # the identity permutation would copy H twice for nothing
-        H = H[perm][:, perm]        # (a new tensor: H0 keeps the original order)
+        H = H[perm][:, perm]
+    diag_mean = torch.diag(H).mean().item()
     with stage("cholesky"):
         Hinv, damp = inverse_hessian_cholesky(H, cfg.damp_percent)
-    return PreparedHessian(H0, dead, perm, Hinv, damp)
+    return PreparedHessian(diag_mean, dead, perm, Hinv, damp)
+
+
+def gptq_block_flops(out: int, b: int, rest: int) -> int:
+    """Products of one lazy block of ``b`` columns over ``out`` rows with ``rest`` columns after it: the
+    in-block rank-1 updates (column ``i`` updates ``b − i`` columns: ``2·out·(b−i)``) and the deferred
+    ``Err [out, b] @ Hinv [b, rest]`` update of the later columns."""
+    return out * b * (b + 1) + matmul_flops(out, b, rest)
 
 
 @torch.no_grad()
@@ -201,18 +253,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     g = fp.group_size if fp is not None else (cfg.group_size or n)
     if n % g:
         raise MacqError(f"gptq: group_size={g} does not divide the input dim {n}")
-    dead, perm, Hinv, damp, H0 = p.dead, p.perm, p.Hinv, p.damp, p.H0
+    dead, perm, Hinv, damp = p.dead, p.perm, p.Hinv, p.damp
     W[:, dead] = 0.0
     W0 = W.clone()
     static = cfg.static_groups or cfg.group_size == 0   # per-channel params always come from the original W
     empty = W.new_zeros(out, n // g, dtype=torch.float32)
-    if fp is not None:              # zero holds the scale bytes, scale the decoded divisors
-        empty = W.new_zeros(out, n // g)
-        scale, zero = _fp_params(W.view(out, n // g, g), fp, cfg) if static else (empty, empty.to(torch.uint8))
-    else:
-        scale, zero = _params(W.view(out, n // g, g), cfg) if static else \
-            (empty, None if cfg.symmetric else empty.clone())
-    W = W[:, perm]
+    with stage("grid"):             # each group's grid (MSE range search): element-wise, its own stage
+        if fp is not None:          # zero holds the scale bytes, scale the decoded divisors
+            empty = W.new_zeros(out, n // g)
+            scale, zero = _fp_params(W.view(out, n // g, g), fp, cfg) if static else (empty, empty.to(torch.uint8))
+        else:
+            scale, zero = _params(W.view(out, n // g, g), cfg) if static else \
+                (empty, None if cfg.symmetric else empty.clone())
+    W = W[:, perm] if cfg.act_order else W   # the identity order needs no [out, n] gather
     codes, losses = torch.zeros(out, n, dtype=torch.uint8, device=W.device), W.new_zeros(out)
     group_of = (perm // g).tolist()  # group (in the original order) of the j-th quantized column
     for i1 in range(0, n, cfg.block_size):
@@ -223,7 +276,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
             if not static and j % g == 0:  # params from the group's *current* weights: in-block part is
                 rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:j, i2:j + g]  # updated, the rest gets its pending update
                 cur = torch.cat([W1[:, i:i + g], rest], 1).unsqueeze(1)
-                s, z = _fp_params(cur, fp, cfg) if fp is not None else _params(cur, cfg)
+                with stage("grid"):
+                    s, z = _fp_params(cur, fp, cfg) if fp is not None else _params(cur, cfg)
                 scale[:, gi] = s[:, 0]
                 if z is not None:
                     zero[:, gi] = z[:, 0]
@@ -240,15 +294,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]
+        add_flops(gptq_block_flops(out, i2 - i1, n - i2), dt == torch.float64)
+    codes = codes[:, torch.argsort(perm)] if cfg.act_order else codes
     rec: AffineRecord | FPRecord
     if fp is not None:
         rec = FPRecord(codes=codes.cpu(), scales=zero.cpu(), mode=cfg.mode)
     else:
         rec = AffineRecord(codes=codes.cpu(), scales=scale.to(cfg.torch_scale_dtype).cpu(), bits=cfg.bits, group_size=g,
                            zeros=None if cfg.symmetric else zero.to(torch.uint8).cpu())
+    # tr(ΔW H ΔWᵀ) without the [out, n] @ [n, n] product: ΔW = −E·U (E the scaled errors, U the factor above,
+    # rows in quantization order) and U (H+λI) Uᵀ = I, so tr(ΔW (H+λI) ΔWᵀ) = ‖E‖² = 2·loss, and the undamped
+    # value subtracts λ‖ΔW‖² (dead columns: ΔW = 0 there, whatever H0 holds)
     delta = rec.dequantize().to(W0.device, dt) - W0
-    stats = {"loss": losses.sum().item(), "out_err": ((delta @ H0) * delta).sum().item(),
+    loss = losses.sum().item()
+    stats = {"loss": loss, "out_err": 2 * loss - damp * p.diag_mean * delta.pow(2).sum().item(),
              "damp": damp, "dead": int(dead.sum())}
     return rec, stats
 
@@ -275,7 +334,11 @@ class HessianAccumulator:
         t = x.shape[0]
         self.H *= self.n / (self.n + t)
         self.n += t
-        self.H += (x.T @ x).to(self.dtype) * (2.0 / self.n)
+        xtx = x.T @ x                    # float32; widened and added a block of rows at a time, so the only
+        scale = 2.0 / self.n             # n×n temporary is this one (8B down_proj: 0.8 GB, not 0.8 + 1.6)
+        for r in range(0, xtx.shape[0], 1024):
+            self.H[r:r + 1024] += xtx[r:r + 1024].to(self.dtype).mul_(scale)
+        add_flops(matmul_flops(x.shape[1], t, x.shape[1]))
 
 
 @torch.no_grad()
@@ -322,7 +385,8 @@ def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
     stats: dict[str, dict[str, Any]] = {}
 
     def quantize_group(path: str, layer: nn.Module, names: list[str], H: torch.Tensor) -> None:
-        prepared = prepare_hessian(H, cfg, device)
+        prepared = prepare_hessian(H, cfg, device, own=True)
+        del H
         for name in names:
             mod = layer.get_submodule(name)
             with stage("columns"):
@@ -342,12 +406,12 @@ def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
             for grp in groups:
                 with stage("hessian"):
                     hs = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)
-                quantize_group(path, layer, grp, hs[grp[0]])
+                quantize_group(path, layer, grp, hs.pop(grp[0]))
         else:
             with stage("hessian"):
                 hs = collect_hessians(layer, inputs, [grp[0] for grp in groups], device)
             for grp in groups:
-                quantize_group(path, layer, grp, hs[grp[0]])
+                quantize_group(path, layer, grp, hs.pop(grp[0]))
 
     return LayerJob(per_layer, records, stats, device, cfg.batch_size)
 

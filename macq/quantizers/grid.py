@@ -54,9 +54,17 @@ def affine_params(w: torch.Tensor, bits: int, symmetric: bool, zero_point: str =
     ``clip`` (scalar or ``[...]``) shrinks the group's range, for MSE / AWQ clipping searches.
     Returned tensors are float32 holding values representable in ``scale_dtype``.
     """
-    maxq = 2 ** bits - 1
     clip_t = torch.as_tensor(clip, dtype=torch.float32, device=w.device)
-    wmin, wmax = w.amin(-1).float() * clip_t, w.amax(-1).float() * clip_t
+    return params_from_range(w.amin(-1).float() * clip_t, w.amax(-1).float() * clip_t, bits, symmetric, zero_point,
+                             scale_dtype)
+
+
+def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "int",
+                      scale_dtype: torch.dtype = torch.float16
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`affine_params` from each group's (clipped) float32 ``min`` / ``max``: searches over clip factors
+    compute the range once and scale it per candidate."""
+    maxq = 2 ** bits - 1
     if symmetric:
         absmax = torch.maximum(wmin.abs(), wmax.abs())
         return _round_scale(2 * absmax / maxq, scale_dtype), None, None

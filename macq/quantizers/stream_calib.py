@@ -52,7 +52,7 @@ from macq.shards import TensorStore
 from macq.streaming import finite, plan_stream, quantize_stored, stream_refusal
 
 TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
-               "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
+               "grid": "grid_search_s", "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
 
 
 @contextmanager
@@ -128,7 +128,8 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                      trust_remote_code: bool = False) -> dict[str, Any]:
     """Quantize the checkpoint at ``src`` with a calibrated method into the macq quantization directory
     ``out``, one decoder layer in memory at a time. Returns the CLI summary (with ``timings`` per stage and
-    the activation store's ``activations`` counts)."""
+    the activation store's ``activations`` counts, and ``gemm``: the probe's float32 GEMM rate and each stage's
+    achieved rate against it, :meth:`macq.progress.StageTimes.rates`)."""
     from macq.arch import arch_spec
     from macq.device import resolve_device
     from macq.models import quantizable_modules
@@ -163,7 +164,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
 
     outside = [(kind, name, key, tr) for kind, name, key, tr in plan.order if not name.startswith(plan.layers_prefix)]
     log = LayerLog(plan.n_layers, f"{method} (streamed)", enabled=progress)
-    timer = StageTimes(str(device))
+    timer = StageTimes(str(device), probe=True)
     try:
         with timer, QuantDirWriter.create(out, plan.config, source=source or str(src), tokenizer=plan.src,
                                           shard_bytes=shard_bytes) as w:
@@ -253,7 +254,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
         budget.cleanup()
     timings = {TIMING_KEYS.get(k, f"{k}_s"): round(v, 3) for k, v in timer.total.items()}
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    return {**w.summary, "streamed": True, "device": str(device), "timings": timings,
+    return {**w.summary, "streamed": True, "device": str(device), "timings": timings, "gemm": timer.rates(),
             "activations": {"dtype": cfg.act_dtype, **budget.summary()}}
 
 

@@ -10,7 +10,8 @@ Rows (decoder linears only on every row; embeddings / lm_head stay fp16 everywhe
 * macq ``kmeans-cal`` with the same layout (4-bit, groups of 32 output channels, fp16 LUT): identical storage;
 * coreai-opt ``Quantizer`` int4 per block of 32 (``QuantizerConfig.presets.w4_per_block``, symmetric), the macOS
   preset, eager mode on the ``nn.Linear`` modules;
-* macq ``gptq`` and ``learned`` int4 g32 symmetric (fp16 scale per 32 weights): identical storage.
+* macq ``gptq``, ``learned`` and data-free ``rtn --mse-clip`` int4 g32 symmetric (fp16 scale per 32 weights):
+  identical storage.
 
 Every row is evaluated the same way in torch (fp32 compute on the dequantized weights): perplexity on the
 held-out splits of wiki, c4 and tinystories (context 512), and KL / top-1 against the fp16-rounded model.
@@ -81,6 +82,7 @@ MACQ_ROWS = {
     "macq-kmeans-cal": ("kmeans-cal", {"bits": 4, "granularity": "per_grouped_channel", "group_size": 32}),
     "macq-gptq": ("gptq", {"bits": 4, "group_size": 32, "symmetric": True}),
     "macq-learned": ("learned", {"bits": 4, "group_size": 32, "symmetric": True}),
+    "macq-rtn-mse": ("rtn", {"bits": 4, "group_size": 32, "symmetric": True, "mse_clip": True}),
 }
 
 
@@ -146,7 +148,8 @@ def main() -> None:
         elif row in MACQ_ROWS:
             method, opts = MACQ_ROWS[row]
             qm = quantize(model, tok, method, opts, "c4", args.n_calib, args.seq_len, 0, progress=False, copy_model=True)
-            score(f"macq {method} 4-bit g32" + (" (sym)" if opts.get("symmetric") else ""), qm.to_torch(),
+            score(f"macq {method}{' --mse-clip' if opts.get('mse_clip') else ''} 4-bit g32"
+                  + (" (sym)" if opts.get("symmetric") else ""), qm.to_torch(),
                   qm.bits_per_weight(), time.perf_counter() - t0)
         else:
             raise SystemExit(f"unknown row {row}")

@@ -1,0 +1,126 @@
+"""The GEMM-rate probe and the per-stage operation counts (macq.perf, macq.progress.StageTimes).
+
+References: hand formulas for the products of a tiny layer (a linear's ``2·tokens·in·out``, attention's
+``4·b·heads·s²·head_dim``, the Gram ``2·n·t·n``, GPTQ's lazy blocks summed by an explicit loop over columns),
+and a timed float32 matmul measured here for the probe's order of magnitude."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from macq.perf import gemm_rate, matmul_flops, module_flops
+from macq.progress import StageTimes, add_flops, stage
+from macq.quantizers.gptq import GPTQConfig, HessianAccumulator, gptq_block_flops, gptq_quantize
+
+
+def test_probe_rate_is_positive_cached_and_near_a_plain_matmul():
+    r = gemm_rate("cpu")
+    assert r > 0.5                                   # GFLOP/s: any CPU since 2005 does more than this
+    t0 = time.perf_counter()
+    assert gemm_rate("cpu") == r                      # cached: the second call measures nothing
+    assert time.perf_counter() - t0 < 0.01
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t0 = time.perf_counter()
+    a @ b
+    plain = matmul_flops(1024, 1024, 1024) / (time.perf_counter() - t0) / 1e9
+    assert plain / 20 < r < plain * 20               # same library, same thread: same order of magnitude
+
+
+def test_linear_and_attention_counts_from_shapes():
+    from macq.tiny import tiny_model
+
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    cfg = model.config
+    b, s, d = 2, 7, cfg.hidden_size
+    hd = cfg.head_dim if getattr(cfg, "head_dim", None) else d // cfg.num_attention_heads
+    lin = nn.Linear(5, 3)
+    assert module_flops(lin, (torch.zeros(4, 6, 5),), None) == 2 * 24 * 5 * 3
+    hand = 2 * b * s * sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
+    hand += 4 * b * cfg.num_attention_heads * s * s * hd
+    timer = StageTimes("cpu")
+    x = torch.randn(b, s, d)
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    emb = model.model.rotary_emb(x, pos)
+    with timer, stage("forward"), torch.no_grad():
+        layer(x, position_embeddings=emb, attention_mask=None)
+    assert timer.flops["forward"] == hand
+    with torch.no_grad():                             # outside a timer nothing is counted (no hook left behind)
+        layer(x, position_embeddings=emb, attention_mask=None)
+    assert timer.flops["forward"] == hand
+
+
+def test_hessian_and_gptq_column_counts_match_hand_sums():
+    out, n, t, bs = 6, 16, 40, 8
+    timer = StageTimes("cpu")
+    x = torch.randn(t, n)
+    with timer:
+        with stage("hessian"):
+            acc = HessianAccumulator(n, torch.device("cpu"))
+            acc.add(x)
+            acc.add(x[:4])
+        with stage("columns"):
+            gptq_quantize(torch.randn(out, n), acc.H, GPTQConfig(bits=4, group_size=8, block_size=bs,
+                                                              mse_clip=False))
+    assert timer.flops["hessian"] == 2 * n * t * n + 2 * n * 4 * n
+    # column j updates the columns after it in its block (2·out each), then the block updates all later columns
+    # (2·out·b·rest), all in float64
+    per_col = sum(2 * out * (min((j // bs + 1) * bs, n) - j) for j in range(n))
+    deferred = sum(2 * out * bs * (n - i2) for i2 in range(bs, n + 1, bs))
+    assert timer.flops["columns"] == pytest.approx(per_col + deferred)
+    assert timer.run["columns"].flops64 == timer.flops["columns"] and timer.run["hessian"].flops64 == 0
+    assert timer.flops["cholesky"] == pytest.approx(n ** 3 / 3 + n ** 3 / 3)  # potrf, trtri (its own nested stage)
+    assert gptq_block_flops(out, bs, n - bs) == sum(2 * out * (bs - i) for i in range(bs)) + 2 * out * bs * (n - bs)
+
+
+def test_rates_and_layer_text_report_against_the_probe():
+    timer = StageTimes("cpu", probe=True)
+    with timer:
+        with stage("hessian"):
+            add_flops(4e9)
+            time.sleep(0.05)
+        with stage("io"):
+            time.sleep(0.01)
+        with stage("columns"):
+            add_flops(1e9, float64=True)
+            add_flops(1e9)
+            time.sleep(0.05)
+    r = timer.rates()
+    assert r["probe_gflop_s"] > 0 and r["probe_f64_gflop_s"] > 0 and set(r["stages"]) == {"hessian", "columns"}
+    assert set(r["unrated"]) == {"io"} and r["unrated"]["io"]["seconds"] >= 0.01
+    h, c = r["stages"]["hessian"], r["stages"]["columns"]
+    assert h["gflop"] == 4.0 and 4.0 / h["seconds"] == pytest.approx(h["gflop_s"], rel=0.01)
+    assert h["of_probe"] == pytest.approx(h["gflop_s"] / r["probe_gflop_s"], rel=0.01) == h["of_machine"]
+    ideal = 1 / r["probe_gflop_s"] + 1 / r["probe_f64_gflop_s"]      # seconds at the probes' rates
+    assert c["gflop_f64"] == 1.0 and c["of_machine"] == pytest.approx(ideal / c["seconds"], rel=0.01)
+    assert h["cpu_seconds"] < h["seconds"]                              # asleep: no CPU time
+    text = timer.take_layer()
+    assert "hessian" in text and "GFLOP/s" in text and "%" in text and "io" in text
+
+
+def test_cli_json_and_progress_lines_carry_the_rates(tmp_path):
+    from macq.tiny import save_tiny_model
+
+    src = save_tiny_model(tmp_path / "ck", "llama")
+    r = subprocess.run([sys.executable, "-m", "macq.cli", "quantize", str(src), "--method", "gptq", "--calib-dataset",
+                        "tinystories", "--n-calib", "4", "--seq-len", "32", "--group-size", "32", "--stream",
+                        "--json", "-o", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    g = json.loads(r.stdout)["gemm"]
+    assert g["probe_gflop_s"] > 0 and g["probe_f64_gflop_s"] > 0 and g["threads"] >= 1
+    assert {"hessian", "cholesky", "columns", "forward"} <= set(g["stages"])
+    for st in g["stages"].values():
+        assert st["gflop"] > 0 and st["gflop_s"] > 0 and st["of_probe"] == pytest.approx(
+            st["gflop_s"] / g["probe_gflop_s"], rel=0.02, abs=1e-3)
+    r = subprocess.run([sys.executable, "-m", "macq.cli", "quantize", str(src), "--method", "awq", "--calib-dataset",
+                        "tinystories", "--n-calib", "4", "--seq-len", "32", "--group-size", "32", "--stream",
+                        "-o", str(tmp_path / "a")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("awq (streamed) layer:")]
+    assert lines and all("search" in ln and "GFLOP/s" in ln for ln in lines), r.stderr
