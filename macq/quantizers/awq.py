@@ -36,11 +36,10 @@ from macq.progress import stage
 from macq.quantizers import awq_search as S
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.actquant import InputStats, collect_input_stats, input_groups
-from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inputs
+from macq.quantizers.base import HeadOptions, QuantConfig, check, check_bits, check_model_inputs
 from macq.quantizers.calibration import LayerInputs, LayerJob, layerwise, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
-from macq.quantizers.head import HeadOptions
 from macq.quantizers.mxfp import block_scales, round_on
 from macq.record import AffineRecord, FPRecord
 

@@ -141,3 +141,20 @@ class QuantConfig:
 
 def _field_names(cls) -> set[str]:
     return {f.name for f in fields(cls)}
+
+
+@dataclass
+class HeadOptions:
+    head_gptq: bool = field(default=False, metadata={
+        "help": "the output head (with tied embeddings: the embedding) by GPTQ on the quantized model's final hidden "
+                "states instead of data-free rounding; needs --include-lm-head; whole model in memory (not --stream)"})
+
+    def check_head_options(self) -> None:
+        if self.head_gptq and not (self.include_lm_head or self.include_embeddings):
+            raise MacqError("--head-gptq: the head is not quantized; pass --include-lm-head")
+
+    def stream_refusal(self) -> str:
+        if self.head_gptq:
+            return ("--head-gptq calibrates the head on the whole quantized model's final hidden states; pass "
+                    "--no-head-gptq to stream, or --no-stream")
+        return super().stream_refusal()

@@ -29,9 +29,8 @@ from macq.perf import matmul_flops
 from macq.progress import add_flops, stage
 from macq.quantizers import grid
 from macq.quantizers.activations import StreamOptions
-from macq.quantizers.base import QuantConfig, check, check_bits
+from macq.quantizers.base import HeadOptions, QuantConfig, check, check_bits
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
-from macq.quantizers.head import HeadOptions
 from macq.record import AffineRecord, FPRecord
 
 DAMP_RETRIES = 4        # on a failed Cholesky, damping is multiplied by 10 up to this many times

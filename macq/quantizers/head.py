@@ -17,30 +17,10 @@ forward over the calibration set, stopped at the head (the logits are never comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
-
-from macq.errors import MacqError
-
-
-@dataclass
-class HeadOptions:
-    head_gptq: bool = field(default=False, metadata={
-        "help": "the output head (with tied embeddings: the embedding) by GPTQ on the quantized model's final hidden "
-                "states instead of data-free rounding; needs --include-lm-head; whole model in memory (not --stream)"})
-
-    def check_head_options(self) -> None:
-        if self.head_gptq and not (self.include_lm_head or self.include_embeddings):
-            raise MacqError("--head-gptq: the head is not quantized; pass --include-lm-head")
-
-    def stream_refusal(self) -> str:
-        if self.head_gptq:
-            return ("--head-gptq calibrates the head on the whole quantized model's final hidden states; pass "
-                    "--no-head-gptq to stream, or --no-stream")
-        return super().stream_refusal()
 
 
 def head_module(model: nn.Module, cfg: Any) -> str | None:
