@@ -65,10 +65,10 @@ def kv_logits_fn(model: torch.nn.Module, bits: int, group_size: int = 64):
     """A logits function for :mod:`macq.eval.perplexity`: each window is one forward over a fresh
     :class:`QuantizedKVSim`, so every position attends to the quantized keys / values of itself and all
     earlier positions of its window (what mlx_lm's ``--quantized-kv-start 0`` decoding sees)."""
+    from macq.arch import head_dim
     from macq.compat import cache_keyword
 
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    check_kv(bits, group_size, head_dim)
+    check_kv(bits, group_size, head_dim(model.config))
     key = cache_keyword(model)
     device = next(model.parameters()).device
 
