@@ -282,8 +282,7 @@ def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path):
 
 
 def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path):
-    """--sensitivity hessian streams by default (records = --no-stream's); the default Fisher sensitivity needs
-    the whole model, so without --stream it runs in memory."""
+    """--sensitivity hessian streams by default (records = --no-stream's)."""
     src = ckpts["qwen2"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "kmeans-cal",
            "--bits", "3", "--refit-rounds", "1")
@@ -296,10 +295,55 @@ def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["streamed"] is False
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
-    r = _cli("quantize", src, *cal, "-o", tmp_path / "f", "--json")           # fisher: in memory
+
+
+@pytest.mark.parametrize("arch,heads", [("qwen2", ("--include-embeddings",)),                    # tied
+                                        ("llama", ("--include-embeddings", "--include-lm-head")),  # untied
+                                        ("llama", ("--include-lm-head", "--no-weighted-heads"))])
+def test_cli_kmeans_cal_streams_fisher_with_the_in_memory_records(ckpts, tmp_path, arch, heads):
+    """The default Fisher sensitivities stream (a backward pass layer by layer before the first layer is
+    palettized) and give the in-memory path's records bit for bit: Fisher-weighted heads (a tied embedding's
+    Fisher sums both uses before squaring) and data-free ones (the Fisher then sees the quantized head)."""
+    src = ckpts[arch]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "kmeans-cal",
+           "--bits", "3", "--refit-rounds", "1", *heads)
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["streamed"] is False and res["method"]["sensitivity"] == "fisher"
+    assert res["streamed"] is True and res["method"]["sensitivity"] == "fisher"
+    assert {"head_s", "backward_s", "palettize_s"} <= set(res["timings"])
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
+    assert not list(tmp_path.glob(".*acts-*"))                       # the per-layer Fisher files are gone
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_streamed_fisher_equals_autograd_over_the_whole_model(ckpts, tmp_path, arch):
+    """The layer-streamed backward (chunked head, per-layer recompute) against one autograd graph over the
+    float model, for every linear and both heads (untied llama: two weights; tied qwen2 / gpt2: one)."""
+    from macq.models import quantizable_modules
+    from macq.quantizers.kmeans_cal import KMeansCalConfig
+    from macq.quantizers.sensitivity import fisher_diagonal
+    from macq.quantizers.stream_calib import skeleton
+    from macq.quantizers.stream_grad import FisherStore, LayerStream, stream_fisher
+    from macq.streaming import plan_stream
+
+    src = ckpts[arch]
+    model, _ = load_model(str(src))
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    mods = quantizable_modules(model, True, True)
+    decoder = set(quantizable_modules(model))
+    ref = fisher_diagonal(model, ids, mods)
+    plan = plan_stream(src, KMeansCalConfig(sensitivity="hessian"))
+    stream = LayerStream(plan, skeleton(plan.config), torch.device("cpu"), Budget(None, tmp_path, ".t-"))
+    got = FisherStore(tmp_path / "f")
+    stream_fisher(stream, ids, decoder, set(mods) - decoder, got)
+    assert set(got.files) == decoder and set(got.held) == set(mods) - decoder
+    for name in mods:
+        f, r = got.pop(name), ref[name]
+        assert f.shape == r.shape and float(r.max()) > 0
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-6 * float(r.max()))
 
 
 def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path):
@@ -363,8 +407,8 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     cfg = config_for("kmeans-cal", dict(group_size=5, sensitivity="hessian"))
     with pytest.raises(MacqError, match="--group-size 5 does not divide the output dim"):
         stream_calibrate(ckpts["llama"], tmp_path / "q", "kmeans-cal", cfg, _ids(ckpts["llama"]))
-    cfg = config_for("kmeans-cal", dict(group_size=8))
-    with pytest.raises(MacqError, match="--stream: kmeans-cal --sensitivity fisher"):
+    cfg = config_for("kmeans-cal", dict(group_size=5))                 # Fisher (default): before its backward pass
+    with pytest.raises(MacqError, match="--group-size 5 does not divide the output dim"):
         stream_calibrate(ckpts["llama"], tmp_path / "q", "kmeans-cal", cfg, _ids(ckpts["llama"]))
     assert not (tmp_path / "q").exists()
 
@@ -378,7 +422,6 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     (("--method", "dkm", "--stream"), "error: --stream: --method dkm runs on the in-memory path only (it trains every "
      "layer's clustering end to end through the whole model); streaming covers rtn, nf4, fp4, kmeans, uniform, gptq, "
      "awq, awq-gptq, smoothquant, mixed, learned, kmeans-cal"),
-    (("--method", "kmeans-cal", "--stream"), "error: --stream: kmeans-cal --sensitivity fisher (its default"),
     (("--method", "learned", "--stream"), "error: --stream: learned --kl-steps 40 (default 40) tunes every record "
      "against the whole model's logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream"),
     (("--method", "mixed", "--stream"), "error: --stream: mixed --sensitivity fisher (its default) needs the whole "
@@ -387,11 +430,6 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
      "whole model's logits"),
     (("--method", "mixed", "--sensitivity", "proxy", "--include-embeddings", "--stream"),
      "error: --stream: mixed --include-embeddings: the embedding / lm_head are sized on the whole model's"),
-    (("--method", "kmeans-cal", "--max-memory", "1GiB"),
-     "error: --max-memory applies to the streamed path (kmeans-cal --sensitivity fisher"),
-    (("--method", "kmeans-cal", "--sensitivity", "fisher", "--weighted-heads", "--include-embeddings", "--stream"),
-     "error: --stream: kmeans-cal --sensitivity fisher (its default; also the --weighted-heads heads) needs gradients "
-     "through the whole model; pass --sensitivity hessian to stream, or --no-stream"),
 ] + ([(("--method", m, *extra, "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")
       for m, extra in (("gptq", ()), ("mixed", ("--sensitivity", "proxy")))]
      if not torch.cuda.is_available() else []) + ([(("--method", "gptq", "--device", "mps"),

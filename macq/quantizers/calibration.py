@@ -53,6 +53,25 @@ def _to(x: Any, device: torch.device) -> Any:
     return x
 
 
+def plain(x: Any) -> Any:
+    """Ordinary (non-inference) copies of captured tensors, so autograd may save them for backward."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    return x
+
+
+def layer_out(layer: nn.Module, weights: dict[str, torch.Tensor], hs: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    """A decoder layer's hidden-state output with ``weights`` (by parameter name) in place of its own."""
+    from torch.func import functional_call
+
+    out = functional_call(layer, weights, (hs,), kw)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @torch.inference_mode()
 def capture_first_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
                                device: torch.device | str = "cpu", offload: bool = False,
@@ -144,6 +163,8 @@ class LayerJob:
     prepass: LayerFn | None = None
     after_prepass: Callable[[], None] | None = None
     method_info: Callable[[], dict[str, Any]] | None = None
+    backward: Callable[[Any, torch.Tensor], dict[str, Any]] | None = None
+    own_heads: set[str] = field(default_factory=set)
 
 
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size: int = 8,

@@ -34,6 +34,7 @@ is a per-channel LUT), which the Core ML exporter writes as ``constexpr_lut_to_d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,14 +88,6 @@ class KMeansCalConfig(StreamOptions, QuantConfig):
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
         check_outlier_frac(self.outlier_frac)
         self.check_stream_options()
-
-    def stream_refusal(self) -> str:
-        """Fisher sensitivities (and the Fisher-weighted heads they bring) are squared gradients of the calibration
-        loss: a backward pass through the whole float model, which one decoder layer at a time cannot give."""
-        if self.sensitivity == "fisher":
-            return ("kmeans-cal --sensitivity fisher (its default; also the --weighted-heads heads) needs gradients "
-                    "through the whole model; pass --sensitivity hessian to stream, or --no-stream")
-        return ""
 
     def kmeans_config(self) -> KMeansConfig:
         return KMeansConfig(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
@@ -287,12 +280,42 @@ def layer_job(model: nn.Module, cfg: KMeansCalConfig, fisher: dict[str, torch.Te
 
 
 def layer_quantizer(model: nn.Module, cfg: KMeansCalConfig, device: torch.device | None = None):
-    """The streaming engine's entry (:mod:`macq.quantizers.stream_calib`): Hessian sensitivities only (Fisher
-    needs the whole model, :meth:`KMeansCalConfig.stream_refusal`); the embedding / lm_head get the data-free
-    k-means of :func:`macq.quantizers.head_records` from the engine, as the in-memory path gives them."""
-    check(cfg.sensitivity == "hessian", f"--stream: {cfg.stream_refusal()}")
+    """The streaming engine's entry (:mod:`macq.quantizers.stream_calib`). Fisher sensitivities come from a
+    streamed backward pass before the first layer (:func:`~macq.quantizers.stream_grad.stream_fisher`: one
+    layer's diagonal on disk at a time, read back as the layer is palettized); with ``weighted_heads`` the
+    embedding / lm_head get Fisher-weighted k-means there, else the engine's data-free k-means of
+    :func:`macq.quantizers.head_records`, as the in-memory path gives them."""
+    from macq.models import is_conv1d, quantizable_modules
+
     _check_groups(model, cfg)
-    return layer_job(model, cfg)
+    if cfg.sensitivity != "fisher":
+        return layer_job(model, cfg)
+    from macq.quantizers.palettize import quantize_weight
+    from macq.quantizers.stream_grad import FisherStore, stream_fisher
+
+    decoder = quantizable_modules(model)
+    selected = set(quantizable_modules(model, skip=tuple(cfg.skip)))
+    heads = {n for n in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head) if n not in decoder}
+    own = heads if cfg.weighted_heads else set()
+    fisher = FisherStore(Path())
+    job = layer_job(model, cfg, fisher)
+
+    def backward(stream, calib_ids: torch.Tensor) -> dict[str, LUTRecord]:
+        fisher.directory = stream.budget.new_file()        # a fresh name in the run's spill directory
+        stream_fisher(stream, calib_ids, selected, own, fisher)
+        recs = {}
+        with stage("palettize"):
+            for name in sorted(own):
+                mod = model.get_submodule(name)
+                key = stream.head_key if name == stream.spec.lm_head else f"{name}.weight"
+                w = stream.plan.store[key].float()
+                recs[name] = quantize_weight(w.t() if is_conv1d(mod) else w, cfg.kmeans_config(), fisher.pop(name))
+                recs[name].transposed = is_conv1d(mod)
+                del w
+        return recs
+
+    job.backward, job.own_heads = backward, own
+    return job
 
 
 def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tensor, progress: bool = False,

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from macq.arch import ArchSpec, arch_spec
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
@@ -39,6 +38,8 @@ from macq.quantizers import awq_search as S
 from macq.quantizers.activations import ActivationStore, StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inputs
 from macq.quantizers.calibration import LayerInputs, layerwise, run_layer, target_linears
+from macq.quantizers.calibration import layer_out as _layer_out
+from macq.quantizers.calibration import plain as _plain
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 
 INITS = ("awq", "rtn")
@@ -172,22 +173,6 @@ def to_record(p: LinearParams, bits: int, symmetric: bool, sdtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------------------------- one layer
-
-def _plain(x: Any) -> Any:
-    """Ordinary (non-inference) copies of captured tensors, so autograd may save them for backward."""
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, (tuple, list)):
-        return type(x)(_plain(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def _layer_out(layer: nn.Module, weights: dict[str, torch.Tensor], hs: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-    out = functional_call(layer, weights, (hs,), kw)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
 
 @torch.no_grad()
 def layer_objective(layer: nn.Module, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor],

@@ -172,10 +172,16 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
             head_recs: dict[str, Any] = {}
             with stage("io"):
                 for kind, name, key, tr in outside:
-                    if kind == "record" and name in heads:
+                    if kind == "record" and name in heads and name not in job.own_heads:
                         rec = quantize_stored(store, key, tr, hname, hcfg, hfn)
                         rec.transposed = tr
                         head_recs[name] = rec
+            if job.backward is not None:
+                # 1a. gradients of the whole model's loss (kmeans-cal's Fisher), layer by layer in reverse
+                from macq.quantizers.stream_grad import LayerStream
+
+                over = {n: r.dequantize(torch.float32) for n, r in head_recs.items()}
+                head_recs.update(job.backward(LayerStream(plan, model, device, budget, over), calib_ids))
 
             def capture() -> LayerInputs:
                 with stage("capture"):
