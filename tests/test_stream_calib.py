@@ -324,8 +324,8 @@ def test_streamed_fisher_equals_autograd_over_the_whole_model(ckpts, tmp_path, a
     float model, for every linear and both heads (untied llama: two weights; tied qwen2 / gpt2: one)."""
     from macq.models import quantizable_modules
     from macq.quantizers.kmeans_cal import KMeansCalConfig
+    from macq.quantizers.meta_layers import skeleton
     from macq.quantizers.sensitivity import fisher_diagonal
-    from macq.quantizers.stream_calib import skeleton
     from macq.quantizers.stream_grad import FisherStore, LayerStream, stream_fisher
     from macq.streaming import plan_stream
 
@@ -359,6 +359,80 @@ def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path):
     r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
+
+
+def test_cli_learned_streams_the_logits_stage(ckpts, tmp_path):
+    """The logits stage streams (the default --kl-steps too): the tied embedding tuned, the held-out KL path and
+    the keep-best step the in-memory stage's; scales equal but for fp16 ties (summation order of the chunked
+    head: at most one ulp on a few groups)."""
+    src = ckpts["qwen2"]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "learned",
+           "--group-size", "32", "--include-embeddings", "--kl-steps", "4", "--kl-eval-every", "1",
+           "--kl-rows", "4", "--kl-holdout", "0")
+    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["streamed"] is True and {"target_s", "head_s", "backward_s", "tune_s"} <= set(res["timings"])
+    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m", "--json")
+    assert r.returncode == 0, r.stderr
+    s_kl, m_kl = res["method"]["stats"]["logits"], json.loads(r.stdout)["method"]["stats"]["logits"]
+    assert s_kl["kl"] < s_kl["kl_init"] and s_kl["best_step"] == m_kl["best_step"] > 0
+    assert s_kl["kl_init"] == pytest.approx(m_kl["kl_init"], rel=1e-5) and s_kl["kl"] == pytest.approx(m_kl["kl"], rel=1e-5)
+    s, m = QuantizedModel.load(tmp_path / "s"), QuantizedModel.load(tmp_path / "m")
+    assert set(s.records) == set(m.records) and "model.embed_tokens" in s.records
+    n = same = 0
+    for k, rm in m.records.items():
+        rs = s.records[k]
+        assert torch.equal(rs.codes, rm.codes) and torch.equal(rs.zeros, rm.zeros)
+        ratio = rs.scales.float() / rm.scales.float()
+        assert float((ratio - 1).abs().max()) < 2e-3                            # one fp16 ulp at most
+        n, same = n + rs.scales.numel(), same + int((rs.scales == rm.scales).sum())
+    assert same / n > 0.99
+    assert not list(tmp_path.glob(".*acts-*"))                                # the kept layers are gone
+
+
+@pytest.mark.parametrize("arch,heads", [("llama", ("--include-embeddings", "--include-lm-head")),   # untied
+                                        ("qwen2", ("--include-embeddings",))])                     # tied
+def test_streamed_logits_gradient_equals_autograd_over_the_whole_model(ckpts, tmp_path, arch, heads):
+    """One row's KL and its gradient on every log-scale (embedding / head included): the streamed stage
+    (quantized layers read from their files, chunked head, per-layer reverse) against one autograd graph over
+    the quantized model, as :func:`macq.quantizers.learned_kl.tune_logits` takes it."""
+    from macq.quantizers.learned import LearnedConfig
+    from macq.quantizers.learned_kl import _kl, dequantized, from_record, teacher_logprobs, tunable
+    from macq.quantizers.learned_stream import _Stage, _Student, _Teacher
+    from macq.quantizers.meta_layers import skeleton
+    from macq.quantizers.stream_grad import LayerFiles, LayerStream
+    from macq.streaming import plan_stream
+
+    src = ckpts[arch]
+    cal = ("--calib-dataset", "tinystories", "--n-calib", "2", "--seq-len", "16", "--method", "learned",
+           "--group-size", "32", "--kl-steps", "0", *heads)
+    assert _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m").returncode == 0
+    qm = QuantizedModel.load(tmp_path / "m")
+    float_model, _ = load_model(str(src))
+    ids = torch.randint(0, float_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    teacher = teacher_logprobs(float_model, ids)
+    model = qm.to_torch().requires_grad_(False)
+    params = {n: from_record(r) for n, r in qm.records.items() if tunable(r)}
+    leaves = {n: p.log_scale.requires_grad_(True) for n, p in params.items()}
+    loss = _kl(model, {f"{n}.weight": dequantized(p) for n, p in params.items()}, ids[1:2], teacher[1][None])
+    loss.backward()
+
+    plan = plan_stream(src, LearnedConfig(kl_steps=0))
+    stream = LayerStream(plan, skeleton(plan.config), torch.device("cpu"), Budget(None, tmp_path, ".t-"))
+    files, pre = LayerFiles(tmp_path / "layers"), stream.spec.layers
+    for i in range(len(stream.layers)):
+        files.add({n: r for n, r in qm.records.items() if n.startswith(f"{pre}.{i}.")},
+                  {k: qm.float_tensors[k] for k in qm.float_tensors if k.startswith(f"{pre}.{i}.")})
+    heads_recs = {n: r for n, r in qm.records.items() if not n.startswith(pre + ".")}
+    assert heads_recs
+    student = _Student(stream, files, heads_recs)
+    run = _Stage(student, _Teacher(stream, ids), ids)
+    assert run.kl(1) == pytest.approx(float(loss), rel=1e-5)
+    run.backward(1, 1.0)
+    assert set(student.leaves) == set(leaves)
+    for n, leaf in leaves.items():
+        torch.testing.assert_close(student.leaves[n].grad, leaf.grad, rtol=1e-4, atol=1e-5 * float(leaf.grad.abs().max()))
 
 
 def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path):
@@ -422,8 +496,8 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     (("--method", "dkm", "--stream"), "error: --stream: --method dkm runs on the in-memory path only (it trains every "
      "layer's clustering end to end through the whole model); streaming covers rtn, nf4, fp4, kmeans, uniform, gptq, "
      "awq, awq-gptq, smoothquant, mixed, learned, kmeans-cal"),
-    (("--method", "learned", "--stream"), "error: --stream: learned --kl-steps 40 (default 40) tunes every record "
-     "against the whole model's logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream"),
+    (("--method", "learned", "--kl-holdout", "8", "--stream"), "error: --kl-holdout 8: must leave training "
+     "sequences of the --kl-rows 8"),
     (("--method", "mixed", "--stream"), "error: --stream: mixed --sensitivity fisher (its default) needs the whole "
      "model's gradients; pass --sensitivity proxy (or a --recipe) to stream, or --no-stream"),
     (("--method", "mixed", "--sensitivity", "kl", "--stream"), "error: --stream: mixed --sensitivity kl needs the "

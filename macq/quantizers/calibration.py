@@ -165,6 +165,7 @@ class LayerJob:
     method_info: Callable[[], dict[str, Any]] | None = None
     backward: Callable[[Any, torch.Tensor], dict[str, Any]] | None = None
     own_heads: set[str] = field(default_factory=set)
+    finish: Callable[[Any, torch.Tensor, Any, dict[str, Any]], dict[str, Any]] | None = None
 
 
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size: int = 8,

@@ -96,15 +96,9 @@ class LearnedConfig(StreamOptions, ScaleOptions, QuantConfig):
         check(self.kl_eval_every >= 1, f"--kl-eval-every {self.kl_eval_every}: expected >= 1")
         check(self.kl_holdout >= 0, f"--kl-holdout {self.kl_holdout}: expected >= 0")
         check(self.kl_rows >= 1, f"--kl-rows {self.kl_rows}: expected >= 1")
+        check(not self.kl_steps or self.kl_holdout < self.kl_rows,
+              f"--kl-holdout {self.kl_holdout}: must leave training sequences of the --kl-rows {self.kl_rows}")
         self.check_stream_options()
-
-    def stream_refusal(self) -> str:
-        """The logits stage backpropagates the KL of the final log-probs through every layer at once (all records'
-        scales tuned together): it needs the whole model in memory; the block-wise pass before it streams."""
-        if self.kl_steps:
-            return (f"learned --kl-steps {self.kl_steps} (default 40) tunes every record against the whole model's "
-                    "logits; pass --kl-steps 0 to stream the block-wise pass, or --no-stream")
-        return ""
 
     def awq_config(self):
         from macq.quantizers.awq import AWQConfig
@@ -332,11 +326,26 @@ def layer_job(model: nn.Module, cfg: LearnedConfig, records: dict[str, Any] | No
 
 
 def layer_quantizer(model: nn.Module, cfg: LearnedConfig, device: torch.device | None = None):
-    """The streaming engine's entry: the block-wise pass only (the logits stage needs the whole model:
-    :meth:`LearnedConfig.stream_refusal`); the engine gives the embedding / lm_head the data-free
-    :func:`macq.quantizers.head_records`, as the in-memory path does."""
-    check(not cfg.kl_steps, f"--stream: {cfg.stream_refusal()}")
-    return layer_job(model, cfg)
+    """The streaming engine's entry: the block-wise pass per layer, the embedding / lm_head from the engine's
+    data-free :func:`macq.quantizers.head_records` (as the in-memory path makes them), and with ``kl_steps`` the
+    logits stage over the kept layers after the last one (:mod:`macq.quantizers.learned_stream`)."""
+    job = layer_job(model, cfg)
+    if not cfg.kl_steps:
+        return job
+
+    def finish(stream, calib_ids: torch.Tensor, files, heads: dict[str, Any]) -> dict[str, Any]:
+        from macq.quantizers.learned_stream import tune_logits_streamed
+
+        kl_ids = calib_ids[:cfg.kl_rows]
+        check(cfg.kl_holdout < kl_ids.shape[0],
+              f"--kl-holdout {cfg.kl_holdout}: must leave training sequences of the {kl_ids.shape[0]} calibration ones")
+        heads, job.stats["logits"] = tune_logits_streamed(
+            stream, files, heads, kl_ids, steps=cfg.kl_steps, lr=cfg.kl_lr, batch_size=cfg.kl_batch,
+            eval_every=cfg.kl_eval_every, holdout=cfg.kl_holdout, seed=cfg.seed, progress=stream.progress)
+        return heads
+
+    job.finish = finish
+    return job
 
 
 def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor, progress: bool = False,

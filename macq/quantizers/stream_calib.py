@@ -2,8 +2,10 @@
 layer in memory at a time.
 
 Each method plugs in through ``MethodSpec.stream`` (its ``layer_quantizer``, the same per-layer step its in-memory
-path drives) and its config's ``stream_refusal()`` (options that need the whole model at once: Fisher or KL
-sensitivities, learned's logits stage; refused before any weight is read). Nothing here knows a method by name.
+path drives) and its config's ``stream_refusal()`` (options that need the whole model at once: mixed's Fisher or
+KL sensitivities; refused before any weight is read). Gradients of the whole model's loss (kmeans-cal's Fisher
+diagonal, learned's logits stage) come from :mod:`macq.quantizers.stream_grad`, also one layer at a time, through
+``LayerJob.backward`` and ``LayerJob.finish``. Nothing here knows a method by name.
 
 The in-memory path (:func:`macq.quantizers.calibration.layerwise`) loads the whole model in float32 first; an
 8B model needs ~32 GB before any work. Here the model is a skeleton whose *parameters* are meta tensors (no
@@ -36,9 +38,8 @@ The output is the directory :func:`macq.streaming.stream_quantize` writes, throu
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,68 +49,11 @@ from macq.progress import LayerLog, StageTimes, stage
 from macq.qmodel import SHARD_BYTES, QuantDirWriter
 from macq.quantizers.activations import ACT_DTYPES, ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs
-from macq.shards import TensorStore
+from macq.quantizers.meta_layers import _move_buffers, _set_param, materialize, release, skeleton
 from macq.streaming import finite, plan_stream, quantize_stored, stream_refusal
 
 TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
                "grid": "grid_search_s", "search": "search_s", "round": "round_s", "forward": "forward_s", "io": "io_s"}
-
-
-@contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (created, then moved before any
-    initialisation touches them: ``torch.empty`` is never written, so it costs no resident memory); buffers
-    stay real, so non-persistent ones (rotary ``inv_freq``) hold the values their constructors compute."""
-    orig = nn.Module.register_parameter
-
-    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        orig(self, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig  # type: ignore[method-assign]
-
-
-def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    return model.eval()
-
-
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    mod_name, _, pname = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    old = mod._parameters[pname]
-    mod._parameters[pname] = nn.Parameter(value, requires_grad=False if old is None else old.requires_grad)
-
-
-def materialize(module: nn.Module, prefix: str, store: TensorStore, device: torch.device) -> None:
-    """Read every meta parameter of ``module`` (checkpoint key ``prefix + name``) in float32 onto ``device``."""
-    for name, p in list(module.named_parameters(remove_duplicate=False)):
-        if p.device.type != "meta":
-            continue
-        key = prefix + name
-        if key not in store:
-            raise MacqError(f"model: checkpoint lacks tensor {key}")
-        _set_param(module, name, finite(key, store[key]).to(device, torch.float32))
-    for name, b in list(module.named_buffers()):
-        if b.device != device:
-            mod_name, _, bname = name.rpartition(".")
-            owner = module.get_submodule(mod_name) if mod_name else module
-            owner._buffers[bname] = b.to(device)
-
-
-def release(module: nn.Module) -> None:
-    """Parameters back to meta (storage freed)."""
-    for name, p in list(module.named_parameters(remove_duplicate=False)):
-        if p.device.type != "meta":
-            _set_param(module, name, torch.empty_like(p, device="meta"))
 
 
 def _float_out(t: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
@@ -219,15 +163,26 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                 inputs.hidden.release()
                 log.done()
 
+            kept = None
+            if job.finish is not None:
+                from macq.quantizers.stream_grad import LayerFiles
+
+                kept = LayerFiles(budget.new_file())
+
+            def put_layer(records: dict[str, Any], floats: dict[str, torch.Tensor]) -> None:
+                for name, rec in records.items():
+                    w.add_record(name, rec)
+                for key, t in floats.items():
+                    w.add_float(key, _float_out(t, store.dtype(key) if key in store else t.dtype))
+
             def write_layer(path: str, layer: nn.Module) -> None:
-                mine = [k for k in job.records if k.startswith(path + ".")]
-                for name in mine:
-                    w.add_record(name, job.records.pop(name))
+                mine = {k: job.records.pop(k) for k in [k for k in job.records if k.startswith(path + ".")]}
                 skip = {f"{name[len(path) + 1:]}.weight" for name in mine}
-                for k, t in layer.state_dict().items():
-                    if k not in skip:
-                        key = f"{path}.{k}"
-                        w.add_float(key, _float_out(t, store.dtype(key) if key in store else t.dtype))
+                floats = {f"{path}.{k}": t.detach().cpu() for k, t in layer.state_dict().items() if k not in skip}
+                if kept is not None:
+                    kept.add(mine, floats)     # tuned as a whole after the last layer, then written
+                else:
+                    put_layer(mine, floats)
 
             if job.prepass is not None:
                 # 1b. a method that decides before it quantizes (mixed: sensitivities, then the allocation) first
@@ -237,12 +192,26 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                 if job.after_prepass is not None:
                     job.after_prepass()
             inputs = capture()
-            with stage("io"):
-                for name, rec in head_recs.items():
-                    w.add_record(name, rec)
+            if kept is None:
+                with stage("io"):
+                    for name, rec in head_recs.items():
+                        w.add_record(name, rec)
             timer.take_layer()   # the per-layer split starts here (capture and heads are in the totals)
             # 2. one decoder layer at a time
             walk(inputs, job.fn, log, write_layer)
+            if kept is not None:
+                # 2b. the quantized model tuned as a whole (learned's logits stage), layer by layer, then written
+                from macq.quantizers.stream_grad import LayerStream
+
+                stream = LayerStream(plan, model, device, budget)
+                stream.progress = progress
+                head_recs = job.finish(stream, calib_ids, kept, head_recs)
+                with stage("io"):
+                    for name, rec in head_recs.items():
+                        w.add_record(name, rec)
+                    for i in range(len(kept.paths)):
+                        put_layer(*kept.load(i))
+                        kept.paths[i].unlink()
             # 3. the rest outside the layers, tensor by tensor
             with stage("io"):
                 for kind, name, key, _tr in outside:
@@ -262,13 +231,6 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
     return {**w.summary, "streamed": True, "device": str(device), "timings": timings, "gemm": timer.rates(),
             "activations": {"dtype": cfg.act_dtype, **budget.summary()}}
-
-
-def _move_buffers(model: nn.Module, layers_prefix: str, device: torch.device) -> None:
-    for name, b in list(model.named_buffers()):
-        if not name.startswith(layers_prefix) and b.device != device:
-            mod_name, _, bname = name.rpartition(".")
-            model.get_submodule(mod_name)._buffers[bname] = b.to(device)
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -35,11 +35,10 @@ from macq.models import is_conv1d
 from macq.progress import stage
 from macq.quantizers.activations import ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs, layer_out, plain
-from macq.quantizers.stream_calib import _move_buffers, _set_param, materialize, release
+from macq.quantizers.meta_layers import _move_buffers, _set_param, materialize, release
 from macq.streaming import StreamPlan, finite
 
 HEAD_ROWS = 16384   # vocabulary rows of the head per chunk: 16384 x 4096 x 4 B = 256 MiB at the widest shapes
-WeightsFn = Callable[[int, str, nn.Module], dict[str, torch.Tensor]]
 
 
 class LayerStream:
@@ -52,6 +51,7 @@ class LayerStream:
 
         self.plan, self.model, self.device, self.budget = plan, model, device, budget
         self.overrides = overrides or {}    # embedding / lm_head weights already quantized (dequantized here)
+        self.progress = False
         self.spec = arch_spec(model)
         self.layers = model.get_submodule(self.spec.layers)
         if getattr(model.config, "final_logit_softcapping", None):
@@ -101,17 +101,18 @@ class LayerStream:
             self.drop(names)
         return inputs
 
-    def forward(self, inputs: LayerInputs, weights: WeightsFn | None = None) -> tuple[list[ActivationStore], list]:
-        """Every layer's inputs (``[i][s]``) and the final hidden states, per sequence; ``weights(i, path, layer)``
-        substitutes module weights (learned's dequantized scales), else the checkpoint's."""
+    def forward(self, inputs: LayerInputs, keep: bool = True) -> tuple[list[ActivationStore], list]:
+        """Every layer's inputs (``[i][s]``; none unless ``keep``) and the final hidden states, per sequence."""
         stores, hidden = [], inputs.hidden
         for i in range(len(self.layers)):
-            stores.append(hidden)
+            if keep:
+                stores.append(hidden)
             nxt = ActivationStore(torch.float32, self.budget)
             with self.layer(i) as (path, layer), torch.no_grad(), stage("forward"):
-                sub = weights(i, path, layer) if weights is not None else {}
                 for s in range(len(hidden)):
-                    nxt.append(layer_out(layer, sub, hidden[s].to(self.device), _to(inputs.kwargs[s], self.device)))
+                    nxt.append(layer_out(layer, {}, hidden[s].to(self.device), _to(inputs.kwargs[s], self.device)))
+            if not keep:
+                hidden.release()
             hidden = nxt
         return stores, [hidden[s] for s in range(len(hidden))]
 
@@ -129,13 +130,14 @@ class LayerStream:
 
 def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch.Tensor], vocab: int,
                         target: Callable[[int, int, int], torch.Tensor], pos_weight: list[torch.Tensor],
-                        weight_grad: Callable[[int, int, int, torch.Tensor], None] | None = None
+                        count: list[float], weight_grad: Callable[[int, int, int, torch.Tensor], None] | None = None
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The gradient of each sequence's loss ``Σ_t w_t·(lse_t - Σ_v target_tv·logit_tv) / Σ_t w_t`` (cross-entropy
+    """The gradient of each sequence's loss ``Σ_t (w_t·lse_t - Σ_v target_tv·logit_tv) / count`` (cross-entropy
     to a one-hot target, or, to the float model's probabilities, the KL up to a constant) with respect to its
     normed hidden states ``hn[s] [T, H]``; the logits ``hn @ Wᵀ`` are made one chunk of vocabulary rows at a time.
     ``target(s, a, b)``: the target's columns ``[a, b)`` for sequence ``s`` ``[T, b - a]``, each row summing to
-    ``pos_weight[s][t]`` over the vocabulary (0 leaves a position out). ``weight_grad(s, a, b, G)`` receives each
+    ``pos_weight[s][t]`` over the vocabulary (0 leaves a position out); ``count[s]``: the positions averaged over.
+    ``weight_grad(s, a, b, G)`` receives each
     chunk's logit gradient ``G [T, b - a]``: ``Gᵀ @ hn[s]`` is that sequence's gradient of the head rows.
     Returns the gradients and each sequence's log-sum-exp ``[T]``."""
     lse = [torch.full(h.shape[:1], float("-inf"), device=h.device) for h in hn]
@@ -150,14 +152,15 @@ def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch
             w = rows(a, b)
             for s, h in enumerate(hn):
                 pw = pos_weight[s]
-                g = (torch.exp(h @ w.t() - lse[s][:, None]) * pw[:, None] - target(s, a, b)) / pw.sum()
+                g = (torch.exp(h @ w.t() - lse[s][:, None]) * pw[:, None] - target(s, a, b)) / count[s]
                 grads[s] += g @ w
                 if weight_grad is not None:
                     weight_grad(s, a, b, g)
     return grads, lse
 
 
-def next_token_target(ids: torch.Tensor) -> tuple[Callable[[int, int, int], torch.Tensor], list[torch.Tensor]]:
+def next_token_target(ids: torch.Tensor) -> tuple[Callable[[int, int, int], torch.Tensor], list[torch.Tensor],
+                                                   list[float]]:
     """The causal-LM labels of ``ids [N, T]`` (position ``t`` predicts token ``t + 1``; the last predicts
     nothing), as :func:`chunked_logit_grads` takes them: the mean over ``T - 1`` positions, as transformers'
     ``loss`` with ``labels=ids``."""
@@ -173,7 +176,28 @@ def next_token_target(ids: torch.Tensor) -> tuple[Callable[[int, int, int], torc
         out[pos, nxt[s][pos] - a] = 1.0
         return out
 
-    return target, [weight] * n
+    return target, [weight] * n, [float(t - 1)] * n
+
+
+class LayerFiles:
+    """The quantized decoder layers (records and float tensors, by full name) one file each, in order."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.paths: list[Path] = []
+
+    def add(self, records: dict[str, Any], floats: dict[str, torch.Tensor]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"layer-{len(self.paths):05d}.pt"
+        torch.save({"records": records, "floats": floats}, path)
+        self.paths.append(path)
+
+    def load(self, i: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        d = torch.load(self.paths[i], weights_only=False)     # macq's own file, written by add()
+        return d["records"], d["floats"]
+
+    def save(self, i: int, records: dict[str, Any], floats: dict[str, torch.Tensor]) -> None:
+        torch.save({"records": records, "floats": floats}, self.paths[i])
 
 
 class FisherStore:
@@ -214,7 +238,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
     kwargs = inputs.kwargs
     stores, final = stream.forward(inputs)
     norm = stream.final_norm()
-    target, pos_weight = next_token_target(ids)
+    target, pos_weight, count = next_token_target(ids)
     tied = stream.tied
     head_w = spec.lm_head in heads and not tied
     head_f = torch.zeros(stream.vocab, final[0].shape[-1]) if head_w else None
@@ -228,7 +252,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
         def head_grad(s: int, a: int, b: int, g: torch.Tensor) -> None:
             head_f[a:b] += (g.t() @ detached[s]).pow(2).cpu()
 
-        g_hn, _ = chunked_logit_grads(detached, stream.head_rows, stream.vocab, target, pos_weight,
+        g_hn, _ = chunked_logit_grads(detached, stream.head_rows, stream.vocab, target, pos_weight, count,
                                       head_grad if head_w else None)
         grads = [torch.autograd.grad(h, x, g)[0].detach() for h, x, g in zip(hn, final, g_hn)]
     release(norm)
@@ -273,7 +297,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
                 full.index_add_(0, rows[hit] - a, ge[hit])
                 emb_f[a:b] += full.pow(2)
 
-            chunked_logit_grads(detached, stream.head_rows, stream.vocab, target, pos_weight, tied_grad)
+            chunked_logit_grads(detached, stream.head_rows, stream.vocab, target, pos_weight, count, tied_grad)
         else:
             for rows, ge in sparse:
                 emb_f[rows] += ge.pow(2)

@@ -1,0 +1,253 @@
+"""learned's logits stage, streamed: every record's per-group scales tuned against the float model's logits
+(:mod:`macq.quantizers.learned_kl`, the same Adam on log-scales with keep-best on held-out KL) with one decoder
+layer in memory at a time.
+
+What the in-memory stage holds at once, this one holds per layer: the quantized layers (codes, scales, folded
+norms) wait on disk after the block-wise pass (:class:`LayerFiles`) and are read for each pass; only the
+log-scales, their Adam state and gradients stay in memory (four floats per group: 16 bytes per 64 weights).
+Each step runs the batch forward through every layer (keeping each layer's input: ``seq_len x hidden`` floats),
+the head one vocabulary chunk at a time, then every layer in reverse, rerun with autograd, its scales receiving
+their gradient (:mod:`macq.quantizers.stream_grad`). The teacher is not a ``[seq_len, vocab]`` table per row:
+the float model's normed final hidden states and log-sum-exp are kept, and its log-probs are made per chunk
+from the float head's rows (rounded to fp16 as the in-memory stage stores them).
+
+The token embedding is looked up directly (rows of the dequantized embedding, times the family's embedding
+scale); families with learned position embeddings (GPT-2) keep the in-memory stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from macq.errors import MacqError
+from macq.progress import stage
+from macq.quantizers.calibration import _to, layer_out
+from macq.quantizers.learned_kl import ScaleParams, dequantized, from_record, to_record, tunable
+from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads
+
+
+def check_streamable(stream: LayerStream) -> None:
+    if stream.spec.extra_embeds:
+        raise MacqError("--stream: learned's logits stage streams families without position embeddings; "
+                        "pass --no-stream (or --kl-steps 0)")
+
+
+class _Student:
+    """The quantized model as the stage sees it: log-scale leaves by record name, codes read per layer."""
+
+    def __init__(self, stream: LayerStream, files: LayerFiles, heads: dict[str, Any]):
+        self.stream, self.files, self.heads = stream, files, heads
+        self.leaves: dict[str, torch.Tensor] = {}
+        self.head_params = {n: self._param(n, r) for n, r in heads.items() if tunable(r)}
+        for i in range(len(files.paths)):
+            recs, _ = files.load(i)
+            for n, r in recs.items():
+                if tunable(r):
+                    self.leaves[n] = r.scales.float().log().requires_grad_(True)
+
+    def _param(self, name: str, rec: Any) -> ScaleParams:
+        p = from_record(rec)
+        p.log_scale = self.leaves.setdefault(name, p.log_scale.requires_grad_(True))
+        return p
+
+    def layer_weights(self, i: int, path: str) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s parameters by name relative to the layer (differentiable in its leaves)."""
+        recs, floats = self.files.load(i)
+        out = {k[len(path) + 1:]: v.float() for k, v in floats.items()}
+        for n, r in recs.items():
+            out[f"{n[len(path) + 1:]}.weight"] = dequantized(self._param(n, r)) if tunable(r) else r.dequantize()
+        return out
+
+    def head_rows(self, a: int, b: int) -> torch.Tensor:
+        s = self.stream
+        name = s.spec.embed if s.tied else s.spec.lm_head
+        p = self.head_params.get(name)
+        if p is not None:
+            return _rows(p, a, b)
+        if name in self.heads:
+            return self.heads[name].dequantize(torch.float32)[a:b]
+        return s.head_rows(a, b)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """First-layer input ``[1, T, H]`` for one row (differentiable in the embedding's leaf)."""
+        s = self.stream
+        name = s.spec.embed
+        p = self.head_params.get(name)
+        rows, inv = torch.unique(ids, return_inverse=True)
+        if p is not None:
+            w = torch.cat([_rows(p, int(r), int(r) + 1) for r in rows]) if len(rows) < 64 else _rows_at(p, rows)
+        elif name in self.heads:
+            w = self.heads[name].dequantize(torch.float32)[rows]
+        else:
+            w = torch.stack([s.plan.store.get_rows(f"{name}.weight", int(r), int(r) + 1)[0] for r in rows]).float()
+        scale = float(s.model.config.hidden_size) ** 0.5 if s.spec.embed_scale == "sqrt_hidden" else 1.0
+        return (w[inv] * scale)[None] if scale != 1.0 else w[inv][None]
+
+    def layer_leaves(self, i: int) -> list[str]:
+        if not hasattr(self, "_by_layer"):
+            self._by_layer: dict[int, list[str]] = {}
+        if i not in self._by_layer:
+            recs, _ = self.files.load(i)
+            self._by_layer[i] = [n for n, r in recs.items() if tunable(r)]
+        return self._by_layer[i]
+
+    def records(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self.leaves.items()}
+
+
+def _rows(p: ScaleParams, a: int, b: int) -> torch.Tensor:
+    """Rows ``[a, b)`` of a non-transposed record's dequantized weight (differentiable in ``p.log_scale``)."""
+    s = p.log_scale[a:b].exp()
+    s = s + (s.to(p.record.scales.dtype).float() - s).detach()
+    return (s.unsqueeze(-1) * (p.codes[a:b].float() - p.zero[a:b])).reshape(b - a, -1)
+
+
+def _rows_at(p: ScaleParams, rows: torch.Tensor) -> torch.Tensor:
+    s = p.log_scale[rows].exp()
+    s = s + (s.to(p.record.scales.dtype).float() - s).detach()
+    return (s.unsqueeze(-1) * (p.codes[rows].float() - p.zero[rows])).reshape(len(rows), -1)
+
+
+
+class _Teacher:
+    """The float model on the stage's rows: normed final hidden states, log-sum-exp and per-position probability
+    mass of its fp16 log-probs; :meth:`logprobs` makes a chunk's log-probs as the in-memory stage stores them."""
+
+    def __init__(self, stream: LayerStream, ids: torch.Tensor):
+        self.stream = stream
+        inputs = stream.capture(ids)
+        self.kwargs = inputs.kwargs
+        _, final = stream.forward(inputs, keep=False)
+        self.norm = stream.final_norm()
+        with torch.no_grad():
+            self.hn = [self.norm(h.to(stream.device))[0] for h in final]
+            self.lse = [_lse(h, stream.head_rows, stream.vocab) for h in self.hn]
+            self.mass = [sum(self.logprobs(s, a, min(a + HEAD_ROWS, stream.vocab)).exp().sum(-1)
+                             for a in range(0, stream.vocab, HEAD_ROWS)) for s in range(len(self.hn))]
+
+    def logprobs(self, s: int, a: int, b: int) -> torch.Tensor:
+        return (self.hn[s] @ self.stream.head_rows(a, b).t() - self.lse[s][:, None]).half().float()
+
+
+def _lse(h: torch.Tensor, rows, vocab: int) -> torch.Tensor:
+    out = torch.full(h.shape[:1], float("-inf"), device=h.device)
+    for a in range(0, vocab, HEAD_ROWS):
+        out = torch.logaddexp(out, torch.logsumexp(h @ rows(a, min(a + HEAD_ROWS, vocab)).t(), -1))
+    return out
+
+
+class _Stage:
+    def __init__(self, student: _Student, teacher: _Teacher, ids: torch.Tensor):
+        self.st, self.tc, self.ids = student, teacher, ids
+        self.stream = student.stream
+
+    def forward(self, r: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Row ``r`` through every quantized layer: each layer's input and the final hidden states."""
+        s = self.stream
+        kw = _to(self.tc.kwargs[r], s.device)
+        xs, h = [], self.st.embed(self.ids[r]).detach()
+        with torch.no_grad(), stage("forward"):
+            for i in range(len(s.layers)):
+                xs.append(h)
+                h = layer_out(s.layers[i], self.st.layer_weights(i, f"{s.spec.layers}.{i}"), h, kw).detach()
+        return xs, h
+
+    @torch.no_grad()
+    def kl(self, r: int) -> float:
+        """Token-mean KL(teacher || student) on row ``r``, as :func:`~macq.quantizers.learned_kl.heldout_kl`."""
+        _, h = self.forward(r)
+        with stage("head"):
+            hn = self.tc.norm(h)[0]
+            lse = _lse(hn, self.st.head_rows, self.stream.vocab)
+            total = torch.zeros(hn.shape[0])
+            for a in range(0, self.stream.vocab, HEAD_ROWS):
+                b = min(a + HEAD_ROWS, self.stream.vocab)
+                t = self.tc.logprobs(r, a, b)
+                total += (t.exp() * (t - (hn @ self.st.head_rows(a, b).t() - lse[:, None]))).sum(-1)
+        return float(total.mean())
+
+    def backward(self, r: int, weight: float) -> None:
+        """Add ``weight`` x the gradient of row ``r``'s KL to every leaf's ``.grad``."""
+        s, st = self.stream, self.st
+        xs, h = self.forward(r)
+        kw = _to(self.tc.kwargs[r], s.device)
+        with stage("head"):
+            h = h.clone().requires_grad_(True)
+            with torch.enable_grad():
+                hn = self.tc.norm(h)[0]
+            hd = hn.detach()
+
+            def head_grad(_s: int, a: int, b: int, g: torch.Tensor) -> None:
+                if st.head_params:
+                    with torch.enable_grad():
+                        st.head_rows(a, b).backward(weight * (g.t() @ hd))
+
+            g_hn, _ = chunked_logit_grads([hd], st.head_rows, s.vocab, lambda _s, a, b: self.tc.logprobs(r, a, b).exp(),
+                                          [self.tc.mass[r]], [float(hd.shape[0])], head_grad)
+            g = torch.autograd.grad(hn, h, weight * g_hn[0])[0]
+        with stage("backward"):
+            for i in reversed(range(len(s.layers))):
+                x = xs[i].clone().requires_grad_(True)
+                with torch.enable_grad():
+                    w = st.layer_weights(i, f"{s.spec.layers}.{i}")
+                    out = layer_out(s.layers[i], w, x, kw)
+                    leaves = [t for t in w.values() if t.requires_grad]
+                    torch.autograd.backward(out, g, inputs=[x, *[st.leaves[n] for n in st.layer_leaves(i)]]
+                                            if leaves else [x])
+                g = x.grad
+        if s.spec.embed in st.head_params:
+            with torch.enable_grad():
+                st.embed(self.ids[r]).backward(g)
+
+
+def tune_logits_streamed(stream: LayerStream, files: LayerFiles, heads: dict[str, Any], ids: torch.Tensor, *,
+                         steps: int, lr: float, batch_size: int, eval_every: int, holdout: int, seed: int,
+                         progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`~macq.quantizers.learned_kl.tune_logits` over ``files`` (the layers' records, rewritten in place
+    with the best scales) and ``heads`` (returned, tuned); same sampling, optimiser and keep-best."""
+    check_streamable(stream)
+    with stage("target"):
+        teacher = _Teacher(stream, ids)
+    student = _Student(stream, files, heads)
+    run = _Stage(student, teacher, ids)
+    n = ids.shape[0]
+    train = list(range(n - holdout)) if holdout else list(range(n))
+    held = list(range(n - holdout, n)) if holdout else train
+
+    def heldout() -> float:
+        return sum(run.kl(r) for r in held) / max(len(held), 1)
+
+    init = heldout()
+    best, best_step, best_state = init, 0, student.records()
+    opt = torch.optim.Adam(list(student.leaves.values()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        rows = [train[int(i)] for i in torch.randint(len(train), (batch_size,), generator=gen)]
+        opt.zero_grad(set_to_none=True)
+        for r in rows:
+            run.backward(r, 1.0 / len(rows))
+        with stage("tune"):
+            opt.step()
+        if step % eval_every == 0 or step == steps:
+            kl = heldout()
+            if kl < best:
+                best, best_step, best_state = kl, step, student.records()
+            if progress:
+                print(f"  logits KL stage (streamed): step {step}/{steps}, held-out KL {kl:.4f} "
+                      f"(start {init:.4f}, best {best:.4f} at step {best_step})", flush=True)
+    with stage("io"):
+        for i in range(len(files.paths)):
+            recs, floats = files.load(i)
+            files.save(i, {k: _tuned(r, best_state.get(k)) for k, r in recs.items()}, floats)
+    out = {k: _tuned(r, best_state.get(k)) for k, r in heads.items()}
+    return out, {"kl_init": init, "kl": best, "best_step": best_step, "heldout_rows": len(held) if holdout else 0}
+
+
+def _tuned(rec: Any, log_scale: torch.Tensor | None) -> Any:
+    if log_scale is None or not tunable(rec):
+        return rec
+    p = from_record(rec)
+    p.log_scale = log_scale
+    return to_record(p)
