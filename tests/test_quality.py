@@ -206,9 +206,15 @@ def _correlated_hessian(n: int, gen: torch.Generator) -> torch.Tensor:
     return x.T @ x / 600
 
 
-def test_refit_lut_is_the_least_squares_optimum():
+@pytest.mark.parametrize("block_bytes", [None, 12 * 4 * 4 * 3])   # whole, or blocks of 3 rows (not a group)
+def test_refit_lut_is_the_least_squares_optimum(monkeypatch, block_bytes):
     """Independent reference: per LUT group, ``lstsq`` on the explicit design matrix of ``vec((A_k) L)`` with
-    ``H = L Lᵀ``, i.e. the LUT minimising ``‖(W − Ŵ) L‖²_F = tr(ΔW H ΔWᵀ)`` for the fixed indices."""
+    ``H = L Lᵀ``, i.e. the LUT minimising ``‖(W − Ŵ) L‖²_F = tr(ΔW H ΔWᵀ)`` for the fixed indices; also when
+    the one-hot rows are processed in blocks that cut across LUT groups (the memory bound at real sizes)."""
+    import macq.quantizers.kmeans_cal as kc
+
+    if block_bytes is not None:
+        monkeypatch.setattr(kc, "REFIT_BYTES", block_bytes)
     gen = torch.Generator().manual_seed(0)
     out, n, gs, k = 8, 12, 4, 4
     w = torch.randn(out, n, generator=gen, dtype=torch.float64)

@@ -146,6 +146,9 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     return float(((d @ H.double()) * d).sum())
 
 
+REFIT_BYTES = 64 << 20   # one block of one-hot rows in the LUT refit: the whole [out, in, K] would be 1 GB at 1B
+
+
 @torch.no_grad()
 def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Tensor, ridge: float = 1e-9,
               fixed: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,12 +164,19 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     """
     out, n = w.shape
     g, k = lut.shape
-    onehot = torch.nn.functional.one_hot(idx.long(), k).float()                       # [out, in, K]
-    if fixed is not None:
-        onehot = onehot.masked_fill(fixed.unsqueeze(-1), 0.0)
-    ha = (H.float() @ onehot.permute(1, 0, 2).reshape(n, out * k)).reshape(n, out, k)  # H A_r for every row
-    m = torch.einsum("irk,ril->rkl", ha, onehot).double()                              # A_rᵀ H A_r
-    b = torch.einsum("rik,ri->rk", onehot.double(), w.double() @ H.double())           # A_rᵀ H w_r
+    hf, wh = H.float(), w.double() @ H.double()
+    m = torch.empty(out, k, k, dtype=torch.float64)
+    b = torch.empty(out, k, dtype=torch.float64)
+    step = max(1, REFIT_BYTES // (n * k * 4))          # rows per block: the one-hot block and H A_r stay bounded
+    for r0 in range(0, out, step):
+        r1 = min(r0 + step, out)
+        onehot = torch.nn.functional.one_hot(idx[r0:r1].long(), k).float()               # [rows, in, K]
+        if fixed is not None:
+            onehot = onehot.masked_fill(fixed[r0:r1].unsqueeze(-1), 0.0)
+        ha = (hf @ onehot.permute(1, 0, 2).reshape(n, (r1 - r0) * k)).reshape(n, r1 - r0, k)  # H A_r per row
+        m[r0:r1] = torch.einsum("irk,ril->rkl", ha, onehot).double()                     # A_rᵀ H A_r
+        b[r0:r1] = torch.einsum("rik,ri->rk", onehot.double(), wh[r0:r1])                # A_rᵀ H w_r
+        del onehot, ha
     m, b = m.reshape(g, out // g, k, k).sum(1), b.reshape(g, out // g, k).sum(1)
     lam = ridge * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # [G]
     eye = torch.eye(k, dtype=torch.float64)

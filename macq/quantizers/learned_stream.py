@@ -17,6 +17,7 @@ scale); families with learned position embeddings (GPT-2) keep the in-memory sta
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -223,6 +224,7 @@ def tune_logits_streamed(stream: LayerStream, files: LayerFiles, heads: dict[str
     best, best_step, best_state = init, 0, student.records()
     opt = torch.optim.Adam(list(student.leaves.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    t0 = time.monotonic()
     for step in range(1, steps + 1):
         rows = [train[int(i)] for i in torch.randint(len(train), (batch_size,), generator=gen)]
         opt.zero_grad(set_to_none=True)
@@ -230,6 +232,8 @@ def tune_logits_streamed(stream: LayerStream, files: LayerFiles, heads: dict[str
             run.backward(r, 1.0 / len(rows))
         with stage("tune"):
             opt.step()
+        if progress:
+            print(f"  logits KL stage (streamed): step {step}/{steps} done, {time.monotonic() - t0:.0f} s", flush=True)
         if step % eval_every == 0 or step == steps:
             kl = heldout()
             if kl < best:

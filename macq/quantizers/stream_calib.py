@@ -125,7 +125,9 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                 from macq.quantizers.stream_grad import LayerStream
 
                 over = {n: r.dequantize(torch.float32) for n, r in head_recs.items()}
-                head_recs.update(job.backward(LayerStream(plan, model, device, budget, over), calib_ids))
+                stream = LayerStream(plan, model, device, budget, over)
+                stream.progress, stream.description = progress, f"{method} (streamed, gradients)"
+                head_recs.update(job.backward(stream, calib_ids))
 
             def capture() -> LayerInputs:
                 with stage("capture"):
@@ -204,7 +206,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                 from macq.quantizers.stream_grad import LayerStream
 
                 stream = LayerStream(plan, model, device, budget)
-                stream.progress = progress
+                stream.progress, stream.description = progress, f"{method} (streamed, logits stage)"
                 head_recs = job.finish(stream, calib_ids, kept, head_recs)
                 with stage("io"):
                     for name, rec in head_recs.items():

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from macq.errors import MacqError
 from macq.models import is_conv1d
-from macq.progress import stage
+from macq.progress import LayerLog, stage
 from macq.quantizers.activations import ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs, layer_out, plain
 from macq.quantizers.meta_layers import _move_buffers, _set_param, materialize, release
@@ -51,7 +51,8 @@ class LayerStream:
 
         self.plan, self.model, self.device, self.budget = plan, model, device, budget
         self.overrides = overrides or {}    # embedding / lm_head weights already quantized (dequantized here)
-        self.progress = False
+        self.progress = False               # a progress line per layer of each pass
+        self.description = "gradients"
         self.spec = arch_spec(model)
         self.layers = model.get_submodule(self.spec.layers)
         if getattr(model.config, "final_logit_softcapping", None):
@@ -104,7 +105,9 @@ class LayerStream:
     def forward(self, inputs: LayerInputs, keep: bool = True) -> tuple[list[ActivationStore], list]:
         """Every layer's inputs (``[i][s]``; none unless ``keep``) and the final hidden states, per sequence."""
         stores, hidden = [], inputs.hidden
+        log = self.log("forward")
         for i in range(len(self.layers)):
+            log.layer(i, "forward")
             if keep:
                 stores.append(hidden)
             nxt = ActivationStore(torch.float32, self.budget)
@@ -114,7 +117,11 @@ class LayerStream:
             if not keep:
                 hidden.release()
             hidden = nxt
+        log.done()
         return stores, [hidden[s] for s in range(len(hidden))]
+
+    def log(self, what: str) -> LayerLog:
+        return LayerLog(len(self.layers), f"{self.description} ({what})", enabled=self.progress)
 
     def head_rows(self, a: int, b: int) -> torch.Tensor:
         name = self.spec.embed if self.tied else self.spec.lm_head
@@ -260,7 +267,9 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
     if head_f is not None:
         into.held[spec.lm_head] = head_f / n
 
+    log = stream.log("backward")
     for i in reversed(range(len(stream.layers))):
+        log.layer(i, "backward")
         with stream.layer(i) as (path, layer), stage("backward"):
             names = sorted(m for m in modules if m.startswith(path + "."))
             ws = [layer.get_submodule(m[len(path) + 1:]).weight for m in names]
@@ -276,6 +285,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
             stores[i].release()
             into.put_layer(i, {m: _linear_view(layer.get_submodule(m[len(path) + 1:]), a / n).cpu()
                                for m, a in zip(names, acc)})
+    log.done()
 
     emb_name = spec.embed
     if emb_name not in heads and not (tied and spec.lm_head in heads):
