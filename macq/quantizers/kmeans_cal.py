@@ -106,22 +106,34 @@ def _nearest_in_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def lut_hinv(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """GPTQ's upper Cholesky factor of the damped inverse Hessian (dead inputs, never active, set to 1 first): one
+    per linear, shared by every assignment pass; ``H`` is copied only when some input is dead."""
+    from macq.quantizers.gptq import inverse_hessian_cholesky
+
+    H = H.double()
+    dead = torch.diag(H) == 0
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1.0
+    return inverse_hessian_cholesky(H, damp_percent)[0]
+
+
+@torch.no_grad()
 def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent: float = 0.01,
-             block_size: int = 128, fixed: torch.Tensor | None = None) -> torch.Tensor:
+             block_size: int = 128, fixed: torch.Tensor | None = None, hinv: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """GPTQ's column-by-column error feedback onto a fixed LUT: indices ``[out, in]`` (int64).
 
     ``rows [out, K]`` is each output row's LUT. With ``H = I`` this is exactly nearest assignment.
     ``fixed [out, in]`` (bool, the record's outliers) are held at their value: error 0, no feedback from them
-    (their index is meaningless and is replaced when the outliers are attached).
+    (their index is meaningless and is replaced when the outliers are attached). ``hinv``: :func:`lut_hinv` of
+    ``H``, when the caller already has it.
     """
-    from macq.quantizers.gptq import inverse_hessian_cholesky
-
-    W, H = W.double().clone(), H.double().clone()
+    W = W.double().clone()
     rows64 = rows.double()
     out, n = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    Hinv, _ = inverse_hessian_cholesky(H, damp_percent)
+    Hinv = hinv if hinv is not None else lut_hinv(H, damp_percent)
     idx = torch.zeros(out, n, dtype=torch.long)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -217,15 +229,15 @@ def palettize_linear(w: torch.Tensor, H: torch.Tensor, importance: torch.Tensor,
             return True
         return False
 
+    hinv = lut_hinv(H, cfg.damp_percent) if cfg.error_feedback else None
     if cfg.error_feedback:
-        idx = lut_gptq(w_fix, H, lut_rows(rec), cfg.damp_percent, cfg.block_size, fixed)
+        idx = lut_gptq(w_fix, H, lut_rows(rec), cfg.damp_percent, cfg.block_size, fixed, hinv)
         info["feedback"] = consider(make(idx, rec.lut), "out_err_feedback")
     for r in range(cfg.refit_rounds):
         lut = refit_lut(w_lut, H, rec.indices, rec.lut, fixed=fixed).to(dt)
         improved = consider(make(rec.indices, lut), f"out_err_refit{r}")
         if cfg.error_feedback:
-            idx = lut_gptq(w_fix, H, lut_rows(make(rec.indices, lut)),
-                           cfg.damp_percent, cfg.block_size, fixed)
+            idx = lut_gptq(w_fix, H, lut_rows(make(rec.indices, lut)), cfg.damp_percent, cfg.block_size, fixed, hinv)
             improved |= consider(make(idx, lut), f"out_err_reassign{r}")
         if not improved:
             break
