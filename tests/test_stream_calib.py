@@ -487,6 +487,19 @@ def test_kmeans_cal_bad_group_size_fails_before_reading(ckpts, tmp_path, monkeyp
     assert not (tmp_path / "q").exists()
 
 
+def test_learned_logits_stage_on_gpt2_refused_before_reading(ckpts, tmp_path, monkeypatch):
+    """GPT-2's learned position embeddings are outside the streamed stage's direct embedding lookup: one line
+    before any weight is read (the block-wise pass alone, --kl-steps 0, streams there)."""
+    def no_read(self, key):
+        raise AssertionError(f"read {key}")
+
+    monkeypatch.setattr(TensorStore, "__getitem__", no_read)
+    cfg = config_for("learned", dict(kl_steps=2))
+    with pytest.raises(MacqError, match=r"logits stage streams families without learned position embeddings \(gpt2"):
+        stream_calibrate(ckpts["gpt2"], tmp_path / "q", "learned", cfg, _ids(ckpts["gpt2"]))
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("args,msg", [
     (("--method", "gptq", "--max-memory", "4 XB"), "error: --max-memory '4 XB': expected a size"),
     (("--method", "awq", "--act-dtype", "int8"), "error: --act-dtype int8: expected one of"),

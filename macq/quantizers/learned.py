@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from macq.arch import ArchSpec, arch_spec
+from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.progress import stage
 from macq.quantizers import awq_search as S
@@ -332,6 +333,9 @@ def layer_quantizer(model: nn.Module, cfg: LearnedConfig, device: torch.device |
     job = layer_job(model, cfg)
     if not cfg.kl_steps:
         return job
+    if arch_spec(model).extra_embeds:
+        raise MacqError("--stream: learned's logits stage streams families without learned position embeddings "
+                        f"({model.config.model_type} has them); pass --no-stream, or --kl-steps 0")
 
     def finish(stream, calib_ids: torch.Tensor, files, heads: dict[str, Any]) -> dict[str, Any]:
         from macq.quantizers.learned_stream import tune_logits_streamed

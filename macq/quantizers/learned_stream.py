@@ -22,17 +22,10 @@ from typing import Any
 
 import torch
 
-from macq.errors import MacqError
 from macq.progress import stage
 from macq.quantizers.calibration import _to, layer_out
 from macq.quantizers.learned_kl import ScaleParams, dequantized, from_record, to_record, tunable
 from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads
-
-
-def check_streamable(stream: LayerStream) -> None:
-    if stream.spec.extra_embeds:
-        raise MacqError("--stream: learned's logits stage streams families without position embeddings; "
-                        "pass --no-stream (or --kl-steps 0)")
 
 
 class _Student:
@@ -208,7 +201,6 @@ def tune_logits_streamed(stream: LayerStream, files: LayerFiles, heads: dict[str
                          progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """:func:`~macq.quantizers.learned_kl.tune_logits` over ``files`` (the layers' records, rewritten in place
     with the best scales) and ``heads`` (returned, tuned); same sampling, optimiser and keep-best."""
-    check_streamable(stream)
     with stage("target"):
         teacher = _Teacher(stream, ids)
     student = _Student(stream, files, heads)
