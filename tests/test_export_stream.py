@@ -88,10 +88,10 @@ def test_max_memory_applies_to_a_streamed_export(ckpt, tmp_path, capsys):
 
 
 def test_whole_model_options_export_in_memory_or_refuse_stream(ckpt, tmp_path, capsys):
-    """mixed's default Fisher sensitivities are measured on the whole model: an explicit --stream is a one-line
-    error before any work (the output stays absent). learned's logits stage streams, like every layer."""
+    """mixed's KL sensitivities are measured on the whole model: an explicit --stream is a one-line error before
+    any work (the output stays absent). learned's logits stage streams, like every layer."""
     with pytest.raises(SystemExit) as e:
-        main(["export", str(ckpt), "--target", "coreml", "--method", "mixed", "--stream", *CAL[:6],
+        main(["export", str(ckpt), "--target", "coreml", "--method", "mixed", "--sensitivity", "kl", "--stream", *CAL[:6],
               "-o", str(tmp_path / "k.mlpackage")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --stream: ") and "sensitivity" in err and err.count("\n") == 1

@@ -457,10 +457,14 @@ def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path):
         assert torch.equal(s.to_torch()(x).logits, m.to_torch()(x).logits)
 
 
-def test_cli_mixed_streams_in_two_passes(ckpts, tmp_path):
+@pytest.mark.parametrize("sensitivity", ["proxy", "fisher"])
+def test_cli_mixed_streams_in_two_passes(ckpts, tmp_path, sensitivity):
+    """The first pass measures (the Hessian proxy; or the Fisher-weighted error, on a streamed Fisher diagonal
+    from a backward pass before it), the allocation runs between the passes: records and allocation are the
+    in-memory path's."""
     src = ckpts["llama"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "mixed",
-           "--target-bpw", "3.5", "--sensitivity", "proxy", "--base-method", "gptq")
+           "--target-bpw", "3.5", "--sensitivity", sensitivity, "--base-method", "gptq")
     r = _cli("quantize", src, *cal, "-o", tmp_path / "s")
     assert r.returncode == 0, r.stderr
     first = [ln for ln in r.stderr.splitlines() if ln.startswith("mixed (streamed, first pass) layer:")]
@@ -511,10 +515,8 @@ def test_learned_logits_stage_on_gpt2_refused_before_reading(ckpts, tmp_path, mo
      "awq, awq-gptq, smoothquant, mixed, learned, kmeans-cal"),
     (("--method", "learned", "--kl-holdout", "8", "--stream"), "error: --kl-holdout 8: must leave training "
      "sequences of the --kl-rows 8"),
-    (("--method", "mixed", "--stream"), "error: --stream: mixed --sensitivity fisher (its default) needs the whole "
-     "model's gradients; pass --sensitivity proxy (or a --recipe) to stream, or --no-stream"),
     (("--method", "mixed", "--sensitivity", "kl", "--stream"), "error: --stream: mixed --sensitivity kl needs the "
-     "whole model's logits"),
+     "whole model's logits; pass --sensitivity fisher or proxy (or a --recipe) to stream, or --no-stream"),
     (("--method", "mixed", "--sensitivity", "proxy", "--include-embeddings", "--stream"),
      "error: --stream: mixed --include-embeddings: the embedding / lm_head are sized on the whole model's"),
 ] + ([(("--method", m, *extra, "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")

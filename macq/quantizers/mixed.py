@@ -21,6 +21,7 @@ The returned model's ``method`` records the per-module format, the achieved and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,16 +82,15 @@ class MixedConfig(StreamOptions, QuantConfig):
 
     def stream_refusal(self) -> str:
         """Streamed: the Hessian proxy (one float pass, layer by layer) or a fixed recipe decide the formats; the
-        Fisher / KL sensitivities need gradients or logits of the whole model, and the embedding / lm_head's
+        Fisher diagonal comes from a streamed backward pass (:mod:`macq.quantizers.stream_grad`); the KL
+        sensitivities need the logits of the whole model with each unit quantized, and the embedding / lm_head's
         errors need the whole model's token statistics and final hidden states."""
         if self.include_embeddings or self.include_lm_head:
             flag = "--include-embeddings" if self.include_embeddings else "--include-lm-head"
             return (f"mixed {flag}: the embedding / lm_head are sized on the whole model's statistics; "
                     "drop it to stream the decoder linears, or --no-stream")
-        if self.recipe is None and self.sensitivity != "proxy":
-            default = " (its default)" if self.sensitivity == "fisher" else ""
-            return (f"mixed --sensitivity {self.sensitivity}{default} needs the whole model's "
-                    f"{'gradients' if self.sensitivity == 'fisher' else 'logits'}; pass --sensitivity proxy "
+        if self.recipe is None and self.sensitivity == "kl":
+            return ("mixed --sensitivity kl needs the whole model's logits; pass --sensitivity fisher or proxy "
                     "(or a --recipe) to stream, or --no-stream")
         return ""
 
@@ -200,8 +200,9 @@ def _gptq_layer_step(spec: Any, assignment: dict[str, Format], cfg: MixedConfig,
 
 def layer_quantizer(model: nn.Module, cfg: MixedConfig, device: torch.device | None = None):
     """Mixed precision on the streaming engine (``model``: a meta skeleton, read for names and shapes), in two
-    passes: the first streams the float model and measures every decoder linear's Hessian-proxy error at every
-    format (:func:`~macq.quantizers.sensitivity.proxy_layer_step`, the in-memory pass's own step); between them
+    passes: the first streams the float model and measures every decoder linear's error at every format (the
+    Hessian proxy, :func:`~macq.quantizers.sensitivity.proxy_layer_step`, the in-memory pass's own step; or the
+    Fisher-weighted one, from a streamed backward pass before it); between them
     the allocation runs on the whole table (a fixed ``--recipe`` needs no first pass); the second rounds each
     linear in its format (RTN, or GPTQ true-sequentially on the quantized model's inputs, as in memory)."""
     from macq.quantizers.calibration import LayerJob
@@ -221,7 +222,7 @@ def layer_quantizer(model: nn.Module, cfg: MixedConfig, device: torch.device | N
             assignment = recipe_plan(model, cfg)
             state["notes"].append(f"fixed recipe {cfg.recipe}: target_bpw not used")
         else:
-            table = proxy_table(mods, cfg.candidate_formats(), errs)
+            table = proxy_table(mods, cfg.candidate_formats(), errs, cfg.sensitivity)
             if cfg.granularity != "module":
                 table = table.grouped(make_units(list(mods), cfg.granularity, spec.layers))
             assignment, alloc = plan(table, cfg.target_bpw, cfg.resolution)
@@ -260,6 +261,20 @@ def layer_quantizer(model: nn.Module, cfg: MixedConfig, device: torch.device | N
     if cfg.recipe is not None:        # shapes only: a recipe that does not fit fails before any weight is read
         decide()
         return LayerJob(fn, records, {}, dev, cfg.batch_size, method_info=method_info)
+    if cfg.sensitivity == "fisher":
+        from macq.quantizers.sensitivity import fisher_layer_step
+        from macq.quantizers.stream_grad import FisherStore, stream_fisher
+
+        fisher = FisherStore(Path())
+
+        def backward(stream, calib_ids: torch.Tensor) -> dict[str, Record]:
+            fisher.directory = stream.budget.new_file()
+            stream_fisher(stream, calib_ids, set(mods), set(), fisher)
+            return {}
+
+        prepass = fisher_layer_step(set(mods), cfg.candidate_formats(), fisher, errs)
+        return LayerJob(fn, records, {}, dev, cfg.batch_size, prepass=prepass, after_prepass=decide,
+                        method_info=method_info, backward=backward)
     prepass = proxy_layer_step(spec, set(mods), cfg.candidate_formats(), dev, errs)
     return LayerJob(fn, records, {}, dev, cfg.batch_size, prepass=prepass, after_prepass=decide,
                     method_info=method_info)

@@ -176,13 +176,27 @@ def proxy_layer_step(spec: Any, modules: set[str], formats: list[Format], device
     return per_layer
 
 
-def proxy_table(modules: dict[str, nn.Module], formats: list[Format], errs: dict[str, list[float]]) -> SensitivityTable:
+def proxy_table(modules: dict[str, nn.Module], formats: list[Format], errs: dict[str, list[float]],
+                kind: str = "proxy") -> SensitivityTable:
     """The sensitivity table of ``errs`` (module -> error per format), costs from the modules' shapes."""
     names = list(modules)
     shapes = [tuple(get_weight(modules[n]).shape) for n in names]
     return SensitivityTable(names, {n: [n] for n in names}, list(formats),
                             torch.tensor([errs[n] for n in names], dtype=torch.float64),
-                            _cost_table(shapes, formats), [s[0] * s[1] for s in shapes], "proxy")
+                            _cost_table(shapes, formats), [s[0] * s[1] for s in shapes], kind)
+
+
+def fisher_layer_step(modules: set[str], formats: list[Format], fisher: Any, errs: dict[str, list[float]]):
+    """The per-layer step of :func:`fisher_sensitivity` over a layer-streamed Fisher diagonal (``fisher.pop``):
+    ``errs[module]`` gets each format's ``½·Σ F ⊙ (W − Ŵ)²``."""
+    def per_layer(_i: int, path: str, layer: nn.Module, _inputs) -> None:
+        with stage("sensitivity"):
+            for full in sorted(m for m in modules if m.startswith(path + ".")):
+                w = get_weight(layer.get_submodule(full[len(path) + 1:])).detach().float()
+                f = fisher.pop(full)
+                errs[full] = _errors_for(w, formats, lambda wh: 0.5 * float((f * (w - wh).pow(2)).sum()))
+
+    return per_layer
 
 
 def fisher_sensitivity(model: nn.Module, calib_ids: torch.Tensor, formats: list[Format],
