@@ -262,36 +262,51 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "macq.cli", *map(str, args)], capture_output=True, text=True)
 
 
-def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path):
+def _main(capsys, *args):
+    """The CLI in-process (no interpreter start-up, seconds per call): the same result object as :func:`_cli`.
+    The subprocess boundary itself is covered by the tests that keep :func:`_cli`."""
+    from macq.cli import main
+
+    argv, code = [str(a) for a in args], 0
+    capsys.readouterr()
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["macq", *argv], code, out.out, out.err)
+
+
+def test_cli_streams_calibrated_by_default_with_timings(ckpts, tmp_path, capsys):
     src = ckpts["llama"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "8", "--seq-len", "32", "--group-size", "32")
-    r = _cli("quantize", src, "--method", "gptq", *cal, "-o", tmp_path / "s", "--json")     # default float32: exact
+    r = _main(capsys, "quantize", src, "--method", "gptq", *cal, "-o", tmp_path / "s", "--json")     # default float32: exact
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["streamed"] is True and res["method"]["act_dtype"] == "float32" and res["layers"] == 14
     assert {"hessian_s", "cholesky_s", "column_loop_s", "forward_s", "io_s", "total_s"} <= set(res["timings"])
     assert res["memory"]["peak_rss_bytes"] > 0
-    r = _cli("quantize", src, "--method", "gptq", *cal, "--no-stream", "-o", tmp_path / "m")
+    r = _main(capsys, "quantize", src, "--method", "gptq", *cal, "--no-stream", "-o", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
-    r = _cli("quantize", src, "--method", "awq", *cal, "--stream", "--max-memory", "8KiB", "-o", tmp_path / "a")
+    r = _main(capsys, "quantize", src, "--method", "awq", *cal, "--stream", "--max-memory", "8KiB", "-o", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("awq (streamed) layer:")]
     assert len(lines) == 2 and "hessian" in lines[0] and "search" in lines[0] and "forward" in lines[0]
     assert "streamed, calibrated" in r.stdout
 
 
-def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path):
+def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path, capsys):
     """--sensitivity hessian streams by default (records = --no-stream's)."""
     src = ckpts["qwen2"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "kmeans-cal",
            "--bits", "3", "--refit-rounds", "1")
-    r = _cli("quantize", src, *cal, "--sensitivity", "hessian", "-o", tmp_path / "s", "--json")
+    r = _main(capsys, "quantize", src, *cal, "--sensitivity", "hessian", "-o", tmp_path / "s", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
     assert {"hessian_s", "palettize_s", "forward_s", "io_s", "total_s"} <= set(res["timings"])
-    r = _cli("quantize", src, *cal, "--sensitivity", "hessian", "--no-stream", "-o", tmp_path / "m", "--json")
+    r = _main(capsys, "quantize", src, *cal, "--sensitivity", "hessian", "--no-stream", "-o", tmp_path / "m", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["streamed"] is False
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
@@ -346,17 +361,17 @@ def test_streamed_fisher_equals_autograd_over_the_whole_model(ckpts, tmp_path, a
         torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-6 * float(r.max()))
 
 
-def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path):
+def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path, capsys):
     src = ckpts["llama"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "learned",
            "--group-size", "32", "--kl-steps", "0", "--steps", "2")
-    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    r = _main(capsys, "quantize", src, *cal, "-o", tmp_path / "s", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
     assert {"target_s", "hessian_s", "search_s", "tune_s", "forward_s", "io_s"} <= set(res["timings"])
     assert set(res["method"]["stats"]["layers"]) == {"model.layers.0", "model.layers.1"}
-    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    r = _main(capsys, "quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
 
@@ -435,18 +450,18 @@ def test_streamed_logits_gradient_equals_autograd_over_the_whole_model(ckpts, tm
         torch.testing.assert_close(student.leaves[n].grad, leaf.grad, rtol=1e-4, atol=1e-5 * float(leaf.grad.abs().max()))
 
 
-def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path):
+def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path, capsys):
     """The streamed W8A8 result carries the same act-quant metadata as the in-memory one (a model that runs
     with fake-quantized inputs gives the same logits)."""
     src = ckpts["llama"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "smoothquant",
            "--act-mode", "per_tensor_static")
-    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    r = _main(capsys, "quantize", src, *cal, "-o", tmp_path / "s", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["streamed"] is True and res["layers"] == 14 and res["memory"]["peak_rss_bytes"] > 0
     assert {"stats_s", "round_s", "forward_s", "io_s"} <= set(res["timings"])
-    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    r = _main(capsys, "quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     s, m = QuantizedModel.load(tmp_path / "s"), QuantizedModel.load(tmp_path / "m")
     assert_same_records(m, s)
@@ -458,19 +473,19 @@ def test_cli_smoothquant_streams_w8a8(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("sensitivity", ["proxy", "fisher"])
-def test_cli_mixed_streams_in_two_passes(ckpts, tmp_path, sensitivity):
+def test_cli_mixed_streams_in_two_passes(ckpts, tmp_path, capsys, sensitivity):
     """The first pass measures (the Hessian proxy; or the Fisher-weighted error, on a streamed Fisher diagonal
     from a backward pass before it), the allocation runs between the passes: records and allocation are the
     in-memory path's."""
     src = ckpts["llama"]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "mixed",
            "--target-bpw", "3.5", "--sensitivity", sensitivity, "--base-method", "gptq")
-    r = _cli("quantize", src, *cal, "-o", tmp_path / "s")
+    r = _main(capsys, "quantize", src, *cal, "-o", tmp_path / "s")
     assert r.returncode == 0, r.stderr
     first = [ln for ln in r.stderr.splitlines() if ln.startswith("mixed (streamed, first pass) layer:")]
     second = [ln for ln in r.stderr.splitlines() if ln.startswith("mixed (streamed) layer:")]
     assert len(first) == 2 and len(second) == 2 and "sensitivity" in first[0], r.stderr
-    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    r = _main(capsys, "quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     s, m = QuantizedModel.load(tmp_path / "s"), QuantizedModel.load(tmp_path / "m")
     assert_same_records(m, s)
