@@ -215,8 +215,16 @@ def test_streamed_mlx_export_equals_in_memory_and_loads(ckpts, tmp_path):
         assert np.array_equal(np.array(m(ids)), np.array(m2(ids)))
 
 
-def test_cli_streams_weight_methods_and_reports_memory(ckpts, tmp_path):
+def test_cli_streams_weight_methods_and_reports_memory(ckpts, tmp_path, capsys):
+    """The first command runs in its own process (its peak RSS is a fresh interpreter's); the others call the
+    console entry point in-process (the same argv and outputs, no interpreter start-up)."""
     from tests.test_cli import macq
+    from tests.test_stream_calib import _main
+
+    def run(*args, check=True):
+        r = _main(capsys, *args)
+        assert not check or r.returncode == 0, r.stderr
+        return r
 
     out = tmp_path / "q"
     # --target mlx: the same (MLX) defaults as the export below, so the two routes must give the same tensors
@@ -226,21 +234,21 @@ def test_cli_streams_weight_methods_and_reports_memory(ckpts, tmp_path):
     assert res["streamed"] is True and res["layers"] == 14
     assert res["memory"]["peak_rss_bytes"] > 50 * 2**20
     assert r.stderr.count("layer: ") == 0          # --json: no progress
-    r = macq("quantize", ckpts["llama"], "--method", "rtn", "--bits", "4", "--group-size", "32", "--target", "mlx",
-             "--no-stream", "-o", tmp_path / "q2")
+    r = run("quantize", ckpts["llama"], "--method", "rtn", "--bits", "4", "--group-size", "32", "--target", "mlx",
+            "--no-stream", "-o", tmp_path / "q2")
     assert_same_records(QuantizedModel.load(out), QuantizedModel.load(tmp_path / "q2"))
-    r = macq("export", ckpts["llama"], "--target", "mlx", "--method", "rtn", "--bits", "4", "--group-size", "32",
-             "-o", tmp_path / "mlx")
+    r = run("export", ckpts["llama"], "--target", "mlx", "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "-o", tmp_path / "mlx")
     assert "streamed" in r.stdout
     assert "rtn (streamed) layer: 2/2" in r.stderr   # one log line per layer off a terminal
-    r = macq("export", out, "--target", "mlx", "-o", tmp_path / "mlx2", "--json")
+    r = run("export", out, "--target", "mlx", "-o", tmp_path / "mlx2", "--json")
     assert json.loads(r.stdout)["streamed"] is True
     a, b = TensorStore.open(tmp_path / "mlx"), TensorStore.open(tmp_path / "mlx2")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    r = macq("quantize", ckpts["llama"], "--method", "dkm", "--stream", "-o", tmp_path / "g", check=False)
+    r = run("quantize", ckpts["llama"], "--method", "dkm", "--stream", "-o", tmp_path / "g", check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: --stream: --method dkm")
     # Core ML with --stream: the streamed quantization into a temp dir, then the export of its records
-    r = macq("export", ckpts["llama"], "--target", "coreml", "--stream", "-o", tmp_path / "c.mlpackage", "--json")
+    r = run("export", ckpts["llama"], "--target", "coreml", "--stream", "-o", tmp_path / "c.mlpackage", "--json")
     assert json.loads(r.stdout)["quantization"]["streamed"] is True and (tmp_path / "c.mlpackage").is_dir()
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".c.mlpackage")]
 
