@@ -112,15 +112,15 @@ def test_weight_file_over_the_limit_is_a_finding(export, monkeypatch):
     assert any("weight file weight.bin" in f for f in _findings(res.path))
 
 
-def test_functions_with_separate_weight_copies_are_a_finding(tmp_path, monkeypatch):
+def test_functions_with_separate_weight_copies_are_a_finding(export, tmp_path, monkeypatch):
     """The same chunk saved without macq's weight sharing stores every blob once per function: the gate
-    sees identical blobs at two offsets; with sharing the file is one copy (about half the size)."""
+    sees identical blobs at two offsets; with sharing (the module's export, same model and shapes) the file is
+    one copy (about half the size)."""
     import converters.multifunction as mf
 
-    qm = _qm()
-    shared = export_coreml(qm, tmp_path / "shared.mlpackage", context=32, prefill_len=PREFILL)
+    qm, shared = export
     monkeypatch.setattr(mf, "share_weights", lambda prog: 0)
-    twice = export_coreml(qm, tmp_path / "twice.mlpackage", context=32, prefill_len=PREFILL)
+    twice = export_coreml(qm, tmp_path / "twice.mlpackage", context=CTX, prefill_len=PREFILL)
     found = _findings(twice.path)
     assert any("stored more than once" in f for f in found), found
     assert not any("stored more than once" in f for f in _findings(shared.path))
