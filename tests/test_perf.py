@@ -5,8 +5,6 @@ References: hand formulas for the products of a tiny layer (a linear's ``2·toke
 and a timed float32 matmul measured here for the probe's order of magnitude."""
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -104,13 +102,14 @@ def test_rates_and_layer_text_report_against_the_probe():
     assert "hessian" in text and "GFLOP/s" in text and "%" in text and "io" in text
 
 
-def test_cli_json_and_progress_lines_carry_the_rates(tmp_path):
+def test_cli_json_and_progress_lines_carry_the_rates(tmp_path, capsys):
+    """The CLI's outputs (in-process: the subprocess boundary is covered by the streamed-CLI tests)."""
     from macq.tiny import save_tiny_model
+    from tests.test_stream_calib import _main
 
     src = save_tiny_model(tmp_path / "ck", "llama")
-    r = subprocess.run([sys.executable, "-m", "macq.cli", "quantize", str(src), "--method", "gptq", "--calib-dataset",
-                        "tinystories", "--n-calib", "4", "--seq-len", "32", "--group-size", "32", "--stream",
-                        "--json", "-o", str(tmp_path / "q")], capture_output=True, text=True)
+    r = _main(capsys, "quantize", src, "--method", "gptq", "--calib-dataset", "tinystories", "--n-calib", "4",
+              "--seq-len", "32", "--group-size", "32", "--stream", "--json", "-o", tmp_path / "q")
     assert r.returncode == 0, r.stderr
     g = json.loads(r.stdout)["gemm"]
     assert g["probe_gflop_s"] > 0 and g["probe_f64_gflop_s"] > 0 and g["threads"] >= 1
@@ -118,9 +117,8 @@ def test_cli_json_and_progress_lines_carry_the_rates(tmp_path):
     for st in g["stages"].values():
         assert st["gflop"] > 0 and st["gflop_s"] > 0 and st["of_probe"] == pytest.approx(
             st["gflop_s"] / g["probe_gflop_s"], rel=0.02, abs=1e-3)
-    r = subprocess.run([sys.executable, "-m", "macq.cli", "quantize", str(src), "--method", "awq", "--calib-dataset",
-                        "tinystories", "--n-calib", "4", "--seq-len", "32", "--group-size", "32", "--stream",
-                        "-o", str(tmp_path / "a")], capture_output=True, text=True)
+    r = _main(capsys, "quantize", src, "--method", "awq", "--calib-dataset", "tinystories", "--n-calib", "4",
+              "--seq-len", "32", "--group-size", "32", "--stream", "-o", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("awq (streamed) layer:")]
     assert lines and all("search" in ln and "GFLOP/s" in ln for ln in lines), r.stderr
