@@ -8,7 +8,6 @@ activations to disk without changing a bit; an interrupt leaves nothing; bad opt
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -258,13 +257,9 @@ def test_parse_size():
             parse_size(bad)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "macq.cli", *map(str, args)], capture_output=True, text=True)
-
-
 def _main(capsys, *args):
-    """The CLI in-process (no interpreter start-up, seconds per call): the same result object as :func:`_cli`.
-    The subprocess boundary itself is covered by the tests that keep :func:`_cli`."""
+    """The CLI in-process (no interpreter start-up, seconds per call), as a ``CompletedProcess``; the subprocess
+    boundary of ``macq quantize`` is covered in tests/test_streaming.py and tests/test_cli.py."""
     from macq.cli import main
 
     argv, code = [str(a) for a in args], 0
@@ -315,19 +310,19 @@ def test_cli_kmeans_cal_streams_with_hessian_sensitivity(ckpts, tmp_path, capsys
 @pytest.mark.parametrize("arch,heads", [("qwen2", ("--include-embeddings",)),                    # tied
                                         ("llama", ("--include-embeddings", "--include-lm-head")),  # untied
                                         ("llama", ("--include-lm-head", "--no-weighted-heads"))])
-def test_cli_kmeans_cal_streams_fisher_with_the_in_memory_records(ckpts, tmp_path, arch, heads):
+def test_cli_kmeans_cal_streams_fisher_with_the_in_memory_records(ckpts, tmp_path, capsys, arch, heads):
     """The default Fisher sensitivities stream (a backward pass layer by layer before the first layer is
     palettized) and give the in-memory path's records bit for bit: Fisher-weighted heads (a tied embedding's
     Fisher sums both uses before squaring) and data-free ones (the Fisher then sees the quantized head)."""
     src = ckpts[arch]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "kmeans-cal",
            "--bits", "3", "--refit-rounds", "1", *heads)
-    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    r = _main(capsys, "quantize", src, *cal, "-o", tmp_path / "s", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["streamed"] is True and res["method"]["sensitivity"] == "fisher"
     assert {"head_s", "backward_s", "palettize_s"} <= set(res["timings"])
-    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
+    r = _main(capsys, "quantize", src, *cal, "--no-stream", "-o", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
     assert not list(tmp_path.glob(".*acts-*"))                       # the per-layer Fisher files are gone
@@ -376,7 +371,7 @@ def test_cli_learned_streams_without_the_logits_stage(ckpts, tmp_path, capsys):
     assert_same_records(QuantizedModel.load(tmp_path / "m"), QuantizedModel.load(tmp_path / "s"))
 
 
-def test_cli_learned_streams_the_logits_stage(ckpts, tmp_path):
+def test_cli_learned_streams_the_logits_stage(ckpts, tmp_path, capsys):
     """The logits stage streams (the default --kl-steps too): the tied embedding tuned, the held-out KL path and
     the keep-best step the in-memory stage's; scales equal but for fp16 ties (summation order of the chunked
     head: at most one ulp on a few groups)."""
@@ -384,11 +379,11 @@ def test_cli_learned_streams_the_logits_stage(ckpts, tmp_path):
     cal = ("--calib-dataset", "tinystories", "--n-calib", "4", "--seq-len", "32", "--method", "learned",
            "--group-size", "32", "--include-embeddings", "--kl-steps", "4", "--kl-eval-every", "1",
            "--kl-rows", "4", "--kl-holdout", "0")
-    r = _cli("quantize", src, *cal, "-o", tmp_path / "s", "--json")
+    r = _main(capsys, "quantize", src, *cal, "-o", tmp_path / "s", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["streamed"] is True and {"target_s", "head_s", "backward_s", "tune_s"} <= set(res["timings"])
-    r = _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m", "--json")
+    r = _main(capsys, "quantize", src, *cal, "--no-stream", "-o", tmp_path / "m", "--json")
     assert r.returncode == 0, r.stderr
     s_kl, m_kl = res["method"]["stats"]["logits"], json.loads(r.stdout)["method"]["stats"]["logits"]
     assert s_kl["kl"] < s_kl["kl_init"] and s_kl["best_step"] == m_kl["best_step"] > 0
@@ -408,7 +403,7 @@ def test_cli_learned_streams_the_logits_stage(ckpts, tmp_path):
 
 @pytest.mark.parametrize("arch,heads", [("llama", ("--include-embeddings", "--include-lm-head")),   # untied
                                         ("qwen2", ("--include-embeddings",))])                     # tied
-def test_streamed_logits_gradient_equals_autograd_over_the_whole_model(ckpts, tmp_path, arch, heads):
+def test_streamed_logits_gradient_equals_autograd_over_the_whole_model(ckpts, tmp_path, capsys, arch, heads):
     """One row's KL and its gradient on every log-scale (embedding / head included): the streamed stage
     (quantized layers read from their files, chunked head, per-layer reverse) against one autograd graph over
     the quantized model, as :func:`macq.quantizers.learned_kl.tune_logits` takes it."""
@@ -422,7 +417,7 @@ def test_streamed_logits_gradient_equals_autograd_over_the_whole_model(ckpts, tm
     src = ckpts[arch]
     cal = ("--calib-dataset", "tinystories", "--n-calib", "2", "--seq-len", "16", "--method", "learned",
            "--group-size", "32", "--kl-steps", "0", *heads)
-    assert _cli("quantize", src, *cal, "--no-stream", "-o", tmp_path / "m").returncode == 0
+    assert _main(capsys, "quantize", src, *cal, "--no-stream", "-o", tmp_path / "m").returncode == 0
     qm = QuantizedModel.load(tmp_path / "m")
     float_model, _ = load_model(str(src))
     ids = torch.randint(0, float_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
