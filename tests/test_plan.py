@@ -39,7 +39,8 @@ def test_routes_are_decided_from_source_method_and_flag(tiny, tmp_path):
              (Request(str(tiny), tmp_path / "a", method="rtn", stream=False), "memory"),
              (Request(str(tiny), tmp_path / "a", method="gptq"), "stream-layers"),
              (Request(str(tiny), tmp_path / "a", method="dkm"), "memory"),
-             (Request(str(tiny), tmp_path / "a", method="kmeans-cal"), "memory"),   # Fisher sensitivities: whole model
+             (Request(str(tiny), tmp_path / "a", method="kmeans-cal"), "stream-layers"),   # Fisher streamed too
+             (Request(str(tiny), tmp_path / "a", method="mixed", options={"sensitivity": "kl"}), "memory"),
              (Request(str(q), tmp_path / "a.mlpackage", target="coreml"), "read")]
     for req, route in cases:
         assert make_plan(req).route == route, (req.method, req.stream)
@@ -179,7 +180,8 @@ def test_interrupt_exits_130_once(tiny, tmp_path, capsys, monkeypatch):
         return real(self, name, rec)
 
     monkeypatch.setattr(macq.qmodel.QuantDirWriter, "add_record", pressed_twice)
+    before = signal.getsignal(signal.SIGINT)   # Python's handler, or SIG_IGN when started in the background
     code, err = _main_exit(["quantize", str(tiny), "-o", str(tmp_path / "q")], capsys)
     assert code == 130 and err == "error: interrupted by SIGINT; no output was written\n"
     assert list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before                # the handler is given back

@@ -150,8 +150,8 @@ def test_logits_stage_config_round_trips_and_fails_fast(calib6):
             LearnedConfig(**kw)
     with pytest.raises(MacqError, match="--kl-holdout 6: must leave training sequences"):
         registry_quantize(tiny_model(), "learned", calib=calib6, kl_steps=1, kl_holdout=6)
-    with pytest.raises(MacqError, match="--kl-holdout 4: must leave training sequences of the 4 calibration"):
-        registry_quantize(tiny_model(), "learned", calib=calib6, kl_steps=1, kl_rows=4, kl_holdout=4)
+    with pytest.raises(MacqError, match="--kl-holdout 4: must leave training sequences of the --kl-rows 4"):
+        LearnedConfig(kl_steps=1, kl_rows=4, kl_holdout=4)                  # the config itself, before any work
 
 
 # ------------------------------------------------------------------------------------------ kmeans-cal
