@@ -34,7 +34,6 @@ is a per-channel LUT), which the Core ML exporter writes as ``constexpr_lut_to_d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -319,11 +318,10 @@ def layer_quantizer(model: nn.Module, cfg: KMeansCalConfig, device: torch.device
     selected = set(quantizable_modules(model, skip=tuple(cfg.skip)))
     heads = {n for n in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head) if n not in decoder}
     own = heads if cfg.weighted_heads else set()
-    fisher = FisherStore(Path())
+    fisher = FisherStore()
     job = layer_job(model, cfg, fisher)
 
     def backward(stream, calib_ids: torch.Tensor) -> dict[str, LUTRecord]:
-        fisher.directory = stream.budget.new_file()        # a fresh name in the run's spill directory
         stream_fisher(stream, calib_ids, selected, own, fisher)
         recs = {}
         with stage("palettize"):

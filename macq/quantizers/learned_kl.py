@@ -52,9 +52,10 @@ def from_record(rec: AffineRecord) -> ScaleParams:
                        log_scale=rec.scales.float().log(), record=rec)
 
 
-def _scale(p: ScaleParams) -> torch.Tensor:
-    s = p.log_scale.exp()
-    return s + (s.to(p.record.scales.dtype).float() - s).detach()     # the record's dtype, straight-through
+def _scale(p: ScaleParams, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """The scales of ``rows`` (all by default) in the record's dtype, with a straight-through gradient."""
+    s = p.log_scale[rows].exp()
+    return s + (s.to(p.record.scales.dtype).float() - s).detach()
 
 
 def dequantized(p: ScaleParams) -> torch.Tensor:

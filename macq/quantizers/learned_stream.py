@@ -24,7 +24,7 @@ import torch
 
 from macq.progress import stage
 from macq.quantizers.calibration import _to, layer_out
-from macq.quantizers.learned_kl import ScaleParams, dequantized, from_record, to_record, tunable
+from macq.quantizers.learned_kl import ScaleParams, _scale, dequantized, from_record, to_record, tunable
 from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads
 
 
@@ -35,11 +35,12 @@ class _Student:
         self.stream, self.files, self.heads = stream, files, heads
         self.leaves: dict[str, torch.Tensor] = {}
         self.head_params = {n: self._param(n, r) for n, r in heads.items() if tunable(r)}
+        self.layer_leaves: list[list[str]] = []       # names of each layer's tunable records
         for i in range(len(files.paths)):
             recs, _ = files.load(i)
-            for n, r in recs.items():
-                if tunable(r):
-                    self.leaves[n] = r.scales.float().log().requires_grad_(True)
+            self.layer_leaves.append([n for n, r in recs.items() if tunable(r)])
+            for n in self.layer_leaves[-1]:
+                self.leaves[n] = recs[n].scales.float().log().requires_grad_(True)
 
     def _param(self, name: str, rec: Any) -> ScaleParams:
         p = from_record(rec)
@@ -59,7 +60,7 @@ class _Student:
         name = s.spec.embed if s.tied else s.spec.lm_head
         p = self.head_params.get(name)
         if p is not None:
-            return _rows(p, a, b)
+            return _rows(p, slice(a, b))
         if name in self.heads:
             return self.heads[name].dequantize(torch.float32)[a:b]
         return s.head_rows(a, b)
@@ -71,7 +72,7 @@ class _Student:
         p = self.head_params.get(name)
         rows, inv = torch.unique(ids, return_inverse=True)
         if p is not None:
-            w = torch.cat([_rows(p, int(r), int(r) + 1) for r in rows]) if len(rows) < 64 else _rows_at(p, rows)
+            w = _rows(p, rows)
         elif name in self.heads:
             w = self.heads[name].dequantize(torch.float32)[rows]
         else:
@@ -79,30 +80,14 @@ class _Student:
         scale = float(s.model.config.hidden_size) ** 0.5 if s.spec.embed_scale == "sqrt_hidden" else 1.0
         return (w[inv] * scale)[None] if scale != 1.0 else w[inv][None]
 
-    def layer_leaves(self, i: int) -> list[str]:
-        if not hasattr(self, "_by_layer"):
-            self._by_layer: dict[int, list[str]] = {}
-        if i not in self._by_layer:
-            recs, _ = self.files.load(i)
-            self._by_layer[i] = [n for n, r in recs.items() if tunable(r)]
-        return self._by_layer[i]
-
     def records(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone() for n, t in self.leaves.items()}
 
 
-def _rows(p: ScaleParams, a: int, b: int) -> torch.Tensor:
-    """Rows ``[a, b)`` of a non-transposed record's dequantized weight (differentiable in ``p.log_scale``)."""
-    s = p.log_scale[a:b].exp()
-    s = s + (s.to(p.record.scales.dtype).float() - s).detach()
-    return (s.unsqueeze(-1) * (p.codes[a:b].float() - p.zero[a:b])).reshape(b - a, -1)
-
-
-def _rows_at(p: ScaleParams, rows: torch.Tensor) -> torch.Tensor:
-    s = p.log_scale[rows].exp()
-    s = s + (s.to(p.record.scales.dtype).float() - s).detach()
-    return (s.unsqueeze(-1) * (p.codes[rows].float() - p.zero[rows])).reshape(len(rows), -1)
-
+def _rows(p: ScaleParams, rows: slice | torch.Tensor) -> torch.Tensor:
+    """Rows of a non-transposed record's dequantized weight (differentiable in ``p.log_scale``)."""
+    codes = p.codes[rows]
+    return (_scale(p, rows).unsqueeze(-1) * (codes.float() - p.zero[rows])).reshape(codes.shape[0], -1)
 
 
 class _Teacher:
@@ -187,9 +172,7 @@ class _Stage:
                 with torch.enable_grad():
                     w = st.layer_weights(i, f"{s.spec.layers}.{i}")
                     out = layer_out(s.layers[i], w, x, kw)
-                    leaves = [t for t in w.values() if t.requires_grad]
-                    torch.autograd.backward(out, g, inputs=[x, *[st.leaves[n] for n in st.layer_leaves(i)]]
-                                            if leaves else [x])
+                    torch.autograd.backward(out, g, inputs=[x, *[st.leaves[n] for n in st.layer_leaves[i]]])
                 g = x.grad
         if s.spec.embed in st.head_params:
             with torch.enable_grad():

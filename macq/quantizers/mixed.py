@@ -21,7 +21,6 @@ The returned model's ``method`` records the per-module format, the achieved and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -265,10 +264,9 @@ def layer_quantizer(model: nn.Module, cfg: MixedConfig, device: torch.device | N
         from macq.quantizers.sensitivity import fisher_layer_step
         from macq.quantizers.stream_grad import FisherStore, stream_fisher
 
-        fisher = FisherStore(Path())
+        fisher = FisherStore()
 
         def backward(stream, calib_ids: torch.Tensor) -> dict[str, Record]:
-            fisher.directory = stream.budget.new_file()
             stream_fisher(stream, calib_ids, set(mods), set(), fisher)
             return {}
 

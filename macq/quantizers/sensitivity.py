@@ -186,6 +186,11 @@ def proxy_table(modules: dict[str, nn.Module], formats: list[Format], errs: dict
                             _cost_table(shapes, formats), [s[0] * s[1] for s in shapes], kind)
 
 
+def _fisher_errors(w: torch.Tensor, f: torch.Tensor, formats: list[Format]) -> list[float]:
+    """``½·Σ F ⊙ (W − Ŵ)²`` for each format."""
+    return _errors_for(w, formats, lambda wh: 0.5 * float((f * (w - wh).pow(2)).sum()))
+
+
 def fisher_layer_step(modules: set[str], formats: list[Format], fisher: Any, errs: dict[str, list[float]]):
     """The per-layer step of :func:`fisher_sensitivity` over a layer-streamed Fisher diagonal (``fisher.pop``):
     ``errs[module]`` gets each format's ``½·Σ F ⊙ (W − Ŵ)²``."""
@@ -193,8 +198,7 @@ def fisher_layer_step(modules: set[str], formats: list[Format], fisher: Any, err
         with stage("sensitivity"):
             for full in sorted(m for m in modules if m.startswith(path + ".")):
                 w = get_weight(layer.get_submodule(full[len(path) + 1:])).detach().float()
-                f = fisher.pop(full)
-                errs[full] = _errors_for(w, formats, lambda wh: 0.5 * float((f * (w - wh).pow(2)).sum()))
+                errs[full] = _fisher_errors(w, fisher.pop(full), formats)
 
     return per_layer
 
@@ -211,17 +215,9 @@ def fisher_sensitivity(model: nn.Module, calib_ids: torch.Tensor, formats: list[
     reads). Gradients carry the downstream sensitivity; one backward per calibration sequence is the cost.
     """
     fisher = fisher_diagonal(model, calib_ids, modules, device, progress)
-    names = list(modules)
-    errs = []
     with torch.no_grad():
-        for n in names:
-            mod = modules[n]
-            f = fisher[n]
-            w = get_weight(mod).detach().float()
-            errs.append(_errors_for(w, formats, lambda wh: 0.5 * float((f * (w - wh).pow(2)).sum())))
-    shapes = [tuple(get_weight(modules[n]).shape) for n in names]
-    return SensitivityTable(names, {n: [n] for n in names}, list(formats), torch.tensor(errs, dtype=torch.float64),
-                            _cost_table(shapes, formats), [s[0] * s[1] for s in shapes], "fisher")
+        errs = {n: _fisher_errors(get_weight(m).detach().float(), fisher[n], formats) for n, m in modules.items()}
+    return proxy_table(modules, formats, errs, "fisher")
 
 
 def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, modules: dict[str, nn.Module],

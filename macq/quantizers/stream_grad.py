@@ -79,10 +79,10 @@ class LayerStream:
         early = tuple(n + "." for n in (self.spec.lm_head, self.spec.final_norm) if n)
         names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)
                  if not n.startswith(self.plan.layers_prefix) and not n.startswith(early)]
+        given = {f"{self.spec.embed}.weight": embed} if embed is not None else {}
         for n in names:
-            _set_param(self.model, n, finite(n, self.plan.store[n]).to(self.device, torch.float32))
-        if embed is not None:
-            _set_param(self.model.get_submodule(self.spec.embed), "weight", embed)
+            t = given.get(n)
+            _set_param(self.model, n, t if t is not None else finite(n, self.plan.store[n]).to(self.device, torch.float32))
         _move_buffers(self.model, self.plan.layers_prefix, self.device)
         return names
 
@@ -211,12 +211,13 @@ class FisherStore:
     """Fisher diagonals written one decoder layer at a time under ``directory`` (a file per layer), read back
     when the quantizer pops them, in the same layer order; the heads' stay in memory."""
 
-    def __init__(self, directory: Path):
-        self.directory = directory
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory           # None: a fresh name in the run's spill directory (stream_fisher)
         self.files: dict[str, Path] = {}
         self.held: dict[str, torch.Tensor] = {}
 
     def put_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        assert self.directory is not None
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"fisher-{i:05d}.pt"
         torch.save(tensors, path)
@@ -241,6 +242,8 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
     one gradient before squaring) into ``into.held``: what :func:`~macq.quantizers.sensitivity.fisher_diagonal`
     computes in memory."""
     spec, n = stream.spec, ids.shape[0]
+    if into.directory is None:
+        into.directory = stream.budget.new_file()
     inputs = stream.capture(ids)
     kwargs = inputs.kwargs
     stores, final = stream.forward(inputs)
