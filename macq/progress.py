@@ -104,9 +104,9 @@ class StageTimes:
     counted from their shapes by a forward hook that exists only while a timer is active. Nothing is timed,
     counted or synchronised unless a :class:`StageTimes` is active, so the in-memory path pays nothing.
 
-    With ``probe`` the device's GEMM rates (:func:`macq.perf.gemm_probe`, float32 and, where the device has
-    it, float64) are measured on entry, and each stage's achieved rate is reported against them
-    (:meth:`rates`, and the per-layer text)."""
+    With ``probe`` the device's float32 GEMM rate (:func:`macq.perf.gemm_probe`) is measured on entry, and its
+    float64 one (where the device has float64) the first time a stage with float64 products is rated; each
+    stage's achieved rate is reported against them (:meth:`rates`, and the per-layer text)."""
 
     def __init__(self, device: str | None = None, probe: bool = False):
         self.device = device
@@ -135,6 +135,8 @@ class StageTimes:
     def _ideal(self, a: _Acc, cpu: bool) -> float | None:
         """Seconds the stage's products take at the probe's rates (float64 ones at the float64 rate)."""
         i = 1 if cpu else 0
+        if a.flops64:
+            self._measure64()
         p32 = self.probe32[i] if self.probe32 else None
         p64 = self.probe64[i] if self.probe64 else None
         if not p32 or (a.flops64 and not p64):
@@ -204,18 +206,24 @@ class StageTimes:
                 "probe_f64_gflop_s": r(p64[0]), "probe_f64_cpu_gflop_s": r(p64[1]),
                 "threads": threads, "device": self.device, "stages": stages, "unrated": unrated}
 
-    def __enter__(self) -> "StageTimes":
-        import torch.nn as nn
-
-        if self.probe and self.probe32 is None:
+    def _measure64(self) -> None:
+        """The float64 probe, measured the first time a stage with float64 products is rated (a run without
+        any does not pay for it); MPS has no float64."""
+        dev = self.device or "cpu"
+        if self.probe and self.probe64 is None and not dev.startswith("mps"):
             import torch
 
             from macq.perf import gemm_probe
 
-            dev = self.device or "cpu"
-            self.probe32 = gemm_probe(dev)
-            if not dev.startswith("mps"):     # MPS has no float64
-                self.probe64 = gemm_probe(dev, torch.float64)
+            self.probe64 = gemm_probe(dev, torch.float64)
+
+    def __enter__(self) -> "StageTimes":
+        import torch.nn as nn
+
+        if self.probe and self.probe32 is None:
+            from macq.perf import gemm_probe
+
+            self.probe32 = gemm_probe(self.device or "cpu")
         if self._hook is None:
             self._hook = nn.modules.module.register_module_forward_hook(_count_forward)
         _ACTIVE.append(self)
@@ -231,7 +239,7 @@ class StageTimes:
 def _count_forward(module: object, args: tuple, output: object) -> None:
     """Global forward hook while a :class:`StageTimes` is active: each linear's / attention's matmuls go to
     the running stage."""
-    if stage._stack:
+    if stage._stack and not getattr(module, "_macq_reused", False):   # a stored output costs nothing
         from macq.perf import module_flops
 
         n = module_flops(module, args, output)  # type: ignore[arg-type]

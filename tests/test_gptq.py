@@ -76,7 +76,7 @@ CASES = [dict(bits=4, group_size=0), dict(bits=4, group_size=32), dict(bits=3, g
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
 def test_matches_plain_float64_reference(kw):
     W, H = _layer()
-    rec, stats = gptq_quantize(W, H, GPTQConfig(mse_clip=False, block_size=32, **kw))  # 4 lazy blocks, groups across blocks too
+    rec, stats = gptq_quantize(W, H, GPTQConfig(mse_clip=False, block_size=32, precision="float64", **kw))  # 4 lazy blocks
     codes, loss = reference_gptq(W, H, kw["bits"], kw["group_size"], kw.get("symmetric", False),
                                  act_order=kw.get("act_order", False))
     # Ties: the engine rounds w/s in float32 (the shared grid), the reference in float64, so a value
@@ -88,12 +88,45 @@ def test_matches_plain_float64_reference(kw):
     assert rec.group_size == (kw["group_size"] or W.shape[1])
 
 
+@pytest.mark.parametrize("kw", CASES[:4], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_float32_solve_agrees_with_the_float64_reference(kw):
+    """The default float32 factor and column solve: the same codes but for a few rounding ties, each of which
+    moves later columns a little; GPTQ's objective within 1e-3 of the float64 reference's."""
+    W, H = _layer()
+    rec, stats = gptq_quantize(W, H, GPTQConfig(mse_clip=False, block_size=32, **kw))
+    codes, loss = reference_gptq(W, H, kw["bits"], kw["group_size"], kw.get("symmetric", False))
+    assert (rec.codes.numpy().astype(np.int64) == codes).mean() >= 0.995
+    assert stats["loss"] == pytest.approx(loss, rel=1e-3)
+    d = rec.dequantize().double() - W.double()
+    assert stats["out_err"] == pytest.approx((d @ H * d).sum().item(), rel=1e-4)
+
+
+def test_float32_factorization_that_fails_is_redone_in_float64_not_damped():
+    """An H whose damped smallest eigenvalue (1e-8 of the mean diagonal) is below float32's rounding of the
+    factorization: float32 fails, float64 succeeds at the same damping, and the factor is that one's."""
+    from macq.quantizers.gptq import inverse_hessian_cholesky
+
+    g = torch.Generator().manual_seed(6)
+    Q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    ev = torch.linspace(1, 2, 64, dtype=torch.float64)
+    ev[:3] = 0
+    H = Q @ torch.diag(ev) @ Q.T
+    info = torch.linalg.cholesky_ex(H.float() + 1.5e-8 * torch.eye(64))[1]
+    assert info.item() != 0                       # float32 alone cannot factor it at this damping
+    U, damp = inverse_hessian_cholesky(H.float(), 1e-8)
+    assert damp == 1e-8 and U.dtype == torch.float32
+    Hr = H.float().double().numpy()               # what the function was given
+    ref = np.linalg.cholesky(np.linalg.inv(Hr + 1e-8 * np.diag(Hr).mean() * np.eye(64))).T
+    assert np.allclose(U.double().numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())   # cond ~1e8
+
+
 def test_lazy_batch_size_does_not_change_result():
     W, H = _layer(seed=1)
     for kw in (dict(group_size=32), dict(group_size=64), dict(group_size=0, act_order=True)):
-        a, sa = gptq_quantize(W, H, GPTQConfig(mse_clip=False, block_size=128, **kw))
-        b, sb = gptq_quantize(W, H, GPTQConfig(mse_clip=False, block_size=1, **kw))
-        c, sc = gptq_quantize(W, H, GPTQConfig(mse_clip=False, block_size=48, **kw))  # blocks not aligned to groups
+        f64 = dict(mse_clip=False, precision="float64", **kw)
+        a, sa = gptq_quantize(W, H, GPTQConfig(block_size=128, **f64))
+        b, sb = gptq_quantize(W, H, GPTQConfig(block_size=1, **f64))
+        c, sc = gptq_quantize(W, H, GPTQConfig(block_size=48, **f64))  # blocks not aligned to groups
         assert torch.equal(a.codes, b.codes) and torch.equal(a.codes, c.codes)
         assert torch.equal(a.scales, b.scales) and torch.equal(a.scales, c.scales)
         assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-9) == sc["loss"]
@@ -112,7 +145,8 @@ def test_dead_columns_are_zero_and_ignored():
 def test_record_is_what_dequantize_gives_and_beats_rtn_on_objective():
     W, H = _layer(seed=3)
     for sym in (False, True):
-        rec, stats = gptq_quantize(W, H, GPTQConfig(mse_clip=False, bits=3, group_size=32, symmetric=sym))
+        rec, stats = gptq_quantize(W, H, GPTQConfig(mse_clip=False, bits=3, group_size=32, symmetric=sym,
+                                                    precision="float64"))
         assert rec.scales.dtype == torch.float16 and (rec.zeros is None) == sym
         d = rec.dequantize().double() - W.double()
         assert stats["out_err"] == pytest.approx((d @ H * d).sum().item(), rel=1e-9)
@@ -237,6 +271,34 @@ def test_true_sequential_calibrates_on_quantized_earlier_linears():
     assert torch.equal(rec_seq[first].codes, rec_par[first].codes)
     later = "model.layers.0.mlp.down_proj"      # its inputs depend on the quantized attention and MLP
     assert not torch.equal(rec_seq[later].codes, rec_par[later].codes)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reused_outputs_give_the_records_of_full_partial_forwards(arch, monkeypatch):
+    """True-sequential GPTQ reuses the stored outputs of a layer's finished linears in its later passes and in
+    the forward for the next layer; the records equal those of recomputing every pass (reuse switched off),
+    bit for bit, and the counted forward work drops."""
+    from macq.progress import StageTimes
+    from macq.quantizers.calibration import ReuseOutputs
+
+    ids = _calib(n=4, seq=32)
+    cfg = GPTQConfig(bits=3, group_size=32, batch_size=2)   # two batches: stored outputs are per batch
+    runs = []
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(ReuseOutputs, "freeze", lambda self, names: None)
+        timer = StageTimes("cpu")
+        with timer:
+            recs, _ = gptq_layers(tiny_model(arch), cfg, ids)
+        runs.append((recs, timer.flops.get("hessian", 0)))
+    (a, fa), (b, fb) = runs
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].codes, b[k].codes) and torch.equal(a[k].scales, b[k].scales), k
+    assert fa < 0.9 * fb
+    model = tiny_model(arch)
+    gptq_layers(model, cfg, ids)
+    assert not any("forward" in m.__dict__ or hasattr(m, "_macq_reuse") for m in model.modules())
 
 
 @pytest.mark.slow

@@ -141,7 +141,7 @@ def test_gptq_on_float_grids_beats_rtn_output_error(mode):
         rec, stats = gptq_quantize(w, H, GPTQConfig(mode=mode, mse_clip=mse))
         assert isinstance(rec, FPRecord) and rec.mode == mode
         ours = _out_err(rec, w, H)
-        assert ours == pytest.approx(stats["out_err"], rel=1e-9)
+        assert ours == pytest.approx(stats["out_err"], rel=1e-5)   # the stat comes from the float32 solve
         assert ours < 0.75 * _out_err(rtn, w, H), (mode, mse)
 
 

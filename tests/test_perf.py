@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from macq.perf import gemm_rate, matmul_flops, module_flops
 from macq.progress import StageTimes, add_flops, stage
-from macq.quantizers.gptq import GPTQConfig, HessianAccumulator, gptq_block_flops, gptq_quantize
+from macq.quantizers.gptq import GPTQConfig, gptq_block_flops, gptq_quantize
+from macq.quantizers.hessian import HessianAccumulator
 
 
 def test_probe_rate_is_positive_cached_and_near_a_plain_matmul():
@@ -66,15 +67,36 @@ def test_hessian_and_gptq_column_counts_match_hand_sums():
         with stage("columns"):
             gptq_quantize(torch.randn(out, n), acc.H, GPTQConfig(bits=4, group_size=8, block_size=bs,
                                                               mse_clip=False))
-    assert timer.flops["hessian"] == 2 * n * t * n + 2 * n * 4 * n
+    assert timer.flops["hessian"] == t * n * (n + 1) + 4 * n * (n + 1)   # syrk: one triangle and the diagonal
     # column j updates the columns after it in its block (2·out each), then the block updates all later columns
-    # (2·out·b·rest), all in float64
+    # (2·out·b·rest), all in float32 (the default precision)
     per_col = sum(2 * out * (min((j // bs + 1) * bs, n) - j) for j in range(n))
     deferred = sum(2 * out * bs * (n - i2) for i2 in range(bs, n + 1, bs))
     assert timer.flops["columns"] == pytest.approx(per_col + deferred)
-    assert timer.run["columns"].flops64 == timer.flops["columns"] and timer.run["hessian"].flops64 == 0
+    assert timer.run["columns"].flops64 == 0 and timer.run["hessian"].flops64 == 0
     assert timer.flops["cholesky"] == pytest.approx(n ** 3 / 3 + n ** 3 / 3)  # potrf, trtri (its own nested stage)
     assert gptq_block_flops(out, bs, n - bs) == sum(2 * out * (bs - i) for i in range(bs)) + 2 * out * bs * (n - bs)
+
+
+@pytest.mark.parametrize("n", [5, 1024, 2500])   # one block of rows, exactly one, three with a ragged last
+def test_gram_from_one_triangle_equals_the_float64_product(n, monkeypatch):
+    import macq.quantizers.hessian as hz
+
+    monkeypatch.setattr(hz, "ROWS", 1024 if n > 5 else 2)
+    g = torch.Generator().manual_seed(n)
+    x, x2 = torch.randn(300, n, generator=g), torch.randn(7, n, generator=g)
+    acc = HessianAccumulator(n, torch.device("cpu"))
+    acc.add(x)
+    acc.add(x2)
+    xd = torch.cat([x, x2]).double()
+    ref = 2 / 307 * xd.T @ xd
+    assert acc.H.dtype == torch.float64 and torch.equal(acc.H, acc.H.T)
+    torch.testing.assert_close(acc.H, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    acc32 = HessianAccumulator(n, torch.device("cpu"), torch.float32)
+    acc32.add(x)
+    acc32.add(x2)
+    assert acc32.H.dtype == torch.float32
+    torch.testing.assert_close(acc32.H.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_rates_and_layer_text_report_against_the_probe():
@@ -112,11 +134,16 @@ def test_cli_json_and_progress_lines_carry_the_rates(tmp_path, capsys):
               "--seq-len", "32", "--group-size", "32", "--stream", "--json", "-o", tmp_path / "q")
     assert r.returncode == 0, r.stderr
     g = json.loads(r.stdout)["gemm"]
-    assert g["probe_gflop_s"] > 0 and g["probe_f64_gflop_s"] > 0 and g["threads"] >= 1
+    assert g["probe_gflop_s"] > 0 and g["threads"] >= 1
+    assert g["probe_f64_gflop_s"] is None     # float32 solve: no float64 products, so no float64 probe
     assert {"hessian", "cholesky", "columns", "forward"} <= set(g["stages"])
     for st in g["stages"].values():
         assert st["gflop"] > 0 and st["gflop_s"] > 0 and st["of_probe"] == pytest.approx(
             st["gflop_s"] / g["probe_gflop_s"], rel=0.02, abs=1e-3)
+    r = _main(capsys, "quantize", src, "--method", "gptq", "--precision", "float64", "--calib-dataset", "tinystories",
+              "--n-calib", "4", "--seq-len", "32", "--group-size", "32", "--stream", "--json", "-o", tmp_path / "q64")
+    g = json.loads(r.stdout)["gemm"]
+    assert g["probe_f64_gflop_s"] > 0 and g["stages"]["cholesky"]["gflop_f64"] == g["stages"]["cholesky"]["gflop"]
     r = _main(capsys, "quantize", src, "--method", "awq", "--calib-dataset", "tinystories", "--n-calib", "4",
               "--seq-len", "32", "--group-size", "32", "--stream", "-o", tmp_path / "a")
     assert r.returncode == 0, r.stderr

@@ -31,10 +31,13 @@ from macq.quantizers import grid
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import HeadOptions, QuantConfig, check, check_bits
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
+from macq.quantizers.hessian import collect_hessians
 from macq.record import AffineRecord, FPRecord
 
+SUB = 16                # rows of Wᵀ per sub-block of the column loop (rank-1 updates stay in cache)
 DAMP_RETRIES = 4        # on a failed Cholesky, damping is multiplied by 10 up to this many times
 MSE_GRID = torch.linspace(1.0, 0.2, 41)  # range shrink factors tried by mse_clip (GPTQ's maxshrink 0.8)
+MSE_COARSE = 4          # coarse step of the search over MSE_GRID (then every factor within 3 of the best)
 
 
 @dataclass
@@ -49,6 +52,9 @@ class GPTQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
     act_order: bool = False        # quantize columns by descending diag(H)
     static_groups: bool = False    # group params from the original W (needed with act_order + groups)
     true_sequential: bool = True   # re-collect a layer's later inputs after its earlier linears are quantized
+    precision: str = field(default="float32", metadata={
+        "help": "float32|float64: dtype of the Cholesky factor and the column solve (the Hessian is summed in "
+                "float64 either way; a float32 factorization that fails is redone in float64)"})
     mse_clip: bool = True          # per-group range shrink minimising |w − q(w)|^2.4 (GPTQ's "mse" option):
                                    # on SmolLM2 down_proj it cut held-out output error 0.89 -> 0.73 (RTN 1.06)
     scale_dtype: str = "float16"
@@ -76,6 +82,7 @@ class GPTQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
         check(0 < self.damp_percent < 1, f"--damp-percent {self.damp_percent}: expected a fraction in (0, 1)")
         check(self.block_size >= 1, f"--block-size {self.block_size}: expected >= 1")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
+        check(self.precision in ("float32", "float64"), f"--precision {self.precision}: expected float32 or float64")
         check(str(self.device).split(":")[0] in ("cpu", "cuda", "mps", "auto"),
               f"--device {self.device}: expected cpu, cuda, cuda:N, mps or auto")
         self.check_stream_options()
@@ -86,28 +93,55 @@ class GPTQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
               "--act-order with --group-size needs --static-groups: permuted groups need a g_idx, "
               "which MLX and Core ML cannot hold")
 
+    @property
+    def torch_precision(self) -> torch.dtype:
+        return torch.float64 if self.precision == "float64" else torch.float32
+
 
 
 def _params(w: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(scale, zero)`` per group of ``w [out, k, g]`` on the shared grid, with optional MSE range shrink."""
+    """``(scale, zero)`` per group of ``w [out, k, g]`` on the shared grid, with optional MSE range shrink.
+
+    The shrink factor minimising ``Σ|w − q(w)|^2.4`` is searched coarse to fine: every ``MSE_COARSE``-th
+    factor of :data:`MSE_GRID`, then the factors within ``MSE_COARSE − 1`` steps of each group's best
+    (17 candidates instead of 41; the same pick wherever the error has one minimum at that resolution).
+    Each candidate's error is the grid's own arithmetic (``clamp(round(w/s) + z)``, then ``s·(q − z)``)
+    written in place on one buffer: the search is element-wise, so passes and allocations are its cost."""
     args = (cfg.bits, cfg.symmetric, "int", cfg.torch_scale_dtype)
     if not cfg.mse_clip:
         return grid.affine_params(w, *args)[:2]
-    best, best_err = None, None
     wf = w.float()                # the grid's functions work in float32: convert and take the range once
     lo, hi = w.amin(-1).float(), w.amax(-1).float()
-    for c in MSE_GRID.tolist():   # vectorised over all groups; the loop is over candidate factors only
-        ct = torch.tensor(c, dtype=torch.float32)
-        s, z, b = grid.params_from_range(lo * ct, hi * ct, *args)
-        err = (grid.dequantize_codes(grid.quantize_codes(wf, s, z, b, cfg.bits), s, z, b, cfg.bits)
-               - wf).abs_().pow_(2.4).sum(-1)
+    maxq, x = 2 ** cfg.bits - 1, torch.empty_like(wf)
+    factors = MSE_GRID.to(wf.device)
+
+    def error(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        c = factors[k]            # one factor per group (or one for all)
+        s, z, _ = grid.params_from_range(lo * c, hi * c, *args)
+        zz = z.unsqueeze(-1) if z is not None else 2 ** (cfg.bits - 1)
+        su = s.unsqueeze(-1)
+        torch.div(wf, su, out=x).round_().add_(zz).clamp_(0, maxq).sub_(zz).mul_(su).sub_(wf).abs_()
+        x.log_().mul_(2.4).exp_()   # |d|^2.4 as exp(2.4·log|d|): a third cheaper than pow; |d| = 0 gives 0
+        return x.sum(-1), s, z
+
+    def keep(best: tuple | None, k: torch.Tensor) -> tuple:
+        """``(err, k, scale, zero)`` of each group's best candidate, with candidate ``k`` tried; strictly
+        better wins: a tie keeps the candidate tried first."""
+        err, s, z = error(k)
         if best is None:
-            best, best_err = [s, z], err
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = [torch.where(better, s, best[0]), None if z is None else torch.where(better, z, best[1])]
-    return best[0], best[1]
+            return err, k.expand_as(err), s, z
+        m = err < best[0]
+        return (torch.where(m, err, best[0]), torch.where(m, k, best[1]), torch.where(m, s, best[2]),
+                None if z is None else torch.where(m, z, best[3]))
+
+    last, best = len(MSE_GRID) - 1, None
+    for k in range(0, last + 1, MSE_COARSE):   # vectorised over all groups; loops over candidates only
+        best = keep(best, torch.tensor(k))
+    centre = best[1]
+    for d in range(1, MSE_COARSE):
+        for k in (centre - d, centre + d):
+            best = keep(best, k.clamp(0, last))
+    return best[2], best[3]
 
 
 def _fp_params(w: torch.Tensor, fmt: FPFormat, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,28 +194,31 @@ def _flip_both(M: torch.Tensor, rows: int = 256) -> torch.Tensor:
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction used.
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction used, in ``H``'s dtype.
 
     One Cholesky and one triangular inverse (2n³/3 operations, half of factoring, inverting and factoring
     again): with ``J`` the order-reversing permutation, ``J(H+λI)J = L Lᵀ`` gives ``H+λI = Ũ Ũᵀ`` with
     ``Ũ = J L J`` upper triangular, so ``(H+λI)⁻¹ = (Ũ⁻¹)ᵀ Ũ⁻¹`` and ``U = Ũ⁻¹ = J L⁻¹ J`` is upper
     triangular with a positive diagonal: *the* upper Cholesky factor (it is unique).
 
-    Near-singular Hessians (few tokens, low-rank inputs, float32 on MPS) can make the Cholesky fail;
-    the damping is then multiplied by 10 and retried (``DAMP_RETRIES`` times) instead of aborting.
+    Near-singular Hessians (few tokens, low-rank inputs) can make the Cholesky fail. A float32 factorization
+    on the CPU that fails is first redone in float64 at the same damping (the factor is then cast back);
+    after that the damping is multiplied by 10 and retried (``DAMP_RETRIES`` times) instead of aborting.
     MPS lacks float64 and some linalg kernels: there the factorization runs in float32 on the CPU and
     starts 10× damper.
     """
-    device = H.device
-    H = H.cpu() if device.type == "mps" else H
+    device, dtype = H.device, H.dtype
+    mps = device.type == "mps"
+    H = H.cpu() if mps else H
     n = H.shape[0]
     mean = torch.diag(H).mean()
-    damp = damp_percent * (10.0 if H.dtype != torch.float64 else 1.0)  # float32 (MPS) starts damper
-    f64 = H.dtype == torch.float64
-    for _ in range(DAMP_RETRIES + 1):
+    damp = damp_percent * (10.0 if mps else 1.0)  # float32-only MPS starts damper
+    tries = DAMP_RETRIES + 1 + (dtype == torch.float32 and not mps)
+    for _ in range(tries):
         # one n×n matrix besides H: J H J (a copy), damped, factored, inverted and flipped back in place
+        f64 = H.dtype == torch.float64
         L = H.flip(0, 1)
-        L.diagonal().add_(damp * mean)
+        L.diagonal().add_(damp * mean.to(L.dtype))
         L, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32, device=L.device)))
         add_flops(n ** 3 / 3, f64)
         if info.item() == 0:
@@ -189,7 +226,10 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torc
             U = _flip_both(_inverse_lower(L))   # J L⁻¹ J
             del L
             if torch.isfinite(U).all() and bool((U.diagonal() > 0).all()):
-                return U.to(device), damp
+                return U.to(device, dtype), damp
+        if not f64 and not mps:
+            H = H.double()                       # precision first, then damping
+            continue
         damp *= 10
     raise MacqError(f"gptq: Hessian not positive definite even with damping {damp / 10:g} "
                     "(too little calibration data?)")
@@ -209,13 +249,15 @@ class PreparedHessian:
 
 @torch.no_grad()
 def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device, own: bool = False) -> PreparedHessian:
-    """``H``'s part of :func:`gptq_quantize`, in float64 (float32 on MPS, which has no float64). With ``own``
-    the caller hands ``H`` over (it is changed in place and dropped): no n×n copy (8B down_proj: 1.9 GB)."""
-    dt = torch.float32 if device.type == "mps" else torch.float64
+    """``H``'s part of :func:`gptq_quantize`, in ``cfg.precision`` (float32 on MPS, which has no float64). With
+    ``own`` the caller hands ``H`` over (it is changed in place or converted, and dropped): no n×n copy of
+    it is kept (8B down_proj: 1.6 GB in float64), so pass it as ``hs.pop(name)``, not through a variable."""
+    dt = torch.float32 if device.type == "mps" else cfg.torch_precision
     given = H
     H = H.to(device, dt)
     if H is given and not own:
         H = H.clone()
+    del given
     n = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -241,127 +283,115 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, cfg: GPTQConfig,
     """Quantize ``W [out, in]`` given ``H [in, in]`` (= 2/n·Σxxᵀ), or ``prepared`` from :func:`prepare_hessian`
     (shared by the linears that see the same input); returns the record and its stats.
 
+    The loop works on ``Wᵀ`` (a column of ``W`` is a contiguous row), in the factor's dtype
+    (``cfg.precision``): the per-column rounding and the in-block rank-1 updates then stream through memory
+    instead of striding across it, and the deferred block update is one ``[rest, b] @ [b, out]`` GEMM.
+
     ``stats["loss"]`` is GPTQ's objective ``½·Σ (w−q)²/[H⁻¹]_jj``; ``stats["out_err"]`` is
     ``tr(ΔW H ΔWᵀ)`` (= 2/n·‖XΔWᵀ‖², the layer-output error) for the undamped ``H``.
     """
-    dt = torch.float32 if W.device.type == "mps" else torch.float64  # MPS has no float64
     p = prepared if prepared is not None else prepare_hessian(H, cfg, W.device)
-    W = W.to(dt).clone()
+    dead, perm, Hinv, damp = p.dead, p.perm, p.Hinv, p.damp
+    dt = Hinv.dtype
     out, n = W.shape
     fp = fp_format(cfg.mode) if cfg.mode != "affine" else None
     g = fp.group_size if fp is not None else (cfg.group_size or n)
     if n % g:
         raise MacqError(f"gptq: group_size={g} does not divide the input dim {n}")
-    dead, perm, Hinv, damp = p.dead, p.perm, p.Hinv, p.damp
-    W[:, dead] = 0.0
-    W0 = W.clone()
+    Wt = torch.empty(n, out, dtype=dt, device=W.device).copy_(W.T)   # [n, out], one transposing pass
+    if bool(dead.any()):
+        Wt[dead] = 0.0              # and their ΔW is 0: a zero column rounds to 0 on every grid
     static = cfg.static_groups or cfg.group_size == 0   # per-channel params always come from the original W
-    empty = W.new_zeros(out, n // g, dtype=torch.float32)
     with stage("grid"):             # each group's grid (MSE range search): element-wise, its own stage
-        if fp is not None:          # zero holds the scale bytes, scale the decoded divisors
-            empty = W.new_zeros(out, n // g)
-            scale, zero = _fp_params(W.view(out, n // g, g), fp, cfg) if static else (empty, empty.to(torch.uint8))
-        else:
-            scale, zero = _params(W.view(out, n // g, g), cfg) if static else \
-                (empty, None if cfg.symmetric else empty.clone())
-    W = W[:, perm] if cfg.act_order else W   # the identity order needs no [out, n] gather
-    codes, losses = torch.zeros(out, n, dtype=torch.uint8, device=W.device), W.new_zeros(out)
+        scale, zero = _group_params(Wt.T.reshape(out, n // g, g), fp, cfg) if static else \
+            _empty_params(Wt, out, n // g, fp, cfg)
+    scale = scale.T.contiguous()    # [k, out] during the loop: one group's row is contiguous
+    zero = zero.T.contiguous() if zero is not None else None
+    if cfg.act_order:
+        Wt = Wt[perm]               # rows in quantization order
+    orig = Wt.clone()               # the original columns, for ‖ΔW‖²
+    codes = torch.zeros(n, out, device=W.device)     # as floats until the end
+    d = Hinv.diagonal()
+    # the loop keeps w − q (not (w − q)/[H⁻¹]_jj) and updates with H⁻¹'s rows divided by their diagonal
+    E, Q = Wt.new_empty(min(cfg.block_size, n), out), torch.empty(SUB, out, device=W.device)   # reused
+    dw2 = e2 = Wt.new_zeros(())     # ‖ΔW‖², Σ (w − q)²/[H⁻¹]_jj²
     group_of = (perm // g).tolist()  # group (in the original order) of the j-th quantized column
     for i1 in range(0, n, cfg.block_size):
         i2 = min(i1 + cfg.block_size, n)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), W.new_zeros(out, i2 - i1), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j, gi = i1 + i, group_of[i1 + i]
-            if not static and j % g == 0:  # params from the group's *current* weights: in-block part is
-                rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:j, i2:j + g]  # updated, the rest gets its pending update
-                cur = torch.cat([W1[:, i:i + g], rest], 1).unsqueeze(1)
-                with stage("grid"):
-                    s, z = _fp_params(cur, fp, cfg) if fp is not None else _params(cur, cfg)
-                scale[:, gi] = s[:, 0]
-                if z is not None:
-                    zero[:, gi] = z[:, 0]
-            w, d = W1[:, i], Hinv1[i, i]
-            if fp is not None:
-                c, q = _fp_round(w, scale[:, gi], fp)
-                codes[:, j], err = c, (w - q) / d
-            else:
-                s, z = scale[:, gi], None if cfg.symmetric else zero[:, gi]
-                c = grid.quantize_codes(w.unsqueeze(1), s, z, None, cfg.bits)
-                q = grid.dequantize_codes(c, s, z, None, cfg.bits)[:, 0].to(dt)
-                codes[:, j], err = c[:, 0], (w - q) / d
-            losses += err ** 2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W1, E1, Hd = Wt[i1:i2], E[:i2 - i1], Hinv[i1:i2, i1:] / d[i1:i2, None]   # W1: a view, updated in place
+        s1 = i1
+        while s1 < i2:   # sub-blocks: rank-1 updates stay within SUB rows, then one GEMM for the block's rest
+            s2 = min(s1 + SUB, i2) if static else min(s1 + SUB, i2, (s1 // g + 1) * g)   # a group starts one
+            for j in range(s1, s2):
+                i, gi = j - i1, group_of[j]
+                if not static and j % g == 0:  # params from the group's *current* weights: rows in this block
+                    rest = Wt[i2:j + g] - Hd[:i, i2 - i1:j + g - i1].T @ E1[:i]   # are updated, later ones get theirs
+                    cur = torch.cat([W1[i:i + g], rest]).T.contiguous().unsqueeze(1)
+                    with stage("grid"):
+                        sc, z = _group_params(cur, fp, cfg)
+                    scale[gi] = sc[:, 0]
+                    if z is not None:
+                        zero[gi] = z[:, 0]
+                q = _round_column(W1[i], codes[j], Q[j - s1], scale[gi], zero[gi] if zero is not None else None, fp, cfg)
+                torch.sub(W1[i], q, out=E1[i])
+                W1[i + 1:s2 - i1].addr_(Hd[i, i + 1:s2 - i1], E1[i], alpha=-1)
+            m, es = s2 - s1, E1[s1 - i1:s2 - i1]
+            dw2 = dw2 + (Q[:m].to(dt) - orig[s1:s2]).pow_(2).sum()
+            e2 = e2 + (es / d[s1:s2, None]).pow_(2).sum()
+            W1[s2 - i1:].addmm_(Hd[s1 - i1:s2 - i1, s2 - i1:i2 - i1].T, es, alpha=-1)
+            s1 = s2
+        Wt[i2:].addmm_(Hd[:, i2 - i1:].T, E1, alpha=-1)
         add_flops(gptq_block_flops(out, i2 - i1, n - i2), dt == torch.float64)
-    codes = codes[:, torch.argsort(perm)] if cfg.act_order else codes
+    codes = codes[torch.argsort(perm)] if cfg.act_order else codes
+    codes = codes.T.to(torch.uint8).contiguous().cpu()
+    scale, zero = scale.T.contiguous(), zero.T.contiguous() if zero is not None else None
     rec: AffineRecord | FPRecord
     if fp is not None:
-        rec = FPRecord(codes=codes.cpu(), scales=zero.cpu(), mode=cfg.mode)
+        rec = FPRecord(codes=codes, scales=zero.cpu(), mode=cfg.mode)
     else:
-        rec = AffineRecord(codes=codes.cpu(), scales=scale.to(cfg.torch_scale_dtype).cpu(), bits=cfg.bits, group_size=g,
+        rec = AffineRecord(codes=codes, scales=scale.to(cfg.torch_scale_dtype).cpu(), bits=cfg.bits, group_size=g,
                            zeros=None if cfg.symmetric else zero.to(torch.uint8).cpu())
     # tr(ΔW H ΔWᵀ) without the [out, n] @ [n, n] product: ΔW = −E·U (E the scaled errors, U the factor above,
     # rows in quantization order) and U (H+λI) Uᵀ = I, so tr(ΔW (H+λI) ΔWᵀ) = ‖E‖² = 2·loss, and the undamped
     # value subtracts λ‖ΔW‖² (dead columns: ΔW = 0 there, whatever H0 holds)
-    delta = rec.dequantize().to(W0.device, dt) - W0
-    loss = losses.sum().item()
-    stats = {"loss": loss, "out_err": 2 * loss - damp * p.diag_mean * delta.pow(2).sum().item(),
+    loss = e2.item() / 2
+    stats = {"loss": loss, "out_err": 2 * loss - damp * p.diag_mean * dw2.item(),
              "damp": damp, "dead": int(dead.sum())}
     return rec, stats
 
 
+def _group_params(w: torch.Tensor, fp: FPFormat | None, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each group's grid for ``w [out, k, g]``: ``(scale, zero)`` on the affine grid, ``(divisor, byte)`` in a
+    float mode (the byte is stored in ``zero``'s place)."""
+    return _fp_params(w, fp, cfg) if fp is not None else _params(w, cfg)
+
+
+def _empty_params(W: torch.Tensor, out: int, k: int, fp: FPFormat | None, cfg: GPTQConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group parameter tables ``[out, k]`` filled as the loop reaches each group (grids from the current
+    weights)."""
+    if fp is not None:
+        return W.new_zeros(out, k), W.new_zeros(out, k, dtype=torch.uint8)
+    empty = W.new_zeros(out, k, dtype=torch.float32)
+    return empty, None if cfg.symmetric else empty.clone()
+
+
+def _round_column(w: torch.Tensor, codes: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+                  fp: FPFormat | None, cfg: GPTQConfig) -> torch.Tensor:
+    """One column ``w [out]`` onto its groups' grids: its codes written into ``codes [out]`` (float) and its
+    dequantized values into ``q`` (returned, in ``w``'s dtype); the shared grid's arithmetic (float32 rounding of
+    ``w / s``) in place."""
+    if fp is not None:
+        c, v = _fp_round(w, s, fp)
+        codes.copy_(c)
+        return q.copy_(v).to(w.dtype)
+    zz = z if z is not None else 2 ** (cfg.bits - 1)
+    torch.div(w.float(), s, out=codes).round_().add_(zz).clamp_(0, 2 ** cfg.bits - 1)
+    return torch.sub(codes, zz, out=q).mul_(s).to(w.dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # Model driver: layer by layer (macq.quantizers.calibration), linears sharing an input share one H.
-
-class _StopForward(Exception):
-    pass
-
-
-class HessianAccumulator:
-    """Running mean of ``2·xxᵀ`` over calibration tokens. Each batch's ``XᵀX`` is one float32 matmul (the
-    expensive part); the running sum is kept in float64 (float32 on MPS) so thousands of batches do not
-    drift."""
-
-    def __init__(self, n_in: int, device: torch.device) -> None:
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.H = torch.zeros(n_in, n_in, dtype=self.dtype, device=device)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.to(self.H.device, torch.float32)
-        t = x.shape[0]
-        self.H *= self.n / (self.n + t)
-        self.n += t
-        xtx = x.T @ x                    # float32; widened and added a block of rows at a time, so the only
-        scale = 2.0 / self.n             # n×n temporary is this one (8B down_proj: 0.8 GB, not 0.8 + 1.6)
-        for r in range(0, xtx.shape[0], 1024):
-            self.H[r:r + 1024] += xtx[r:r + 1024].to(self.dtype).mul_(scale)
-        add_flops(matmul_flops(x.shape[1], t, x.shape[1]))
-
-
-@torch.no_grad()
-def collect_hessians(layer: nn.Module, inputs, names: list[str], device: torch.device,
-                     stop_early: bool = False) -> dict[str, torch.Tensor]:
-    """``H`` of each named submodule's input over all calibration batches of ``inputs`` (LayerInputs).
-    With ``stop_early`` (one name) each forward stops once that input is seen, skipping the rest of the layer."""
-    from macq.quantizers.calibration import _to, module_inputs
-
-    acc: dict[str, HessianAccumulator] = {}
-
-    def cb(name: str, x: torch.Tensor) -> None:
-        acc.setdefault(name, HessianAccumulator(x.shape[-1], device)).add(x)
-        if stop_early:
-            raise _StopForward
-
-    with module_inputs(layer, names, cb):
-        for hs, kw in zip(inputs.hidden, inputs.kwargs):
-            try:
-                layer(hs.to(device), **_to(kw, device))
-            except _StopForward:
-                pass
-    return {k: a.H for k, a in acc.items()}
-
 
 def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
     """GPTQ's per-layer step for :func:`~macq.quantizers.calibration.layerwise` and the streaming engine
@@ -376,16 +406,15 @@ def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
     quantized, and every member of a group reads the same tensor."""
     from macq.arch import arch_spec
     from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
-    from macq.quantizers.calibration import LayerJob
+    from macq.quantizers.calibration import LayerJob, reuse_outputs
 
     spec = arch_spec(model)
     selected = set(quantizable_modules(model, skip=tuple(cfg.skip)))
     records: dict[str, AffineRecord] = {}
     stats: dict[str, dict[str, Any]] = {}
 
-    def quantize_group(path: str, layer: nn.Module, names: list[str], H: torch.Tensor) -> None:
-        prepared = prepare_hessian(H, cfg, device, own=True)
-        del H
+    def quantize_group(path: str, layer: nn.Module, names: list[str], hs: dict[str, torch.Tensor]) -> None:
+        prepared = prepare_hessian(hs.pop(names[0]), cfg, device, own=True)   # nothing else holds H
         for name in names:
             mod = layer.get_submodule(name)
             with stage("columns"):
@@ -401,16 +430,20 @@ def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
         missing = mine - {f"{path}.{n}" for grp in groups for n in grp}
         if missing:
             raise MacqError(f"gptq: {sorted(missing)[0]} is not in the architecture's linear sequence")
+        dtype = cfg.torch_precision
         if cfg.true_sequential:
-            for grp in groups:
+            reuse = reuse_outputs(layer)    # finished groups' outputs, for later passes and the layer's forward
+            for k, grp in enumerate(groups):
                 with stage("hessian"):
-                    hs = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True)
-                quantize_group(path, layer, grp, hs.pop(grp[0]))
+                    hs = collect_hessians(layer, inputs, [grp[0]], device, stop_early=True, dtype=dtype)
+                quantize_group(path, layer, grp, hs)
+                if k + 1 < len(groups):
+                    reuse.freeze(grp)
         else:
             with stage("hessian"):
-                hs = collect_hessians(layer, inputs, [grp[0] for grp in groups], device)
+                hs = collect_hessians(layer, inputs, [grp[0] for grp in groups], device, dtype=dtype)
             for grp in groups:
-                quantize_group(path, layer, grp, hs.pop(grp[0]))
+                quantize_group(path, layer, grp, hs)
 
     return LayerJob(per_layer, records, stats, device, cfg.batch_size)
 

@@ -43,7 +43,7 @@ def head_hessian(model: nn.Module, calib: torch.Tensor, batch_size: int) -> torc
     """``H = 2/n·Σ xxᵀ`` over the head's inputs on ``calib``; each forward stops at the head."""
     from macq.arch import arch_spec
     from macq.models import model_device
-    from macq.quantizers.gptq import HessianAccumulator
+    from macq.quantizers.hessian import HessianAccumulator
 
     head = model.get_submodule(arch_spec(model).lm_head)
     acc = HessianAccumulator(head.weight.shape[1], torch.device("cpu"))

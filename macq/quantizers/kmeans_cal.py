@@ -270,7 +270,7 @@ def layer_job(model: nn.Module, cfg: KMeansCalConfig, fisher: dict[str, torch.Te
     module names (a meta skeleton will do)."""
     from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
     from macq.quantizers.calibration import LayerJob
-    from macq.quantizers.gptq import collect_hessians
+    from macq.quantizers.hessian import collect_hessians
 
     spec = arch_spec(model)
     selected = set(quantizable_modules(model, skip=tuple(cfg.skip)))

@@ -166,7 +166,8 @@ def _gptq_records(model: nn.Module, assignment: dict[str, Format], mods: dict[st
 def _gptq_layer_step(spec: Any, assignment: dict[str, Format], cfg: MixedConfig, device: torch.device,
                      records: dict[str, Record]):
     """One decoder layer's linears, each GPTQ'd at its own format (palettes: k-means), true-sequentially."""
-    from macq.quantizers.gptq import GPTQConfig, collect_hessians, gptq_quantize
+    from macq.quantizers.gptq import GPTQConfig, gptq_quantize
+    from macq.quantizers.hessian import collect_hessians
 
     def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
         for grp in spec.sequence:

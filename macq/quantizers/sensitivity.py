@@ -100,7 +100,7 @@ def _errors_for(w: torch.Tensor, formats: list[Format], err_fn) -> list[float]:
 def _outside_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, device: torch.device,
                    want_head: bool, want_embed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """lm_head input ``H`` and embedding token frequencies (× 2/n) from one full calibration forward."""
-    from macq.quantizers.gptq import HessianAccumulator
+    from macq.quantizers.hessian import HessianAccumulator
 
     spec = arch_spec(model)
     head = model.get_submodule(spec.lm_head)
@@ -157,7 +157,7 @@ def proxy_layer_step(spec: Any, modules: set[str], formats: list[Format], device
                      errs: dict[str, list[float]]):
     """The per-layer step of :func:`proxy_sensitivity` (weights left untouched), shared with the streaming
     engine's first pass: ``errs[module]`` gets each format's Hessian-weighted error."""
-    from macq.quantizers.gptq import collect_hessians
+    from macq.quantizers.hessian import collect_hessians
 
     def per_layer(_i: int, path: str, layer: nn.Module, inputs) -> None:
         groups = [[n for n in grp if f"{path}.{n}" in modules] for grp in spec.sequence]

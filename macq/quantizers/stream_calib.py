@@ -48,7 +48,7 @@ from macq.errors import MacqError
 from macq.progress import LayerLog, StageTimes, stage
 from macq.qmodel import SHARD_BYTES, QuantDirWriter
 from macq.quantizers.activations import ACT_DTYPES, ActivationStore, Budget
-from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs
+from macq.quantizers.calibration import LayerInputs, batch_calls, capture_first_layer_inputs, end_reuse
 from macq.quantizers.meta_layers import _move_buffers, _set_param, materialize, release, skeleton
 from macq.streaming import finite, plan_stream, quantize_stored, stream_refusal
 
@@ -158,6 +158,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                     if i + 1 < plan.n_layers:
                         with stage("forward"):
                             inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
+                    end_reuse(layer)
                     with stage("io"):
                         done(path, layer)
                         release(layer)
@@ -241,8 +242,8 @@ def _forward(layer: nn.Module, inputs: LayerInputs, device: torch.device, dtype:
     """The quantized layer's outputs for every batch, into a new store (the same calls as
     :func:`~macq.quantizers.calibration.run_layer`), then the inputs' store is released."""
     nxt = ActivationStore(dtype, budget)
-    for hs, kw in zip(inputs.hidden, inputs.kwargs):
-        o = layer(hs.to(device), **_to(kw, device))
+    for hs, kw in batch_calls(layer, inputs, device):
+        o = layer(hs, **kw)
         nxt.append(o[0] if isinstance(o, (tuple, list)) else o)
     inputs.hidden.release()
     return nxt

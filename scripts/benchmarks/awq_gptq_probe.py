@@ -24,7 +24,7 @@ from macq.models import get_weight, load_model
 
 
 def grams(model, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    from macq.quantizers.gptq import HessianAccumulator
+    from macq.quantizers.hessian import HessianAccumulator
 
     acc: dict[str, HessianAccumulator] = {}
     handles = []
