@@ -177,6 +177,34 @@ def test_stats_rescale_is_exact(calib):
     torch.testing.assert_close(st.mean, fresh.mean, rtol=1e-4, atol=1e-5)
 
 
+def test_inputs_wider_than_the_tokens_are_kept_and_rank_alphas_as_the_gram_does(calib):
+    """Where a group's input is wider than the calibration has tokens (down_proj at 8B: 14336 inputs, 4096
+    tokens) the inputs are kept and the α search's error comes from them: the same α and errors as from the Gram,
+    before and after a scale is folded into them."""
+    from macq.arch import arch_spec
+    from macq.quantizers.actquant import input_groups
+
+    model = tiny_model("llama")
+    layer, spec = model.model.layers[0], arch_spec(model)
+    inp = capture_first_layer_inputs(model, calib[:1, :40])     # 40 tokens: fewer than some inputs are wide
+    groups = input_groups(layer, spec.sequence)
+    st = collect_input_stats(layer, inp, groups, gram=True)
+    kept = {grp for grp, v in st.items() if v.x is not None}
+    widths = {grp: v.gram.shape[0] for grp, v in st.items()}
+    assert kept == {grp for grp, c in widths.items() if c > 40} and kept
+    grp = next(iter(kept))
+    v = st[grp]
+    torch.testing.assert_close(v.x.double().T @ v.x.double(), v.gram, rtol=1e-5, atol=1e-4)
+    w = torch.cat([get_weight(layer.get_submodule(n)).detach().float() for n in grp])
+    for _ in range(2):
+        a = S.search_scale(w, v.gram, v.abs_mean, BITS, GROUP, False, torch.float16, 10)
+        b = S.search_scale(w, v.gram, v.abs_mean, BITS, GROUP, False, torch.float16, 10, x=v.x)
+        assert a[1] == b[1] and torch.equal(a[0], b[0])
+        assert b[2] == pytest.approx(a[2], rel=1e-4) and b[3] == pytest.approx(a[3], rel=1e-4)
+        v.rescale(a[0] * 1.7)                                    # X / s: both forms follow
+        torch.testing.assert_close(v.x.double().T @ v.x.double(), v.gram, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kw", [dict(bits=1), dict(salience="max"), dict(n_grid=0), dict(outlier_fraction=1.5),
                                 dict(group_size=-1), dict(scale_dtype="int8")])
 def test_bad_config(kw):

@@ -21,8 +21,6 @@ import torch.nn as nn
 from macq.act_runtime import ACT_MODES, check_act_spec, fake_quant_act, install_act_quant, remove_act_quant
 from macq.errors import MacqError
 from macq.models import is_conv1d
-from macq.perf import matmul_flops
-from macq.progress import add_flops
 from macq.quantizers.calibration import LayerInputs, module_inputs, run_layer
 
 
@@ -35,6 +33,8 @@ class InputStats:
     sum: torch.Tensor              # [C] float64 (signed: E[x] for AWQ's greedy rounding proxy)
     absmax: torch.Tensor           # [C] float32
     gram: torch.Tensor | None      # [C, C] float64, XᵀX (None unless asked for)
+    x: torch.Tensor | None = None  # [tokens, C] float32, the inputs themselves: kept with the Gram when C >
+                                   # tokens, where an output error from X (2·out·C·tokens) beats H's (2·out·C²)
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -57,8 +57,10 @@ class InputStats:
         self.abs_sum = self.abs_sum / s64
         self.sum = self.sum / s64
         self.absmax = (self.absmax.double() / s64).float()
-        if self.gram is not None:
-            self.gram = self.gram / s64[:, None] / s64[None, :]
+        if self.gram is not None:          # in place: at 8B down_proj each n×n float64 temporary is 1.6 GB
+            self.gram.div_(s64[:, None]).div_(s64[None, :])
+        if self.x is not None:
+            self.x.div_(s.float())
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -77,8 +79,12 @@ def input_groups(layer: nn.Module, sequence: tuple[tuple[str, ...], ...]) -> lis
 @torch.no_grad()
 def collect_input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[tuple[str, ...]],
                         gram: bool = False) -> dict[tuple[str, ...], InputStats]:
-    """Run ``layer`` over ``inputs`` once and accumulate :class:`InputStats` per group (hook on its first linear)."""
+    """Run ``layer`` over ``inputs`` once and accumulate :class:`InputStats` per group (hook on its first linear).
+    With ``gram``, a group whose input is wider than the calibration has tokens also keeps the inputs (``x``)."""
+    from macq.quantizers.hessian import gram_into
+
     stats: dict[tuple[str, ...], InputStats] = {}
+    xs: dict[tuple[str, ...], list[torch.Tensor]] = {}
     by_first = {g[0]: g for g in groups}
 
     def cb(name: str, x: torch.Tensor) -> None:
@@ -94,15 +100,17 @@ def collect_input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[tupl
         st.sum += x.sum(0).double().cpu()
         st.absmax = torch.maximum(st.absmax, x.abs().amax(0).float().cpu())
         if st.gram is not None:
-            st.gram += (x.float().T @ x.float()).double().cpu()  # fp32 matmul per batch, fp64 sum
-            add_flops(matmul_flops(x.shape[-1], x.numel() // x.shape[-1], x.shape[-1]))
+            gram_into(st.gram, x.float().to(st.gram.device), 1.0)   # fp32 syrk per batch, fp64 sum
+            if c > inputs.n_tokens:
+                xs.setdefault(g, []).append(x.float().cpu())
 
     with module_inputs(layer, list(by_first), cb):
         run_layer(layer, inputs)
     # Accumulated under inference mode: clone into ordinary tensors so callers may update them in place.
-    for st in stats.values():
+    for g, st in stats.items():
         st.abs_sum, st.sum, st.absmax = st.abs_sum.clone(), st.sum.clone(), st.absmax.clone()
         st.gram = None if st.gram is None else st.gram.clone()
+        st.x = torch.cat(xs.pop(g)) if g in xs else None
     return stats
 
 

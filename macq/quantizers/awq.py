@@ -221,7 +221,7 @@ def search_and_fold(layer: nn.Module, path: str, groups: list[tuple[str, ...]], 
         g = cfg.group_for(m.linears[0], w.shape[1])
         quant = S.fp_fake_quant(fp_format(cfg.mode), cfg.torch_scale_dtype) if cfg.mode != "affine" else None
         s, alpha, err, err0 = S.search_scale(w, st[grp].gram, _salience(st[grp], cfg), cfg.bits, g, cfg.symmetric,
-                                             cfg.torch_scale_dtype, cfg.n_grid, cfg.duo_scaling, quant)
+                                             cfg.torch_scale_dtype, cfg.n_grid, cfg.duo_scaling, quant, st[grp].x)
         fold_scales(layer, m, s)
         st[grp].rescale(s)
         stats["scales"][key] = {"folded": True, "alpha": alpha, "error": err, "error_rtn": err0}

@@ -18,7 +18,7 @@ from macq.microscale import FPFormat
 from macq.perf import matmul_flops
 from macq.progress import add_flops
 from macq.quantizers import mxfp
-from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, quantize_codes
+from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, params_from_range, quantize_codes
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]   # [out, in] -> the rounded weight, same shape
 
@@ -56,19 +56,21 @@ def weight_salience(w: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: int, g: int, symmetric: bool,
-                 scale_dtype: torch.dtype, n_grid: int, duo: bool = False, quant: FakeQuant | None = None
-                 ) -> tuple[torch.Tensor, float, float, float]:
+                 scale_dtype: torch.dtype, n_grid: int, duo: bool = False, quant: FakeQuant | None = None,
+                 x: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
     """Best ``s`` over ``α ∈ {0, 1/n, …, (n−1)/n}`` for the stacked weights ``w [Σout, in]`` sharing input.
 
     Returns ``(s, α, error, error at α=0)``. α = 0 gives ``s = 1`` (plain nearest rounding), so the chosen
     scale is never worse than round-to-nearest on this metric. ``quant`` replaces the integer grid's nearest
-    rounding (a float mode passes :func:`fp_fake_quant`).
+    rounding (a float mode passes :func:`fp_fake_quant`). With the inputs ``x [tokens, in]`` (fewer tokens
+    than inputs) each candidate's error is ``‖x dᵀ‖²`` directly, the same number as from ``h`` at
+    ``tokens/in`` of the operations.
     """
     if quant is None:
         def quant(x: torch.Tensor) -> torch.Tensor:
             return fq(x, bits, g, symmetric, scale_dtype)
 
-    h32 = h.float()
+    h32 = h.float() if x is None else None
     w_sal = weight_salience(w, g) if duo else None
     best = (torch.ones(w.shape[1]), 0.0, float("inf"))
     err0 = float("nan")
@@ -77,8 +79,12 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: in
         s = candidate_scales(x_sal, alpha, w_sal) if (alpha > 0 or duo) else torch.ones(w.shape[1])
         ws = w * s
         d = (ws - quant(ws)) / s
-        err = float(output_error(d, h32).sum())
-        add_flops(matmul_flops(*d.shape, h32.shape[1]))
+        if x is None:
+            err = float(output_error(d, h32).sum())
+            add_flops(matmul_flops(*d.shape, h32.shape[1]))
+        else:
+            err = float((x @ d.T).pow_(2).sum())
+            add_flops(matmul_flops(x.shape[0], x.shape[1], d.shape[0]))
         if k == 0:
             err0 = err
         if err < best[2]:
@@ -92,22 +98,30 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
 
     Uses the diagonal ``g×g`` blocks of ``H`` (the group's own contribution, as AutoAWQ's per-group search
     does) for every output row and group at once; 1.0 is tried first and only strict improvements move it.
+    The weights are held group-major (``[G, out, g]``) so each candidate is the shared grid's arithmetic in
+    place on one buffer and one batched ``[out, g] @ [g, g]`` product per group, without per-candidate copies.
     """
     out, inp = w.shape
     n_g = inp // g
-    hb = block_diagonal(h, g)  # [G, g, g]
-    wg = grouped(w, g)
-    best_err = torch.full((out, n_g), float("inf"))
-    best = torch.ones(out, n_g)
+    hb = block_diagonal(h, g)                          # [G, g, g]
+    wg = grouped(w.float(), g).transpose(0, 1).contiguous()   # [G, out, g]
+    lo, hi = wg.amin(-1), wg.amax(-1)                  # [G, out]: the range once, scaled per candidate
+    maxq, x = 2 ** bits - 1, torch.empty_like(wg)
+    best_err = torch.full((n_g, out), float("inf"))
+    best = torch.ones(n_g, out)
     for i in range(n_grid):
         c = 1.0 - max_shrink * i / n_grid
-        d = wg - fake_quantize(wg, bits, symmetric, "int", scale_dtype, c)
-        err = torch.einsum("ogk,gkl,ogl->og", d, hb, d)
+        ct = torch.tensor(c, dtype=torch.float32)
+        s, z, _ = params_from_range(lo * ct, hi * ct, bits, symmetric, "int", scale_dtype)
+        su = s.unsqueeze(-1)
+        zz = z.unsqueeze(-1) if z is not None else 2 ** (bits - 1)
+        torch.div(wg, su, out=x).round_().add_(zz).clamp_(0, maxq).sub_(zz).mul_(su).sub_(wg)   # q − w = −d
+        err = (torch.bmm(x, hb) * x).sum(-1)           # d_g H_gg d_gᵀ per group and row
         add_flops(matmul_flops(out, g, g) * n_g)   # d_g H_gg per row and group (the final dot is element-wise)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, c), best)
-    return best
+    return best.T.contiguous()
 
 
 # ------------------------------------------------------------------ MLX's float grids (mxfp4, nvfp4, mxfp8)
