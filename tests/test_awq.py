@@ -205,6 +205,19 @@ def test_inputs_wider_than_the_tokens_are_kept_and_rank_alphas_as_the_gram_does(
         torch.testing.assert_close(v.x.double().T @ v.x.double(), v.gram, rtol=1e-4, atol=1e-4)
 
 
+def test_alpha_search_in_row_chunks_is_the_search_in_one(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 64, generator=g)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    h = (x.T @ x).double()
+    sal = x.abs().mean(0)
+    whole = S.search_scale(w, h, sal, BITS, GROUP, False, torch.float16, 10)
+    monkeypatch.setattr(S, "CHUNK_ELEMENTS", 64 * 10)            # 10 rows a chunk, the last one ragged
+    chunked = S.search_scale(w, h, sal, BITS, GROUP, False, torch.float16, 10)
+    assert chunked[1] == whole[1] and torch.equal(chunked[0], whole[0])
+    assert chunked[2] == pytest.approx(whole[2], rel=1e-5) and chunked[3] == pytest.approx(whole[3], rel=1e-5)
+
+
 @pytest.mark.parametrize("kw", [dict(bits=1), dict(salience="max"), dict(n_grid=0), dict(outlier_fraction=1.5),
                                 dict(group_size=-1), dict(scale_dtype="int8")])
 def test_bad_config(kw):

@@ -21,6 +21,7 @@ from macq.quantizers import mxfp
 from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, params_from_range, quantize_codes
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]   # [out, in] -> the rounded weight, same shape
+CHUNK_ELEMENTS = 1 << 24   # weight elements per chunk of the α search (its temporaries are a few of these)
 
 
 def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -74,17 +75,20 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: in
     w_sal = weight_salience(w, g) if duo else None
     best = (torch.ones(w.shape[1]), 0.0, float("inf"))
     err0 = float("nan")
+    rows = max(1, CHUNK_ELEMENTS // w.shape[1])   # rows per chunk: the temporaries stay ~64 MB, not 4× the weight
     for k in range(n_grid):
         alpha = k / n_grid
         s = candidate_scales(x_sal, alpha, w_sal) if (alpha > 0 or duo) else torch.ones(w.shape[1])
-        ws = w * s
-        d = (ws - quant(ws)) / s
-        if x is None:
-            err = float(output_error(d, h32).sum())
-            add_flops(matmul_flops(*d.shape, h32.shape[1]))
-        else:
-            err = float((x @ d.T).pow_(2).sum())
-            add_flops(matmul_flops(x.shape[0], x.shape[1], d.shape[0]))
+        err = 0.0
+        for r in range(0, w.shape[0], rows):
+            ws = w[r:r + rows] * s
+            d = (ws - quant(ws)) / s
+            if x is None:
+                err += float(output_error(d, h32).sum())
+                add_flops(matmul_flops(*d.shape, h32.shape[1]))
+            else:
+                err += float((x @ d.T).pow_(2).sum())
+                add_flops(matmul_flops(x.shape[0], x.shape[1], d.shape[0]))
         if k == 0:
             err0 = err
         if err < best[2]:
@@ -132,7 +136,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
 def block_diagonal(h: torch.Tensor, g: int) -> torch.Tensor:
     """The diagonal ``g×g`` blocks of ``H [in, in]`` -> ``[in // g, g, g]`` (each group's own contribution)."""
     n_g = h.shape[0] // g
-    return h.float().reshape(n_g, g, n_g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return h.reshape(n_g, g, n_g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).float()   # blocks, then float32
 
 
 def fp_fake_quant(fmt: FPFormat, dtype: torch.dtype) -> FakeQuant:
