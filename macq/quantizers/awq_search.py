@@ -110,7 +110,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
     hb = block_diagonal(h, g)                          # [G, g, g]
     wg = grouped(w.float(), g).transpose(0, 1).contiguous()   # [G, out, g]
     lo, hi = wg.amin(-1), wg.amax(-1)                  # [G, out]: the range once, scaled per candidate
-    maxq, x = 2 ** bits - 1, torch.empty_like(wg)
+    maxq, x, y = 2 ** bits - 1, torch.empty_like(wg), torch.empty_like(wg)   # reused: no fresh pages per candidate
     best_err = torch.full((n_g, out), float("inf"))
     best = torch.ones(n_g, out)
     for i in range(n_grid):
@@ -120,7 +120,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
         su = s.unsqueeze(-1)
         zz = z.unsqueeze(-1) if z is not None else 2 ** (bits - 1)
         torch.div(wg, su, out=x).round_().add_(zz).clamp_(0, maxq).sub_(zz).mul_(su).sub_(wg)   # q − w = −d
-        err = (torch.bmm(x, hb) * x).sum(-1)           # d_g H_gg d_gᵀ per group and row
+        err = torch.bmm(x, hb, out=y).mul_(x).sum(-1)  # d_g H_gg d_gᵀ per group and row
         add_flops(matmul_flops(out, g, g) * n_g)   # d_g H_gg per row and group (the final dot is element-wise)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
