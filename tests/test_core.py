@@ -124,3 +124,18 @@ def test_load_model_local_dir_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MacqError, match="config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_in_place_grid_equals_the_allocating_one(symmetric):
+    """codes_into / dequantize_into (the searches' in-place rounding) give quantize_codes / dequantize_codes'
+    values exactly, clamped codes included."""
+    from macq.quantizers.grid import affine_params, codes_into, dequantize_codes, dequantize_into, quantize_codes
+
+    w = torch.randn(6, 4, 32, generator=torch.Generator().manual_seed(0))
+    s, z, _ = affine_params(w, 3, symmetric, clip=0.6)        # clipped range: some codes clamp
+    su, zu = s.unsqueeze(-1), None if z is None else z.unsqueeze(-1)
+    c = quantize_codes(w, s, z, None, 3)
+    out = torch.empty_like(w)
+    assert torch.equal(codes_into(w, su, zu, 3, out), c.float()) and (c == 0).any() and (c == 7).any()
+    assert torch.equal(dequantize_into(out, su, zu, 3, out), dequantize_codes(c, s, z, None, 3))

@@ -301,6 +301,25 @@ def test_reused_outputs_give_the_records_of_full_partial_forwards(arch, monkeypa
     assert not any("forward" in m.__dict__ or hasattr(m, "_macq_reuse") for m in model.modules())
 
 
+def test_a_failure_mid_layer_gives_the_modules_their_own_forward_back(monkeypatch):
+    import macq.quantizers.gptq as G
+
+    calls = []
+    real = G.prepare_hessian
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:                       # after q/k/v and o_proj are frozen
+            raise MacqError("stop here")
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "prepare_hessian", failing)
+    model = tiny_model("llama")
+    with pytest.raises(MacqError, match="stop here"):
+        gptq_layers(model, GPTQConfig(bits=4, group_size=32), _calib(n=2, seq=16))
+    assert not any("forward" in m.__dict__ or hasattr(m, "_macq_reuse") for m in model.modules())
+
+
 @pytest.mark.slow
 def test_default_model_first_layer_beats_rtn():
     from macq.data import calibration_samples

@@ -18,7 +18,15 @@ from macq.microscale import FPFormat
 from macq.perf import matmul_flops
 from macq.progress import add_flops
 from macq.quantizers import mxfp
-from macq.quantizers.grid import affine_params, dequantize_codes, fake_quantize, params_from_range, quantize_codes
+from macq.quantizers.grid import (
+    affine_params,
+    codes_into,
+    dequantize_codes,
+    dequantize_into,
+    fake_quantize,
+    params_from_range,
+    quantize_codes,
+)
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]   # [out, in] -> the rounded weight, same shape
 CHUNK_ELEMENTS = 1 << 24   # weight elements per chunk of the α search (its temporaries are a few of these)
@@ -110,16 +118,15 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
     hb = block_diagonal(h, g)                          # [G, g, g]
     wg = grouped(w.float(), g).transpose(0, 1).contiguous()   # [G, out, g]
     lo, hi = wg.amin(-1), wg.amax(-1)                  # [G, out]: the range once, scaled per candidate
-    maxq, x, y = 2 ** bits - 1, torch.empty_like(wg), torch.empty_like(wg)   # reused: no fresh pages per candidate
+    x, y = torch.empty_like(wg), torch.empty_like(wg)   # reused: no fresh pages per candidate
     best_err = torch.full((n_g, out), float("inf"))
     best = torch.ones(n_g, out)
     for i in range(n_grid):
         c = 1.0 - max_shrink * i / n_grid
         ct = torch.tensor(c, dtype=torch.float32)
         s, z, _ = params_from_range(lo * ct, hi * ct, bits, symmetric, "int", scale_dtype)
-        su = s.unsqueeze(-1)
-        zz = z.unsqueeze(-1) if z is not None else 2 ** (bits - 1)
-        torch.div(wg, su, out=x).round_().add_(zz).clamp_(0, maxq).sub_(zz).mul_(su).sub_(wg)   # q − w = −d
+        su, zu = s.unsqueeze(-1), None if z is None else z.unsqueeze(-1)
+        dequantize_into(codes_into(wg, su, zu, bits, x), su, zu, bits, x).sub_(wg)   # q − w = −d
         err = torch.bmm(x, hb, out=y).mul_(x).sum(-1)  # d_g H_gg d_gᵀ per group and row
         add_flops(matmul_flops(out, g, g) * n_g)   # d_g H_gg per row and group (the final dot is element-wise)
         better = err < best_err

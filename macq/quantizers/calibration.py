@@ -123,7 +123,7 @@ class ReuseOutputs:
         self.layer, self.batch = layer, 0
         self.saved: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         self.calls: dict[str, int] = {}
-        self.orig: set[str] = set()
+        self.frozen: set[str] = set()
 
     def start(self, batch: int) -> None:
         self.batch, self.calls = batch, {}
@@ -132,7 +132,7 @@ class ReuseOutputs:
         for name in names:
             mod = self.layer.get_submodule(name)
             store = self.saved.setdefault(name, {})
-            self.orig.add(name)
+            self.frozen.add(name)
 
             def forward(x: torch.Tensor, _orig=mod.forward, _store=store, _name=name, _mod=mod) -> torch.Tensor:
                 call = self.calls[_name] = self.calls.get(_name, -1) + 1
@@ -156,7 +156,7 @@ def end_reuse(layer: nn.Module) -> None:
     reuse = getattr(layer, "_macq_reuse", None)
     if reuse is None:
         return
-    for name in reuse.orig:
+    for name in reuse.frozen:
         mod = layer.get_submodule(name)
         mod.__dict__.pop("forward", None)      # the class's forward again
         mod.__dict__.pop("_macq_reused", None)
@@ -254,9 +254,11 @@ def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size
         layer = layers[i]
         if offload:
             layer.to(device)
-        fn(i, f"{spec.layers}.{i}", layer, inputs)
-        inputs.hidden = run_layer(layer, inputs, device)
-        end_reuse(layer)
+        try:
+            fn(i, f"{spec.layers}.{i}", layer, inputs)
+            inputs.hidden = run_layer(layer, inputs, device)
+        finally:
+            end_reuse(layer)   # the caller's modules get their own forward back, also on error
         if offload:
             layer.to("cpu")
     if offload:

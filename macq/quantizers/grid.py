@@ -100,6 +100,22 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return s * (codes.float() - z)
 
 
+def codes_into(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+               out: torch.Tensor) -> torch.Tensor:
+    """:func:`quantize_codes`'s codes of a float32 ``w`` as floats, written into ``out``: the same arithmetic
+    (``clamp(round(w / s) + z)``), in place. ``scale`` / ``zero`` broadcast against ``w`` as given (no
+    unsqueeze); ``zero=None`` is the symmetric grid. For searches that round many candidates: no allocation."""
+    z = zero if zero is not None else 2 ** (bits - 1)
+    return torch.div(w, scale, out=out).round_().add_(z).clamp_(0, 2 ** bits - 1)
+
+
+def dequantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize_codes` of float ``codes`` into ``out`` (which may be ``codes`` itself): ``s·(q − z)``."""
+    z = zero if zero is not None else 2 ** (bits - 1)
+    return torch.sub(codes, z, out=out).mul_(scale)
+
+
 def fake_quantize(w: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "int",
                   scale_dtype: torch.dtype = torch.float16, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Round ``w [..., g]`` to its own group grid and return the dequantized values (same shape)."""

@@ -154,11 +154,13 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                     log.layer(i, "read")
                     with stage("io"):
                         materialize(layer, path + ".", store, device)
-                    step(i, path, layer, inputs)
-                    if i + 1 < plan.n_layers:
-                        with stage("forward"):
-                            inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
-                    end_reuse(layer)
+                    try:
+                        step(i, path, layer, inputs)
+                        if i + 1 < plan.n_layers:
+                            with stage("forward"):
+                                inputs.hidden = _forward(layer, inputs, device, act_dtype, budget)
+                    finally:
+                        end_reuse(layer)
                     with stage("io"):
                         done(path, layer)
                         release(layer)
