@@ -351,3 +351,36 @@ def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse():
         assert np.allclose(U.numpy().T @ U.numpy() @ Hd, np.eye(n), atol=1e-9)
         M = torch.randn(n, n, dtype=torch.float64)
         assert torch.equal(_flip_both(M.clone(), rows=5), M.flip(0, 1))
+
+
+def _ref_mse_scan(w: np.ndarray, bits: int, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every shrink factor tried on every group ``w [G, g]`` in float64: each candidate's ``Σ|w − q(w)|^2.4``
+    ``[F, G]`` and its scale ``[F, G]`` (the first of equal errors wins, as in the search)."""
+    maxq = 2 ** bits - 1
+    errs, scales = [], []
+    for c in factors:
+        lo, hi = np.minimum(w.min(-1) * c, 0), np.maximum(w.max(-1) * c, 0)
+        s = _fp16((hi - lo) / maxq)
+        z = np.clip(np.round(-lo / s), 0, maxq)
+        q = np.clip(np.round(w / s[:, None]) + z[:, None], 0, maxq)
+        errs.append((np.abs(s[:, None] * (q - z[:, None]) - w) ** 2.4).sum(-1))
+        scales.append(s)
+    return np.stack(errs), np.stack(scales)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_mse_search_picks_the_full_float64_scans_factor(bits):
+    """The coarse-to-fine search (17 of 41 factors, float32 arithmetic) against every factor in float64."""
+    from macq.quantizers.gptq import MSE_GRID, _params
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(256, 16, 64, generator=g) * torch.exp(0.7 * torch.randn(256, 16, 64, generator=g))  # heavy tails
+    s, _ = _params(w, GPTQConfig(bits=bits, group_size=64))
+    errs, scales = _ref_mse_scan(w.view(-1, 64).double().numpy(), bits, MSE_GRID.double().numpy())
+    best = errs.argmin(0)
+    cols = np.arange(errs.shape[1])
+    same = (s.flatten().double().numpy() == scales[best, cols]).mean()
+    picked = (scales == s.flatten().double().numpy()).argmax(0)      # the factor whose scale macq kept
+    assert (scales == s.flatten().double().numpy()).any(0).all()
+    assert same >= 0.97, same
+    assert errs[picked, cols].sum() <= 1.001 * errs[best, cols].sum()

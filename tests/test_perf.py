@@ -95,8 +95,17 @@ def test_gram_from_one_triangle_equals_the_float64_product(n, monkeypatch):
     acc32 = HessianAccumulator(n, torch.device("cpu"), torch.float32)
     acc32.add(x)
     acc32.add(x2)
-    assert acc32.H.dtype == torch.float32
+    assert acc32.H.dtype == torch.float32 and torch.equal(acc32.H, acc32.H.T)   # summed in place, mirrored once
     torch.testing.assert_close(acc32.H.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    acc32.add(x)                                    # a batch after a read: the upper triangle is made again
+    ref = (2 / 607) * (xd.T @ xd + x.double().T @ x.double())
+    assert torch.equal(acc32.H, acc32.H.T)
+    torch.testing.assert_close(acc32.H.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    H0 = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H0 = H0 + H0.T
+    H = H0.clone()
+    hz.gram_into(H, x, 0.5)                         # the whole matrix: a float64 sum of float32 products
+    torch.testing.assert_close(H, H0 + 0.5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-4 * n ** 0.5)
 
 
 def test_rates_and_layer_text_report_against_the_probe():

@@ -31,7 +31,7 @@ from macq.quantizers import grid
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import HeadOptions, QuantConfig, check, check_bits
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
-from macq.quantizers.hessian import collect_hessians
+from macq.quantizers.hessian import blas_threads, collect_hessians
 from macq.record import AffineRecord, FPRecord
 
 SUB = 16                # rows of Wᵀ per sub-block of the column loop (rank-1 updates stay in cache)
@@ -120,7 +120,7 @@ def _params(w: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tenso
         s, z, _ = grid.params_from_range(lo * c, hi * c, *args)
         su, zu = s.unsqueeze(-1), None if z is None else z.unsqueeze(-1)
         grid.dequantize_into(grid.codes_into(wf, su, zu, cfg.bits, x), su, zu, cfg.bits, x).sub_(wf).abs_()
-        x.log_().mul_(2.4).exp_()   # |d|^2.4 as exp(2.4·log|d|): a third cheaper than pow; |d| = 0 gives 0
+        x.log2_().mul_(2.4).exp2_()  # |d|^2.4 as 2^(2.4·log2|d|): half of pow's time; |d| = 0 gives 0
         return x.sum(-1), s, z
 
     def keep(best: tuple | None, k: torch.Tensor) -> tuple:
@@ -162,6 +162,22 @@ def _fp_round(w: torch.Tensor, div: torch.Tensor, fmt: FPFormat) -> tuple[torch.
     return c, torch.where(div > 0, grid_values(c, fmt, safe), torch.zeros_like(w))
 
 
+def _cholesky_lower(A: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor of a symmetric ``A`` (consumed) and LAPACK's ``info`` (0: positive definite).
+    On the CPU, SciPy's ``potrf`` in place on ``A``'s own memory (on this AMD machine 1.4× the rate of torch's
+    MKL one at n = 8192); elsewhere torch's. Only the lower triangle is the factor."""
+    if A.device.type != "cpu":
+        L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
+        return L, int(info.item())
+    from scipy.linalg import lapack
+
+    a = A.numpy().T                          # Fortran view of the same memory: A itself (symmetric)
+    potrf = lapack.get_lapack_funcs("potrf", (a,))
+    with blas_threads():
+        c, info = potrf(a, lower=0, overwrite_a=1, clean=0)   # a = UᵀU, U upper: in C order A = L·Lᵀ, L = Uᵀ
+    return (A if c is a else torch.from_numpy(c.T)), int(info)
+
+
 def _inverse_lower(L: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` of a lower-triangular ``L`` (consumed): LAPACK's ``trtri`` on the CPU (n³/3 operations, in
     place), a triangular solve against the identity elsewhere."""
@@ -171,7 +187,8 @@ def _inverse_lower(L: torch.Tensor) -> torch.Tensor:
 
     a = L.numpy().T                          # the same memory, Fortran order: the upper triangle Lᵀ
     trtri = lapack.get_lapack_funcs("trtri", (a,))
-    inv, info = trtri(a, lower=0, overwrite_c=1)
+    with blas_threads():
+        inv, info = trtri(a, lower=0, overwrite_c=1)
     if info != 0:
         raise MacqError(f"gptq: triangular inverse failed (LAPACK info {info})")
     out = torch.from_numpy(inv.T) if inv is not a else L   # in place: L now holds L⁻¹
@@ -218,13 +235,13 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torc
         f64 = H.dtype == torch.float64
         L = H.flip(0, 1)
         L.diagonal().add_(damp * mean.to(L.dtype))
-        L, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32, device=L.device)))
+        L, info = _cholesky_lower(L)
         add_flops(n ** 3 / 3, f64)
-        if info.item() == 0:
+        if info == 0:
             add_flops(n ** 3 / 3, f64)
             U = _flip_both(_inverse_lower(L))   # J L⁻¹ J
-            del L
-            if torch.isfinite(U).all() and bool((U.diagonal() > 0).all()):
+            del L                               # a sum is finite only if every entry is (else: retried)
+            if bool(torch.isfinite(U.sum())) and bool((U.diagonal() > 0).all()):
                 return U.to(device, dtype), damp
         if not f64 and not mps:
             H = H.double()                       # precision first, then damping

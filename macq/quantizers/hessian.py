@@ -1,8 +1,9 @@
 """Input Hessians ``H = 2/n·Σxxᵀ`` of a decoder layer's linears, the expensive half of GPTQ-style methods.
 
-* :func:`gram_into` adds ``scale·XᵀX`` to ``H``. On the CPU it is BLAS ``syrk``, which computes one triangle
-  (``n²·t`` operations instead of the ``2·n²·t`` of a general product), mirrored into ``H`` a block of rows at
-  a time, so the only n×n temporary is the float32 triangle.
+* :func:`gram_lower_into` updates the lower triangle of ``H`` by ``XᵀX``. On the CPU it is BLAS ``syrk``,
+  which computes one triangle (``n²·t`` operations instead of the ``2·n²·t`` of a general product), in place
+  when ``H`` has the inputs' dtype; :func:`mirror_lower` completes ``H`` once at the end.
+* :func:`gram_into` adds ``scale·XᵀX`` to the whole of ``H`` (a float64 sum of float32 products).
 * :class:`HessianAccumulator` keeps the running mean over calibration batches.
 * :func:`collect_hessians` runs a decoder layer over its calibration inputs with hooks on the named linears.
 """
@@ -40,52 +41,97 @@ def blas_threads() -> Iterator[None]:
         yield
 
 
-def _syrk_lower(x: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` of a C-contiguous CPU ``x [t, n]`` with only its lower triangle filled (C order)."""
+def _syrk(x: torch.Tensor, alpha: float, beta: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``beta·out + alpha·XᵀX`` in the lower triangle (C order) of ``out`` for a C-contiguous CPU ``x [t, n]``;
+    a new matrix whose other triangle is zero when ``out`` is None. ``out`` must have ``x``'s dtype; it is
+    updated in place (no n×n temporary)."""
     from scipy.linalg import blas
 
     a = x.numpy()
     f = blas.ssyrk if a.dtype.itemsize == 4 else blas.dsyrk
+    c = None if out is None else out.numpy().T           # C-order [n, n] seen as Fortran: its upper triangle
     with blas_threads():      # a.T is Fortran-ordered [n, t]: A·Aᵀ = XᵀX, no copy
-        c = f(1.0, a.T, trans=0, lower=0)     # Fortran upper triangle = the C-order lower one of c.T
-    return torch.from_numpy(c).T
+        r = f(alpha, a.T, beta=beta, c=c, trans=0, lower=0, overwrite_c=1)
+    return out if out is not None else torch.from_numpy(r).T
 
 
-def gram_into(H: torch.Tensor, x: torch.Tensor, scale: float) -> None:
-    """``H += scale·xᵀx`` for ``x [t, n]`` (float32 or float64), counting the operations done."""
+def mirror_lower(H: torch.Tensor) -> None:
+    """Copy ``H``'s lower triangle onto its upper one, a block of rows at a time (no n×n temporary)."""
+    n = H.shape[0]
+    for r in range(0, n, ROWS):
+        e = min(r + ROWS, n)
+        D = H[r:e, r:e]
+        D.copy_(D.tril() + D.tril(-1).T)
+        H[r:e, e:].copy_(H[e:, r:e].T)
+
+
+def gram_lower_into(H: torch.Tensor, x: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+    """``H ← beta·H + alpha·xᵀx`` on ``H``'s lower triangle (its upper one is left stale: :func:`mirror_lower`
+    completes it once, after the last batch). When ``H`` has ``x``'s dtype this is one in-place ``syrk``: the
+    product, the decay and the sum in one BLAS call. Counts the operations done."""
     t, n = x.shape
     if x.device.type != "cpu":
         G = x.T @ x
-        for r in range(0, n, ROWS):
-            H[r:r + ROWS].add_(G[r:r + ROWS].to(H.dtype), alpha=scale)
+        H.mul_(beta).add_(G, alpha=alpha)
         add_flops(matmul_flops(n, t, n), x.dtype == torch.float64)
         return
-    L = _syrk_lower(x.contiguous())            # L[i, j] valid for j <= i
+    x = x.contiguous()
+    if H.dtype == x.dtype and H.is_contiguous():
+        _syrk(x, alpha, beta, out=H)
+    else:                                               # float32 products into a float64 sum
+        L = _syrk(x, 1.0)
+        if beta != 1.0:
+            H.mul_(beta)
+        for r in range(0, n, ROWS):
+            e = min(r + ROWS, n)
+            H[r:e, :r].add_(L[r:e, :r], alpha=alpha)
+            H[r:e, r:e].add_(L[r:e, r:e].tril(), alpha=alpha)
+    add_flops(t * n * (n + 1), x.dtype == torch.float64)
+
+
+def gram_into(H: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+    """``H += scale·xᵀx`` on the whole of a symmetric ``H`` for ``x [t, n]`` (float32 or float64)."""
+    if x.device.type != "cpu":
+        gram_lower_into(H, x, scale)
+        return
+    t, n = x.shape
+    L = _syrk(x.contiguous(), 1.0)                     # L[i, j] valid for j <= i, zero above
     for r in range(0, n, ROWS):
         e = min(r + ROWS, n)
         D = L[r:e, r:e]
-        H[r:e, :r].add_(L[r:e, :r].to(H.dtype), alpha=scale)       # L is read again: never scaled in place
-        H[r:e, r:e].add_((D.tril() + D.tril(-1).T).to(H.dtype), alpha=scale)
-        H[r:e, e:].add_(L[e:, r:e].T.to(H.dtype), alpha=scale)
+        H[r:e, :r].add_(L[r:e, :r], alpha=scale)       # L is read again: never scaled in place
+        H[r:e, r:e].add_(D.tril() + D.tril(-1).T, alpha=scale)
+        H[r:e, e:].add_(L[e:, r:e].T, alpha=scale)
     add_flops(t * n * (n + 1), x.dtype == torch.float64)
 
 
 class HessianAccumulator:
     """Running mean of ``2·xxᵀ`` over calibration tokens, in ``dtype`` (float64 unless given; float32 on MPS).
     Each batch's ``XᵀX`` is one float32 ``syrk`` (the expensive part); a float64 running sum keeps thousands of
-    batches from drifting, a float32 one (GPTQ's float32 solve) halves the n×n memory."""
+    batches from drifting, a float32 one (GPTQ's float32 solve) halves the n×n memory and is updated by the
+    ``syrk`` itself. Only the lower triangle is summed; :attr:`H` mirrors it when read."""
 
     def __init__(self, n_in: int, device: torch.device, dtype: torch.dtype | None = None) -> None:
         self.dtype = torch.float32 if device.type == "mps" else (dtype or torch.float64)
-        self.H = torch.zeros(n_in, n_in, dtype=self.dtype, device=device)
+        self._H = torch.zeros(n_in, n_in, dtype=self.dtype, device=device)
+        self._symmetric = True
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.to(self.H.device, torch.float32)
+        x = x.to(self._H.device, torch.float32)
         t = x.shape[0]
-        self.H *= self.n / (self.n + t)
+        beta = self.n / (self.n + t)
         self.n += t
-        gram_into(self.H, x, 2.0 / self.n)
+        gram_lower_into(self._H, x, 2.0 / self.n, beta)
+        self._symmetric = False
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The symmetric running mean."""
+        if not self._symmetric:
+            mirror_lower(self._H)
+            self._symmetric = True
+        return self._H
 
 
 @torch.no_grad()
