@@ -370,7 +370,7 @@ def _ref_mse_scan(w: np.ndarray, bits: int, factors: np.ndarray) -> tuple[np.nda
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_mse_search_picks_the_full_float64_scans_factor(bits):
-    """The coarse-to-fine search (17 of 41 factors, float32 arithmetic) against every factor in float64."""
+    """The coarse-to-fine search (12 of 41 factors, float32 arithmetic) against every factor in float64."""
     from macq.quantizers.gptq import MSE_GRID, _params
 
     g = torch.Generator().manual_seed(bits)
