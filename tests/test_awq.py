@@ -147,6 +147,43 @@ def test_clip_search_per_group_never_worse():
     assert (per_group(clip) <= per_group(1.0) + 1e-4).all()
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_picks_what_a_float64_scan_of_every_candidate_picks(sym, monkeypatch):
+    """Searched a few rows at a time (a ragged last block), against every candidate scored in float64 with the
+    grid written out here: scale rounded to fp16, codes ``clamp(round(w/s) + z)``."""
+    monkeypatch.setattr(S, "CLIP_ELEMENTS", 3 * 256)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 256, generator=g) * torch.exp(0.5 * torch.randn(40, 256, generator=g))
+    x = torch.randn(512, 256, generator=g) * torch.linspace(0.1, 3, 256)
+    h = x.T @ x
+    clip = S.search_clip(w, h, 4, 128, sym, torch.float16)          # [40, 2]
+    wd, hd = w.double().view(40, 2, 128), h.double()
+    hb = torch.stack([hd[k * 128:(k + 1) * 128, k * 128:(k + 1) * 128] for k in range(2)])
+    factors = [1.0 - 0.5 * i / 20 for i in range(20)]
+    errs = []
+    for c in factors:
+        c32 = torch.tensor(c, dtype=torch.float32).double()
+        lo, hi = wd.amin(-1) * c32, wd.amax(-1) * c32
+        if sym:
+            s = (2 * torch.maximum(lo.abs(), hi.abs()) / 15).half().double()
+            z = torch.full_like(s, 8.0)
+        else:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+            s = ((hi - lo) / 15).half().double()
+            z = torch.round(-lo / s).clamp(0, 15)
+        q = s[..., None] * ((torch.round(wd / s[..., None]) + z[..., None]).clamp(0, 15) - z[..., None])
+        d = q - wd
+        errs.append(torch.einsum("ogk,gkl,ogl->og", d, hb, d))
+    errs = torch.stack(errs)                                          # [20, 40, 2]
+    best = errs.argmin(0)
+    dist = (clip.double()[None] - torch.tensor(factors, dtype=torch.float64)[:, None, None]).abs()
+    picked = dist.argmin(0)                                           # the candidate each group kept
+    assert (dist.min(0).values < 1e-6).all()
+    assert (picked == best).double().mean() >= 0.97
+    chosen = errs.gather(0, picked[None])[0]
+    assert chosen.sum() <= 1.001 * errs.min(0).values.sum()
+
+
 def test_awq_gptq_chaining(calib, held_out):
     ref, model = tiny_model("llama"), tiny_model("llama")
     qm = registry_quantize(model, "awq-gptq", calib=calib, bits=BITS, group_size=GROUP, **FAST)

@@ -30,6 +30,7 @@ from macq.quantizers.grid import (
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]   # [out, in] -> the rounded weight, same shape
 CHUNK_ELEMENTS = 1 << 24   # weight elements per chunk of the α search (its temporaries are a few of these)
+CLIP_ELEMENTS = 1 << 19    # weights per block of the clip search: its two float32 buffers (2 MiB each) stay in cache
 
 
 def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -110,28 +111,35 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
 
     Uses the diagonal ``g×g`` blocks of ``H`` (the group's own contribution, as AutoAWQ's per-group search
     does) for every output row and group at once; 1.0 is tried first and only strict improvements move it.
-    The weights are held group-major (``[G, out, g]``) so each candidate is the shared grid's arithmetic in
-    place on one buffer and one batched ``[out, g] @ [g, g]`` product per group, without per-candidate copies.
+    The weights are held group-major (``[G, out, g]``) and searched ``CLIP_ELEMENTS`` weights (a block of rows)
+    at a time, every candidate on that block before the next: each candidate is the shared grid's arithmetic
+    in place on buffers that stay in cache, and one batched ``[rows, g] @ [g, g]`` product per group.
     """
     out, inp = w.shape
     n_g = inp // g
     hb = block_diagonal(h, g)                          # [G, g, g]
     wg = grouped(w.float(), g).transpose(0, 1).contiguous()   # [G, out, g]
     lo, hi = wg.amin(-1), wg.amax(-1)                  # [G, out]: the range once, scaled per candidate
-    x, y = torch.empty_like(wg), torch.empty_like(wg)   # reused: no fresh pages per candidate
+    factors = [1.0 - max_shrink * i / n_grid for i in range(n_grid)]
+    grids = [params_from_range(lo * c, hi * c, bits, symmetric, "int", scale_dtype)[:2]
+             for c in (torch.tensor(f, dtype=torch.float32) for f in factors)]
     best_err = torch.full((n_g, out), float("inf"))
     best = torch.ones(n_g, out)
-    for i in range(n_grid):
-        c = 1.0 - max_shrink * i / n_grid
-        ct = torch.tensor(c, dtype=torch.float32)
-        s, z, _ = params_from_range(lo * ct, hi * ct, bits, symmetric, "int", scale_dtype)
-        su, zu = s.unsqueeze(-1), None if z is None else z.unsqueeze(-1)
-        dequantize_into(codes_into(wg, su, zu, bits, x), su, zu, bits, x).sub_(wg)   # q − w = −d
-        err = torch.bmm(x, hb, out=y).mul_(x).sum(-1)  # d_g H_gg d_gᵀ per group and row
-        add_flops(matmul_flops(out, g, g) * n_g)   # d_g H_gg per row and group (the final dot is element-wise)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, c), best)
+    rows = max(1, CLIP_ELEMENTS // inp)
+    x, y = torch.empty(n_g * rows * g), torch.empty(n_g * rows * g)   # reused for every block and candidate
+    for r in range(0, out, rows):
+        e = min(r + rows, out)
+        wr, shape = wg[:, r:e], (n_g, e - r, g)
+        xr, yr = x[:wr.numel()].view(shape), y[:wr.numel()].view(shape)
+        be, bc = best_err[:, r:e], best[:, r:e]
+        for c, (s, z) in zip(factors, grids):
+            su, zu = s[:, r:e, None], None if z is None else z[:, r:e, None]
+            dequantize_into(codes_into(wr, su, zu, bits, xr), su, zu, bits, xr).sub_(wr)   # q − w = −d
+            err = torch.bmm(xr, hb, out=yr).mul_(xr).sum(-1)     # d_g H_gg d_gᵀ per group and row
+            better = err < be
+            be.copy_(torch.where(better, err, be))
+            bc.masked_fill_(better, c)
+    add_flops(matmul_flops(out, g, g) * n_g * n_grid)   # d_g H_gg per row, group and candidate (the dot: element-wise)
     return best.T.contiguous()
 
 
