@@ -213,10 +213,11 @@ def test_refit_lut_is_the_least_squares_optimum(monkeypatch, block_bytes):
     the one-hot rows are processed in blocks that cut across LUT groups (the memory bound at real sizes)."""
     import macq.quantizers.kmeans_cal as kc
 
+    out, n, gs, k = 8, 12, 4, 4
     if block_bytes is not None:
         monkeypatch.setattr(kc, "REFIT_BYTES", block_bytes)
+        monkeypatch.setattr(kc, "ROW_BYTES", 5 * 8 * n)       # H and ΔW 5 rows at a time: 5 + 5 + 2
     gen = torch.Generator().manual_seed(0)
-    out, n, gs, k = 8, 12, 4, 4
     w = torch.randn(out, n, generator=gen, dtype=torch.float64)
     H = _correlated_hessian(n, gen)
     rec = quantize_weight(w.float(), KMeansConfig(bits=2, group_size=gs, lut_dtype="float32"))
@@ -230,6 +231,8 @@ def test_refit_lut_is_the_least_squares_optimum(monkeypatch, block_bytes):
         assert torch.allclose(got[g], want, rtol=1e-5, atol=1e-5)
     refit = LUTRecord(indices=rec.indices, lut=got.float(), bits=2).dequantize().double()
     assert output_error(w, refit, H) < 0.9 * output_error(w, rec.dequantize().double(), H)
+    d = refit - w
+    assert output_error(w, refit, H) == pytest.approx(float(torch.trace(d @ H @ d.T)), rel=1e-12)
 
 
 def test_refit_lut_keeps_unused_entries():

@@ -122,18 +122,18 @@ def lut_hinv(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
 def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent: float = 0.01,
              block_size: int = 128, fixed: torch.Tensor | None = None, hinv: torch.Tensor | None = None
              ) -> torch.Tensor:
-    """GPTQ's column-by-column error feedback onto a fixed LUT: indices ``[out, in]`` (int64).
+    """GPTQ's column-by-column error feedback onto a fixed LUT: indices ``[out, in]`` (uint8).
 
     ``rows [out, K]`` is each output row's LUT. With ``H = I`` this is exactly nearest assignment.
     ``fixed [out, in]`` (bool, the record's outliers) are held at their value: error 0, no feedback from them
     (their index is meaningless and is replaced when the outliers are attached). ``hinv``: :func:`lut_hinv` of
     ``H``, when the caller already has it.
     """
-    W = W.double().clone()
+    W = W.double() if W.dtype != torch.float64 else W.clone()   # one copy: it is updated in place
     rows64 = rows.double()
     out, n = W.shape
     Hinv = hinv if hinv is not None else lut_hinv(H, damp_percent)
-    idx = torch.zeros(out, n, dtype=torch.long)
+    idx = torch.zeros(out, n, dtype=torch.uint8)   # K <= 256 entries (8 bits at most)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), W.new_zeros(out, i2 - i1), Hinv[i1:i2, i1:i2]
@@ -147,14 +147,26 @@ def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent:
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)    # in place: no [out, rest] temporary
     return idx
 
 
+ROW_BYTES = 64 << 20     # float64 rows of ΔW (or of H) handled at a time: temporaries stay bounded at 8B widths
+
+
+def _row_step(n: int) -> int:
+    return max(1, ROW_BYTES // (8 * n))
+
+
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ)``: the layer-output squared error on the calibration inputs (``H = E[x xᵀ]``)."""
-    d = (w_hat - w).double()
-    return float(((d @ H.double()) * d).sum())
+    """``tr(ΔW H ΔWᵀ)``: the layer-output squared error on the calibration inputs (``H = E[x xᵀ]``), a block of
+    rows at a time (at 8B ``down_proj`` a whole float64 ``ΔW`` and ``ΔW·H`` would be 0.5 GB each)."""
+    H64, step = H.double(), _row_step(w.shape[1])
+    total = 0.0
+    for r in range(0, w.shape[0], step):
+        d = (w_hat[r:r + step] - w[r:r + step]).double()
+        total += float(((d @ H64) * d).sum())
+    return total
 
 
 REFIT_BYTES = 64 << 20   # one block of one-hot rows in the LUT refit: the whole [out, in, K] would be 1 GB at 1B
@@ -175,19 +187,21 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     """
     out, n = w.shape
     g, k = lut.shape
-    hf, wh = H.float(), w.double() @ H.double()
+    H64 = H.double()
     m = torch.empty(out, k, k, dtype=torch.float64)
     b = torch.empty(out, k, dtype=torch.float64)
     step = max(1, REFIT_BYTES // (n * k * 4))          # rows per block: the one-hot block and H A_r stay bounded
+    hstep = _row_step(n)                               # rows of H made float32 at a time (no float32 copy of H)
     for r0 in range(0, out, step):
         r1 = min(r0 + step, out)
         onehot = torch.nn.functional.one_hot(idx[r0:r1].long(), k).float()               # [rows, in, K]
         if fixed is not None:
             onehot = onehot.masked_fill(fixed[r0:r1].unsqueeze(-1), 0.0)
-        ha = (hf @ onehot.permute(1, 0, 2).reshape(n, (r1 - r0) * k)).reshape(n, r1 - r0, k)  # H A_r per row
-        m[r0:r1] = torch.einsum("irk,ril->rkl", ha, onehot).double()                     # A_rᵀ H A_r
-        b[r0:r1] = torch.einsum("rik,ri->rk", onehot.double(), wh[r0:r1])                # A_rᵀ H w_r
-        del onehot, ha
+        flat = onehot.permute(1, 0, 2).reshape(n, (r1 - r0) * k)
+        ha = torch.cat([H64[a:a + hstep].float() @ flat for a in range(0, n, hstep)]).reshape(n, r1 - r0, k)
+        m[r0:r1] = torch.einsum("irk,ril->rkl", ha, onehot).double()                     # A_rᵀ H A_r (per row)
+        b[r0:r1] = torch.einsum("rik,ri->rk", onehot.double(), w[r0:r1].double() @ H64)  # A_rᵀ H w_r
+        del onehot, ha, flat
     m, b = m.reshape(g, out // g, k, k).sum(1), b.reshape(g, out // g, k).sum(1)
     lam = ridge * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # [G]
     eye = torch.eye(k, dtype=torch.float64)
