@@ -384,3 +384,22 @@ def test_mse_search_picks_the_full_float64_scans_factor(bits):
     assert (scales == s.flatten().double().numpy()).any(0).all()
     assert same >= 0.97, same
     assert errs[picked, cols].sum() <= 1.001 * errs[best, cols].sum()
+
+
+def test_range_search_on_the_column_loops_layout_and_its_power():
+    """The column loop searches a group held as rows ``[g, out]`` (no transpose): the same grids as on
+    ``[out, 1, g]``; the search's in-place ``x^2.4`` matches float64 ``pow`` (0 stays 0)."""
+    from macq.quantizers.gptq import _params, _pow24_
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(128, 3000, generator=g) * torch.exp(0.7 * torch.randn(128, 3000, generator=g))
+    for bits in (3, 4):
+        cfg = GPTQConfig(bits=bits, group_size=128)
+        s0, z0 = _params(w, cfg, dim=0)
+        s1, z1 = _params(w.T.contiguous().unsqueeze(1), cfg)
+        assert (s0 == s1[:, 0]).double().mean() >= 0.999 and (z0 == z1[:, 0]).double().mean() >= 0.999
+    x = torch.cat([torch.zeros(5), torch.rand(10000, generator=g) * 10.0 ** torch.randint(-8, 2, (10000,), generator=g)])
+    want = x.double() ** 2.4
+    got = _pow24_(x.clone())
+    assert torch.equal(got[:5], torch.zeros(5))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)   # float32 log2: ~4e-6 at x ~ 1e-8
