@@ -128,21 +128,27 @@ def test_bf16_checkpoint_awq_folds_into_float32_norms(ckpts, tmp_path):
 def test_fp16_activations_equally_good(ckpts, tmp_path, arch, method):
     """fp16 storage rounds each layer's inputs (rel. error <= 2^-11); GPTQ amplifies such perturbations into
     different codes (many near-equal solutions), so the check is on what the codes are for: the quantized
-    model's output error against the float model must stay within 10% of the in-memory path's (measured:
-    0.97-1.01x on these models)."""
+    model's output error against the float model, next to the in-memory float32 path's, over three
+    calibration sets (one set alone varies by chance: measured 0.93-1.12x over six sets, means 0.98-1.02x)."""
     extra = dict(n_calib=CAL["n_calib"], seq_len=CAL["seq_len"]) if method == "gptq" else {}
     cfg = config_for(method, dict(bits=4, group_size=32, batch_size=4, act_dtype="float16", **extra))
     assert config_for(method, {}).act_dtype == "float32"   # the default: exact
-    ref = _in_memory(ckpts[arch], method, cfg)
-    stream_calibrate(ckpts[arch], tmp_path / "s", method, cfg, _ids(ckpts[arch]))
-    got = QuantizedModel.load(tmp_path / "s")
     fm, tok = load_model(str(ckpts[arch]))
     x = calibration_ids(tok, "wiki", 4, 64, 1)          # held-out text
     with torch.no_grad():
         lf = fm(x).logits
-        e_ref = (ref.to_torch()(x).logits - lf).pow(2).mean().item()
-        e_got = (got.to_torch()(x).logits - lf).pow(2).mean().item()
-    assert 0.9 < e_got / e_ref < 1.1, (e_got, e_ref)
+    ratios = []
+    for seed in range(3):
+        model, tok = load_model(str(ckpts[arch]))
+        ref = quantize(model, tok, method, cfg, CAL["dataset"], CAL["n_calib"], CAL["seq_len"], seed)
+        ids = calibration_ids(tok, CAL["dataset"], CAL["n_calib"], CAL["seq_len"], seed)
+        stream_calibrate(ckpts[arch], tmp_path / f"s{seed}", method, cfg, ids)
+        got = QuantizedModel.load(tmp_path / f"s{seed}")
+        with torch.no_grad():
+            e_ref = (ref.to_torch()(x).logits - lf).pow(2).mean().item()
+            e_got = (got.to_torch()(x).logits - lf).pow(2).mean().item()
+        ratios.append(e_got / e_ref)
+    assert all(0.8 < r < 1.25 for r in ratios) and 0.9 < sum(ratios) / 3 < 1.1, ratios
 
 
 def test_spill_beyond_max_memory_gives_identical_records(ckpts, tmp_path, monkeypatch):
