@@ -52,7 +52,11 @@ def _syrk(x: torch.Tensor, alpha: float, beta: float = 0.0, out: torch.Tensor | 
     c = None if out is None else out.numpy().T           # C-order [n, n] seen as Fortran: its upper triangle
     with blas_threads():      # a.T is Fortran-ordered [n, t]: A·Aᵀ = XᵀX, no copy
         r = f(alpha, a.T, beta=beta, c=c, trans=0, lower=0, overwrite_c=1)
-    return out if out is not None else torch.from_numpy(r).T
+    if out is None:
+        return torch.from_numpy(r).T
+    if r is not c:                                       # SciPy had to copy (not expected for a contiguous out)
+        out.copy_(torch.from_numpy(r).T)
+    return out
 
 
 def mirror_lower(H: torch.Tensor) -> None:
