@@ -94,19 +94,10 @@ def gram_lower_into(H: torch.Tensor, x: torch.Tensor, alpha: float, beta: float 
 
 
 def gram_into(H: torch.Tensor, x: torch.Tensor, scale: float) -> None:
-    """``H += scale·xᵀx`` on the whole of a symmetric ``H`` for ``x [t, n]`` (float32 or float64)."""
-    if x.device.type != "cpu":
-        gram_lower_into(H, x, scale)
-        return
-    t, n = x.shape
-    L = _syrk(x.contiguous(), 1.0)                     # L[i, j] valid for j <= i, zero above
-    for r in range(0, n, ROWS):
-        e = min(r + ROWS, n)
-        D = L[r:e, r:e]
-        H[r:e, :r].add_(L[r:e, :r], alpha=scale)       # L is read again: never scaled in place
-        H[r:e, r:e].add_(D.tril() + D.tril(-1).T, alpha=scale)
-        H[r:e, e:].add_(L[e:, r:e].T, alpha=scale)
-    add_flops(t * n * (n + 1), x.dtype == torch.float64)
+    """``H += scale·xᵀx`` on the whole of a symmetric ``H`` for ``x [t, n]`` (float32 or float64): the lower
+    triangle updated, then mirrored."""
+    gram_lower_into(H, x, scale)
+    mirror_lower(H)
 
 
 class HessianAccumulator:
