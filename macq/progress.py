@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -256,6 +257,22 @@ def add_flops(n: float, float64: bool = False) -> None:
         st.flops += n
         if float64:
             st.flops64 += n
+
+
+@contextmanager
+def with_backward() -> Iterator[None]:
+    """Around a recomputed forward and its autograd backward: the backward's products are charged too.
+
+    The forward hook counts the forward's products; autograd runs two for each (``Y = X·Wᵀ`` gives
+    ``dX = dY·W`` and ``dW = dYᵀ·X``; attention's ``QKᵀ`` and ``PV`` give ``dQ, dK`` and ``dP, dV``), so twice
+    the products counted inside the block are added when it ends. Exact when every linear's weight is
+    differentiated, as in the Fisher and logits passes; a linear whose weight needs no gradient is
+    over-counted by its ``dW``."""
+    st = stage._stack[-1] if _ACTIVE and stage._stack else None
+    before = st.flops if st is not None else 0.0
+    yield
+    if st is not None and stage._stack and stage._stack[-1] is st:
+        add_flops(2 * (st.flops - before))
 
 
 _ACTIVE: list[StageTimes] = []

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from macq.perf import gemm_rate, matmul_flops, module_flops
-from macq.progress import StageTimes, add_flops, stage
+from macq.progress import StageTimes, add_flops, stage, with_backward
 from macq.quantizers.gptq import GPTQConfig, gptq_block_flops, gptq_quantize
 from macq.quantizers.hessian import HessianAccumulator
 
@@ -53,6 +53,62 @@ def test_linear_and_attention_counts_from_shapes():
     with torch.no_grad():                             # outside a timer nothing is counted (no hook left behind)
         layer(x, position_embeddings=emb, attention_mask=None)
     assert timer.flops["forward"] == hand
+
+
+def test_backward_count_equals_torch_flop_counter_over_the_autograd_call():
+    """A recomputed layer forward plus its backward (input and every weight differentiated, as the streamed
+    Fisher pass does): the forward hook's count plus ``with_backward``'s must equal torch's own FlopCounterMode
+    over the same forward and backward (it counts the aten matmuls actually run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from macq.tiny import tiny_model
+
+    model = tiny_model("llama").float()
+    model.config._attn_implementation = "eager"       # attention as explicit matmuls, so torch counts them
+    layer = model.model.layers[0]
+    b, s = 1, 9
+    x = torch.randn(b, s, model.config.hidden_size, requires_grad=True)
+    emb = model.model.rotary_emb(x, torch.arange(s).unsqueeze(0))
+    ws = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
+    timer = StageTimes("cpu")
+    with timer, stage("backward"), with_backward():
+        out = layer(x, position_embeddings=emb, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(out, [x, *ws], torch.ones_like(out))
+    ref = FlopCounterMode(display=False)
+    with ref:                                         # .backward: its module tracker refuses autograd.grad
+        out = layer(x, position_embeddings=emb, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+    assert ref.get_total_flops() > 0
+    assert timer.flops["backward"] == ref.get_total_flops()
+
+
+def test_palettize_counts_its_products():
+    """kmeans-cal's palettize work: the feedback assignment's lazy blocks (GPTQ's count, float64), the output
+    error's ``[rows, n] @ [n, n]`` (float64) and the refit's one-hot products (float32, counted as computed)."""
+    from macq.quantizers.kmeans_cal import lut_gptq, lut_hinv, output_error, refit_lut
+
+    out, n, k, bs = 32, 48, 16, 16
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(out, n, generator=g), torch.randn(200, n, generator=g)
+    H = (x.T @ x / 200).double()
+    lut = torch.sort(torch.randn(out // 16, k, generator=g), 1).values
+    rows = lut.repeat_interleave(16, 0)
+    timer = StageTimes("cpu")
+    with timer:
+        with stage("assign"):
+            idx = lut_gptq(w, H, rows, block_size=bs, hinv=lut_hinv(H, 0.01))   # the factor: its own count
+        with stage("error"):
+            output_error(w, w + 0.01, H)
+        with stage("refit"):
+            refit_lut(w, H, idx, lut)
+    factor = 2 * n ** 3 / 3                           # potrf + trtri, as GPTQ's cholesky stage counts them
+    assert timer.flops["assign"] == factor + sum(gptq_block_flops(out, bs, n - i2) for i2 in range(bs, n + 1, bs))
+    assert timer.run["assign"].flops64 == timer.flops["assign"]
+    assert timer.flops["error"] == timer.run["error"].flops64 == 2 * out * n * n
+    assert timer.flops["refit"] == 2 * n * n * out * k + 2 * out * k * n * k + 2 * out * n * n
+    assert timer.run["refit"].flops64 == 2 * out * n * n
 
 
 def test_hessian_and_gptq_column_counts_match_hand_sums():

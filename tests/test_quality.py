@@ -255,6 +255,49 @@ def test_palettize_linear_keeps_the_lowest_output_error():
     assert info["refit"] >= 1 and info["out_err"] < 0.95 * base["out_err"]
 
 
+def _every_round(w, H, imp, cfg):
+    """The keep-best over nearest, feedback and ``refit_rounds`` full rounds (refit the kept indices, reassign),
+    no round skipped: what the stopping rule must reproduce."""
+    from macq.quantizers.kmeans_cal import lut_hinv
+
+    rec = quantize_weight(w, cfg.kmeans_config(), imp)
+    best, err = rec, output_error(w, rec.dequantize(), H)
+    hinv = lut_hinv(H, cfg.damp_percent)
+
+    def keep(c):
+        nonlocal best, err
+        e = output_error(w, c.dequantize(), H)
+        if e < err:
+            best, err = c, e
+    keep(LUTRecord(indices=lut_gptq(w, H, lut_rows(rec), hinv=hinv), lut=rec.lut, bits=rec.bits))
+    for _ in range(cfg.refit_rounds):
+        lut = refit_lut(w, H, best.indices, best.lut).to(rec.lut.dtype)
+        keep(LUTRecord(indices=best.indices, lut=lut, bits=rec.bits))
+        rows = lut.float().repeat_interleave(cfg.group_size, 0)
+        keep(LUTRecord(indices=lut_gptq(w, H, rows, hinv=hinv).to(torch.uint8), lut=lut, bits=rec.bits))
+    return best, err
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refit_rounds_stop_once_the_indices_stay_and_keep_the_same_record(seed, monkeypatch):
+    import macq.quantizers.kmeans_cal as kc
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(32, 48, generator=gen)
+    H = _correlated_hessian(48, gen)
+    imp = torch.rand(32, 48, generator=gen)
+    cfg = KMeansCalConfig(bits=2, group_size=16, refit_rounds=4)
+    calls = []
+    real = kc.refit_lut
+    monkeypatch.setattr(kc, "refit_lut", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rec, info = palettize_linear(w, H, imp, cfg)
+    want, err = _every_round(w, H, imp, cfg)
+    assert torch.equal(rec.indices, want.indices) and torch.equal(rec.lut, want.lut)
+    assert info["out_err"] == err
+    kept = [r for r in range(4) if info.get(f"out_err_reassign{r}") is not None]
+    assert len(calls) == len(kept) <= info["refit"] + 1 <= 4   # a refit per round run; none after a round kept no new indices
+
+
 @pytest.mark.parametrize("sensitivity", ["fisher", "hessian"])
 def test_kmeans_cal_on_a_tiny_model(calib, sensitivity):
     qm = registry_quantize(tiny_model(), "kmeans-cal", calib=calib, bits=3, group_size=4, sensitivity=sensitivity,

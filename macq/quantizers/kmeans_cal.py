@@ -16,7 +16,8 @@ the model's loss, so, per SqueezeLLM:
    ``tr(ΔW H ΔWᵀ)`` is quadratic in the LUT entries, so each group's LUT is re-solved exactly
    (:func:`refit_lut`) and the feedback assignment rerun on the new LUT. Of every candidate (nearest,
    feedback, each refit and reassignment) the one with the lowest layer-output error is kept, so no step
-   can make a linear worse on that measure.
+   can make a linear worse on that measure. The rounds stop once a reassignment is not kept: the next refit
+   would be of the same indices, so it could only repeat the last LUT.
 
 The embedding / lm_head (``--include-embeddings``) have no input Hessian (a lookup; the head's input is
 outside every decoder layer). With ``weighted_heads`` (default, with ``sensitivity="fisher"``) they get
@@ -41,7 +42,8 @@ import torch.nn as nn
 
 from macq.arch import arch_spec
 from macq.errors import MacqError
-from macq.progress import stage
+from macq.perf import matmul_flops
+from macq.progress import add_flops, stage
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_model_inputs
 from macq.quantizers.palettize import GRANULARITIES, LUT_DTYPES, OUTLIER_HELP, SOLVERS, KMeansConfig, _groups, check_outlier_frac
@@ -129,6 +131,8 @@ def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent:
     (their index is meaningless and is replaced when the outliers are attached). ``hinv``: :func:`lut_hinv` of
     ``H``, when the caller already has it.
     """
+    from macq.quantizers.gptq import gptq_block_flops
+
     W = W.double() if W.dtype != torch.float64 else W.clone()   # one copy: it is updated in place
     rows64 = rows.double()
     out, n = W.shape
@@ -148,6 +152,7 @@ def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent:
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)    # in place: no [out, rest] temporary
+        add_flops(gptq_block_flops(out, i2 - i1, n - i2), float64=True)
     return idx
 
 
@@ -166,6 +171,7 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     for r in range(0, w.shape[0], step):
         d = (w_hat[r:r + step] - w[r:r + step]).double()
         total += float(((d @ H64) * d).sum())
+        add_flops(matmul_flops(d.shape[0], d.shape[1], d.shape[1]), float64=True)
     return total
 
 
@@ -201,6 +207,9 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
         ha = torch.cat([H64[a:a + hstep].float() @ flat for a in range(0, n, hstep)]).reshape(n, r1 - r0, k)
         m[r0:r1] = torch.einsum("irk,ril->rkl", ha, onehot).double()                     # A_rᵀ H A_r (per row)
         b[r0:r1] = torch.einsum("rik,ri->rk", onehot.double(), w[r0:r1].double() @ H64)  # A_rᵀ H w_r
+        rows = r1 - r0   # the products as computed: the one-hot operands are 1/K nonzero
+        add_flops(matmul_flops(n, n, rows * k) + matmul_flops(rows * k, n, k))
+        add_flops(matmul_flops(rows, n, n), float64=True)
         del onehot, ha, flat
     m, b = m.reshape(g, out // g, k, k).sum(1), b.reshape(g, out // g, k).sum(1)
     lam = ridge * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # [G]
@@ -249,12 +258,15 @@ def palettize_linear(w: torch.Tensor, H: torch.Tensor, importance: torch.Tensor,
     for r in range(cfg.refit_rounds):
         lut = refit_lut(w_lut, H, rec.indices, rec.lut, fixed=fixed).to(dt)
         improved = consider(make(rec.indices, lut), f"out_err_refit{r}")
+        moved = False
         if cfg.error_feedback:
             idx = lut_gptq(w_fix, H, lut_rows(make(rec.indices, lut)), cfg.damp_percent, cfg.block_size, fixed, hinv)
-            improved |= consider(make(idx, lut), f"out_err_reassign{r}")
-        if not improved:
+            moved = consider(make(idx, lut), f"out_err_reassign{r}")
+        if not (improved or moved):
             break
         info["refit"] = r + 1
+        if not moved:   # the kept indices are the ones just refitted: a refit would solve the same systems again
+            break
     info["out_err"] = best_err
     return rec, info
 

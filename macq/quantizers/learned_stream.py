@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from macq.progress import stage
+from macq.progress import stage, with_backward
 from macq.quantizers.calibration import _to, layer_out
 from macq.quantizers.learned_kl import ScaleParams, _scale, dequantized, from_record, to_record, tunable
-from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads
+from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads, counted_mm
 
 
 class _Student:
@@ -107,13 +107,13 @@ class _Teacher:
                              for a in range(0, stream.vocab, HEAD_ROWS)) for s in range(len(self.hn))]
 
     def logprobs(self, s: int, a: int, b: int) -> torch.Tensor:
-        return (self.hn[s] @ self.stream.head_rows(a, b).t() - self.lse[s][:, None]).half().float()
+        return (counted_mm(self.hn[s], self.stream.head_rows(a, b).t()) - self.lse[s][:, None]).half().float()
 
 
 def _lse(h: torch.Tensor, rows, vocab: int) -> torch.Tensor:
     out = torch.full(h.shape[:1], float("-inf"), device=h.device)
     for a in range(0, vocab, HEAD_ROWS):
-        out = torch.logaddexp(out, torch.logsumexp(h @ rows(a, min(a + HEAD_ROWS, vocab)).t(), -1))
+        out = torch.logaddexp(out, torch.logsumexp(counted_mm(h, rows(a, min(a + HEAD_ROWS, vocab)).t()), -1))
     return out
 
 
@@ -144,7 +144,7 @@ class _Stage:
             for a in range(0, self.stream.vocab, HEAD_ROWS):
                 b = min(a + HEAD_ROWS, self.stream.vocab)
                 t = self.tc.logprobs(r, a, b)
-                total += (t.exp() * (t - (hn @ self.st.head_rows(a, b).t() - lse[:, None]))).sum(-1)
+                total += (t.exp() * (t - (counted_mm(hn, self.st.head_rows(a, b).t()) - lse[:, None]))).sum(-1)
         return float(total.mean())
 
     def backward(self, r: int, weight: float) -> None:
@@ -161,7 +161,7 @@ class _Stage:
             def head_grad(_s: int, a: int, b: int, g: torch.Tensor) -> None:
                 if st.head_params:
                     with torch.enable_grad():
-                        st.head_rows(a, b).backward(weight * (g.t() @ hd))
+                        st.head_rows(a, b).backward(weight * counted_mm(g.t(), hd))
 
             g_hn, _ = chunked_logit_grads([hd], st.head_rows, s.vocab, lambda _s, a, b: self.tc.logprobs(r, a, b).exp(),
                                           [self.tc.mass[r]], [float(hd.shape[0])], head_grad)
@@ -169,7 +169,7 @@ class _Stage:
         with stage("backward"):
             for i in reversed(range(len(s.layers))):
                 x = xs[i].clone().requires_grad_(True)
-                with torch.enable_grad():
+                with torch.enable_grad(), with_backward():
                     w = st.layer_weights(i, f"{s.spec.layers}.{i}")
                     out = layer_out(s.layers[i], w, x, kw)
                     torch.autograd.backward(out, g, inputs=[x, *[st.leaves[n] for n in st.layer_leaves[i]]])

@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from macq.errors import MacqError
 from macq.models import is_conv1d
-from macq.progress import LayerLog, stage
+from macq.perf import matmul_flops
+from macq.progress import LayerLog, add_flops, stage, with_backward
 from macq.quantizers.activations import ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, _to, capture_first_layer_inputs, layer_out, plain
 from macq.quantizers.meta_layers import _move_buffers, _set_param, materialize, release
@@ -135,6 +136,13 @@ class LayerStream:
         return norm
 
 
+def counted_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, charged to the running stage: the head's products are plain matmuls outside any module, which
+    the forward hook would not see."""
+    add_flops(matmul_flops(a.shape[0], a.shape[1], b.shape[1]))
+    return a @ b
+
+
 def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch.Tensor], vocab: int,
                         target: Callable[[int, int, int], torch.Tensor], pos_weight: list[torch.Tensor],
                         count: list[float], weight_grad: Callable[[int, int, int, torch.Tensor], None] | None = None
@@ -152,15 +160,15 @@ def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch
         for a in range(0, vocab, HEAD_ROWS):
             w = rows(a, min(a + HEAD_ROWS, vocab))
             for s, h in enumerate(hn):
-                lse[s] = torch.logaddexp(lse[s], torch.logsumexp(h @ w.t(), -1))
+                lse[s] = torch.logaddexp(lse[s], torch.logsumexp(counted_mm(h, w.t()), -1))
         grads = [torch.zeros_like(h) for h in hn]
         for a in range(0, vocab, HEAD_ROWS):
             b = min(a + HEAD_ROWS, vocab)
             w = rows(a, b)
             for s, h in enumerate(hn):
                 pw = pos_weight[s]
-                g = (torch.exp(h @ w.t() - lse[s][:, None]) * pw[:, None] - target(s, a, b)) / count[s]
-                grads[s] += g @ w
+                g = (torch.exp(counted_mm(h, w.t()) - lse[s][:, None]) * pw[:, None] - target(s, a, b)) / count[s]
+                grads[s] += counted_mm(g, w)
                 if weight_grad is not None:
                     weight_grad(s, a, b, g)
     return grads, lse
@@ -260,7 +268,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
         detached = [h.detach() for h in hn]
 
         def head_grad(s: int, a: int, b: int, g: torch.Tensor) -> None:
-            head_f[a:b] += (g.t() @ detached[s]).pow(2).cpu()
+            head_f[a:b] += counted_mm(g.t(), detached[s]).pow(2).cpu()
 
         g_hn, _ = chunked_logit_grads(detached, stream.head_rows, stream.vocab, target, pos_weight, count,
                                       head_grad if head_w else None)
@@ -279,7 +287,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
             acc = [torch.zeros_like(w) for w in ws]
             for s in range(n):
                 x = stores[i][s].to(stream.device).clone().requires_grad_(True)
-                with torch.enable_grad():
+                with torch.enable_grad(), with_backward():
                     out = layer_out(layer, {}, x, _to(kwargs[s], stream.device))
                     got = torch.autograd.grad(out, [x, *ws], grads[s])
                 grads[s] = got[0].detach()
@@ -304,7 +312,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
                             grads[0].shape[-1])
         if tied:
             def tied_grad(s: int, a: int, b: int, g: torch.Tensor) -> None:
-                full = (g.t() @ detached[s]).cpu()
+                full = counted_mm(g.t(), detached[s]).cpu()
                 rows, ge = sparse[s]
                 hit = (rows >= a) & (rows < b)
                 full.index_add_(0, rows[hit] - a, ge[hit])
