@@ -408,7 +408,8 @@ def test_cli_learned_streams_the_logits_stage(ckpts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch,heads", [("llama", ("--include-embeddings", "--include-lm-head")),   # untied
-                                        ("qwen2", ("--include-embeddings",))])                     # tied
+                                        ("qwen2", ("--include-embeddings",)),                      # tied
+                                        ("llama", ())])      # float head: the teacher reuses the student's rows
 def test_streamed_logits_gradient_equals_autograd_over_the_whole_model(ckpts, tmp_path, capsys, arch, heads):
     """One row's KL and its gradient on every log-scale (embedding / head included): the streamed stage
     (quantized layers read from their files, chunked head, per-layer reverse) against one autograd graph over
@@ -441,8 +442,9 @@ def test_streamed_logits_gradient_equals_autograd_over_the_whole_model(ckpts, tm
         files.add({n: r for n, r in qm.records.items() if n.startswith(f"{pre}.{i}.")},
                   {k: qm.float_tensors[k] for k in qm.float_tensors if k.startswith(f"{pre}.{i}.")})
     heads_recs = {n: r for n, r in qm.records.items() if not n.startswith(pre + ".")}
-    assert heads_recs
+    assert bool(heads_recs) == bool(heads)
     student = _Student(stream, files, heads_recs)
+    assert student.float_head == (not heads)
     run = _Stage(student, _Teacher(stream, ids), ids)
     assert run.kl(1) == pytest.approx(float(loss), rel=1e-5)
     run.backward(1, 1.0)

@@ -35,6 +35,7 @@ class _Student:
         self.stream, self.files, self.heads = stream, files, heads
         self.leaves: dict[str, torch.Tensor] = {}
         self.head_params = {n: self._param(n, r) for n, r in heads.items() if tunable(r)}
+        self.float_head = (stream.spec.embed if stream.tied else stream.spec.lm_head) not in heads
         self.layer_leaves: list[list[str]] = []       # names of each layer's tunable records
         for i in range(len(files.paths)):
             recs, _ = files.load(i)
@@ -100,21 +101,23 @@ class _Teacher:
         self.kwargs = inputs.kwargs
         _, final = stream.forward(inputs, keep=False)
         self.norm = stream.final_norm()
-        with torch.no_grad():
+        chunks = [(a, min(a + HEAD_ROWS, stream.vocab)) for a in range(0, stream.vocab, HEAD_ROWS)]
+        with torch.no_grad():                 # each chunk of the head read once per pass for all rows
             self.hn = [self.norm(h.to(stream.device))[0] for h in final]
-            self.lse = [_lse(h, stream.head_rows, stream.vocab) for h in self.hn]
-            self.mass = [sum(self.logprobs(s, a, min(a + HEAD_ROWS, stream.vocab)).exp().sum(-1)
-                             for a in range(0, stream.vocab, HEAD_ROWS)) for s in range(len(self.hn))]
+            self.lse = [torch.full(h.shape[:1], float("-inf"), device=h.device) for h in self.hn]
+            for a, b in chunks:
+                w = stream.head_rows(a, b)
+                self.lse = [torch.logaddexp(e, torch.logsumexp(counted_mm(h, w.t()), -1)) for e, h in zip(self.lse, self.hn)]
+            self.mass = [0] * len(self.hn)
+            for a, b in chunks:
+                w = stream.head_rows(a, b)
+                self.mass = [m + self.logprobs(s, a, b, w).exp().sum(-1) for s, m in enumerate(self.mass)]
 
-    def logprobs(self, s: int, a: int, b: int) -> torch.Tensor:
-        return (counted_mm(self.hn[s], self.stream.head_rows(a, b).t()) - self.lse[s][:, None]).half().float()
-
-
-def _lse(h: torch.Tensor, rows, vocab: int) -> torch.Tensor:
-    out = torch.full(h.shape[:1], float("-inf"), device=h.device)
-    for a in range(0, vocab, HEAD_ROWS):
-        out = torch.logaddexp(out, torch.logsumexp(counted_mm(h, rows(a, min(a + HEAD_ROWS, vocab)).t()), -1))
-    return out
+    def logprobs(self, s: int, a: int, b: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Row ``s``'s log-probs over vocabulary ``[a, b)``; ``rows``: the float head's rows there, when the
+        caller has just read them (the student's head is the float one unless the head is quantized)."""
+        w = rows if rows is not None else self.stream.head_rows(a, b)
+        return (counted_mm(self.hn[s], w.t()) - self.lse[s][:, None]).half().float()
 
 
 class _Stage:
@@ -139,12 +142,16 @@ class _Stage:
         _, h = self.forward(r)
         with stage("head"):
             hn = self.tc.norm(h)[0]
-            lse = _lse(hn, self.st.head_rows, self.stream.vocab)
+            vocab = self.stream.vocab
+            lse = torch.full(hn.shape[:1], float("-inf"), device=hn.device)
+            logits = []                       # this row's logits (T x vocab floats), made once
+            for a in range(0, vocab, HEAD_ROWS):
+                logits.append(counted_mm(hn, self.st.head_rows(a, min(a + HEAD_ROWS, vocab)).t()))
+                lse = torch.logaddexp(lse, torch.logsumexp(logits[-1], -1))
             total = torch.zeros(hn.shape[0])
-            for a in range(0, self.stream.vocab, HEAD_ROWS):
-                b = min(a + HEAD_ROWS, self.stream.vocab)
-                t = self.tc.logprobs(r, a, b)
-                total += (t.exp() * (t - (counted_mm(hn, self.st.head_rows(a, b).t()) - lse[:, None]))).sum(-1)
+            for a, z in zip(range(0, vocab, HEAD_ROWS), logits):
+                t = self.tc.logprobs(r, a, min(a + HEAD_ROWS, vocab))
+                total += (t.exp() * (t - (z - lse[:, None]))).sum(-1)
         return float(total.mean())
 
     def backward(self, r: int, weight: float) -> None:
@@ -163,8 +170,18 @@ class _Stage:
                     with torch.enable_grad():
                         st.head_rows(a, b).backward(weight * counted_mm(g.t(), hd))
 
-            g_hn, _ = chunked_logit_grads([hd], st.head_rows, s.vocab, lambda _s, a, b: self.tc.logprobs(r, a, b).exp(),
-                                          [self.tc.mass[r]], [float(hd.shape[0])], head_grad)
+            last: list[torch.Tensor] = []
+
+            def rows(a: int, b: int) -> torch.Tensor:
+                last[:] = [st.head_rows(a, b)]
+                return last[0]
+
+            def target(_s: int, a: int, b: int) -> torch.Tensor:   # a float head: the chunk just read is the teacher's
+                return self.tc.logprobs(r, a, b, last[0] if st.float_head else None).exp()
+
+            g_hn, _ = chunked_logit_grads([hd], rows, s.vocab, target, [self.tc.mass[r]], [float(hd.shape[0])],
+                                          head_grad, keep=True)
+            last.clear()
             g = torch.autograd.grad(hn, h, weight * g_hn[0])[0]
         with stage("backward"):
             for i in reversed(range(len(s.layers))):

@@ -145,8 +145,8 @@ def counted_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch.Tensor], vocab: int,
                         target: Callable[[int, int, int], torch.Tensor], pos_weight: list[torch.Tensor],
-                        count: list[float], weight_grad: Callable[[int, int, int, torch.Tensor], None] | None = None
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                        count: list[float], weight_grad: Callable[[int, int, int, torch.Tensor], None] | None = None,
+                        keep: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The gradient of each sequence's loss ``Σ_t (w_t·lse_t - Σ_v target_tv·logit_tv) / count`` (cross-entropy
     to a one-hot target, or, to the float model's probabilities, the KL up to a constant) with respect to its
     normed hidden states ``hn[s] [T, H]``; the logits ``hn @ Wᵀ`` are made one chunk of vocabulary rows at a time.
@@ -154,20 +154,27 @@ def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch
     ``pos_weight[s][t]`` over the vocabulary (0 leaves a position out); ``count[s]``: the positions averaged over.
     ``weight_grad(s, a, b, G)`` receives each
     chunk's logit gradient ``G [T, b - a]``: ``Gᵀ @ hn[s]`` is that sequence's gradient of the head rows.
+    ``keep``: hold the first pass's logits for the second (``T x vocab`` floats per sequence) instead of making
+    them again: one product of the head fewer per sequence, for a caller with one or two sequences.
     Returns the gradients and each sequence's log-sum-exp ``[T]``."""
     lse = [torch.full(h.shape[:1], float("-inf"), device=h.device) for h in hn]
+    kept: dict[tuple[int, int], torch.Tensor] = {}
     with torch.no_grad():
         for a in range(0, vocab, HEAD_ROWS):
             w = rows(a, min(a + HEAD_ROWS, vocab))
             for s, h in enumerate(hn):
-                lse[s] = torch.logaddexp(lse[s], torch.logsumexp(counted_mm(h, w.t()), -1))
+                z = counted_mm(h, w.t())
+                if keep:
+                    kept[s, a] = z
+                lse[s] = torch.logaddexp(lse[s], torch.logsumexp(z, -1))
         grads = [torch.zeros_like(h) for h in hn]
         for a in range(0, vocab, HEAD_ROWS):
             b = min(a + HEAD_ROWS, vocab)
             w = rows(a, b)
             for s, h in enumerate(hn):
                 pw = pos_weight[s]
-                g = (torch.exp(counted_mm(h, w.t()) - lse[s][:, None]) * pw[:, None] - target(s, a, b)) / count[s]
+                z = kept.pop((s, a)) if keep else counted_mm(h, w.t())
+                g = (torch.exp(z - lse[s][:, None]) * pw[:, None] - target(s, a, b)) / count[s]
                 grads[s] += counted_mm(g, w)
                 if weight_grad is not None:
                     weight_grad(s, a, b, g)
