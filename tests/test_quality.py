@@ -232,7 +232,21 @@ def test_refit_lut_is_the_least_squares_optimum(monkeypatch, block_bytes):
     refit = LUTRecord(indices=rec.indices, lut=got.float(), bits=2).dequantize().double()
     assert output_error(w, refit, H) < 0.9 * output_error(w, rec.dequantize().double(), H)
     d = refit - w
-    assert output_error(w, refit, H) == pytest.approx(float(torch.trace(d @ H @ d.T)), rel=1e-12)
+    assert output_error(w, refit, H) == pytest.approx(float(torch.trace(d @ H @ d.T)), rel=1e-5)
+
+
+@pytest.mark.parametrize("n,row_bytes", [(50, 64 << 20), (50, 8 * 50 * 3), (7, 8 * 7)])
+def test_output_error_from_the_triangle_equals_the_float64_trace(n, row_bytes, monkeypatch):
+    """2·tr(ΔW T ΔWᵀ) − Σ H_ii ΔW² over row blocks of the triangle (ragged: 50 = 7·7 + 1) and of ΔW (3 rows, or
+    1) against the float64 ``tr(ΔW H ΔWᵀ)``."""
+    import macq.quantizers.kmeans_cal as kc
+
+    monkeypatch.setattr(kc, "ROW_BYTES", row_bytes)
+    gen = torch.Generator().manual_seed(n)
+    w, w_hat = torch.randn(10, n, generator=gen), torch.randn(10, n, generator=gen)
+    H = _correlated_hessian(n, gen)
+    d = (w_hat - w).double()
+    assert kc.output_error(w, w_hat, H) == pytest.approx(float(torch.trace(d @ H.double() @ d.T)), rel=1e-5)
 
 
 def test_refit_lut_keeps_unused_entries():

@@ -157,6 +157,7 @@ def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent:
 
 
 ROW_BYTES = 64 << 20     # float64 rows of ΔW (or of H) handled at a time: temporaries stay bounded at 8B widths
+TRI_BLOCKS = 8           # H's lower triangle in (at least) 8 row blocks: (8 + 1) / 16 of the full product's work
 
 
 def _row_step(n: int) -> int:
@@ -164,15 +165,32 @@ def _row_step(n: int) -> int:
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ)``: the layer-output squared error on the calibration inputs (``H = E[x xᵀ]``), a block of
-    rows at a time (at 8B ``down_proj`` a whole float64 ``ΔW`` and ``ΔW·H`` would be 0.5 GB each)."""
-    H64, step = H.double(), _row_step(w.shape[1])
-    total = 0.0
-    for r in range(0, w.shape[0], step):
-        d = (w_hat[r:r + step] - w[r:r + step]).double()
-        total += float(((d @ H64) * d).sum())
-        add_flops(matmul_flops(d.shape[0], d.shape[1], d.shape[1]), float64=True)
-    return total
+    """``tr(ΔW H ΔWᵀ)``: the layer-output squared error on the calibration inputs (``H = E[x xᵀ]``).
+
+    As ``2·tr(ΔW T ΔWᵀ) − Σ H_ii ΔW_ri²`` (``T`` the lower triangle of ``H``, diagonal included): float32 products
+    over row blocks of the triangle, 9/16 of those of ``ΔW·H``, summed in float64. A row block of ``H`` and of
+    ``ΔW`` at a time (at 8B ``down_proj`` a whole float32 ``ΔW`` would be 235 MB, a float32 ``H`` 822 MB)."""
+    n = w.shape[1]
+    step, hstep = _row_step(n), _tri_step(n)
+    diag = torch.diagonal(H).float()
+    tri = dia = 0.0
+    for a in range(0, n, hstep):
+        e = min(a + hstep, n)
+        blk = H[a:e, :e].to(torch.float32, copy=True)
+        blk[:, a:].tril_()
+        for r in range(0, w.shape[0], step):
+            d = w_hat[r:r + step, :e].float() - w[r:r + step, :e].float()
+            tri += float((d @ blk.t()).mul_(d[:, a:]).sum(dtype=torch.float64))
+            dia += float(d[:, a:].square().mul_(diag[a:e]).sum(dtype=torch.float64))
+            add_flops(matmul_flops(d.shape[0], e, e - a))
+    return 2 * tri - dia
+
+
+def _tri_step(n: int) -> int:
+    """Rows of ``H``'s lower triangle per block: at least :data:`TRI_BLOCKS` blocks (block ``j`` of ``B`` spans
+    ``j/B`` of the columns, so the products are ``(B + 1) / 2B`` of the full square's), at most a float64
+    ``ROW_BYTES`` block."""
+    return min(_row_step(n), -(-n // TRI_BLOCKS))
 
 
 REFIT_BYTES = 64 << 20   # one block of one-hot rows in the LUT refit: the whole [out, in, K] would be 1 GB at 1B
@@ -190,27 +208,41 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     ``ridge·mean(diag M)`` pulls towards the current ``lut`` so that unused entries keep their value.
     ``fixed [out, in]`` (outliers, held in the sparse part): no LUT entry there, so their one-hot rows are zero and
     ``w`` there must be what the sparse part does not hold (``w - v``, the fp16 rounding of the outlier ``v``).
+
+    The products are float32 (the systems are solved in float64) and use H's symmetry: with ``T`` its lower
+    triangle (diagonal included) and ``D`` its diagonal, ``A_rᵀ H A_r = X + Xᵀ − A_rᵀ D A_r`` for
+    ``X = A_rᵀ T A_r``, and ``T A_r`` is half the products of ``H A_r``, the stage's largest.
     """
     out, n = w.shape
     g, k = lut.shape
-    H64 = H.double()
     m = torch.empty(out, k, k, dtype=torch.float64)
     b = torch.empty(out, k, dtype=torch.float64)
-    step = max(1, REFIT_BYTES // (n * k * 4))          # rows per block: the one-hot block and H A_r stay bounded
-    hstep = _row_step(n)                               # rows of H made float32 at a time (no float32 copy of H)
+    diag = torch.diagonal(H).float()
+    step = max(1, REFIT_BYTES // (n * k * 4))          # rows per block: the one-hot block and T A_r stay bounded
+    hstep = _tri_step(n)                               # rows of H made float32 at a time (no float32 copy of H)
     for r0 in range(0, out, step):
         r1 = min(r0 + step, out)
+        rows = r1 - r0
         onehot = torch.nn.functional.one_hot(idx[r0:r1].long(), k).float()               # [rows, in, K]
         if fixed is not None:
             onehot = onehot.masked_fill(fixed[r0:r1].unsqueeze(-1), 0.0)
-        flat = onehot.permute(1, 0, 2).reshape(n, (r1 - r0) * k)
-        ha = torch.cat([H64[a:a + hstep].float() @ flat for a in range(0, n, hstep)]).reshape(n, r1 - r0, k)
-        m[r0:r1] = torch.einsum("irk,ril->rkl", ha, onehot).double()                     # A_rᵀ H A_r (per row)
-        b[r0:r1] = torch.einsum("rik,ri->rk", onehot.double(), w[r0:r1].double() @ H64)  # A_rᵀ H w_r
-        rows = r1 - r0   # the products as computed: the one-hot operands are 1/K nonzero
-        add_flops(matmul_flops(n, n, rows * k) + matmul_flops(rows * k, n, k))
-        add_flops(matmul_flops(rows, n, n), float64=True)
-        del onehot, ha, flat
+        flat = onehot.permute(1, 0, 2).reshape(n, rows * k)
+        wt = w[r0:r1].t().float()
+        ta, hw = torch.empty(n, rows * k), torch.empty(n, rows)
+        for a in range(0, n, hstep):
+            e = min(a + hstep, n)
+            blk = H[a:e].to(torch.float32, copy=True)  # rows a..e of H
+            torch.mm(blk, wt, out=hw[a:e])             # H w_r
+            blk = blk[:, :e]
+            blk[:, a:].tril_()                         # T's rows: columns up to e, the diagonal block's lower half
+            torch.mm(blk, flat[:e], out=ta[a:e])
+            add_flops(matmul_flops(e - a, n, rows) + matmul_flops(e - a, e, rows * k))
+        x = torch.einsum("irk,ril->rkl", ta.reshape(n, rows, k), onehot)                # (A_rᵀ T A_r)ᵀ
+        dr = torch.einsum("rik,i->rk", onehot, diag)                                    # A_rᵀ D A_r (diagonal)
+        m[r0:r1] = (x + x.transpose(1, 2) - torch.diag_embed(dr)).double()
+        b[r0:r1] = torch.einsum("rik,ir->rk", onehot, hw).double()                      # A_rᵀ H w_r
+        add_flops(matmul_flops(rows * k, n, k) + matmul_flops(rows * k, n, 1))
+        del onehot, ta, flat
     m, b = m.reshape(g, out // g, k, k).sum(1), b.reshape(g, out // g, k).sum(1)
     lam = ridge * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # [G]
     eye = torch.eye(k, dtype=torch.float64)
