@@ -25,7 +25,7 @@ import torch
 from macq.progress import stage, with_backward
 from macq.quantizers.calibration import _to, layer_out
 from macq.quantizers.learned_kl import ScaleParams, _scale, dequantized, from_record, to_record, tunable
-from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads, counted_mm
+from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads, chunked_lse, counted_mm
 
 
 class _Student:
@@ -104,10 +104,7 @@ class _Teacher:
         chunks = [(a, min(a + HEAD_ROWS, stream.vocab)) for a in range(0, stream.vocab, HEAD_ROWS)]
         with torch.no_grad():                 # each chunk of the head read once per pass for all rows
             self.hn = [self.norm(h.to(stream.device))[0] for h in final]
-            self.lse = [torch.full(h.shape[:1], float("-inf"), device=h.device) for h in self.hn]
-            for a, b in chunks:
-                w = stream.head_rows(a, b)
-                self.lse = [torch.logaddexp(e, torch.logsumexp(counted_mm(h, w.t()), -1)) for e, h in zip(self.lse, self.hn)]
+            self.lse, _ = chunked_lse(self.hn, stream.head_rows, stream.vocab)
             self.mass = [0] * len(self.hn)
             for a, b in chunks:
                 w = stream.head_rows(a, b)
@@ -143,15 +140,11 @@ class _Stage:
         with stage("head"):
             hn = self.tc.norm(h)[0]
             vocab = self.stream.vocab
-            lse = torch.full(hn.shape[:1], float("-inf"), device=hn.device)
-            logits = []                       # this row's logits (T x vocab floats), made once
-            for a in range(0, vocab, HEAD_ROWS):
-                logits.append(counted_mm(hn, self.st.head_rows(a, min(a + HEAD_ROWS, vocab)).t()))
-                lse = torch.logaddexp(lse, torch.logsumexp(logits[-1], -1))
+            (lse,), logits = chunked_lse([hn], self.st.head_rows, vocab, keep=True)   # this row's logits, made once
             total = torch.zeros(hn.shape[0])
-            for a, z in zip(range(0, vocab, HEAD_ROWS), logits):
+            for a in range(0, vocab, HEAD_ROWS):
                 t = self.tc.logprobs(r, a, min(a + HEAD_ROWS, vocab))
-                total += (t.exp() * (t - (z - lse[:, None]))).sum(-1)
+                total += (t.exp() * (t - (logits.pop((0, a)) - lse[:, None]))).sum(-1)
         return float(total.mean())
 
     def backward(self, r: int, weight: float) -> None:

@@ -143,6 +143,23 @@ def counted_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+@torch.no_grad()
+def chunked_lse(hn: list[torch.Tensor], rows: Callable[[int, int], torch.Tensor], vocab: int, keep: bool = False
+                ) -> tuple[list[torch.Tensor], dict[tuple[int, int], torch.Tensor]]:
+    """Each sequence's log-sum-exp over the vocabulary ``[T]``, one chunk of head rows at a time (each chunk read
+    once for all sequences); with ``keep`` also the logits by ``(sequence, chunk start)``, else an empty dict."""
+    lse = [torch.full(h.shape[:1], float("-inf"), device=h.device) for h in hn]
+    kept: dict[tuple[int, int], torch.Tensor] = {}
+    for a in range(0, vocab, HEAD_ROWS):
+        w = rows(a, min(a + HEAD_ROWS, vocab))
+        for s, h in enumerate(hn):
+            z = counted_mm(h, w.t())
+            if keep:
+                kept[s, a] = z
+            lse[s] = torch.logaddexp(lse[s], torch.logsumexp(z, -1))
+    return lse, kept
+
+
 def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch.Tensor], vocab: int,
                         target: Callable[[int, int, int], torch.Tensor], pos_weight: list[torch.Tensor],
                         count: list[float], weight_grad: Callable[[int, int, int, torch.Tensor], None] | None = None,
@@ -157,16 +174,8 @@ def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch
     ``keep``: hold the first pass's logits for the second (``T x vocab`` floats per sequence) instead of making
     them again: one product of the head fewer per sequence, for a caller with one or two sequences.
     Returns the gradients and each sequence's log-sum-exp ``[T]``."""
-    lse = [torch.full(h.shape[:1], float("-inf"), device=h.device) for h in hn]
-    kept: dict[tuple[int, int], torch.Tensor] = {}
     with torch.no_grad():
-        for a in range(0, vocab, HEAD_ROWS):
-            w = rows(a, min(a + HEAD_ROWS, vocab))
-            for s, h in enumerate(hn):
-                z = counted_mm(h, w.t())
-                if keep:
-                    kept[s, a] = z
-                lse[s] = torch.logaddexp(lse[s], torch.logsumexp(z, -1))
+        lse, kept = chunked_lse(hn, rows, vocab, keep)
         grads = [torch.zeros_like(h) for h in hn]
         for a in range(0, vocab, HEAD_ROWS):
             b = min(a + HEAD_ROWS, vocab)
