@@ -200,6 +200,40 @@ def test_lut_gptq_is_nearest_with_identity_hessian_and_helps_with_correlated_inp
     assert output_error(w, fb, H) < 0.8 * output_error(w, rec.dequantize(), H)
 
 
+def _feedback_reference(w, H, rows, damp, fixed=None):
+    """GPTQ's loop as its paper writes it, onto LUT rows: float64, one column at a time, every later column
+    updated at once (no lazy blocks), the inverse's upper factor from ``torch.linalg``."""
+    W, rows = w.double().clone(), rows.double()
+    Hd = H.double() + damp * H.double().diagonal().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    idx = torch.zeros(W.shape, dtype=torch.long)
+    for j in range(W.shape[1]):
+        idx[:, j] = (W[:, j:j + 1] - rows).abs().argmin(1)
+        q = rows.gather(1, idx[:, j:j + 1])[:, 0]
+        if fixed is not None:
+            q = torch.where(fixed[:, j], W[:, j], q)
+        W[:, j:] -= ((W[:, j] - q) / U[j, j]).unsqueeze(1) * U[j, j:]
+    return idx
+
+
+@pytest.mark.parametrize("block_size,with_fixed", [(40, False), (16, True), (7, False)])
+def test_lut_gptq_equals_the_float64_column_loop(block_size, with_fixed):
+    """The float32 lazy-block loop (sub-blocks of 16 columns, ragged blocks: 50 = 40 + 10, 3·16 + 2, 7·7 + 1)
+    against :func:`_feedback_reference`: the same indices up to float32 near-ties, the same output error."""
+    gen = torch.Generator().manual_seed(block_size)
+    w = torch.randn(32, 50, generator=gen)
+    H = _correlated_hessian(50, gen)
+    rec = quantize_weight(w, KMeansConfig(bits=3, group_size=8))
+    fixed = torch.rand(32, 50, generator=gen) < 0.05 if with_fixed else None
+    got = lut_gptq(w, H, lut_rows(rec), 0.01, block_size, fixed).long()
+    want = _feedback_reference(w, H, lut_rows(rec), 0.01, fixed)
+    live = ~fixed if fixed is not None else torch.ones_like(got, dtype=torch.bool)
+    assert float((got != want)[live].float().mean()) <= 0.005
+    err = [output_error(w, LUTRecord(indices=i.to(torch.uint8), lut=rec.lut, bits=3).dequantize(), H) for i in (got, want)]
+    assert err[0] == pytest.approx(err[1], rel=1e-3)
+    assert err[0] < 0.7 * output_error(w, rec.dequantize(), H)     # the feedback is doing something
+
+
 def _correlated_hessian(n: int, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(600, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, n, generator=gen, dtype=torch.float64)
     x = x + 0.1 * torch.randn(600, n, generator=gen, dtype=torch.float64)     # low-rank, correlated inputs

@@ -101,23 +101,19 @@ def lut_rows(rec: LUTRecord) -> torch.Tensor:
     return rec.lut.float().repeat_interleave(rec.shape[0] // rec.n_lut_groups, dim=0)
 
 
-def _nearest_in_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of ``rows [out, K]`` for each ``w [out]`` (ties: lowest index)."""
-    return (w.unsqueeze(1) - rows).abs().argmin(1)
-
-
 @torch.no_grad()
 def lut_hinv(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """GPTQ's upper Cholesky factor of the damped inverse Hessian (dead inputs, never active, set to 1 first): one
-    per linear, shared by every assignment pass; ``H`` is copied only when some input is dead."""
+    """GPTQ's upper Cholesky factor of the damped inverse Hessian (dead inputs, never active, set to 1 first), in
+    float32 as GPTQ's default precision has it (a float32 factorization that fails is redone in float64, then cast
+    back): one per linear, shared by every assignment pass."""
     from macq.quantizers.gptq import inverse_hessian_cholesky
 
-    H = H.double()
-    dead = torch.diag(H) == 0
+    Hf = H.float()
+    dead = torch.diag(Hf) == 0
     if bool(dead.any()):
-        H = H.clone()
-        H[dead, dead] = 1.0
-    return inverse_hessian_cholesky(H, damp_percent)[0]
+        Hf = Hf.clone() if Hf is H else Hf     # the caller's H is not changed
+        Hf[dead, dead] = 1.0
+    return inverse_hessian_cholesky(Hf, damp_percent)[0].float()
 
 
 @torch.no_grad()
@@ -130,30 +126,39 @@ def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent:
     ``fixed [out, in]`` (bool, the record's outliers) are held at their value: error 0, no feedback from them
     (their index is meaningless and is replaced when the outliers are attached). ``hinv``: :func:`lut_hinv` of
     ``H``, when the caller already has it.
-    """
-    from macq.quantizers.gptq import gptq_block_flops
 
-    W = W.double() if W.dtype != torch.float64 else W.clone()   # one copy: it is updated in place
-    rows64 = rows.double()
-    out, n = W.shape
-    Hinv = hinv if hinv is not None else lut_hinv(H, damp_percent)
-    idx = torch.zeros(out, n, dtype=torch.uint8)   # K <= 256 entries (8 bits at most)
+    The loop is GPTQ's (:func:`macq.quantizers.gptq.gptq_quantize`): float32, on ``Wᵀ`` so that a column is a
+    contiguous row, rank-1 updates within sub-blocks of :data:`~macq.quantizers.gptq.SUB` columns and one GEMM
+    for the rest of each block and one for the columns after it.
+    """
+    from macq.quantizers.gptq import SUB, gptq_block_flops
+
+    Hinv = (hinv if hinv is not None else lut_hinv(H, damp_percent)).float()
+    n, out = W.shape[1], W.shape[0]
+    Wt = torch.empty(n, out).copy_(W.T)                   # one transposing copy: it is updated in place
+    lut = rows.float()
+    held = fixed.T.contiguous() if fixed is not None else None
+    idx = torch.empty(n, out, dtype=torch.uint8)          # K <= 256 entries (8 bits at most)
+    d = Hinv.diagonal()
+    E = Wt.new_empty(min(block_size, n), out)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), W.new_zeros(out, i2 - i1), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            k = _nearest_in_rows(w, rows64)
-            q = rows64.gather(1, k.unsqueeze(1)).squeeze(1)
-            if fixed is not None:
-                q = torch.where(fixed[:, i1 + i], w, q)
-            idx[:, i1 + i] = k
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)    # in place: no [out, rest] temporary
-        add_flops(gptq_block_flops(out, i2 - i1, n - i2), float64=True)
-    return idx
+        W1, E1, Hd = Wt[i1:i2], E[:i2 - i1], Hinv[i1:i2, i1:] / d[i1:i2, None]   # W1: a view, updated in place
+        for s1 in range(i1, i2, SUB):
+            s2 = min(s1 + SUB, i2)
+            for j in range(s1, s2):
+                i, w = j - i1, W1[j - i1]
+                k = (w.unsqueeze(1) - lut).abs_().argmin(1)
+                q = lut.gather(1, k.unsqueeze(1)).squeeze(1)
+                idx[j] = k
+                torch.sub(w, q, out=E1[i])
+                if held is not None:
+                    E1[i].masked_fill_(held[j], 0.0)       # held at their value: no error to spread
+                W1[i + 1:s2 - i1].addr_(Hd[i, i + 1:s2 - i1], E1[i], alpha=-1)
+            W1[s2 - i1:].addmm_(Hd[s1 - i1:s2 - i1, s2 - i1:i2 - i1].T, E1[s1 - i1:s2 - i1], alpha=-1)
+        Wt[i2:].addmm_(Hd[:, i2 - i1:].T, E1, alpha=-1)
+        add_flops(gptq_block_flops(out, i2 - i1, n - i2))
+    return idx.T.contiguous()
 
 
 ROW_BYTES = 64 << 20     # float64 rows of ΔW (or of H) handled at a time: temporaries stay bounded at 8B widths
@@ -223,10 +228,10 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     for r0 in range(0, out, step):
         r1 = min(r0 + step, out)
         rows = r1 - r0
-        onehot = torch.nn.functional.one_hot(idx[r0:r1].long(), k).float()               # [rows, in, K]
+        onehot = torch.zeros(n, rows, k).scatter_(2, idx[r0:r1].T.long().unsqueeze(-1), 1.0)   # A_r, [in, rows, K]
         if fixed is not None:
-            onehot = onehot.masked_fill(fixed[r0:r1].unsqueeze(-1), 0.0)
-        flat = onehot.permute(1, 0, 2).reshape(n, rows * k)
+            onehot.masked_fill_(fixed[r0:r1].T.unsqueeze(-1), 0.0)
+        flat = onehot.view(n, rows * k)
         wt = w[r0:r1].t().float()
         ta, hw = torch.empty(n, rows * k), torch.empty(n, rows)
         for a in range(0, n, hstep):
@@ -237,12 +242,13 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
             blk[:, a:].tril_()                         # T's rows: columns up to e, the diagonal block's lower half
             torch.mm(blk, flat[:e], out=ta[a:e])
             add_flops(matmul_flops(e - a, n, rows) + matmul_flops(e - a, e, rows * k))
-        x = torch.einsum("irk,ril->rkl", ta.reshape(n, rows, k), onehot)                # (A_rᵀ T A_r)ᵀ
-        dr = torch.einsum("rik,i->rk", onehot, diag)                                    # A_rᵀ D A_r (diagonal)
+        per_row = onehot.permute(1, 0, 2)                                                  # [rows, in, K]
+        x = torch.bmm(ta.view(n, rows, k).permute(1, 2, 0), per_row)                      # A_rᵀ T A_r
+        dr = (diag @ flat).view(rows, k)                                                   # A_rᵀ D A_r (diagonal)
         m[r0:r1] = (x + x.transpose(1, 2) - torch.diag_embed(dr)).double()
-        b[r0:r1] = torch.einsum("rik,ir->rk", onehot, hw).double()                      # A_rᵀ H w_r
-        add_flops(matmul_flops(rows * k, n, k) + matmul_flops(rows * k, n, 1))
-        del onehot, ta, flat
+        b[r0:r1] = torch.bmm(hw.t().unsqueeze(1), per_row).squeeze(1).double()            # A_rᵀ H w_r
+        add_flops(matmul_flops(rows * k, n, k) + matmul_flops(rows * k, n, 1) + matmul_flops(rows, n, k))
+        del onehot, ta, flat, per_row
     m, b = m.reshape(g, out // g, k, k).sum(1), b.reshape(g, out // g, k).sum(1)
     lam = ridge * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # [G]
     eye = torch.eye(k, dtype=torch.float64)
