@@ -43,6 +43,7 @@ STUDIES: dict[str, tuple[str, str]] = {
                        "peak RSS, per-stage GEMM rates against the probe"),
     "gptq_range_picks": ("realsize.md", "GPTQ's coarse-to-fine range search against the 41-factor scan on real weights"),
     "kernel_probe": ("realsize.md", "potrf, the range search's power and AWQ's clip blocks, each against its alternative"),
+    "palettize_probe": ("realsize.md", "kmeans-cal's palettize stage on one linear, part by part, against the probe"),
     "baselines_table": ("baselines.md", "bitsandbytes and llm-compressor next to macq (bash script)"),
     "mlx_fp4_rows": ("mlx-fp4.md", "mxfp4 / nvfp4: mlx_lm.convert --q-mode against macq rtn / gptq, through mlx_lm"),
     "kv_rows": ("mlx-fp4.md", "quantized KV cache (mlx_lm's and the torch simulation) next to the weights' error"),
