@@ -200,6 +200,26 @@ def test_lut_gptq_is_nearest_with_identity_hessian_and_helps_with_correlated_inp
     assert output_error(w, fb, H) < 0.8 * output_error(w, rec.dequantize(), H)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lut_hinv_sets_dead_inputs_without_touching_the_callers_hessian(dtype):
+    """A never-active input (zero row and column of H) gets a unit diagonal before factoring, in a copy: the
+    factor equals the one of H with that diagonal set by hand (float64 reference), and H is unchanged."""
+    from macq.quantizers.kmeans_cal import lut_hinv
+
+    gen = torch.Generator().manual_seed(3)
+    H = _correlated_hessian(12, gen)
+    H[4, :] = H[:, 4] = 0.0
+    H = H.to(dtype)
+    before = H.clone()
+    got = lut_hinv(H, 0.01)
+    assert torch.equal(H, before) and got.dtype == torch.float32
+    ref = H.double().clone()
+    ref[4, 4] = 1.0
+    ref += 0.01 * ref.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(ref), upper=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def _feedback_reference(w, H, rows, damp, fixed=None):
     """GPTQ's loop as its paper writes it, onto LUT rows: float64, one column at a time, every later column
     updated at once (no lazy blocks), the inverse's upper factor from ``torch.linalg``."""

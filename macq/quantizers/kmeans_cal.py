@@ -243,7 +243,7 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
             torch.mm(blk, flat[:e], out=ta[a:e])
             add_flops(matmul_flops(e - a, n, rows) + matmul_flops(e - a, e, rows * k))
         per_row = onehot.permute(1, 0, 2)                                                  # [rows, in, K]
-        x = torch.bmm(ta.view(n, rows, k).permute(1, 2, 0), per_row)                      # A_rᵀ T A_r
+        x = torch.bmm(ta.view(n, rows, k).permute(1, 2, 0), per_row)                      # (A_rᵀ T A_r)ᵀ
         dr = (diag @ flat).view(rows, k)                                                   # A_rᵀ D A_r (diagonal)
         m[r0:r1] = (x + x.transpose(1, 2) - torch.diag_embed(dr)).double()
         b[r0:r1] = torch.bmm(hw.t().unsqueeze(1), per_row).squeeze(1).double()            # A_rᵀ H w_r
