@@ -6,6 +6,7 @@ and a timed float32 matmul measured here for the probe's order of magnitude."""
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,29 @@ def test_cli_json_and_progress_lines_carry_the_rates(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("awq (streamed) layer:")]
     assert lines and all("search" in ln and "GFLOP/s" in ln for ln in lines), r.stderr
+
+
+def test_palettize_probe_refuses_bad_input_before_work_and_never_replaces_a_foreign_file(tmp_path):
+    """The benchmark's bad shape and a --json path it did not write: one ``error:`` line, exit 2, the file as it
+    was; its own file is replaced only with --force."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmarks" / "palettize_probe.py"
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+    foreign = tmp_path / "user.json"
+    foreign.write_text('{"mine": 1}')
+    for args, msg in ((("--shapes", "12xq"), "error: --shapes '12xq': expected OUTxIN"),
+                      (("--json", str(foreign), "--force"), f"error: --json {foreign} exists and is not a file macq")):
+        r = run(*args)
+        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(err) == 1 and err[0].startswith(msg), r.stderr
+    assert foreign.read_text() == '{"mine": 1}'
+    mine = tmp_path / "probe.json"
+    assert run("--shapes", "16x32", "--json", str(mine)).returncode == 0
+    assert json.loads(mine.read_text())["linears"][0]["shape"] == [16, 32]
+    r = run("--shapes", "16x32", "--json", str(mine))
+    assert r.returncode == 2 and "pass --force to replace it" in r.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from contextlib import contextmanager
 
@@ -76,18 +77,38 @@ def probe_linear(out: int, n: int, seed: int = 0) -> dict:
             "gflop_s": round(flops / 1e9 / total, 1), "refits": info["refit"], "parts": parts}
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        out, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--shapes {text!r}: expected OUTxIN, e.g. 2048x8192") from None
+    if out < 1 or n < 1:
+        raise ValueError(f"--shapes {text!r}: expected positive sizes")
+    return out, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["2048x2048", "8192x2048", "2048x8192"], help="OUTxIN each")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, help="also write the results here (a new file, or one this script wrote)")
+    ap.add_argument("--force", action="store_true", help="--json: replace a file this script wrote")
     args = ap.parse_args()
+    from macq.atomic import atomic_file, guard_output
+    from macq.errors import MacqError
+
+    try:                                   # bad input: one line, before any slow work
+        shapes = [_shape(s) for s in args.shapes]
+        if args.json:
+            guard_output(args.json, args.force, flag="--json", kind="file")
+    except (ValueError, MacqError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.set_num_threads(1)
     from macq.perf import gemm_probe
 
-    result = {"probe_gflop_s": round(gemm_probe()[0], 1), "linears": []}
+    result = {"schema": "macq.palettize_probe/1", "probe_gflop_s": round(gemm_probe()[0], 1), "linears": []}
     print(f"float32 GEMM probe: {result['probe_gflop_s']} GFLOP/s (one thread)")
-    for s in args.shapes:
-        out, n = (int(v) for v in s.lower().split("x"))
+    for out, n in shapes:
         r = probe_linear(out, n)
         result["linears"].append(r)
         rate = r["gflop_s"] / result["probe_gflop_s"]
@@ -96,8 +117,8 @@ def main() -> None:
         for p, v in r["parts"].items():
             print(f"    {p:7s} {v['seconds']:7.2f} s  {v['calls']} call(s)  {v['gflop']:8.1f} GFLOP  {v['gflop_s']:6.1f} GFLOP/s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
