@@ -52,6 +52,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise MacqError(f"device: {device!r} is not one of {', '.join(DEVICE_NAMES)}")
 
 
+NO_FLOAT64 = ("mps",)   # device types without float64 tensors
+
+
+def has_float64(device: torch.device) -> bool:
+    """Whether ``device`` holds float64 tensors (MPS does not: code that reproduces another library's float64
+    arithmetic bit for bit runs on the CPU there)."""
+    return device.type not in NO_FLOAT64
+
+
+def wide_float(device: torch.device) -> torch.dtype:
+    """The dtype of running sums and solves that want more than float32: float64, except on a device without it
+    (MPS), where float32 it is, as GPTQ's default precision has it anyway."""
+    return torch.float64 if has_float64(device) else torch.float32
+
+
 def synchronize(device: str | torch.device) -> None:
     """Block until queued work on ``device`` has finished (kernels are asynchronous on CUDA and MPS);
     a no-op on CPU, where every op has already run when it returns."""

@@ -68,20 +68,21 @@ def _e4m3_table() -> torch.Tensor:
 
 
 E4M3_TABLE = _e4m3_table()
+E8M0_TABLE = torch.pow(2.0, torch.arange(256, dtype=torch.float64) - 127).float()   # one table: exact on every device
 E2M1_TABLE = torch.tensor(E2M1_VALUES, dtype=torch.float32)
 
 
 def decode_elements(codes: torch.Tensor, element: str) -> torch.Tensor:
     """Element codes -> float32 values (exact)."""
     table = E2M1_TABLE if element == "e2m1" else E4M3_TABLE
-    return table[codes.long()]
+    return table.to(codes.device)[codes.long()]
 
 
 def decode_scales(scales: torch.Tensor, scale: str) -> torch.Tensor:
     """Scale bytes -> float32 values (exact; E8M0 2**-127 is a float32 subnormal)."""
     if scale == "e4m3":
-        return E4M3_TABLE[scales.long()]
-    return torch.pow(2.0, scales.double() - 127).float()
+        return E4M3_TABLE.to(scales.device)[scales.long()]
+    return E8M0_TABLE.to(scales.device)[scales.long()]
 
 
 def encode_e4m3(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ honestly across methods.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Union
 
 import torch
@@ -131,7 +131,7 @@ class AffineRecord:
             return self.zeros.float()
         if self.biases is not None:
             return -self.biases.float() / self.scales.float()
-        return torch.full(self.scales.shape, float(2 ** (self.bits - 1)))
+        return torch.full(self.scales.shape, float(2 ** (self.bits - 1)), device=self.scales.device)
 
     def effective_biases(self) -> torch.Tensor:
         """``b`` in ``w = s*q + b`` as float32 (MLX's form)."""
@@ -198,7 +198,7 @@ class DoubleQuant:
     def dequantize(self) -> torch.Tensor:
         n = self.codes.numel()
         vals = self.code_lut.float()[self.codes.long()]
-        blk = torch.arange(n) // self.block_size
+        blk = torch.arange(n, device=self.codes.device) // self.block_size
         return vals * self.absmax.float()[blk] + self.offset
 
     def storage_bits(self) -> int:
@@ -461,6 +461,16 @@ def bits_per_weight(record: Record) -> float:
     """Stored bits per weight, every scale, zero, LUT entry and second-level constant charged."""
     return record.storage_bits() / record.indices.numel() if isinstance(record, LUTRecord) \
         else record.storage_bits() / record.codes.numel()
+
+
+def record_to(record: Any, device: torch.device | str) -> Any:
+    """The record (or :class:`DoubleQuant`) with every tensor on ``device``; the same object when they are there.
+    A quantizer that computes on an accelerator hands its records back to the CPU with this, one layer at a time."""
+    moved = {f.name: getattr(record, f.name) for f in fields(record) if f.init}
+    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else record_to(v, device) if isinstance(v, DoubleQuant)
+                 else v) for k, v in moved.items()}
+    same = all(moved[k] is getattr(record, k) for k in moved)
+    return record if same else replace(record, **moved)
 
 
 def nbytes(record: Record) -> int:

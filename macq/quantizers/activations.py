@@ -59,7 +59,13 @@ class StreamOptions:
         "help": "streamed calibration: dtype of the activations stored between layers, float32|float16|bfloat16 "
                 "(float32, the default, gives the in-memory path's records bit for bit; float16 halves them)"})
 
+    device: str = field(default="cpu", metadata={
+        "help": "cpu|cuda|cuda:N|mps|auto: where each decoder layer is calibrated and quantized (its forwards, "
+                "statistics and the method's solves); activations between layers stay in CPU memory"})
+
     def check_stream_options(self) -> None:
+        if str(self.device).split(":")[0] not in ("cpu", "cuda", "mps", "auto"):
+            raise MacqError(f"--device {self.device}: expected cpu, cuda, cuda:N, mps or auto")
         if self.act_dtype not in ACT_DTYPES:
             raise MacqError(f"--act-dtype {self.act_dtype}: expected one of {', '.join(ACT_DTYPES)}")
         if self.max_memory:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from macq.act_runtime import ACT_MODES, check_act_spec, fake_quant_act, install_act_quant, remove_act_quant
+from macq.device import wide_float
 from macq.errors import MacqError
 from macq.models import is_conv1d
 from macq.quantizers.calibration import LayerInputs, module_inputs, run_layer
@@ -53,10 +54,10 @@ class InputStats:
 
     def rescale(self, s: torch.Tensor) -> None:
         """The inputs became ``X / s`` (a scale was folded into their producer)."""
-        s64 = s.double()
+        s64 = s.to(self.sum.dtype)
         self.abs_sum = self.abs_sum / s64
         self.sum = self.sum / s64
-        self.absmax = (self.absmax.double() / s64).float()
+        self.absmax = (self.absmax.to(s64.dtype) / s64).float()
         if self.gram is not None:          # in place: at 8B down_proj each n×n float64 temporary is 1.6 GB
             self.gram.div_(s64[:, None]).div_(s64[None, :])
         if self.x is not None:
@@ -91,18 +92,18 @@ def collect_input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[tupl
         g = by_first[name]
         st = stats.get(g)
         c = x.shape[-1]
-        if st is None:
-            st = stats[g] = InputStats(0, torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64),
-                                       torch.zeros(c),
-                                       torch.zeros(c, c, dtype=torch.float64) if gram else None)
+        if st is None:   # on the layer's device, in float64 where it has it (float32 on MPS)
+            wide = {"dtype": wide_float(x.device), "device": x.device}
+            st = stats[g] = InputStats(0, torch.zeros(c, **wide), torch.zeros(c, **wide),
+                                       torch.zeros(c, device=x.device), torch.zeros(c, c, **wide) if gram else None)
         st.n += x.shape[0]
-        st.abs_sum += x.abs().sum(0).double().cpu()
-        st.sum += x.sum(0).double().cpu()
-        st.absmax = torch.maximum(st.absmax, x.abs().amax(0).float().cpu())
+        st.abs_sum += x.abs().sum(0).to(st.sum.dtype)
+        st.sum += x.sum(0).to(st.sum.dtype)
+        st.absmax = torch.maximum(st.absmax, x.abs().amax(0).float())
         if st.gram is not None:
-            gram_into(st.gram, x.float().to(st.gram.device), 1.0)   # fp32 syrk per batch, fp64 sum
+            gram_into(st.gram, x.float(), 1.0)   # fp32 syrk per batch, fp64 sum
             if c > inputs.n_tokens:
-                xs.setdefault(g, []).append(x.float().cpu())
+                xs.setdefault(g, []).append(x.float())
 
     with module_inputs(layer, list(by_first), cb):
         run_layer(layer, inputs)

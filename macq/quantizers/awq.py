@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from macq.arch import ArchSpec, arch_spec
+from macq.device import has_float64, resolve_device
 from macq.errors import MacqError
 from macq.microscale import fp_format
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
@@ -37,11 +38,11 @@ from macq.quantizers import awq_search as S
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.actquant import InputStats, collect_input_stats, input_groups
 from macq.quantizers.base import HeadOptions, QuantConfig, check, check_bits, check_model_inputs
-from macq.quantizers.calibration import LayerInputs, LayerJob, layerwise, target_linears
+from macq.quantizers.calibration import LayerInputs, LayerJob, layerwise, run_job, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
 from macq.quantizers.mxfp import block_scales, round_on
-from macq.record import AffineRecord, FPRecord
+from macq.record import AffineRecord, FPRecord, record_to
 
 SALIENCE = ("mean_abs", "l2")
 
@@ -125,7 +126,10 @@ def _round_fp_linear(w: torch.Tensor, h: torch.Tensor, cfg: AWQConfig) -> tuple[
     """Float-mode clip search + rounding: each block's scale byte chosen on the layer-output error (MLX's byte
     without ``clip_search``), codes nearest on it; ``awq-gptq`` instead clamps each block to its chosen grid's
     range and lets GPTQ round (MLX's rule on a clamped block gives back a chosen smaller byte; a chosen larger
-    one is not kept)."""
+    one is not kept). MLX's float64 rounding runs on the CPU for a device without float64."""
+    if not has_float64(w.device):
+        rec, info = _round_fp_linear(w.cpu(), h.cpu(), cfg)
+        return record_to(rec, w.device), info
     fmt = fp_format(cfg.mode)
     wg = S.grouped(w, fmt.group_size).double()
     sd = cfg.torch_scale_dtype
@@ -162,7 +166,7 @@ def _round_linear(w: torch.Tensor, st: InputStats, x_sal: torch.Tensor, g: int, 
     codes, scale, zero, bias = S.nearest_codes(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, clip)
     if cfg.greedy_rounding:
         n_protect = int(round(cfg.outlier_fraction * w.shape[1]))
-        protect = torch.zeros(w.shape[1], dtype=torch.bool)
+        protect = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
         if n_protect:
             protect[x_sal.topk(n_protect).indices] = True
         before = S.mean_error(w, S.dequant(codes, scale, zero, bias, cfg.bits), st.mean).abs().sum()
@@ -244,7 +248,7 @@ def fold_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor) -> dic
 def layer_quantizer(model: nn.Module, cfg: AWQConfig, device: torch.device | None = None) -> LayerJob:
     """AWQ's per-layer step for :func:`layerwise` and the streaming engine (:mod:`macq.quantizers.stream_calib`,
     which materialises one layer of a meta skeleton at a time: ``model`` is only read for its module names
-    and config). Runs on the CPU: the searches build their candidate tensors there."""
+    and config). Runs on ``device`` (CPU by default): statistics, searches and rounding where the layer is."""
     spec = arch_spec(model).resolved(model.config)
     if isinstance(cfg, AWQGPTQConfig):
         try:
@@ -258,7 +262,7 @@ def layer_quantizer(model: nn.Module, cfg: AWQConfig, device: torch.device | Non
     def fn(_i: int, path: str, layer: nn.Module, inputs: LayerInputs) -> None:
         quantize_layer(layer, path, inputs, cfg, spec, targets, records, stats)
 
-    return LayerJob(fn, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
+    return LayerJob(fn, records, stats, device or torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
 
 
 def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, progress: bool = False,
@@ -272,8 +276,8 @@ def quantize_model(model: nn.Module, cfg: AWQConfig, calib_ids: torch.Tensor, pr
     from macq.qmodel import QuantizedModel
 
     check_model_inputs("awq", cfg, AWQConfig, calib_ids)
-    job = layer_quantizer(model, cfg)
-    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description=cfg.method)
+    job = layer_quantizer(model, cfg, resolve_device(cfg.device))
+    run_job(model, calib_ids, job, progress, cfg.method)
     method = cfg.to_dict()
     method["stats"] = job.stats
     return QuantizedModel.from_model(model, job.records, method=method, source=source)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from macq.device import has_float64
 from macq.microscale import FPFormat
 from macq.perf import matmul_flops
 from macq.progress import add_flops
@@ -82,12 +83,12 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_sal: torch.Tensor, bits: in
 
     h32 = h.float() if x is None else None
     w_sal = weight_salience(w, g) if duo else None
-    best = (torch.ones(w.shape[1]), 0.0, float("inf"))
+    best = (torch.ones(w.shape[1], device=w.device), 0.0, float("inf"))
     err0 = float("nan")
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])   # rows per chunk: the temporaries stay ~64 MB, not 4× the weight
     for k in range(n_grid):
         alpha = k / n_grid
-        s = candidate_scales(x_sal, alpha, w_sal) if (alpha > 0 or duo) else torch.ones(w.shape[1])
+        s = candidate_scales(x_sal, alpha, w_sal) if (alpha > 0 or duo) else torch.ones(w.shape[1], device=w.device)
         err = 0.0
         for r in range(0, w.shape[0], rows):
             ws = w[r:r + rows] * s
@@ -122,11 +123,11 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: 
     lo, hi = wg.amin(-1), wg.amax(-1)                  # [G, out]: the range once, scaled per candidate
     factors = [1.0 - max_shrink * i / n_grid for i in range(n_grid)]
     grids = [params_from_range(lo * c, hi * c, bits, symmetric, "int", scale_dtype)[:2]
-             for c in (torch.tensor(f, dtype=torch.float32) for f in factors)]
-    best_err = torch.full((n_g, out), float("inf"))
-    best = torch.ones(n_g, out)
+             for c in (torch.tensor(f, dtype=torch.float32, device=w.device) for f in factors)]
+    best_err = torch.full((n_g, out), float("inf"), device=w.device)
+    best = torch.ones(n_g, out, device=w.device)
     rows = max(1, CLIP_ELEMENTS // inp)
-    x, y = torch.empty(n_g * rows * g), torch.empty(n_g * rows * g)   # reused for every block and candidate
+    x, y = torch.empty(2, n_g * rows * g, device=w.device)   # reused for every block and candidate
     for r in range(0, out, rows):
         e = min(r + rows, out)
         wr, shape = wg[:, r:e], (n_g, e - r, g)
@@ -158,6 +159,8 @@ def fp_fake_quant(fmt: FPFormat, dtype: torch.dtype) -> FakeQuant:
     """The α search's quantizer on a float grid: each block's scale byte by the data-free
     :func:`~macq.quantizers.mxfp.search_scales` (the candidates the final rounding chooses among), codes nearest."""
     def quant(w: torch.Tensor) -> torch.Tensor:
+        if not has_float64(w.device):     # MLX's float64 rounding: on the CPU
+            return quant(w.cpu()).to(w.device)
         wg = grouped(w, fmt.group_size).double()
         _, div = mxfp.search_scales(wg, fmt, dtype)
         return mxfp.round_on(wg, div, fmt)[1].reshape(w.shape).to(w.dtype)
@@ -169,7 +172,9 @@ def search_fp_scales(w: torch.Tensor, h: torch.Tensor, fmt: FPFormat, dtype: tor
     """AWQ's clip search on a float grid: per block of ``w [out, in]`` the scale byte (of
     :func:`~macq.quantizers.mxfp.search_scales`'s candidates) with the least output error ``d_g H_gg d_gᵀ``
     (the diagonal-block metric of :func:`search_clip`); MLX's byte kept on ties. ``(bytes, divisors)``
-    ``[out, G, 1]`` (divisors float64)."""
+    ``[out, G, 1]`` (divisors float64, on the CPU when ``w``'s device has no float64)."""
+    if not has_float64(w.device):
+        return search_fp_scales(w.cpu(), h.cpu(), fmt, dtype)
     hb = block_diagonal(h, fmt.group_size)
 
     def error(wg: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -213,7 +218,7 @@ def greedy_round(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     """
     out, n_g, g = codes.shape
     maxq = 2 ** bits - 1
-    z = zero.unsqueeze(-1) if zero is not None else torch.tensor(float(2 ** (bits - 1)))
+    z = zero.unsqueeze(-1) if zero is not None else torch.tensor(float(2 ** (bits - 1)), device=w.device)
     s = scale.unsqueeze(-1)
     wg = grouped(w.float(), g)
     pos = wg / s + z                                   # exact (unrounded) code position
@@ -234,7 +239,7 @@ def greedy_round(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     path = torch.cat([e.unsqueeze(-1), e.unsqueeze(-1) + dsort.cumsum(-1)], -1).abs()
     k = path.argmin(-1)                                # flips to apply per row (0 = none)
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=w.device).expand_as(order).contiguous())
     flip = (rank < k.unsqueeze(-1)) & ok
     new = torch.where(flip.reshape(codes.shape), other, c)
     return new.clamp(0, maxq).to(torch.uint8)

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from macq.arch import arch_spec, decoder_layers
 from macq.progress import track
+from macq.record import record_to
 
 
 class _StopForward(Exception):
@@ -174,10 +175,17 @@ def batch_calls(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> 
         yield hs.to(device), _to(kw, device)
 
 
+def layer_device(layer: nn.Module, default: torch.device) -> torch.device:
+    """Where ``layer`` computes: its first parameter's device (``default`` for a layer without any)."""
+    p = next(layer.parameters(), None)
+    return default if p is None else p.device
+
+
 @torch.inference_mode()
 def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device | str | None = None) -> list[torch.Tensor]:
-    """The layer's outputs for every batch, stored where the inputs are."""
-    device = torch.device(device) if device is not None else inputs.storage
+    """The layer's outputs for every batch, computed on ``device`` (default: where the layer's weights are),
+    stored where the inputs are."""
+    device = torch.device(device) if device is not None else layer_device(layer, inputs.storage)
     outs = []
     for hs, kw in batch_calls(layer, inputs, device):
         out = layer(hs, **kw)
@@ -265,16 +273,38 @@ def layerwise(model: nn.Module, calib_ids: torch.Tensor, fn: LayerFn, batch_size
         _move_outside_layers(model, spec.layers, torch.device("cpu"))
 
 
+def run_job(model: nn.Module, calib_ids: torch.Tensor, job: LayerJob, progress: bool = False,
+            description: str = "calibrating") -> None:
+    """A method's :class:`LayerJob` over an in-memory model, on ``job.device``: an accelerator holds one decoder
+    layer at a time (the model stays in CPU memory), and the records come back to the CPU as the job ends."""
+    layerwise(model, calib_ids, job.fn, batch_size=job.batch_size, device=job.device,
+              offload=job.device.type != "cpu", progress=progress, description=description)
+    for name, rec in job.records.items():
+        job.records[name] = record_to(rec, "cpu")
+
+
+@contextmanager
+def model_on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """The whole model on ``device`` for a whole-model pass of the in-memory path (Fisher gradients, the logits
+    stage), back in CPU memory afterwards."""
+    if device.type == "cpu":
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+
+
 def _move_outside_layers(model: nn.Module, layers_path: str, device: torch.device) -> None:
-    """Move every parameter/buffer except the decoder layers' (embeddings, rotary, norms)."""
+    """Move every parameter/buffer except the decoder layers' (embeddings, rotary, norms), module by module as
+    ``Module.to`` does it (a tied embedding and head stay one parameter)."""
     prefix = layers_path + "."
     for name, mod in model.named_modules():
         if name == layers_path or name.startswith(prefix):
             continue
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            p.data = p.data.to(device)
-        for bname, b in list(mod.named_buffers(recurse=False)):
-            mod._buffers[bname] = b.to(device)
+        mod._apply(lambda t: t.to(device), recurse=False)
 
 
 def target_linears(layer: nn.Module, path: str, groups, targets) -> Iterator[tuple[Any, str, nn.Module]]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from macq.arch import ScaleMapping
+from macq.device import wide_float
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, set_weight
 
@@ -67,27 +68,29 @@ def foldable_mappings(layer: nn.Module, mappings: tuple[ScaleMapping, ...]) -> l
 def fold_scales(layer: nn.Module, mapping: ScaleMapping, s: torch.Tensor) -> None:
     """Divide ``prev``'s output channels by ``s`` and multiply the linears' input columns by ``s`` (in place).
 
-    Computed in float64 then cast back, so the float function is preserved to the weights' precision.
+    Computed in float64 then cast back, so the float function is preserved to the weights' precision (on a device
+    without float64, in float32: a float32 weight times or over a float32 scale is rounded once either way).
     """
     if not can_fold(layer, mapping):
         raise MacqError(f"cannot fold scales from {mapping.prev} into {', '.join(mapping.linears)}: "
                         "channel counts differ (grouped-query attention?)")
-    s64 = s.detach().to(torch.float64).flatten()
+    wide = wide_float(s.device)
+    s64 = s.detach().to(wide).flatten()
     if not bool(torch.isfinite(s64).all()) or bool((s64 <= 0).any()):
         raise MacqError("fold scales must be finite and positive")
     prev = layer.get_submodule(mapping.prev)
     rows = _rows(mapping) or slice(None)
     if _is_linear(prev):
         w = get_weight(prev).detach().clone()
-        w[rows] = (w[rows].double() / s64[:, None]).to(w.dtype)
+        w[rows] = (w[rows].to(wide) / s64[:, None]).to(w.dtype)
         set_weight(prev, w)
     else:
         off = mapping.norm_offset
-        prev.weight.copy_(((prev.weight.double() + off) / s64 - off).to(prev.weight.dtype))
+        prev.weight.copy_(((prev.weight.to(wide) + off) / s64 - off).to(prev.weight.dtype))
     bias = getattr(prev, "bias", None)
     if isinstance(bias, torch.Tensor):
-        bias[rows] = (bias[rows].double() / s64).to(bias.dtype)
+        bias[rows] = (bias[rows].to(wide) / s64).to(bias.dtype)
     for name in mapping.linears:
         mod = layer.get_submodule(name)
         w = get_weight(mod)
-        set_weight(mod, (w.double() * s64[None, :]).to(w.dtype))
+        set_weight(mod, (w.to(wide) * s64[None, :]).to(w.dtype))

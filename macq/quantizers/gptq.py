@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from macq.device import wide_float
 from macq.errors import MacqError
 from macq.microscale import FPFormat, fp_format
 from macq.perf import matmul_flops
@@ -64,8 +65,6 @@ class GPTQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
                 "per 32), nvfp4 (E2M1, fp8 E4M3 scale per 16), mxfp8 (E4M3 codes, power-of-two scale per 32); a "
                 "float mode fixes --bits and --group-size (leave them unset)"})
     batch_size: int = 8            # calibration sequences per forward
-    device: str = field(default="cpu", metadata={"help": "cpu|cuda|mps (cuda:N): where layers are quantized; "
-                                                         "the streamed path keeps activations on the CPU"})
     offload: bool = False          # keep activations on CPU, move one layer at a time to ``device``
     n_calib: int = 128             # the CLI's business: calibration ids are passed in
     seq_len: int = 512
@@ -84,8 +83,6 @@ class GPTQConfig(HeadOptions, StreamOptions, ScaleOptions, QuantConfig):
         check(self.block_size >= 1, f"--block-size {self.block_size}: expected >= 1")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1")
         check(self.precision in ("float32", "float64"), f"--precision {self.precision}: expected float32 or float64")
-        check(str(self.device).split(":")[0] in ("cpu", "cuda", "mps", "auto"),
-              f"--device {self.device}: expected cpu, cuda, cuda:N, mps or auto")
         self.check_stream_options()
         self.check_head_options()
         check(self.scale_dtype in SCALE_DTYPES,
@@ -151,7 +148,7 @@ def _params(w: torch.Tensor, cfg: GPTQConfig, dim: int = -1) -> tuple[torch.Tens
 
     last, best = len(MSE_GRID) - 1, None
     for k in range(0, last + 1, MSE_COARSE):   # vectorised over all groups; loops over candidates only
-        best = keep(best, torch.tensor(k))
+        best = keep(best, torch.tensor(k, device=wf.device))
     d = MSE_COARSE // 2
     while d:                                   # halving steps around each group's best so far
         centre = best[1]
@@ -286,7 +283,7 @@ def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device, own:
     """``H``'s part of :func:`gptq_quantize`, in ``cfg.precision`` (float32 on MPS, which has no float64). With
     ``own`` the caller hands ``H`` over (it is changed in place or converted, and dropped): no n×n copy of
     it is kept (8B down_proj: 1.6 GB in float64), so pass it as ``hs.pop(name)``, not through a variable."""
-    dt = torch.float32 if device.type == "mps" else cfg.torch_precision
+    dt = torch.float32 if wide_float(device) == torch.float32 else cfg.torch_precision
     given = H
     H = H.to(device, dt)
     if H is given and not own:
@@ -493,9 +490,11 @@ def layer_quantizer(model: nn.Module, cfg: GPTQConfig, device: torch.device):
 def gptq_layers(model: nn.Module, cfg: GPTQConfig, calib_ids: torch.Tensor,
                 progress: bool = False) -> tuple[dict[str, AffineRecord], dict[str, dict[str, Any]]]:
     """Quantize every decoder linear of ``model`` in place (dequantized weights written back, so later
-    layers calibrate on the quantized model's activations); returns ``(records, stats)`` by module path."""
+    layers calibrate on the quantized model's activations); returns ``(records, stats)`` by module path, the
+    records on the CPU. Without ``offload`` the whole model is moved to ``cfg.device`` and left there."""
     from macq.device import resolve_device
     from macq.quantizers.calibration import layerwise
+    from macq.record import record_to
 
     device = resolve_device(cfg.device)
     if not cfg.offload:
@@ -503,7 +502,7 @@ def gptq_layers(model: nn.Module, cfg: GPTQConfig, calib_ids: torch.Tensor,
     job = layer_quantizer(model, cfg, device)
     layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, device=device, offload=cfg.offload,
               progress=progress, description="gptq")
-    return job.records, job.stats
+    return {name: record_to(rec, "cpu") for name, rec in job.records.items()}, job.stats
 
 
 def quantize_model(model: nn.Module, cfg: GPTQConfig, calib_ids: torch.Tensor, progress: bool = False,

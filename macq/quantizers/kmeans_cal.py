@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from macq.arch import arch_spec
+from macq.device import wide_float
 from macq.errors import MacqError
 from macq.perf import matmul_flops
 from macq.progress import add_flops, stage
@@ -135,10 +136,10 @@ def lut_gptq(W: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, damp_percent:
 
     Hinv = (hinv if hinv is not None else lut_hinv(H, damp_percent)).float()
     n, out = W.shape[1], W.shape[0]
-    Wt = torch.empty(n, out).copy_(W.T)                   # one transposing copy: it is updated in place
+    Wt = torch.empty(n, out, device=W.device).copy_(W.T)  # one transposing copy: it is updated in place
     lut = rows.float()
     held = fixed.T.contiguous() if fixed is not None else None
-    idx = torch.empty(n, out, dtype=torch.uint8)          # K <= 256 entries (8 bits at most)
+    idx = torch.empty(n, out, dtype=torch.uint8, device=W.device)   # K <= 256 entries (8 bits at most)
     d = Hinv.diagonal()
     E = Wt.new_empty(min(block_size, n), out)
     for i1 in range(0, n, block_size):
@@ -178,6 +179,7 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     n = w.shape[1]
     step, hstep = _row_step(n), _tri_step(n)
     diag = torch.diagonal(H).float()
+    wide = wide_float(H.device)
     tri = dia = 0.0
     for a in range(0, n, hstep):
         e = min(a + hstep, n)
@@ -185,8 +187,8 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
         blk[:, a:].tril_()
         for r in range(0, w.shape[0], step):
             d = w_hat[r:r + step, :e].float() - w[r:r + step, :e].float()
-            tri += float((d @ blk.t()).mul_(d[:, a:]).sum(dtype=torch.float64))
-            dia += float(d[:, a:].square().mul_(diag[a:e]).sum(dtype=torch.float64))
+            tri += float((d @ blk.t()).mul_(d[:, a:]).sum(dtype=wide))
+            dia += float(d[:, a:].square().mul_(diag[a:e]).sum(dtype=wide))
             add_flops(matmul_flops(d.shape[0], e, e - a))
     return 2 * tri - dia
 
@@ -220,20 +222,21 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     """
     out, n = w.shape
     g, k = lut.shape
-    m = torch.empty(out, k, k, dtype=torch.float64)
-    b = torch.empty(out, k, dtype=torch.float64)
+    dev, wide = w.device, wide_float(w.device)        # the systems in float64 where the device has it
+    m = torch.empty(out, k, k, dtype=wide, device=dev)
+    b = torch.empty(out, k, dtype=wide, device=dev)
     diag = torch.diagonal(H).float()
     step = max(1, REFIT_BYTES // (n * k * 4))          # rows per block: the one-hot block and T A_r stay bounded
     hstep = _tri_step(n)                               # rows of H made float32 at a time (no float32 copy of H)
     for r0 in range(0, out, step):
         r1 = min(r0 + step, out)
         rows = r1 - r0
-        onehot = torch.zeros(n, rows, k).scatter_(2, idx[r0:r1].T.long().unsqueeze(-1), 1.0)   # A_r, [in, rows, K]
+        onehot = torch.zeros(n, rows, k, device=dev).scatter_(2, idx[r0:r1].T.long().unsqueeze(-1), 1.0)   # A_r, [in, rows, K]
         if fixed is not None:
             onehot.masked_fill_(fixed[r0:r1].T.unsqueeze(-1), 0.0)
         flat = onehot.view(n, rows * k)
         wt = w[r0:r1].t().float()
-        ta, hw = torch.empty(n, rows * k), torch.empty(n, rows)
+        ta, hw = torch.empty(n, rows * k, device=dev), torch.empty(n, rows, device=dev)
         for a in range(0, n, hstep):
             e = min(a + hstep, n)
             blk = H[a:e].to(torch.float32, copy=True)  # rows a..e of H
@@ -245,14 +248,14 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
         per_row = onehot.permute(1, 0, 2)                                                  # [rows, in, K]
         x = torch.bmm(ta.view(n, rows, k).permute(1, 2, 0), per_row)                      # (A_rᵀ T A_r)ᵀ
         dr = (diag @ flat).view(rows, k)                                                   # A_rᵀ D A_r (diagonal)
-        m[r0:r1] = (x + x.transpose(1, 2) - torch.diag_embed(dr)).double()
-        b[r0:r1] = torch.bmm(hw.t().unsqueeze(1), per_row).squeeze(1).double()            # A_rᵀ H w_r
+        m[r0:r1] = x + x.transpose(1, 2) - torch.diag_embed(dr)
+        b[r0:r1] = torch.bmm(hw.t().unsqueeze(1), per_row).squeeze(1)                     # A_rᵀ H w_r
         add_flops(matmul_flops(rows * k, n, k) + matmul_flops(rows * k, n, 1) + matmul_flops(rows, n, k))
         del onehot, ta, flat, per_row
     m, b = m.reshape(g, out // g, k, k).sum(1), b.reshape(g, out // g, k).sum(1)
     lam = ridge * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # [G]
-    eye = torch.eye(k, dtype=torch.float64)
-    c0 = lut.double()
+    eye = torch.eye(k, dtype=wide, device=dev)
+    c0 = lut.to(wide)
     return torch.linalg.solve(m + lam[:, None, None] * eye, (b + lam[:, None] * c0).unsqueeze(-1)).squeeze(-1)
 
 
@@ -326,12 +329,14 @@ def _check_groups(model: nn.Module, cfg: KMeansCalConfig) -> None:
         _groups(get_weight(mod).detach()[:, :1], cfg.kmeans_config())
 
 
-def layer_job(model: nn.Module, cfg: KMeansCalConfig, fisher: dict[str, torch.Tensor] | None = None):
+def layer_job(model: nn.Module, cfg: KMeansCalConfig, fisher: dict[str, torch.Tensor] | None = None,
+              device: torch.device | None = None):
     """kmeans-cal's per-layer step (one input Hessian per group of linears sharing an input, collected after the
     earlier groups are palettized; weighted k-means, feedback assignment, LUT refit per linear), as
     :func:`~macq.quantizers.calibration.layerwise` and the streaming engine drive it. ``fisher``: per-weight
     importance by module path (popped as used); None = the Hessian diagonal. ``model`` is only read for its
-    module names (a meta skeleton will do)."""
+    module names (a meta skeleton will do). On ``device`` (CPU by default) all but the k-means run, the exact 1-D
+    optimum, which is CPU code."""
     from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
     from macq.quantizers.calibration import LayerJob
     from macq.quantizers.hessian import collect_hessians
@@ -346,7 +351,7 @@ def layer_job(model: nn.Module, cfg: KMeansCalConfig, fisher: dict[str, torch.Te
         groups = [[n for n in grp if f"{path}.{n}" in selected] for grp in spec.sequence]
         for grp in (g for g in groups if g):
             with stage("hessian"):
-                H = collect_hessians(layer, inputs, [grp[0]], torch.device("cpu"), stop_early=True)[grp[0]]
+                H = collect_hessians(layer, inputs, [grp[0]], device or torch.device("cpu"), stop_early=True)[grp[0]]
             for name in grp:
                 full, mod = f"{path}.{name}", layer.get_submodule(name)
                 with stage("palettize"):
@@ -361,7 +366,7 @@ def layer_job(model: nn.Module, cfg: KMeansCalConfig, fisher: dict[str, torch.Te
         if missing:
             raise MacqError(f"kmeans-cal: {sorted(missing)[0]} is not in the architecture's linear sequence")
 
-    return LayerJob(per_layer, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
+    return LayerJob(per_layer, records, stats, device or torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
 
 
 def layer_quantizer(model: nn.Module, cfg: KMeansCalConfig, device: torch.device | None = None):
@@ -374,7 +379,7 @@ def layer_quantizer(model: nn.Module, cfg: KMeansCalConfig, device: torch.device
 
     _check_groups(model, cfg)
     if cfg.sensitivity != "fisher":
-        return layer_job(model, cfg)
+        return layer_job(model, cfg, device=device)
     from macq.quantizers.palettize import quantize_weight
     from macq.quantizers.stream_grad import FisherStore, stream_fisher
 
@@ -383,7 +388,7 @@ def layer_quantizer(model: nn.Module, cfg: KMeansCalConfig, device: torch.device
     heads = {n for n in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head) if n not in decoder}
     own = heads if cfg.weighted_heads else set()
     fisher = FisherStore()
-    job = layer_job(model, cfg, fisher)
+    job = layer_job(model, cfg, fisher, device)
 
     def backward(stream, calib_ids: torch.Tensor) -> dict[str, LUTRecord]:
         stream_fisher(stream, calib_ids, selected, own, fisher)
@@ -405,13 +410,15 @@ def layer_quantizer(model: nn.Module, cfg: KMeansCalConfig, device: torch.device
 def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tensor, progress: bool = False,
                    source: str = ""):
     """Calibrated palettization of every decoder linear of ``model`` (in place) → QuantizedModel."""
+    from macq.device import resolve_device
     from macq.models import get_weight, is_conv1d, quantizable_modules
     from macq.qmodel import QuantizedModel
     from macq.quantizers import head_records
-    from macq.quantizers.calibration import layerwise
+    from macq.quantizers.calibration import model_on, run_job
     from macq.quantizers.palettize import quantize_weight
 
     check_model_inputs("kmeans-cal", cfg, KMeansCalConfig, calib_ids)
+    device = resolve_device(cfg.device)
     selected = quantizable_modules(model, skip=tuple(cfg.skip))
     heads = {n: m for n, m in quantizable_modules(model, cfg.include_embeddings, cfg.include_lm_head).items()
              if n not in quantizable_modules(model)}
@@ -422,15 +429,17 @@ def quantize_model(model: nn.Module, cfg: KMeansCalConfig, calib_ids: torch.Tens
     if cfg.sensitivity == "fisher":
         from macq.quantizers.sensitivity import fisher_diagonal
 
-        fisher = fisher_diagonal(model, calib_ids, {**selected, **fisher_heads}, progress=progress)
+        with model_on(model, device):
+            fisher = fisher_diagonal(model, calib_ids, {**selected, **fisher_heads}, device, progress)
+        fisher = {n: f.cpu() for n, f in fisher.items()}
     if fisher_heads:
         head_recs = {}
         for name, mod in fisher_heads.items():
             head_recs[name] = quantize_weight(get_weight(mod).detach().float(), cfg.kmeans_config(), fisher.pop(name))
             head_recs[name].transposed = is_conv1d(mod)
         _write_heads(model, head_recs)
-    job = layer_job(model, cfg, fisher)
-    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description="kmeans-cal")
+    job = layer_job(model, cfg, fisher, device)
+    run_job(model, calib_ids, job, progress, "kmeans-cal")
     method = cfg.to_dict()
     method["stats"] = job.stats
     return QuantizedModel.from_model(model, {**job.records, **head_recs}, method=method, source=source)

@@ -32,16 +32,18 @@ import torch
 import torch.nn as nn
 
 from macq.arch import ArchSpec, arch_spec
+from macq.device import resolve_device
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.progress import stage
 from macq.quantizers import awq_search as S
 from macq.quantizers.activations import ActivationStore, StreamOptions
 from macq.quantizers.base import QuantConfig, check, check_bits, check_model_inputs
-from macq.quantizers.calibration import LayerInputs, layerwise, run_layer, target_linears
+from macq.quantizers.calibration import LayerInputs, _to, layer_device, model_on, run_job, run_layer, target_linears
 from macq.quantizers.calibration import layer_out as _layer_out
 from macq.quantizers.calibration import plain as _plain
 from macq.quantizers.grid import SCALE_DTYPES, ScaleOptions
+from macq.record import record_to
 
 INITS = ("awq", "rtn")
 _TINY = 2.0 ** -24
@@ -237,8 +239,9 @@ def _oriented(mod: nn.Module, w: torch.Tensor) -> torch.Tensor:
 
 def init_params(w: torch.Tensor, g: int, clip: torch.Tensor | float) -> LinearParams:
     out, inp = w.shape
-    c = torch.as_tensor(clip, dtype=torch.float32).expand(out, inp // g).clone()
-    return LinearParams(w=S.grouped(w.float(), g).clone(), v=torch.zeros(out, inp // g, g), lo=c, hi=c.clone())
+    c = torch.as_tensor(clip, dtype=torch.float32, device=w.device).expand(out, inp // g).clone()
+    return LinearParams(w=S.grouped(w.float(), g).clone(), v=torch.zeros(out, inp // g, g, device=w.device), lo=c,
+                        hi=c.clone())
 
 
 def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, float_hidden: list[torch.Tensor],
@@ -269,9 +272,10 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, float_hidde
                 clip = S.search_clip(w, st[grp].gram.float(), cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype,
                                      cfg.clip_grid, acfg.max_shrink)
             params[full[len(path) + 1:]] = init_params(w, g, clip)
-    hidden = [_plain(h) for h in inputs.hidden]
-    kwargs = [_plain(k) for k in inputs.kwargs]
-    targets = [_plain(t) for t in f_out]
+    dev = layer_device(layer, inputs.storage)      # the tuning's batches live where the layer computes
+    hidden = [_plain(_to(h, dev)) for h in inputs.hidden]
+    kwargs = [_plain(_to(k, dev)) for k in inputs.kwargs]
+    targets = [_plain(_to(t, dev)) for t in f_out]
     for p_ in layer.parameters():
         p_.requires_grad_(False)
     with stage("tune"):
@@ -286,13 +290,15 @@ def quantize_layer(layer: nn.Module, path: str, inputs: LayerInputs, float_hidde
     return f_out
 
 
-def layer_job(model: nn.Module, cfg: LearnedConfig, records: dict[str, Any] | None = None, progress: bool = False):
+def layer_job(model: nn.Module, cfg: LearnedConfig, records: dict[str, Any] | None = None, progress: bool = False,
+              device: torch.device | None = None):
     """The block-wise pass's per-layer step, as :func:`~macq.quantizers.calibration.layerwise` and the streaming
     engine (:mod:`macq.quantizers.stream_calib`) drive it; ``model`` is only read for module names and config
     (a meta skeleton will do). The float activation stream (the float layers' outputs on the float inputs)
     lives in the job, next to the driver's quantized stream: a list in memory, or, when the driver's stream is
     an :class:`~macq.quantizers.activations.ActivationStore`, a sibling store in the same dtype and memory
-    budget (spilling with it). ``records``: the dict to add to (the heads may already be in it)."""
+    budget (spilling with it). ``records``: the dict to add to (the heads may already be in it). ``device``: where
+    the driver puts each layer (CPU by default)."""
     from macq.quantizers.calibration import LayerJob
 
     spec = arch_spec(model).resolved(model.config)
@@ -323,14 +329,14 @@ def layer_job(model: nn.Module, cfg: LearnedConfig, records: dict[str, Any] | No
             print(f"  {path}: output MSE {info['objective_init']:.4g} -> {info['objective']:.4g} "
                   f"(best at step {info['best_step']})", flush=True)
 
-    return LayerJob(fn, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
+    return LayerJob(fn, records, stats, device or torch.device("cpu"), cfg.batch_size, stats_in_manifest=True)
 
 
 def layer_quantizer(model: nn.Module, cfg: LearnedConfig, device: torch.device | None = None):
     """The streaming engine's entry: the block-wise pass per layer, the embedding / lm_head from the engine's
     data-free :func:`macq.quantizers.head_records` (as the in-memory path makes them), and with ``kl_steps`` the
     logits stage over the kept layers after the last one (:mod:`macq.quantizers.learned_stream`)."""
-    job = layer_job(model, cfg)
+    job = layer_job(model, cfg, device=device)
     if not cfg.kl_steps:
         return job
     if arch_spec(model).extra_embeds:
@@ -368,21 +374,26 @@ def quantize_model(model: nn.Module, cfg: LearnedConfig, calib_ids: torch.Tensor
     from macq.quantizers.learned_kl import teacher_logprobs, tune_logits
 
     check_model_inputs("learned", cfg, LearnedConfig, calib_ids)
+    device = resolve_device(cfg.device)
     kl_ids = calib_ids[:cfg.kl_rows]
     if cfg.kl_steps:
         check(cfg.kl_holdout < kl_ids.shape[0],
               f"--kl-holdout {cfg.kl_holdout}: must leave training sequences of the {kl_ids.shape[0]} calibration ones")
-    teacher = teacher_logprobs(model, kl_ids) if cfg.kl_steps else None
+    with model_on(model, device):
+        teacher = teacher_logprobs(model, kl_ids) if cfg.kl_steps else None
     records: dict[str, Any] = head_records(model, cfg)      # quantized first: the decoder is calibrated on them
     for name, rec in records.items():
         set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
-    job = layer_job(model, cfg, records, progress)
+    job = layer_job(model, cfg, records, progress, device)
     stats = job.stats
-    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description="learned")
+    run_job(model, calib_ids, job, progress, "learned")
     if teacher is not None:
-        records, stats["logits"] = tune_logits(model, records, kl_ids, teacher, steps=cfg.kl_steps, lr=cfg.kl_lr,
-                                               batch_size=cfg.kl_batch, eval_every=cfg.kl_eval_every,
-                                               holdout=cfg.kl_holdout, seed=cfg.seed, progress=progress)
+        with model_on(model, device):
+            on = {n: record_to(r, device) for n, r in records.items()}
+            records, stats["logits"] = tune_logits(model, on, kl_ids, teacher, steps=cfg.kl_steps,
+                                                   lr=cfg.kl_lr, batch_size=cfg.kl_batch, eval_every=cfg.kl_eval_every,
+                                                   holdout=cfg.kl_holdout, seed=cfg.seed, progress=progress)
+        records = {n: record_to(r, "cpu") for n, r in records.items()}
         for name, rec in records.items():
             set_weight(model.get_submodule(name), rec.dequantize(torch.float32))
     method = cfg.to_dict()

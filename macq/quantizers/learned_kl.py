@@ -73,12 +73,21 @@ def to_record(p: ScaleParams) -> AffineRecord:
 
 @torch.no_grad()
 def teacher_logprobs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
-    """The float model's log-probs ``[seq_len, vocab]`` (fp16, to halve the memory) for each calibration row."""
-    return [torch.log_softmax(model(input_ids=row[None], use_cache=False).logits[0].float(), -1).half() for row in ids]
+    """The float model's log-probs ``[seq_len, vocab]`` (fp16, to halve the memory) for each calibration row, where
+    the model is."""
+    dev = _device(model)
+    return [torch.log_softmax(model(input_ids=row[None].to(dev), use_cache=False).logits[0].float(), -1).half()
+            for row in ids]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _kl(model: nn.Module, weights: dict[str, torch.Tensor], ids: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || model with ``weights`` substituted), for one batch ``ids [b, T]``."""
+    """Mean over tokens of KL(teacher || model with ``weights`` substituted), for one batch ``ids [b, T]`` (moved to
+    where the model is)."""
+    ids = ids.to(_device(model))
     logits = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
     lp = torch.log_softmax(logits.float(), -1)
     t = teacher.float()

@@ -26,13 +26,15 @@ from macq.progress import stage, with_backward
 from macq.quantizers.calibration import _to, layer_out
 from macq.quantizers.learned_kl import ScaleParams, _scale, dequantized, from_record, to_record, tunable
 from macq.quantizers.stream_grad import HEAD_ROWS, LayerFiles, LayerStream, chunked_logit_grads, chunked_lse, counted_mm
+from macq.record import record_to
 
 
 class _Student:
-    """The quantized model as the stage sees it: log-scale leaves by record name, codes read per layer."""
+    """The quantized model as the stage sees it: log-scale leaves by record name (on the stream's device), codes
+    read per layer (from the CPU files, onto the device)."""
 
     def __init__(self, stream: LayerStream, files: LayerFiles, heads: dict[str, Any]):
-        self.stream, self.files, self.heads = stream, files, heads
+        self.stream, self.files, self.heads, self.device = stream, files, heads, stream.device
         self.leaves: dict[str, torch.Tensor] = {}
         self.head_params = {n: self._param(n, r) for n, r in heads.items() if tunable(r)}
         self.float_head = (stream.spec.embed if stream.tied else stream.spec.lm_head) not in heads
@@ -41,19 +43,20 @@ class _Student:
             recs, _ = files.load(i)
             self.layer_leaves.append([n for n, r in recs.items() if tunable(r)])
             for n in self.layer_leaves[-1]:
-                self.leaves[n] = recs[n].scales.float().log().requires_grad_(True)
+                self.leaves[n] = recs[n].scales.float().log().to(self.device).requires_grad_(True)
 
     def _param(self, name: str, rec: Any) -> ScaleParams:
-        p = from_record(rec)
+        p = from_record(record_to(rec, self.device))
         p.log_scale = self.leaves.setdefault(name, p.log_scale.requires_grad_(True))
         return p
 
     def layer_weights(self, i: int, path: str) -> dict[str, torch.Tensor]:
         """Layer ``i``'s parameters by name relative to the layer (differentiable in its leaves)."""
         recs, floats = self.files.load(i)
-        out = {k[len(path) + 1:]: v.float() for k, v in floats.items()}
+        out = {k[len(path) + 1:]: v.to(self.device, torch.float32) for k, v in floats.items()}
         for n, r in recs.items():
-            out[f"{n[len(path) + 1:]}.weight"] = dequantized(self._param(n, r)) if tunable(r) else r.dequantize()
+            out[f"{n[len(path) + 1:]}.weight"] = dequantized(self._param(n, r)) if tunable(r) else \
+                record_to(r, self.device).dequantize()
         return out
 
     def head_rows(self, a: int, b: int) -> torch.Tensor:
@@ -63,7 +66,7 @@ class _Student:
         if p is not None:
             return _rows(p, slice(a, b))
         if name in self.heads:
-            return self.heads[name].dequantize(torch.float32)[a:b]
+            return self.heads[name].dequantize(torch.float32)[a:b].to(self.device)
         return s.head_rows(a, b)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -75,14 +78,15 @@ class _Student:
         if p is not None:
             w = _rows(p, rows)
         elif name in self.heads:
-            w = self.heads[name].dequantize(torch.float32)[rows]
+            w = self.heads[name].dequantize(torch.float32)[rows].to(self.device)
         else:
-            w = torch.stack([s.plan.store.get_rows(f"{name}.weight", int(r), int(r) + 1)[0] for r in rows]).float()
+            w = torch.stack([s.plan.store.get_rows(f"{name}.weight", int(r), int(r) + 1)[0] for r in rows])
+            w = w.to(self.device, torch.float32)
         scale = float(s.model.config.hidden_size) ** 0.5 if s.spec.embed_scale == "sqrt_hidden" else 1.0
         return (w[inv] * scale)[None] if scale != 1.0 else w[inv][None]
 
     def records(self) -> dict[str, torch.Tensor]:
-        return {n: t.detach().clone() for n, t in self.leaves.items()}
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.leaves.items()}
 
 
 def _rows(p: ScaleParams, rows: slice | torch.Tensor) -> torch.Tensor:
@@ -141,7 +145,7 @@ class _Stage:
             hn = self.tc.norm(h)[0]
             vocab = self.stream.vocab
             (lse,), logits = chunked_lse([hn], self.st.head_rows, vocab, keep=True)   # this row's logits, made once
-            total = torch.zeros(hn.shape[0])
+            total = torch.zeros(hn.shape[0], device=hn.device)
             for a in range(0, vocab, HEAD_ROWS):
                 t = self.tc.logprobs(r, a, min(a + HEAD_ROWS, vocab))
                 total += (t.exp() * (t - (logits.pop((0, a)) - lse[:, None]))).sum(-1)

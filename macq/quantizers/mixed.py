@@ -27,12 +27,14 @@ import torch
 import torch.nn as nn
 
 from macq.arch import arch_spec, decoder_layers
+from macq.device import resolve_device
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.progress import stage
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.allocate import Allocation, allocate
 from macq.quantizers.base import QuantConfig, check
+from macq.quantizers.calibration import model_on
 from macq.quantizers.formats import TARGET_FORMATS, Format, candidate_formats, to_bias_form
 from macq.quantizers.sensitivity import (
     GRANULARITIES,
@@ -42,7 +44,7 @@ from macq.quantizers.sensitivity import (
     make_units,
     proxy_sensitivity,
 )
-from macq.record import Record
+from macq.record import Record, record_to
 
 
 @dataclass
@@ -61,7 +63,6 @@ class MixedConfig(StreamOptions, QuantConfig):
     kl_samples: int = 4                 # calibration sequences used by KL sensitivity (first N)
     batch_size: int = 8
     damp_percent: float = 0.01          # GPTQ damping
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         check(self.target in TARGET_FORMATS, f"--target {self.target!r}: expected one of {', '.join(TARGET_FORMATS)}")
@@ -110,13 +111,14 @@ def sensitivity_table(model: nn.Module, cfg: MixedConfig, calib_ids: torch.Tenso
     mods = _modules(model, cfg)
     fmts = cfg.candidate_formats()
     units = make_units(list(mods), cfg.granularity, arch_spec(model).layers)
+    device = resolve_device(cfg.device)
     if cfg.sensitivity == "kl":
         return kl_sensitivity(model, calib_ids[: cfg.kl_samples], fmts, mods, units,
-                              batch_size=min(cfg.batch_size, cfg.kl_samples), device=cfg.device, progress=progress)
+                              batch_size=min(cfg.batch_size, cfg.kl_samples), device=device, progress=progress)
     if cfg.sensitivity == "fisher":
-        table = fisher_sensitivity(model, calib_ids, fmts, mods, cfg.device, progress)
+        table = fisher_sensitivity(model, calib_ids, fmts, mods, device, progress)
     else:
-        table = proxy_sensitivity(model, calib_ids, fmts, mods, cfg.batch_size, cfg.device, progress)
+        table = proxy_sensitivity(model, calib_ids, fmts, mods, cfg.batch_size, device, progress)
     return table if cfg.granularity == "module" else table.grouped(units)
 
 
@@ -149,7 +151,7 @@ def _gptq_records(model: nn.Module, assignment: dict[str, Format], mods: dict[st
     """GPTQ each decoder linear at its own format, true-sequentially (the model is modified in place)."""
     from macq.quantizers.calibration import layerwise
 
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     records: dict[str, Record] = {}
     per_layer = _gptq_layer_step(arch_spec(model), assignment, cfg, device, records)
     layerwise(model, calib_ids, per_layer, batch_size=cfg.batch_size, device=device, progress=progress,
@@ -211,7 +213,7 @@ def layer_quantizer(model: nn.Module, cfg: MixedConfig, device: torch.device | N
     check(not cfg.stream_refusal(), f"--stream: {cfg.stream_refusal()}")
     spec = arch_spec(model)
     mods = _modules(model, cfg)
-    dev = torch.device(cfg.device)
+    dev = device if device is not None else resolve_device(cfg.device)
     records: dict[str, Record] = {}
     errs: dict[str, list[float]] = {}
     state: dict[str, Any] = {"assignment": None, "info": {}, "notes": []}
@@ -313,14 +315,17 @@ def quantize_model(model: nn.Module, cfg: MixedConfig, calib_ids: torch.Tensor |
         if table is None:
             if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
                 raise MacqError("mixed: calibration ids must be a non-empty [n_samples, seq_len] tensor")
-            table = sensitivity_table(model, cfg, calib_ids, progress)
+            with model_on(model, resolve_device(cfg.device)):
+                table = sensitivity_table(model, cfg, calib_ids, progress)
         assignment, alloc = plan(table, cfg.target_bpw, cfg.resolution)
         notes += table.notes + alloc.notes
         info = {"allocated_bpw": alloc.bpw, "floor_bpw": alloc.floor_bpw, "ceiling_bpw": alloc.ceiling_bpw,
                 "total_error": alloc.error}
     if cfg.base_method == "gptq" and any(f.kind == "lut" for f in assignment.values()):
         notes.append("palettized (lut) modules use k-means, not GPTQ")
-    records = quantize_assignment(model, assignment, cfg, calib_ids, progress)
+    with model_on(model, resolve_device(cfg.device)):   # the in-memory path: the whole model on the device
+        records = quantize_assignment(model, assignment, cfg, calib_ids, progress)
+    records = {name: record_to(rec, "cpu") for name, rec in records.items()}
     method = cfg.to_dict()
     qm = QuantizedModel.from_model(model, records, method=method, source=source)
     achieved = qm.bits_per_weight()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from macq.device import has_float64
 from macq.errors import MacqError
 from macq.microscale import E2M1_VALUES, FPFormat, decode_scales, encode_e4m3, fp_format
 
@@ -36,7 +37,7 @@ def _r(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def e2m1_codes(x: torch.Tensor, dist_dtype: torch.dtype) -> torch.Tensor:
     """MLX's E2M1 rounding: argmin over ``|x - table|`` computed in ``dist_dtype``, first index on ties,
     NaN distances never chosen (all-NaN / all-inf rows give code 0)."""
-    table = _r(torch.tensor(E2M1_VALUES, dtype=torch.float64), dist_dtype)
+    table = _r(torch.tensor(E2M1_VALUES, dtype=torch.float64, device=x.device), dist_dtype)
     d = _r((x.unsqueeze(-1) - table).abs(), dist_dtype)
     d = torch.nan_to_num(d, nan=float("inf"))
     return d.argmin(-1).to(torch.uint8)
@@ -65,14 +66,16 @@ ROW_CHUNK_ELEMENTS = 1 << 20   # weights per chunk: the float64 [.., 16] distanc
 
 def _by_rows(w: torch.Tensor, mode: str, fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``fn(rows [r, in]) -> (codes, bytes)`` to row chunks (rows are independent), bounding memory on
-    big tensors (a 49152 x 576 embedding would otherwise need GBs of float64 temporaries)."""
+    big tensors (a 49152 x 576 embedding would otherwise need GBs of float64 temporaries). MLX's rounding is
+    reproduced in float64: on a device without it the rows go through the CPU."""
     fmt = fp_format(mode)
     out, inp = w.shape
     if inp % fmt.group_size:
         raise MacqError(f"--mode {mode}: its block of {fmt.group_size} does not divide the input dim {inp}")
     step = max(1, ROW_CHUNK_ELEMENTS // inp)
-    parts = [fn(w[r:r + step].detach(), fmt) for r in range(0, out, step)]
-    return torch.cat([c for c, _ in parts]), torch.cat([b for _, b in parts])
+    src = w.detach() if has_float64(w.device) else w.detach().cpu()
+    parts = [fn(src[r:r + step], fmt) for r in range(0, out, step)]
+    return torch.cat([c for c, _ in parts]).to(w.device), torch.cat([b for _, b in parts]).to(w.device)
 
 
 def mlx_fp_quantize(w: torch.Tensor, mode: str, dtype: torch.dtype = torch.float16

@@ -41,7 +41,7 @@ def select_outliers(w: torch.Tensor, groups: torch.Tensor, frac: float) -> torch
     tails give up more weights.
     """
     k = n_outliers(w.numel(), frac)
-    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
     if k == 0:
         return mask.view_as(w)
     g = groups.float()
@@ -52,7 +52,7 @@ def select_outliers(w: torch.Tensor, groups: torch.Tensor, frac: float) -> torch
 
 def fit_weights(mask: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     """k-means weights ``[out, in]``: the importance (or ones) with the outliers at 0, so they do not pull the LUT."""
-    base = torch.ones(mask.shape) if importance is None else importance.float().clone()
+    base = torch.ones(mask.shape, device=mask.device) if importance is None else importance.float().clone()
     return base.masked_fill(mask, 0.0)
 
 
@@ -94,7 +94,7 @@ def outliers_from_mask(rec: LUTRecord, w: torch.Tensor, mask: torch.Tensor) -> L
 
 def outlier_mask(rec: LUTRecord) -> torch.Tensor:
     """The record's outlier positions as a boolean ``[out, in]`` mask (all False without outliers)."""
-    mask = torch.zeros(rec.indices.numel(), dtype=torch.bool)
+    mask = torch.zeros(rec.indices.numel(), dtype=torch.bool, device=rec.indices.device)
     if rec.outlier_pos is not None:
         mask[rec.outlier_pos.long()] = True
     return mask.view(rec.shape)

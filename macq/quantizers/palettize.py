@@ -25,7 +25,7 @@ import torch
 
 from macq.quantizers.base import QuantConfig, check
 from macq.quantizers.exact1d import exact_centroids
-from macq.record import LUTRecord
+from macq.record import LUTRecord, record_to
 
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -276,8 +276,12 @@ def quantize_weight(w: torch.Tensor, cfg: UniformConfig, importance: torch.Tenso
 
     ``importance [out, in]`` (k-means only, with ``weighted=True``) weights each element's squared error.
     With ``outlier_frac`` the selected outliers (:mod:`macq.quantizers.outliers`) get weight 0 in the fit and are
-    kept in the record's sparse part at their fp16 values.
+    kept in the record's sparse part at their fp16 values. The clustering is CPU code (the exact 1-D optimum runs in
+    NumPy / coremltools): a weight on an accelerator is clustered on the CPU and its record moved back there.
     """
+    if w.device.type != "cpu":
+        imp = None if importance is None else importance.cpu()
+        return record_to(quantize_weight(w.cpu(), cfg, imp), w.device)
     out, inp = w.shape
     x = _groups(w.float(), cfg)
     dt = LUT_DTYPES[cfg.lut_dtype]

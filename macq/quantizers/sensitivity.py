@@ -198,7 +198,7 @@ def fisher_layer_step(modules: set[str], formats: list[Format], fisher: Any, err
         with stage("sensitivity"):
             for full in sorted(m for m in modules if m.startswith(path + ".")):
                 w = get_weight(layer.get_submodule(full[len(path) + 1:])).detach().float()
-                errs[full] = _fisher_errors(w, fisher.pop(full), formats)
+                errs[full] = _fisher_errors(w, fisher.pop(full).to(w.device), formats)
 
     return per_layer
 

@@ -26,13 +26,14 @@ import torch
 import torch.nn as nn
 
 from macq.arch import ArchSpec, arch_spec
+from macq.device import resolve_device, wide_float
 from macq.errors import MacqError
 from macq.models import get_weight, is_conv1d, quantizable_modules, set_weight
 from macq.progress import stage
 from macq.quantizers.activations import StreamOptions
 from macq.quantizers.actquant import ACT_MODES, InputStats, collect_input_stats, input_groups, install_act_quant
 from macq.quantizers.base import QuantConfig, check, check_model_inputs
-from macq.quantizers.calibration import LayerInputs, layerwise, target_linears
+from macq.quantizers.calibration import LayerInputs, layerwise, run_job, target_linears
 from macq.quantizers.fold import can_fold, fold_scales
 from macq.quantizers.grid import SCALE_DTYPES, affine_params, quantize_codes
 from macq.record import AffineRecord
@@ -64,7 +65,8 @@ class SmoothQuantConfig(StreamOptions, QuantConfig):
 def smoothing_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
     """``s = x_max^α / w_max^(1−α)``; channels that are dead on either side keep ``s = 1``."""
     live = (x_max > 0) & (w_max > 0)
-    s = x_max.clamp_min(1e-12).double().pow(alpha) / w_max.clamp_min(1e-12).double().pow(1 - alpha)
+    wide = wide_float(x_max.device)
+    s = x_max.clamp_min(1e-12).to(wide).pow(alpha) / w_max.clamp_min(1e-12).to(wide).pow(1 - alpha)
     return torch.where(live, s.clamp(1e-5, 1e5), torch.ones_like(s)).float()
 
 
@@ -136,7 +138,7 @@ def layer_quantizer(model: nn.Module, cfg: SmoothQuantConfig, device: torch.devi
                 act_quant[full] = layer_aq[full[len(path) + 1:]] = aq
             install_act_quant(layer, layer_aq)
 
-    return LayerJob(fn, records, stats, torch.device("cpu"), cfg.batch_size, stats_in_manifest=True,
+    return LayerJob(fn, records, stats, device or torch.device("cpu"), cfg.batch_size, stats_in_manifest=True,
                     act_quant=act_quant)
 
 
@@ -146,8 +148,8 @@ def quantize_model(model: nn.Module, cfg: SmoothQuantConfig, calib_ids: torch.Te
     from macq.qmodel import QuantizedModel
 
     check_model_inputs("smoothquant", cfg, SmoothQuantConfig, calib_ids)
-    job = layer_quantizer(model, cfg)
-    layerwise(model, calib_ids, job.fn, batch_size=cfg.batch_size, progress=progress, description="smoothquant")
+    job = layer_quantizer(model, cfg, resolve_device(cfg.device))
+    run_job(model, calib_ids, job, progress, "smoothquant")
     method = cfg.to_dict()
     method["stats"] = job.stats
     return QuantizedModel.from_model(model, job.records, method=method, act_quant=job.act_quant, source=source)

@@ -50,6 +50,7 @@ from macq.qmodel import SHARD_BYTES, QuantDirWriter
 from macq.quantizers.activations import ACT_DTYPES, ActivationStore, Budget
 from macq.quantizers.calibration import LayerInputs, batch_calls, capture_first_layer_inputs, end_reuse
 from macq.quantizers.meta_layers import _move_buffers, _set_param, materialize, release, skeleton
+from macq.record import record_to
 from macq.streaming import finite, plan_stream, quantize_stored, stream_refusal
 
 TIMING_KEYS = {"capture": "capture_s", "hessian": "hessian_s", "cholesky": "cholesky_s", "columns": "column_loop_s",
@@ -181,7 +182,7 @@ def stream_calibrate(src: str | Path, out: str | Path, method: str, cfg: Any, ca
                     w.add_float(key, _float_out(t, store.dtype(key) if key in store else t.dtype))
 
             def write_layer(path: str, layer: nn.Module) -> None:
-                mine = {k: job.records.pop(k) for k in [k for k in job.records if k.startswith(path + ".")]}
+                mine = {k: record_to(job.records.pop(k), "cpu") for k in [k for k in job.records if k.startswith(path + ".")]}
                 skip = {f"{name[len(path) + 1:]}.weight" for name in mine}
                 floats = {f"{path}.{k}": t.detach().cpu() for k, t in layer.state_dict().items() if k not in skip}
                 if kept is not None:

@@ -190,18 +190,18 @@ def chunked_logit_grads(hn: list[torch.Tensor], rows: Callable[[int, int], torch
     return grads, lse
 
 
-def next_token_target(ids: torch.Tensor) -> tuple[Callable[[int, int, int], torch.Tensor], list[torch.Tensor],
+def next_token_target(ids: torch.Tensor, device: torch.device) -> tuple[Callable[[int, int, int], torch.Tensor], list[torch.Tensor],
                                                    list[float]]:
     """The causal-LM labels of ``ids [N, T]`` (position ``t`` predicts token ``t + 1``; the last predicts
     nothing), as :func:`chunked_logit_grads` takes them: the mean over ``T - 1`` positions, as transformers'
-    ``loss`` with ``labels=ids``."""
+    ``loss`` with ``labels=ids``. The targets and weights are made on ``device``, where the logits are."""
     n, t = ids.shape
     nxt = ids[:, 1:]
-    weight = torch.ones(t)
+    weight = torch.ones(t, device=device)
     weight[-1] = 0.0
 
     def target(s: int, a: int, b: int) -> torch.Tensor:
-        out = torch.zeros(t, b - a)
+        out = torch.zeros(t, b - a, device=device)
         hit = (nxt[s] >= a) & (nxt[s] < b)
         pos = torch.nonzero(hit).flatten()
         out[pos, nxt[s][pos] - a] = 1.0
@@ -272,7 +272,7 @@ def stream_fisher(stream: LayerStream, ids: torch.Tensor, modules: set[str], hea
     kwargs = inputs.kwargs
     stores, final = stream.forward(inputs)
     norm = stream.final_norm()
-    target, pos_weight, count = next_token_target(ids)
+    target, pos_weight, count = next_token_target(ids, stream.device)
     tied = stream.tied
     head_w = spec.lm_head in heads and not tied
     head_f = torch.zeros(stream.vocab, final[0].shape[-1]) if head_w else None
