@@ -526,6 +526,7 @@ def test_learned_logits_stage_on_gpt2_refused_before_reading(ckpts, tmp_path, mo
     (("--method", "gptq", "--max-memory", "4 XB"), "error: --max-memory '4 XB': expected a size"),
     (("--method", "awq", "--act-dtype", "int8"), "error: --act-dtype int8: expected one of"),
     (("--method", "gptq", "--device", "warp"), "error: --device warp: expected cpu, cuda"),
+    (("--method", "kmeans-cal", "--device", "tpu"), "error: --device tpu: expected cpu, cuda, cuda:N, mps or auto"),
     (("--method", "gptq", "--max-memory", "1GiB", "--no-stream"), "error: --max-memory applies to the streamed path"),
     (("--method", "rtn", "--max-memory", "1GiB"), "error: --max-memory does not apply to --method rtn"),
     (("--method", "dkm", "--stream"), "error: --stream: --method dkm runs on the in-memory path only (it trains every "
@@ -538,9 +539,11 @@ def test_learned_logits_stage_on_gpt2_refused_before_reading(ckpts, tmp_path, mo
     (("--method", "mixed", "--sensitivity", "proxy", "--include-embeddings", "--stream"),
      "error: --stream: mixed --include-embeddings: the embedding / lm_head are sized on the whole model's"),
 ] + ([(("--method", m, *extra, "--device", "cuda"), "error: --device cuda: 'cuda' requested but CUDA is not available")
-      for m, extra in (("gptq", ()), ("mixed", ("--sensitivity", "proxy")))]
-     if not torch.cuda.is_available() else []) + ([(("--method", "gptq", "--device", "mps"),
-                                                   "error: --device mps: 'mps' requested but MPS is not available")]
+      for m, extra in (("gptq", ()), ("mixed", ("--sensitivity", "proxy")), ("awq", ()), ("awq-gptq", ()),
+                       ("learned", ()), ("kmeans-cal", ()), ("smoothquant", ()))]
+     if not torch.cuda.is_available() else []) + ([(("--method", m, "--device", "mps"),
+                                                   "error: --device mps: 'mps' requested but MPS is not available")
+                                                  for m in ("gptq", "awq", "learned")]
                                                  if not torch.backends.mps.is_available() else []))
 def test_cli_bad_stream_options_fail_before_work(ckpts, tmp_path, capsys, args, msg):
     """One line, exit 2, before any weight is read: the checkpoint's weights file here is corrupt, so any
