@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TOOLS = ("macq-gptq", "llmc-gptq", "macq-awq", "mlx-awq")
+MORE = ("macq-learned", "macq-kmeans-cal")   # by --tools only: no reference tool runs them
 OPENBLAS = Path("/tmp/oblas/cmeel.prefix/lib/libopenblas.so.0")
 
 
@@ -114,10 +115,11 @@ def commands(tool: str, a: argparse.Namespace, work: Path, env: dict[str, str]) 
     out = work / "out"
     if tool.startswith("macq-"):
         method = tool.split("-", 1)[1]
-        return [sys.executable, "-m", "macq.cli", "quantize", str(a.checkpoint), "--method", method,
-                "--bits", str(a.bits), "--group-size", str(a.group_size), "--n-calib", str(a.n_calib),
-                "--seq-len", str(a.seq_len), "--calib-dataset", a.calib_dataset, "--stream", "--json",
-                "--force", "-o", str(out)], env
+        grid = ["--bits", str(a.bits)] + (["--group-size", str(a.group_size)] if method != "kmeans-cal" else [])
+        return [sys.executable, "-m", "macq.cli", "quantize", str(a.checkpoint), "--method", method, *grid,
+                "--n-calib", str(a.n_calib),
+                "--seq-len", str(a.seq_len), "--calib-dataset", a.calib_dataset, "--device", a.device, "--stream",
+                "--json", "--force", "-o", str(out)], env
     if tool == "llmc-gptq":
         from safetensors.torch import save_file
 
@@ -127,7 +129,7 @@ def commands(tool: str, a: argparse.Namespace, work: Path, env: dict[str, str]) 
         save_file({"input_ids": a.ids.contiguous()}, str(work / "calib.safetensors"))
         (work / "request.json").write_text(json.dumps({
             "method": "gptq", "model_dir": str(a.checkpoint.resolve()), "bits": a.bits, "group_size": a.group_size,
-            "symmetric": False, "damp": 0.01, "device": "cpu", "threads": a.threads}))
+            "symmetric": False, "damp": 0.01, "device": a.device, "threads": a.threads}))
         return [str(py), str(WORKER), str(work)], {**env, "PYTHONPATH": ""}
     if tool == "mlx-awq":
         import numpy as np
@@ -141,7 +143,7 @@ def commands(tool: str, a: argparse.Namespace, work: Path, env: dict[str, str]) 
                 "--calib", str(work / "ids.npy"), "--out", str(out), "--", "--bits", str(a.bits),
                 "--group-size", str(a.group_size), "--num-samples", str(a.n_calib),
                 "--sequence-length", str(a.seq_len)], e
-    raise SystemExit(f"error: --tools {tool}: expected one of {', '.join(TOOLS)}")
+    raise SystemExit(f"error: --tools {tool}: expected one of {', '.join(TOOLS + MORE)}")
 
 
 def commit() -> str:
@@ -154,13 +156,15 @@ def commit() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS + MORE)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--n-calib", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-dataset", default="c4")
     ap.add_argument("--threads", type=int, default=1, help="threads of every tool")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where macq and llm-compressor calibrate (mlx_lm.awq runs on MLX's CPU build here)")
     ap.add_argument("--full-layers", type=int, default=None,
                     help="the published depth, to extrapolate a depth-cut checkpoint's totals (default: its own)")
     ap.add_argument("--openblas", type=Path, default=OPENBLAS if OPENBLAS.exists() else None,
@@ -181,7 +185,7 @@ def main() -> None:
     meta = {"checkpoint": str(a.checkpoint), "layers": layers, "full_layers": full, "tokens": list(a.ids.shape),
             "calib_dataset": a.calib_dataset, "threads": a.threads, "bits": a.bits, "group_size": a.group_size,
             "commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "openblas": str(a.openblas or ""), "argv": sys.argv[1:]}
+            "openblas": str(a.openblas or ""), "device": a.device, "argv": sys.argv[1:]}
     rows = []
     for tool in a.tools:
         work = a.out / tool
@@ -199,6 +203,7 @@ def main() -> None:
         elif tool.startswith("macq-"):
             res = json.loads(stdout)
             row["timings"], row["gemm"] = res.get("timings"), res.get("gemm")
+            row["peak_cuda_bytes"] = (res.get("memory") or {}).get("peak_cuda_bytes")
         elif tool == "llmc-gptq":
             row["library_s"] = round(json.loads((work / "result.json").read_text())["seconds"], 2)
         rows.append(row)
