@@ -227,24 +227,54 @@ def test_cli_json_and_progress_lines_carry_the_rates(tmp_path, capsys):
 def test_palettize_probe_refuses_bad_input_before_work_and_never_replaces_a_foreign_file(tmp_path):
     """The benchmark's bad shape and a --json path it did not write: one ``error:`` line, exit 2, the file as it
     was; its own file is replaced only with --force."""
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmarks" / "palettize_probe.py"
-
     def run(*args):
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        return _script("palettize_probe", *args)
 
     foreign = tmp_path / "user.json"
     foreign.write_text('{"mine": 1}')
-    for args, msg in ((("--shapes", "12xq"), "error: --shapes '12xq': expected OUTxIN"),
-                      (("--json", str(foreign), "--force"), f"error: --json {foreign} exists and is not a file macq")):
-        r = run(*args)
-        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert r.returncode == 2 and len(err) == 1 and err[0].startswith(msg), r.stderr
+    _refused(run, [(("--shapes", "12xq"), "error: --shapes '12xq': expected OUTxIN"),
+                   (("--json", str(foreign), "--force"), f"error: --json {foreign} exists and is not a file macq")])
     assert foreign.read_text() == '{"mine": 1}'
     mine = tmp_path / "probe.json"
     assert run("--shapes", "16x32", "--json", str(mine)).returncode == 0
     assert json.loads(mine.read_text())["linears"][0]["shape"] == [16, 32]
     r = run("--shapes", "16x32", "--json", str(mine))
     assert r.returncode == 2 and "pass --force to replace it" in r.stderr
+
+
+def _script(name: str, *args: str):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmarks" / f"{name}.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+
+def _refused(run, cases) -> None:
+    """Each ``(args, message)``: exit 2 with exactly one ``error:`` line, starting with the message."""
+    for args, msg in cases:
+        r = run(*args)
+        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(err) == 1 and err[0].startswith(msg), r.stderr
+
+
+def test_bench_realsize_refuses_outputs_it_did_not_write_before_work(tmp_path):
+    """The real-size benchmark deletes each row's files under --out and writes --json: a checkpoint without a
+    config, a --json file it did not write, a --out directory it did not make are refused in one line, exit 2,
+    before any tool runs, and are left as they were."""
+    from macq.tiny import save_tiny_model
+
+    ckpt = save_tiny_model(tmp_path / "ckpt", "llama")
+    foreign, theirs = tmp_path / "user.json", tmp_path / "their-dir"
+    foreign.write_text('{"mine": 1}')
+    (theirs / "macq-gptq").mkdir(parents=True)
+    (theirs / "macq-gptq" / "keep.txt").write_text("x")
+
+    def run(*args):
+        return _script("bench_realsize", *args)
+
+    _refused(run, [((str(tmp_path),), f"error: checkpoint {tmp_path}: no config.json"),
+                   ((str(ckpt), "--json", str(foreign), "--force"), f"error: --json {foreign} exists and is not a file"),
+                   ((str(ckpt), "--out", str(theirs)), f"error: --out {theirs} exists and was not written by macq"),
+                   ((str(ckpt), "--out", str(ckpt)), f"error: --out {ckpt}: is the input {ckpt}")])
+    assert foreign.read_text() == '{"mine": 1}' and (theirs / "macq-gptq" / "keep.txt").read_text() == "x"

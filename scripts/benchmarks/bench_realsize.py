@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 TOOLS = ("macq-gptq", "llmc-gptq", "macq-awq", "mlx-awq")
 MORE = ("macq-learned", "macq-kmeans-cal")   # by --tools only: no reference tool runs them
+SCHEMA, SCRATCH = "macq.bench_realsize/1", "bench-realsize-scratch"
 OPENBLAS = Path("/tmp/oblas/cmeel.prefix/lib/libopenblas.so.0")
 
 
@@ -154,6 +155,8 @@ def commit() -> str:
 
 
 def main() -> None:
+    from macq.atomic import write_marker
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS + MORE)
@@ -169,11 +172,12 @@ def main() -> None:
                     help="the published depth, to extrapolate a depth-cut checkpoint's totals (default: its own)")
     ap.add_argument("--openblas", type=Path, default=OPENBLAS if OPENBLAS.exists() else None,
                     help="libopenblas.so.0 to preload for mlx (PLATFORM.md); default the scratch one if present")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/macq-bench-realsize"), help="scratch dir (deleted per row)")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/macq-bench-realsize"),
+                    help="scratch dir (a new one, or one this script made; each row's files deleted after it)")
+    ap.add_argument("--json", type=Path, default=None, help="results (a new file, or one this script wrote)")
+    ap.add_argument("--force", action="store_true", help="replace a --json file this script wrote")
     a = ap.parse_args()
-    if not (a.checkpoint / "config.json").is_file():
-        raise SystemExit(f"error: checkpoint {a.checkpoint}: no config.json")
+    check_outputs(a)
     cfg = json.loads((a.checkpoint / "config.json").read_text())
     layers = int(cfg["num_hidden_layers"])
     full = a.full_layers or layers
@@ -182,6 +186,7 @@ def main() -> None:
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t)
     a.ids = calib_ids(a.checkpoint, a.calib_dataset, a.n_calib, a.seq_len)
     a.out.mkdir(parents=True, exist_ok=True)
+    write_marker(a.out, SCRATCH)
     meta = {"checkpoint": str(a.checkpoint), "layers": layers, "full_layers": full, "tokens": list(a.ids.shape),
             "calib_dataset": a.calib_dataset, "threads": a.threads, "bits": a.bits, "group_size": a.group_size,
             "commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -210,10 +215,33 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         shutil.rmtree(work, ignore_errors=True)
         if a.json:           # after every row: a later failure or interruption keeps the finished ones
-            a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            write_json(a.json, meta, rows)
     print(table(rows, meta))
-    if a.json:
-        a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def check_outputs(a: argparse.Namespace) -> None:
+    """Bad input ends in one ``error:`` line and exit 2 before any work: a checkpoint without config.json, a
+    --json path that is not this script's file (or is, without --force), a --out directory it did not make."""
+    from macq.atomic import guard_output
+    from macq.errors import MacqError
+
+    try:
+        if not (a.checkpoint / "config.json").is_file():
+            raise MacqError(f"checkpoint {a.checkpoint}: no config.json")
+        if a.json is not None:
+            guard_output(a.json, a.force, inputs=[a.checkpoint], flag="--json", kind="file")
+        guard_output(a.out, False, inputs=[a.checkpoint, a.json], flag="--out", resume=SCRATCH)
+    except MacqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    """The results, by rename (a reader never sees half a file), marked as this script's."""
+    from macq.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"schema": SCHEMA, "meta": meta, "rows": rows}, indent=1))
 
 
 def table(rows: list[dict], meta: dict) -> str:
