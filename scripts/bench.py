@@ -51,7 +51,8 @@ STUDIES: dict[str, tuple[str, str]] = {
     "coreai_quality": ("coreai.md", "macq records against coreai-opt's presets on three texts"),
 }
 # Library modules of the sub-commands (importable, runnable on their own, not studies).
-HELPERS = {"mlx_rows": "bench_quality's mlx_lm scoring", "mlx_lm_quant": "runs mlx-lm's own quantizers offline"}
+HELPERS = {"mlx_rows": "bench_quality's mlx_lm scoring", "mlx_lm_quant": "runs mlx-lm's own quantizers offline",
+           "outputs": "every sub-command's --json and scratch-dir checks and writes"}
 
 
 def _listing() -> str:

@@ -47,6 +47,8 @@ def rel_err(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 14, 29])
     ap.add_argument("--n-calib", type=int, default=16)
@@ -55,7 +57,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
+    add_force(ap)
     args = ap.parse_args()
+    check_json(args.json, args.force)
     torch.set_num_threads(args.threads)
     from macq.pipeline import calibration_ids
     from macq.quantizers import awq_search as S
@@ -89,8 +93,7 @@ def main() -> None:
         sel = [r for r in rows if r["rounding"] == label]
         print(f"| {label} | " + " | ".join(f"{sum(r[k] for r in sel) / len(sel):.4f}" for k in sets) + " |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, "awq_gptq_probe", rows)
 
 
 if __name__ == "__main__":

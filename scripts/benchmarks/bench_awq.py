@@ -28,6 +28,8 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
     ap.add_argument("--n", type=int, default=16, help="calibration sequences")
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--greedy", action="store_true", help="also run AWQ with greedy rounding")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
+    add_force(ap)
     a = ap.parse_args(argv)
+    check_json(a.json, a.force)
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -99,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['method']} | {r['bits']} | {r['group']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['kl']:.4f} | "
               f"{r['top1']:.3f} | {r['time_s']:.0f} |")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(a.json, "bench_awq", rows)
     return 0
 
 

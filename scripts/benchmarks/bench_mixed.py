@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -56,6 +55,8 @@ def evaluate(model, ids: torch.Tensor, ref: list[torch.Tensor] | None, context: 
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5])
@@ -74,7 +75,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--json", type=Path, default=None, help="also write rows and tables here")
+    add_force(ap)
     args = ap.parse_args()
+    check_json(args.json, args.force)
 
     t0 = time.time()
     model, tok = load_model(args.model)
@@ -166,8 +169,8 @@ def main() -> None:
           f"{t_fisher:.0f} s ({calib.shape[0]} backward passes). "
           f"Total {time.time() - t0:.0f} s on {torch.get_num_threads()} CPU threads.", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, **extra, "proxy": proxy.to_dict(), "fisher": fisher.to_dict()},
-                                        indent=1, default=str))
+        write_json(args.json, "bench_mixed", {"rows": rows, **extra, "proxy": proxy.to_dict(),
+                                              "fisher": fisher.to_dict()})
 
 
 def uniform(model, name: str):

@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from outputs import add_force, check_json, check_scratch, write_json
 
 from macq.models import DEFAULT_MODEL_CAVEAT, load_model
 
@@ -254,7 +256,7 @@ def mlx_rows(args, calib: torch.Tensor, score, out: list[dict[str, Any]]) -> Non
             out.append(r)
             print(json.dumps(r), flush=True)
             if args.json:
-                Path(args.json).write_text(json.dumps(out, indent=1))
+                write_json(args.json, "bench_quality", out)
             continue
         from mlx_backend.runner import default_compute_dtype
 
@@ -325,6 +327,7 @@ def main() -> None:
     ap.add_argument("--dwq-repeat", type=int, default=1,
                     help="mlx-dwq: passes over the training sequences (the tool makes one pass over its data)")
     ap.add_argument("--json")
+    add_force(ap)
     args = ap.parse_args()
     from mlx_rows import MLX_TOOLS
 
@@ -334,6 +337,9 @@ def main() -> None:
         ap.error("--runtime mlx needs --mlx-work DIR")
     if args.runtime == "mlx" and any(r not in AFFINE and r not in MLX_TOOLS for r in args.rows):
         ap.error("--runtime mlx: only affine rows (MLX has no LUT format)")
+    check_json(args.json, args.force)
+    if args.runtime == "mlx":          # its rows' directories are rebuilt or reused there
+        check_scratch(Path(args.mlx_work), "mlx-rows-work", inputs=(args.json,))
     torch.set_num_threads(args.threads)
     from macq.benchmark import fp16_copy
     from macq.data import eval_tokens
@@ -358,8 +364,7 @@ def main() -> None:
         out.append(r)
         print(json.dumps(r), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+            write_json(args.json, "bench_quality", out)
 
     if args.fp16_row:
         score("fp16", ref, {"bpw": 16.0, "size_mib": sum(p.numel() for p in model.parameters()) * 2 / 2**20})

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 TOOLS = ("macq-gptq", "llmc-gptq", "macq-awq", "mlx-awq")
 MORE = ("macq-learned", "macq-kmeans-cal")   # by --tools only: no reference tool runs them
-SCHEMA, SCRATCH = "macq.bench_realsize/1", "bench-realsize-scratch"
+SCRATCH = "bench-realsize-scratch"
 OPENBLAS = Path("/tmp/oblas/cmeel.prefix/lib/libopenblas.so.0")
 
 
@@ -155,7 +155,7 @@ def commit() -> str:
 
 
 def main() -> None:
-    from macq.atomic import write_marker
+    from outputs import add_force, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/macq-bench-realsize"),
                     help="scratch dir (a new one, or one this script made; each row's files deleted after it)")
     ap.add_argument("--json", type=Path, default=None, help="results (a new file, or one this script wrote)")
-    ap.add_argument("--force", action="store_true", help="replace a --json file this script wrote")
+    add_force(ap)
     a = ap.parse_args()
     check_outputs(a)
     cfg = json.loads((a.checkpoint / "config.json").read_text())
@@ -185,8 +185,6 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT),
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t)
     a.ids = calib_ids(a.checkpoint, a.calib_dataset, a.n_calib, a.seq_len)
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_marker(a.out, SCRATCH)
     meta = {"checkpoint": str(a.checkpoint), "layers": layers, "full_layers": full, "tokens": list(a.ids.shape),
             "calib_dataset": a.calib_dataset, "threads": a.threads, "bits": a.bits, "group_size": a.group_size,
             "commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -215,33 +213,20 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         shutil.rmtree(work, ignore_errors=True)
         if a.json:           # after every row: a later failure or interruption keeps the finished ones
-            write_json(a.json, meta, rows)
+            write_json(a.json, "bench_realsize", {"meta": meta, "rows": rows})
     print(table(rows, meta))
 
 
 def check_outputs(a: argparse.Namespace) -> None:
     """Bad input ends in one ``error:`` line and exit 2 before any work: a checkpoint without config.json, a
     --json path that is not this script's file (or is, without --force), a --out directory it did not make."""
-    from macq.atomic import guard_output
-    from macq.errors import MacqError
+    from outputs import check_json, check_scratch
 
-    try:
-        if not (a.checkpoint / "config.json").is_file():
-            raise MacqError(f"checkpoint {a.checkpoint}: no config.json")
-        if a.json is not None:
-            guard_output(a.json, a.force, inputs=[a.checkpoint], flag="--json", kind="file")
-        guard_output(a.out, False, inputs=[a.checkpoint, a.json], flag="--out", resume=SCRATCH)
-    except MacqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
-    """The results, by rename (a reader never sees half a file), marked as this script's."""
-    from macq.atomic import atomic_file
-
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps({"schema": SCHEMA, "meta": meta, "rows": rows}, indent=1))
+    if not (a.checkpoint / "config.json").is_file():
+        print(f"error: checkpoint {a.checkpoint}: no config.json", file=sys.stderr)
+        raise SystemExit(2)
+    check_json(a.json, a.force, inputs=(a.checkpoint,))
+    check_scratch(a.out, SCRATCH, inputs=(a.checkpoint, a.json))
 
 
 def table(rows: list[dict], meta: dict) -> str:

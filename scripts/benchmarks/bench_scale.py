@@ -116,6 +116,8 @@ def generate(path: Path, n: int) -> dict:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, check_scratch, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True, help="scratch dir for the exports (deleted per row)")
@@ -130,14 +132,16 @@ def main() -> None:
                     help="page-cache state of the checkpoint before each child (cold/warm: Linux)")
     ap.add_argument("--generate-only", type=Path, default=None, help="just load this MLX dir and generate")
     ap.add_argument("--json", type=Path, default=None)
+    add_force(ap)
     a = ap.parse_args()
     if a.generate_only is not None:
         print(json.dumps(generate(a.generate_only, a.generate or 8)))
         return
+    check_json(a.json, a.force, inputs=tuple(a.checkpoints))
+    check_scratch(a.out, "bench-scale-scratch", inputs=(*a.checkpoints, a.json))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     py = sys.executable
-    a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for ck in a.checkpoints:
         macq_out, mlx_out = a.out / f"{ck.name}-macq", a.out / f"{ck.name}-mlxlm"
@@ -180,7 +184,7 @@ def main() -> None:
         if not (a.keep and ck == a.checkpoints[-1]):
             shutil.rmtree(macq_out, ignore_errors=True)
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        write_json(a.json, "bench_scale", rows)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def same_records(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, check_scratch, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--methods", nargs="+", default=["gptq"], choices=list(METHOD_ARGS))
@@ -81,15 +83,17 @@ def main() -> None:
     ap.add_argument("--target-bpw", default="4.25", help="mixed: the bits-per-weight budget")
     ap.add_argument("--act-dtype", default=None, help="float32 (macq's default) | float16 | bfloat16")
     ap.add_argument("--max-memory", default=None, help="activation budget, e.g. 512MiB")
-    ap.add_argument("--device", default=None, help="gptq: cpu | cuda | mps")
+    ap.add_argument("--device", default=None, help="cpu | cuda | mps (any calibrated method)")
     ap.add_argument("--in-memory", action="store_true", help="also run --no-stream (whole model in float32)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the children")
     ap.add_argument("--out", type=Path, default=Path("/tmp/macq-bench-calib"), help="scratch dir (deleted per row)")
     ap.add_argument("--json", type=Path, default=None)
+    add_force(ap)
     a = ap.parse_args()
+    check_json(a.json, a.force, inputs=(a.checkpoint,))
+    check_scratch(a.out, "bench-scale-calib-scratch", inputs=(a.checkpoint, a.json))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-    a.out.mkdir(parents=True, exist_ok=True)
     layers = n_layers(a.checkpoint)
     rows = []
     for method in a.methods:
@@ -126,7 +130,7 @@ def main() -> None:
         print(f"| {r['method']} | {r['path']} | {r['wall_s']} | {r['peak_rss_gib']} | "
               + " | ".join(str(r["timings"].get(c, "")) for c in TIMING_COLS) + " |")
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        write_json(a.json, "bench_scale_calib", rows)
 
 
 TIMING_COLS = ("hessian_s", "stats_s", "sensitivity_s", "cholesky_s", "column_loop_s", "palettize_s", "target_s",

@@ -214,6 +214,8 @@ def markdown(rows: list[dict[str, Any]], ref: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="rtn", help="comma list of macq methods (rtn,gptq,awq,awq-gptq)")
     ap.add_argument("--bits", type=int, default=4)
@@ -233,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="keep the exports here (default: a temp dir)")
     ap.add_argument("--reuse", action="store_true", help="keep exports already in --work instead of rebuilding")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    add_force(ap)
     args = ap.parse_args(argv)
+    check_json(args.json, args.force)
     if args.compute_dtype in ("none", "None", ""):
         args.compute_dtype = None
 
@@ -282,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if gen is not None:
         print(f"\nmlx_lm.generate on the macq rtn export, chat prompt {args.prompt!r}:\n{gen}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "generation": gen, "args": {k: str(v) for k, v in
-                                                                                   vars(args).items()}}, indent=1))
+        write_json(args.json, "compare_mlx", {"rows": rows, "generation": gen,
+                                              "args": {k: str(v) for k, v in vars(args).items()}})
     return 0
 
 

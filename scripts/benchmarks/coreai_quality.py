@@ -99,13 +99,17 @@ def int4_bits(shapes, block: int = 32) -> float:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--rows", default="opt-int4,macq-gptq,macq-learned,opt-kmeans,opt-kmeans-cal,macq-kmeans-cal")
     ap.add_argument("--json")
+    add_force(ap)
     args = ap.parse_args()
+    check_json(args.json, args.force)
     warnings.filterwarnings("ignore")
     from macq.benchmark import fp16_copy
     from macq.data import eval_tokens
@@ -130,8 +134,7 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"rows": rows, "args": vars(args)}, f, indent=1)
+            write_json(args.json, "coreai_quality", {"rows": rows, "args": vars(args)})
 
     score("fp16", ref, 16.0, 0.0)
     for row in args.rows.split(","):

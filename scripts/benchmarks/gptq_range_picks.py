@@ -11,7 +11,6 @@ scan's. Data-free: the search runs on the weights as they are, as it does on GPT
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -61,18 +60,21 @@ def picks(bits: int, group: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--json", default=None)
+    add_force(ap)
     args = ap.parse_args(argv)
+    check_json(args.json, args.force)
     rows = [picks(b, args.group_size) for b in args.bits]
     for r in rows:
         print(f"{r['bits']}-bit g{r['group_size']}: same pick as the 41-factor scan for {r['same_pick']:.2%} of "
               f"{r['groups']} groups; summed error {r['error_vs_scan']:+.3%}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, "gptq_range_picks", rows)
 
 
 if __name__ == "__main__":

@@ -67,17 +67,20 @@ def clip(out: int, n: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8192, help="Hessian size for the Cholesky row")
     ap.add_argument("--json", default=None)
+    add_force(ap)
     args = ap.parse_args(argv)
+    check_json(args.json, args.force)
     torch.set_num_threads(1)
     rows = {"cholesky": cholesky(args.n), "power": power(1 << 22),
             "clip": [clip(8192, 2048), clip(2048, 8192)]}
     print(json.dumps(rows, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, "kernel_probe", rows)
 
 
 if __name__ == "__main__":

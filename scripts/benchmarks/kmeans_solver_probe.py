@@ -36,6 +36,8 @@ def coremltools_lut(w: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--lut-group", type=int, default=16)
@@ -45,7 +47,9 @@ def main() -> None:
     ap.add_argument("--ref-cache", help="bench_quality.py's cache of the fp16 reference log-probs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
+    add_force(ap)
     args = ap.parse_args()
+    check_json(args.json, args.force)
     torch.set_num_threads(args.threads)
     from bench_quality import one_pass_scores, reference
 
@@ -99,7 +103,7 @@ def main() -> None:
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(args.json, "kmeans_solver_probe", report)
 
 
 if __name__ == "__main__":

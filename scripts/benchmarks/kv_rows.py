@@ -47,6 +47,8 @@ def build(work: Path) -> None:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/macq-kv")
     ap.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4])
@@ -54,7 +56,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--mlx-tokens", type=int, default=2048)
     ap.add_argument("--json", required=True)
+    add_force(ap)
     args = ap.parse_args()
+    check_json(args.json, args.force)
     import torch
     from compare_mlx import fp16_rounded
     from mlx_fp4_rows import load_dequantized
@@ -74,7 +78,7 @@ def main() -> None:
     out: dict = {"rows": {}, "args": vars(args)}
 
     def save() -> None:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, "kv_rows", out)
 
     model, tok = load_model(None)
     model = fp16_rounded(model).eval()                 # the fp16 values an MLX fp16 export holds

@@ -184,6 +184,8 @@ def commit() -> str:
 
 
 def main() -> None:
+    from outputs import check_json, check_scratch, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", choices=["build", "eval", "head-probe"], required=True)
     ap.add_argument("--work", default="/tmp/macq-mlx-fp4")
@@ -200,6 +202,8 @@ def main() -> None:
     ap.add_argument("--wait", type=float, default=0, help="eval: seconds to wait for a --rows directory still being built")
     ap.add_argument("--json", required=True, help="results file (the stage's part is merged in)")
     args = ap.parse_args()
+    check_json(args.json, False, merge=True)          # a new file, or this benchmark's own: merged into
+    check_scratch(Path(args.work), "mlx-fp4-scratch", inputs=(args.json,))
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {}
     t0 = time.perf_counter()
@@ -208,7 +212,7 @@ def main() -> None:
     data[key] = {"result": part, "argv": sys.argv[1:], "commit": commit(), "seconds": time.perf_counter() - t0,
                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "preload": os.environ.get("LD_PRELOAD", "")}
-    path.write_text(json.dumps(data, indent=2))
+    write_json(path, "mlx_fp4_rows", data, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ the errors are not a model's. Shapes default to the Llama-3.2-1B linears (q/o, g
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -88,25 +87,23 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["2048x2048", "8192x2048", "2048x8192"], help="OUTxIN each")
     ap.add_argument("--json", default=None, help="also write the results here (a new file, or one this script wrote)")
-    ap.add_argument("--force", action="store_true", help="--json: replace a file this script wrote")
+    add_force(ap)
     args = ap.parse_args()
-    from macq.atomic import atomic_file, guard_output
-    from macq.errors import MacqError
-
     try:                                   # bad input: one line, before any slow work
         shapes = [_shape(s) for s in args.shapes]
-        if args.json:
-            guard_output(args.json, args.force, flag="--json", kind="file")
-    except (ValueError, MacqError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    check_json(args.json, args.force)
     torch.set_num_threads(1)
     from macq.perf import gemm_probe
 
-    result = {"schema": "macq.palettize_probe/1", "probe_gflop_s": round(gemm_probe()[0], 1), "linears": []}
+    result = {"probe_gflop_s": round(gemm_probe()[0], 1), "linears": []}
     print(f"float32 GEMM probe: {result['probe_gflop_s']} GFLOP/s (one thread)")
     for out, n in shapes:
         r = probe_linear(out, n)
@@ -117,8 +114,7 @@ def main() -> None:
         for p, v in r["parts"].items():
             print(f"    {p:7s} {v['seconds']:7.2f} s  {v['calls']} call(s)  {v['gflop']:8.1f} GFLOP  {v['gflop_s']:6.1f} GFLOP/s")
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
+        write_json(args.json, "palettize_probe", result)
 
 
 if __name__ == "__main__":

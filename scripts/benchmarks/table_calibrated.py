@@ -12,7 +12,6 @@ Q4_1 (4-bit asymmetric g32), so 4-bit g32 asymmetric would be nearly free; compa
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -28,6 +27,8 @@ def rows_for(bits: int, group: int, methods: list[str]) -> list[Row]:
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -36,7 +37,9 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--json")
+    add_force(ap)
     args = ap.parse_args()
+    check_json(args.json, args.force)
     methods = args.methods.split(",")
     model, tok = load_model(None)
     t0 = time.perf_counter()
@@ -52,8 +55,7 @@ def main() -> None:
     print(f"Caveat: {DEFAULT_MODEL_CAVEAT}.\n")
     print(table(out))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, "table_calibrated", out)
 
 
 if __name__ == "__main__":

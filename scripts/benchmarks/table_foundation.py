@@ -11,7 +11,6 @@ Groups are 64, not 128: the model's hidden size 576 is not a multiple of 128 (57
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -36,11 +35,15 @@ ROWS = [
 
 
 def main() -> None:
+    from outputs import add_force, check_json, write_json
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--json")
+    add_force(ap)
     args = ap.parse_args()
+    check_json(args.json, args.force)
     torch.manual_seed(0)
     model, tok = load_model(None)
     t0 = time.perf_counter()
@@ -51,8 +54,7 @@ def main() -> None:
     print(f"Caveat: {DEFAULT_MODEL_CAVEAT}. Groups are 64 (hidden 576 is not a multiple of 128).\n")
     print(table(rows, with_time=False))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, "table_foundation", rows)
 
 
 if __name__ == "__main__":
