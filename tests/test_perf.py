@@ -275,6 +275,6 @@ def test_bench_realsize_refuses_outputs_it_did_not_write_before_work(tmp_path):
 
     _refused(run, [((str(tmp_path),), f"error: checkpoint {tmp_path}: no config.json"),
                    ((str(ckpt), "--json", str(foreign), "--force"), f"error: --json {foreign} exists and is not a file"),
-                   ((str(ckpt), "--out", str(theirs)), f"error: --out {theirs} exists and was not written by macq"),
-                   ((str(ckpt), "--out", str(ckpt)), f"error: --out {ckpt}: is the input {ckpt}")])
+                   ((str(ckpt), "--out", str(theirs)), f"error: --out {theirs} exists and is not a scratch directory"),
+                   ((str(ckpt), "--out", str(ckpt / "s")), f"error: --out {ckpt / 's'}: lies inside the input {ckpt}")])
     assert foreign.read_text() == '{"mine": 1}' and (theirs / "macq-gptq" / "keep.txt").read_text() == "x"

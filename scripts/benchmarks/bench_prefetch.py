@@ -38,16 +38,18 @@ def child(src: str, out: str, budget: int) -> None:
 
 
 def main() -> None:
+    from outputs import check_scratch
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="scratch dir (new, or one this benchmark made)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache", choices=["as-is", "cold", "warm"], default="cold")
     a = ap.parse_args()
+    check_scratch(a.out, "bench-prefetch-scratch", inputs=(a.checkpoint,))
     import macq.streaming as streaming
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    a.out.mkdir(parents=True, exist_ok=True)
     runs: dict[int, list[dict]] = {0: [], streaming.PREFETCH_BYTES: []}
     for rep in range(a.repeats):
         order = list(runs) if rep % 2 == 0 else list(runs)[::-1]

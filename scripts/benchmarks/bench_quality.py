@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -339,7 +338,7 @@ def main() -> None:
         ap.error("--runtime mlx: only affine rows (MLX has no LUT format)")
     check_json(args.json, args.force)
     if args.runtime == "mlx":          # its rows' directories are rebuilt or reused there
-        check_scratch(Path(args.mlx_work), "mlx-rows-work", inputs=(args.json,))
+        check_scratch(args.mlx_work, "mlx-rows-work", inputs=(args.json,), flag="--mlx-work")
     torch.set_num_threads(args.threads)
     from macq.benchmark import fp16_copy
     from macq.data import eval_tokens

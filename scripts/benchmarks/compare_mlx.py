@@ -214,7 +214,7 @@ def markdown(rows: list[dict[str, Any]], ref: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from outputs import add_force, check_json, write_json
+    from outputs import add_force, check_json, check_scratch, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="rtn", help="comma list of macq methods (rtn,gptq,awq,awq-gptq)")
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     add_force(ap)
     args = ap.parse_args(argv)
     check_json(args.json, args.force)
+    if args.work is not None:          # exports and a patched model copy are replaced there
+        check_scratch(args.work, "compare-mlx-work", inputs=(args.json,), flag="--work")
     if args.compute_dtype in ("none", "None", ""):
         args.compute_dtype = None
 

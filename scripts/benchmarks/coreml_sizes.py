@@ -74,6 +74,8 @@ def _ct_palettize(fp16_path: Path, names: list[str], out: Path):
 
 
 def main() -> None:
+    from outputs import check_scratch
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("/tmp/coreml_sizes"))
@@ -82,8 +84,8 @@ def main() -> None:
     ap.add_argument("--ct-layers", type=int, default=4,
                     help="decoder layers in the macq vs coremltools k-means comparison (sklearn k-means is slow)")
     args = ap.parse_args()
+    check_scratch(args.out, "coreml-sizes-scratch")
     torch.manual_seed(0)
-    args.out.mkdir(parents=True, exist_ok=True)
 
     from converters.inspect import inspect_mlpackage
     from macq.models import DEFAULT_MODEL_CAVEAT, get_weight, load_model, quantizable_modules

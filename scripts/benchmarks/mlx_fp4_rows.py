@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--json", required=True, help="results file (the stage's part is merged in)")
     args = ap.parse_args()
     check_json(args.json, False, merge=True)          # a new file, or this benchmark's own: merged into
-    check_scratch(Path(args.work), "mlx-fp4-scratch", inputs=(args.json,))
+    check_scratch(args.work, "mlx-fp4-scratch", inputs=(args.json,), flag="--work")
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {}
     t0 = time.perf_counter()

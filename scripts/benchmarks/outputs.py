@@ -35,19 +35,23 @@ def check_json(path: str | Path | None, force: bool, inputs: tuple = (), merge: 
         raise SystemExit(2) from None
 
 
-def check_scratch(path: Path, kind: str, inputs: tuple = ()) -> None:
+def check_scratch(path: str | Path, kind: str, inputs: tuple = (), flag: str = "--out") -> None:
     """Refuse, before any work, a scratch directory a benchmark of this ``kind`` did not make; then make it (or
     keep it) and mark it as that benchmark's."""
-    from macq.atomic import guard_output, write_marker
+    from macq.atomic import guard_output, macq_artifact, write_marker
     from macq.errors import MacqError
 
+    p = Path(path)
     try:
-        guard_output(path, False, inputs=inputs, flag="--out", resume=kind)
+        if p.is_dir() and not p.is_symlink() and macq_artifact(p) != kind:
+            raise MacqError(f"{flag} {p} exists and is not a scratch directory this benchmark made; "
+                            "choose another path")
+        guard_output(p, True, inputs=inputs, flag=flag, resume=kind)   # links, files, inputs, permissions
     except MacqError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    path.mkdir(parents=True, exist_ok=True)
-    write_marker(path, kind)
+    p.mkdir(parents=True, exist_ok=True)
+    write_marker(p, kind)
 
 
 def write_json(path: str | Path, script: str, data: dict[str, Any] | list, indent: int = 1) -> None:

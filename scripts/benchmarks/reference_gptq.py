@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         worker(a)
         return 0
+    from outputs import check_scratch
+
+    check_scratch(Path(a.out), "reference-gptq-work", inputs=(a.model_dir,))
 
     import torch
 
@@ -149,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         setup_venv()
     model_dir = a.model_dir or str(prepare_default_model())
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     fp, tok = load_model(model_dir)
     calib = calibration_samples(tok, a.dataset, a.n, a.seq_len)
     torch.save(calib, out / "calib.pt")
