@@ -110,3 +110,33 @@ def test_serialisation_roundtrip(make):
     r2 = record_from_tensors(r.meta(), r.to_tensors())
     assert torch.equal(r.dequantize(), r2.dequantize())
     assert r.storage_bits() == r2.storage_bits()
+
+
+def test_record_to_moves_every_tensor_there_and_back():
+    """A record's tensors (a nested DoubleQuant's too) on the stand-in accelerator, dequantized there to the CPU's
+    values, and back; a record already in place is returned as it is."""
+    from dataclasses import fields
+
+    from macq.record import record_to
+    from tests.vdevice import ACC, accelerator
+
+    gen = torch.Generator().manual_seed(2)
+    aff = AffineRecord(codes=torch.randint(0, 16, (4, 64), generator=gen).to(torch.uint8),
+                       scales=torch.rand(4, 2, generator=gen).half() + 0.5, bits=4, group_size=32,
+                       zeros=torch.randint(0, 16, (4, 2), generator=gen).to(torch.uint8))
+    lut = LUTRecord(indices=torch.randint(0, 8, (4, 64), generator=gen).to(torch.uint8),
+                    lut=torch.randn(2, 8, generator=gen).half(), bits=3,
+                    outlier_pos=torch.tensor([3, 70, 200]), outlier_values=torch.randn(3, generator=gen).half())
+    dq = DoubleQuant(codes=torch.arange(10, dtype=torch.uint8), code_lut=torch.linspace(-1, 1, 256),
+                     absmax=torch.tensor([2.0, 3.0]), offset=0.25, block_size=8)
+    assert record_to(aff, "cpu") is aff and record_to(dq, torch.device("cpu")) is dq
+    with accelerator() as acc:
+        for rec in (aff, lut, dq):
+            there = record_to(rec, ACC)
+            tensors = [getattr(there, f.name) for f in fields(there) if isinstance(getattr(there, f.name), torch.Tensor)]
+            assert tensors and all(t.device == ACC for t in tensors)
+            assert torch.equal(there.dequantize().cpu(), rec.dequantize())
+            back = record_to(there, "cpu")
+            assert all(torch.equal(getattr(back, f.name), getattr(rec, f.name)) for f in fields(rec)
+                       if isinstance(getattr(rec, f.name), torch.Tensor))
+    assert acc.mismatches == []
