@@ -43,6 +43,7 @@ IN_MEMORY = [
 ]
 NO_FLOAT64 = [
     ("llama", "awq", dict(mode="mxfp4", include_embeddings=True)),
+    ("qwen2", "kmeans-cal", dict(bits=3, sensitivity="hessian")),       # LUT refits solved on the CPU
     ("llama", "learned", dict(bits=3, group_size=32, steps=2, kl_steps=2)),
     ("llama", "mixed", dict(target_bpw=3.5)),
 ]
@@ -148,3 +149,10 @@ def test_streamed_methods_on_cuda(ckpts, tmp_path, arch, method, opts):
     summary = stream_calibrate(src, tmp_path / "gpu", method, _config(method, opts, "cuda"), ids)
     assert summary["device"].startswith("cuda")
     assert_near(QuantizedModel.load(tmp_path / "cpu"), QuantizedModel.load(tmp_path / "gpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch,method,opts", IN_MEMORY, ids=[f"{a}-{m}" for a, m, _ in IN_MEMORY])
+def test_in_memory_methods_on_cuda(ckpts, arch, method, opts):
+    ref = _in_memory(ckpts[arch], method, _config(method, opts, "cpu"))
+    assert_near(ref, _in_memory(ckpts[arch], method, _config(method, opts, "cuda")))

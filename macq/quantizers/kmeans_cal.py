@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from macq.arch import arch_spec
-from macq.device import wide_float
+from macq.device import has_float64, wide_float
 from macq.errors import MacqError
 from macq.perf import matmul_flops
 from macq.progress import add_flops, stage
@@ -206,7 +206,8 @@ REFIT_BYTES = 64 << 20   # one block of one-hot rows in the LUT refit: the whole
 @torch.no_grad()
 def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Tensor, ridge: float = 1e-9,
               fixed: torch.Tensor | None = None) -> torch.Tensor:
-    """The LUT minimising ``tr(ΔW H ΔWᵀ)`` for fixed indices (GPTVQ's codebook update), ``[G, K]`` float64.
+    """The LUT minimising ``tr(ΔW H ΔWᵀ)`` for fixed indices (GPTVQ's codebook update), ``[G, K]`` float64 (float32
+    on a device without float64).
 
     With ``Ŵ[r] = A_r c_g`` (``A_r`` the one-hot ``[in, K]`` of row ``r``'s indices, ``c_g`` its group's LUT) the
     error is quadratic in ``c_g``: ``(Σ_r A_rᵀ H A_r) c_g = Σ_r A_rᵀ H w_r``, one K×K system per LUT group.
@@ -216,7 +217,8 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     ``fixed [out, in]`` (outliers, held in the sparse part): no LUT entry there, so their one-hot rows are zero and
     ``w`` there must be what the sparse part does not hold (``w - v``, the fp16 rounding of the outlier ``v``).
 
-    The products are float32 (the systems are solved in float64) and use H's symmetry: with ``T`` its lower
+    The products are float32 (the systems are solved in float64: on the CPU for a device without it) and use H's
+    symmetry: with ``T`` its lower
     triangle (diagonal included) and ``D`` its diagonal, ``A_rᵀ H A_r = X + Xᵀ − A_rᵀ D A_r`` for
     ``X = A_rᵀ T A_r``, and ``T A_r`` is half the products of ``H A_r``, the stage's largest.
     """
@@ -253,10 +255,13 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
         add_flops(matmul_flops(rows * k, n, k) + matmul_flops(rows * k, n, 1) + matmul_flops(rows, n, k))
         del onehot, ta, flat, per_row
     m, b = m.reshape(g, out // g, k, k).sum(1), b.reshape(g, out // g, k).sum(1)
+    if not has_float64(dev):           # MPS: the small systems in float64 on the CPU (G of K x K)
+        m, b = m.cpu().double(), b.cpu().double()
     lam = ridge * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # [G]
-    eye = torch.eye(k, dtype=wide, device=dev)
-    c0 = lut.to(wide)
-    return torch.linalg.solve(m + lam[:, None, None] * eye, (b + lam[:, None] * c0).unsqueeze(-1)).squeeze(-1)
+    eye = torch.eye(k, dtype=m.dtype, device=m.device)
+    c0 = lut.to(m.device, m.dtype)
+    c = torch.linalg.solve(m + lam[:, None, None] * eye, (b + lam[:, None] * c0).unsqueeze(-1)).squeeze(-1)
+    return c.to(dev, wide)
 
 
 def palettize_linear(w: torch.Tensor, H: torch.Tensor, importance: torch.Tensor, cfg: KMeansCalConfig
