@@ -218,9 +218,9 @@ def refit_lut(w: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, lut: torch.Te
     ``w`` there must be what the sparse part does not hold (``w - v``, the fp16 rounding of the outlier ``v``).
 
     The products are float32 (the systems are solved in float64: on the CPU for a device without it) and use H's
-    symmetry: with ``T`` its lower
-    triangle (diagonal included) and ``D`` its diagonal, ``A_rᵀ H A_r = X + Xᵀ − A_rᵀ D A_r`` for
-    ``X = A_rᵀ T A_r``, and ``T A_r`` is half the products of ``H A_r``, the stage's largest.
+    symmetry: with ``T`` its lower triangle (diagonal included) and ``D`` its diagonal,
+    ``A_rᵀ H A_r = X + Xᵀ − A_rᵀ D A_r`` for ``X = A_rᵀ T A_r``, and ``T A_r`` is half the products of ``H A_r``,
+    the stage's largest.
     """
     out, n = w.shape
     g, k = lut.shape
