@@ -172,9 +172,7 @@ def search_fp_scales(w: torch.Tensor, h: torch.Tensor, fmt: FPFormat, dtype: tor
     """AWQ's clip search on a float grid: per block of ``w [out, in]`` the scale byte (of
     :func:`~macq.quantizers.mxfp.search_scales`'s candidates) with the least output error ``d_g H_gg d_gᵀ``
     (the diagonal-block metric of :func:`search_clip`); MLX's byte kept on ties. ``(bytes, divisors)``
-    ``[out, G, 1]`` (divisors float64, on the CPU when ``w``'s device has no float64)."""
-    if not has_float64(w.device):
-        return search_fp_scales(w.cpu(), h.cpu(), fmt, dtype)
+    ``[out, G, 1]`` (divisors float64: its caller brings ``w`` to the CPU on a device without float64)."""
     hb = block_diagonal(h, fmt.group_size)
 
     def error(wg: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from macq.device import wide_float
+from macq.device import has_float64
 from macq.errors import MacqError
 from macq.microscale import FPFormat, fp_format
 from macq.perf import matmul_flops
@@ -283,7 +283,7 @@ def prepare_hessian(H: torch.Tensor, cfg: GPTQConfig, device: torch.device, own:
     """``H``'s part of :func:`gptq_quantize`, in ``cfg.precision`` (float32 on MPS, which has no float64). With
     ``own`` the caller hands ``H`` over (it is changed in place or converted, and dropped): no n×n copy of
     it is kept (8B down_proj: 1.6 GB in float64), so pass it as ``hs.pop(name)``, not through a variable."""
-    dt = torch.float32 if wide_float(device) == torch.float32 else cfg.torch_precision
+    dt = cfg.torch_precision if has_float64(device) else torch.float32
     given = H
     H = H.to(device, dt)
     if H is given and not own:

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from macq.device import wide_float
+from macq.device import has_float64
 from macq.perf import matmul_flops
 from macq.progress import add_flops
 
@@ -108,7 +108,7 @@ class HessianAccumulator:
     ``syrk`` itself. Only the lower triangle is summed; :attr:`H` mirrors it when read."""
 
     def __init__(self, n_in: int, device: torch.device, dtype: torch.dtype | None = None) -> None:
-        self.dtype = torch.float32 if wide_float(device) == torch.float32 else (dtype or torch.float64)
+        self.dtype = (dtype or torch.float64) if has_float64(device) else torch.float32
         self._H = torch.zeros(n_in, n_in, dtype=self.dtype, device=device)
         self._symmetric = True
         self.n = 0

@@ -308,6 +308,7 @@ def quantize_model(model: nn.Module, cfg: MixedConfig, calib_ids: torch.Tensor |
 
     notes: list[str] = []
     info: dict[str, Any] = {}
+    device = resolve_device(cfg.device)
     if cfg.recipe is not None:
         assignment = recipe_plan(model, cfg)
         notes.append(f"fixed recipe {cfg.recipe}: target_bpw not used")
@@ -315,7 +316,7 @@ def quantize_model(model: nn.Module, cfg: MixedConfig, calib_ids: torch.Tensor |
         if table is None:
             if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
                 raise MacqError("mixed: calibration ids must be a non-empty [n_samples, seq_len] tensor")
-            with model_on(model, resolve_device(cfg.device)):
+            with model_on(model, device):
                 table = sensitivity_table(model, cfg, calib_ids, progress)
         assignment, alloc = plan(table, cfg.target_bpw, cfg.resolution)
         notes += table.notes + alloc.notes
@@ -323,7 +324,7 @@ def quantize_model(model: nn.Module, cfg: MixedConfig, calib_ids: torch.Tensor |
                 "total_error": alloc.error}
     if cfg.base_method == "gptq" and any(f.kind == "lut" for f in assignment.values()):
         notes.append("palettized (lut) modules use k-means, not GPTQ")
-    with model_on(model, resolve_device(cfg.device)):   # the in-memory path: the whole model on the device
+    with model_on(model, device):   # the in-memory path: the whole model on the device
         records = quantize_assignment(model, assignment, cfg, calib_ids, progress)
     records = {name: record_to(rec, "cpu") for name, rec in records.items()}
     method = cfg.to_dict()
